@@ -1,0 +1,193 @@
+"""Llama-family forward pass (Llama, Mistral, Qwen2, SmolLM) with an explicit KV buffer.
+
+The model knows nothing about caching: it is a function from (token ids, absolute
+positions, a KV buffer holding the past) to logits for the positions asked for,
+writing the new tokens' K/V into the buffer. Imports only torch.
+
+Shapes used throughout (one sequence):
+    T  new tokens in this call, S = start + T visible slots
+    x:        [T, hidden]
+    q:        [n_heads, T, head_dim]
+    k, v:     [n_kv_heads, T, head_dim]
+    kv buffer [n_layers, 2, n_kv_heads, capacity, head_dim]   (2 = K, V)
+K is stored after RoPE. Slot order must equal position order (the causal mask is
+built from slots).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from segcache.model.arch import ModelArch
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [q_dim + 2*kv_dim, hidden]  (q, k, v fused)
+    qkv_bias: torch.Tensor | None  # [q_dim + 2*kv_dim]
+    o: torch.Tensor  # [hidden, q_dim]
+    mlp_norm: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor  # [2*intermediate, hidden]  (gate, up fused)
+    down: torch.Tensor  # [hidden, intermediate]
+
+
+@dataclass
+class Weights:
+    """All weights of one model in one dtype, in Hugging Face layout (rotate-half RoPE)."""
+
+    embed: torch.Tensor  # [vocab, hidden]
+    layers: list[LayerWeights]
+    norm: torch.Tensor  # [hidden]
+    lm_head: torch.Tensor  # [vocab, hidden] (the embedding itself when tied)
+
+    @classmethod
+    def from_state_dict(cls, arch: ModelArch, sd: dict[str, torch.Tensor], dtype: torch.dtype,
+                        device: str = "cpu") -> Weights:
+        """Build from HF names (``model.layers.N.self_attn.q_proj.weight`` ...)."""
+
+        def get(name: str) -> torch.Tensor:
+            return sd[name].to(device=device, dtype=dtype).contiguous()
+
+        layers = []
+        for i in range(arch.n_layers):
+            p = f"model.layers.{i}."
+            qkv = torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"], 0)
+            bias = None
+            if arch.qkv_bias:
+                bias = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"], 0)
+            gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], 0)
+            layers.append(LayerWeights(
+                attn_norm=get(p + "input_layernorm.weight"), qkv=qkv, qkv_bias=bias,
+                o=get(p + "self_attn.o_proj.weight"), mlp_norm=get(p + "post_attention_layernorm.weight"),
+                gate_up=gate_up, down=get(p + "mlp.down_proj.weight"),
+            ))
+        embed = get("model.embed_tokens.weight")
+        lm_head = embed if arch.tie_embeddings or "lm_head.weight" not in sd else get("lm_head.weight")
+        return cls(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head)
+
+
+def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2], with Llama-3 / linear scaling if configured."""
+    d = arch.head_dim
+    inv = 1.0 / (arch.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    sc = arch.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind in (None, "default"):
+        return inv
+    if kind == "linear":
+        return inv / float(sc["factor"])
+    if kind == "llama3":
+        factor, lo, hi = float(sc["factor"]), float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+        old_ctx = float(sc["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old_ctx / lo, inv / factor, inv)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
+        return torch.where(is_mid, mid, scaled)
+    raise NotImplementedError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3 are)")
+
+
+class RopeTable:
+    """cos/sin for every position, computed once: [max_position, head_dim] each."""
+
+    def __init__(self, arch: ModelArch, device: str = "cpu") -> None:
+        inv = rope_inv_freq(arch)
+        pos = torch.arange(arch.max_position, dtype=torch.float64)
+        freqs = torch.outer(pos, inv)  # [P, D/2]
+        emb = torch.cat([freqs, freqs], -1)  # [P, D]
+        self.cos = emb.cos().to(device=device, dtype=torch.float32)
+        self.sin = emb.sin().to(device=device, dtype=torch.float32)
+
+    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)  # [T, D] each
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [H, T, D]; cos/sin: [T, D]. Rotate-half (HF) layout."""
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rot * sin
+
+
+def causal_mask(start: int, n_new: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Bool [T, S]: new token t (slot start+t) sees slots 0..start+t."""
+    slots = torch.arange(start + n_new, device=device)
+    rows = start + torch.arange(n_new, device=device)
+    return slots[None, :] <= rows[:, None]
+
+
+class LlamaModel:
+    """Stateless forward over a given weight set; call ``forward`` under ``torch.inference_mode``."""
+
+    def __init__(self, arch: ModelArch, device: str = "cpu") -> None:
+        self.arch = arch
+        self.device = device
+        self.rope = RopeTable(arch, device)
+        self.scale = 1.0 / math.sqrt(arch.head_dim)
+
+    def new_kv(self, capacity: int, dtype: torch.dtype) -> torch.Tensor:
+        a = self.arch
+        # kv: [n_layers, 2, n_kv_heads, capacity, head_dim]
+        return torch.empty(a.n_layers, 2, a.n_kv_heads, capacity, a.head_dim, dtype=dtype,
+                           device=self.device)
+
+    def forward(self, w: Weights, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
+                start: int, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Run ``ids`` ([T] long) at ``positions`` ([T] long), writing K/V to slots
+        ``start .. start+T-1`` of ``kv`` and attending to slots ``0 .. start+T-1``.
+
+        Returns logits [len(logits_at), vocab] in float32 for the row indices
+        ``logits_at`` (default: the last row only). Mutates ``kv``.
+        """
+        dtype = w.embed.dtype
+        n_new = ids.shape[0]
+        x = F.embedding(ids, w.embed)  # [T, hidden]
+        cos, sin = self.rope.at(positions, dtype)
+        mask = None if n_new == 1 else causal_mask(start, n_new, self.device)
+        for i, lw in enumerate(w.layers):
+            x = self._layer(lw, x, cos, sin, kv[i], start, mask)
+        rows = logits_at if logits_at is not None else torch.tensor([n_new - 1], device=self.device)
+        h = F.rms_norm(x[rows], (x.shape[-1],), w.norm, self.arch.rms_eps)
+        return F.linear(h, w.lm_head).float()  # [R, vocab]
+
+    def _layer(self, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               kv: torch.Tensor, start: int, mask: torch.Tensor | None) -> torch.Tensor:
+        a = self.arch
+        n_new = x.shape[0]
+        end = start + n_new
+        h = F.rms_norm(x, (a.hidden_size,), lw.attn_norm, a.rms_eps)
+        qkv = F.linear(h, lw.qkv, lw.qkv_bias)  # [T, q_dim + 2*kv_dim]
+        q, k, v = qkv.split([a.q_dim, a.kv_dim, a.kv_dim], -1)
+        q = apply_rope(q.view(n_new, a.n_heads, a.head_dim).transpose(0, 1), cos, sin)  # [Hq, T, D]
+        k = apply_rope(k.view(n_new, a.n_kv_heads, a.head_dim).transpose(0, 1), cos, sin)  # [Hkv, T, D]
+        kv[0, :, start:end] = k
+        kv[1, :, start:end] = v.view(n_new, a.n_kv_heads, a.head_dim).transpose(0, 1)
+        keys, values = kv[0, :, :end], kv[1, :, :end]  # [Hkv, S, D]
+        if keys.dtype != q.dtype:
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
+        attn = self._attention(q, keys, values, mask)  # [Hq, T, D]
+        x = x + F.linear(attn.transpose(0, 1).reshape(n_new, a.q_dim), lw.o)
+        h = F.rms_norm(x, (a.hidden_size,), lw.mlp_norm, a.rms_eps)
+        gate, up = F.linear(h, lw.gate_up).chunk(2, -1)  # [T, inter] each
+        return x + F.linear(F.silu(gate) * up, lw.down)
+
+    def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   mask: torch.Tensor | None) -> torch.Tensor:
+        a = self.arch
+        group = a.n_heads // a.n_kv_heads
+        n_new = q.shape[1]
+        if mask is None:
+            # Decode: fold the query heads that share a KV head into rows, so K/V are
+            # read once per KV head instead of being repeated: q [Hkv, group*T, D].
+            qg = q.reshape(a.n_kv_heads, group * n_new, a.head_dim)
+            out = F.scaled_dot_product_attention(qg, keys, values, scale=self.scale)
+            return out.view(a.n_heads, n_new, a.head_dim)
+        return F.scaled_dot_product_attention(
+            q[None], keys[None], values[None], attn_mask=mask, scale=self.scale, enable_gqa=True
+        )[0]
