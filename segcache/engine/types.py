@@ -1,0 +1,132 @@
+"""What goes into and comes out of the engine. No torch here: the server imports
+these to shape requests and responses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class EngineError(Exception):
+    """A request the engine refuses; ``status`` is the HTTP status the server returns,
+    ``param`` names the offending field (OpenAI error shape)."""
+
+    status = 400
+    code = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class SegmentMismatchError(EngineError):
+    """A client-supplied hash differs from the content's sha256 (400)."""
+
+
+class SegmentUnknownError(EngineError):
+    """A segment sent without content that the server does not hold (409)."""
+
+    status = 409
+    code = "segment_not_cached"
+
+
+class NotFoundError(EngineError):
+    status = 404
+    code = "not_found"
+
+
+class ContextOverflowError(EngineError):
+    """Prompt + max_tokens exceed the model's context window (400)."""
+
+    code = "context_length_exceeded"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise EngineError("max_tokens must be >= 1", "max_tokens")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise EngineError("temperature must be between 0 and 2", "temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise EngineError("top_p must be in (0, 1]", "top_p")
+        if self.top_k < 0:
+            raise EngineError("top_k must be >= 0", "top_k")
+        if len(self.stop) > 4:
+            raise EngineError("at most 4 stop sequences are allowed", "stop")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class SegmentInput:
+    """One entry of ``segments[]``. ``content`` may be None when the server already
+    holds the segment (by ``hash``) or it is registered under ``name``."""
+
+    id: str
+    content: str | None = None
+    hash: str | None = None
+    name: str | None = None
+    ttl_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    tenant: str
+    messages: list[dict[str, Any]]
+    segments: list[SegmentInput] = field(default_factory=list)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class SegmentUsage:
+    id: str
+    hash: str
+    status: Literal["hit", "miss", "blended"]
+    tokens: int
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    finish_reason: Literal["stop", "length", "cancelled"]
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    chain: str
+    segments: list[SegmentUsage]
+    ttft_s: float
+    total_s: float
+    token_ids: list[int] = field(default_factory=list)
+
+    def usage(self) -> dict[str, Any]:
+        """OpenAI ``usage`` plus segcache's extensions."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "cached_prefix_tokens": self.cached_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            "segcache": {
+                "chain": self.chain,
+                "computed_tokens": self.prompt_tokens - self.cached_tokens,
+                "segments": [s.__dict__ for s in self.segments],
+            },
+        }
+
+
+@dataclass(frozen=True)
+class WarmResult:
+    cached_segments: int
+    root_hash: str
+    segments: list[SegmentUsage]

@@ -1,0 +1,122 @@
+"""Tokenizer and chat template, with segment-aligned tokenization.
+
+The chat template is rendered with sentinel strings in place of every segment
+and every message content; the rendered text is split at the sentinels and each
+piece is tokenized on its own. A prompt is therefore a list of parts whose
+boundaries are token boundaries by construction, and a segment's token ids
+depend only on its content (no token ever straddles two parts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+SEGMENT_JOINER = "\n\n"
+_SENTINEL = "\ue000segcache:{kind}:{index}\ue001"
+_SENTINEL_RE = re.compile("\ue000segcache:(seg|msg):(\\d+)\ue001")
+
+
+class TemplateError(ValueError):
+    """The chat template cannot render this conversation (e.g. roles it rejects)."""
+
+
+@dataclass(frozen=True)
+class PromptPart:
+    """A run of prompt tokens. ``kind`` says where it came from: template text,
+    a segment (``index`` into the request's segments) or a message content
+    (``index`` into the messages)."""
+
+    kind: Literal["template", "segment", "message"]
+    index: int
+    ids: tuple[int, ...]
+
+
+class ChatTokenizer:
+    """A Hugging Face fast tokenizer plus its chat template."""
+
+    def __init__(self, hf_tokenizer: Any, eos_ids: tuple[int, ...] = ()) -> None:
+        self.hf = hf_tokenizer
+        if not getattr(hf_tokenizer, "chat_template", None):
+            raise TemplateError("the tokenizer has no chat template")
+        ids = set(eos_ids)
+        if hf_tokenizer.eos_token_id is not None:
+            ids.add(int(hf_tokenizer.eos_token_id))
+        self.eos_ids = frozenset(ids)
+        blob = (hf_tokenizer.backend_tokenizer.to_str() + hf_tokenizer.chat_template).encode()
+        self.digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        self.vocab_size = len(hf_tokenizer)
+
+    @classmethod
+    def load(cls, directory: Path, eos_ids: tuple[int, ...] = ()) -> ChatTokenizer:
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(str(directory)), eos_ids)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` with no special tokens added (special tokens written
+        in the text, like ``<|im_start|>``, are recognised)."""
+        if not text:
+            return []
+        return list(self.hf(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: list[int] | tuple[int, ...]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=True)
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The template applied to ``messages`` as plain text."""
+        try:
+            return self.hf.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as exc:  # jinja raises TemplateError/TypeError/... for bad input
+            raise TemplateError(f"the chat template rejected these messages: {exc}") from exc
+
+    def prompt_parts(self, messages: list[dict[str, Any]], segment_ids: list[list[int]],
+                     add_generation_prompt: bool = True) -> list[PromptPart]:
+        """Segment-aligned prompt for ``segments`` (already tokenized, in order)
+        followed by ``messages``.
+
+        Segments are joined with ``SEGMENT_JOINER`` at the start of the first
+        system message (one is created if there is none). Raises TemplateError if
+        the template does not keep contents verbatim.
+        """
+        render_msgs = [dict(m) for m in messages]
+        contents: dict[tuple[str, int], list[int]] = {}
+        for i, m in enumerate(render_msgs):
+            text = m.get("content") or ""
+            m["content"] = _SENTINEL.format(kind="msg", index=i)
+            contents[("msg", i)] = self.encode(text)
+        if segment_ids:
+            lead = SEGMENT_JOINER.join(_SENTINEL.format(kind="seg", index=i) for i in range(len(segment_ids)))
+            for i, ids in enumerate(segment_ids):
+                contents[("seg", i)] = list(ids)
+            if render_msgs and render_msgs[0].get("role") == "system":
+                render_msgs[0]["content"] = lead + SEGMENT_JOINER + render_msgs[0]["content"]
+            else:
+                render_msgs.insert(0, {"role": "system", "content": lead})
+        return self._split(self.render(render_msgs, add_generation_prompt), contents)
+
+    def _split(self, text: str, contents: dict[tuple[str, int], list[int]]) -> list[PromptPart]:
+        parts: list[PromptPart] = []
+        seen: set[tuple[str, int]] = set()
+        pos = 0
+        for m in _SENTINEL_RE.finditer(text):
+            if m.start() > pos:
+                parts.append(PromptPart("template", -1, tuple(self.encode(text[pos:m.start()]))))
+            key = (m.group(1), int(m.group(2)))
+            if key in seen:
+                raise TemplateError("the chat template repeats a message content; cannot align segments")
+            seen.add(key)
+            kind = "segment" if key[0] == "seg" else "message"
+            parts.append(PromptPart(kind, key[1], tuple(contents[key])))
+            pos = m.end()
+        if pos < len(text):
+            parts.append(PromptPart("template", -1, tuple(self.encode(text[pos:]))))
+        if seen != set(contents):
+            raise TemplateError("the chat template does not keep message contents verbatim; "
+                                "segments cannot be aligned with it")
+        return [p for p in parts if p.ids or p.kind != "template"]

@@ -1,0 +1,52 @@
+"""Shared fixtures. The real model is loaded once per session; `make test`
+converts it beforehand (`segcache prepare`), so tests never download anything."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from segcache.config import CacheConfig, Config, ModelConfig, default_cache_dir
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SEGCACHE_CACHE_DIR") or default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    from segcache.model.weights import resolve_model
+
+    return resolve_model(None, _cache_dir(), progress=False).directory
+
+
+@pytest.fixture(scope="session")
+def tokenizer(real_model_dir):
+    from segcache.model.tokenizer import ChatTokenizer
+
+    return ChatTokenizer.load(real_model_dir, (2,))
+
+
+@pytest.fixture(scope="session")
+def real_engine():
+    """The real default model in float32 (the exactness reference). Tests that use
+    it must leave the cache as they found it or use their own tenant."""
+    from segcache.engine.engine import Engine
+
+    return Engine.load(Config(model=ModelConfig(dtype="float32", cache_dir=_cache_dir()),
+                              cache=CacheConfig()), progress=False)
+
+
+@pytest.fixture
+def tiny_engine_factory(tokenizer):
+    """Build an engine over the tiny random model with a given CacheConfig."""
+    from segcache.engine.engine import Engine
+    from tests.tiny import tiny_runtime
+
+    def make(cache: CacheConfig | None = None, clock=None, **kw):
+        extra = {"clock": clock} if clock is not None else {}
+        return Engine(tiny_runtime(), tokenizer, cache or CacheConfig(), "tiny", **extra, **kw)
+
+    return make

@@ -1,0 +1,51 @@
+"""The command line: help text and a real smoke run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from segcache.cli import _size, build_parser
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("serve", "generate", "bench", "prepare"):
+        assert cmd in out
+
+
+def test_serve_help_explains_flags(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--port", "--model", "--dtype", "--cache-bytes", "--api-keys", "SEGCACHE_API_KEYS"):
+        assert flag in out
+
+
+def test_sizes_parse():
+    assert _size("2GiB") == 2 << 30
+    assert _size("512MiB") == 512 << 20
+    assert _size("1000") == 1000
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    from segcache.cli import main
+
+    code = main(["prepare", "--model", str(tmp_path / "missing.gguf"), "--cache-dir", str(tmp_path)])
+    assert code == 2
+
+
+@pytest.mark.slow
+def test_generate_smoke():
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    out = subprocess.run([sys.executable, "-m", "segcache.cli", "generate",
+                          "What is the capital of France?", "--dtype", "float32", "--max-tokens", "12"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+    assert "prompt tokens" in out.stderr

@@ -1,0 +1,70 @@
+"""Imports flow downward only (DESIGN.md 'Layers'); this walks every module's imports."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent / "segcache"
+
+# layer -> segcache layers it may import
+ALLOWED = {
+    "config": set(),
+    "kv": {"config"},
+    "model": {"config"},
+    "engine": {"config", "kv", "model"},
+    "server": {"config", "engine", "kv"},
+    "router": {"config", "kv"},
+    "lint": {"config", "kv"},
+    "bench": {"config", "kv"},
+    "cli": {"config", "kv", "model", "engine", "server", "router", "lint", "bench"},
+}
+STDLIB_ONLY = {"config", "kv"}
+NO_TORCH = {"server", "router", "lint", "bench"}
+# Modules of a no-torch layer that may use torch because they measure the engine itself.
+TORCH_EXCEPTIONS: set[str] = set()
+
+
+def _layer(path: Path) -> str:
+    rel = path.relative_to(ROOT)
+    return rel.parts[0].removesuffix(".py") if rel.parts[0] != "__init__.py" else "root"
+
+
+def _imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+    return names
+
+
+def test_imports_flow_downward():
+    problems = []
+    for path in ROOT.rglob("*.py"):
+        layer = _layer(path)
+        if layer == "root":
+            continue
+        for name in _imports(path):
+            top = name.split(".")[0]
+            if top == "segcache":
+                parts = name.split(".")
+                if len(parts) < 2:
+                    continue
+                target = parts[1]
+                if target != layer and target not in ALLOWED.get(layer, set()):
+                    problems.append(f"{path.relative_to(ROOT)} imports {name} ({layer} -> {target})")
+            elif layer in STDLIB_ONLY and top not in sys.stdlib_module_names:
+                problems.append(f"{path.relative_to(ROOT)} imports third-party {name} (stdlib only)")
+            elif layer in NO_TORCH and top == "torch" and str(path.relative_to(ROOT)) not in TORCH_EXCEPTIONS:
+                problems.append(f"{path.relative_to(ROOT)} imports torch (layer {layer} must not)")
+    assert not problems, "\n".join(problems)
+
+
+def test_layer_check_catches_a_violation(tmp_path):
+    bad = tmp_path / "x.py"
+    bad.write_text("import torch\nfrom segcache.server import app\n")
+    assert _imports(bad) == ["torch", "segcache.server"]
