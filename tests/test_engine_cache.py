@@ -1,0 +1,206 @@
+"""The engine's cache path on the tiny model: seed 000's scenario, cached == cold,
+isolation, fingerprints, eviction, TTL, warm, registry, bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from segcache.config import CacheConfig
+from segcache.engine.types import (
+    ChatRequest,
+    EngineError,
+    NotFoundError,
+    SamplingParams,
+    SegmentInput,
+    SegmentMismatchError,
+    SegmentUnknownError,
+)
+from segcache.kv.hashing import segment_digest
+
+A = "Global rules: answer in English, cite files, never invent APIs. " * 12
+B = "Backend agent: Python, SQL, migrations, pytest. " * 6
+C = "Frontend agent: TypeScript, React, CSS, accessibility. " * 6
+D = "Task: refactor the auth module into two files."
+E = "Task: write docs for the login page."
+USER = [{"role": "user", "content": "Start."}]
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
+
+
+def segs(*pairs: tuple[str, str]) -> list[SegmentInput]:
+    return [SegmentInput(id=i, content=c) for i, c in pairs]
+
+
+def chat(engine, tenant, segments, messages=USER, sampling=GREEDY):
+    return engine.chat(ChatRequest(tenant, messages, segments, sampling))
+
+
+AGENTS = [segs(("A", A), ("B", B), ("D", D)), segs(("A", A), ("C", C), ("E", E)),
+          segs(("A", A), ("B", B), ("E", E))]
+
+
+def test_seed_scenario_cached_prefix_tokens(tiny_engine_factory):
+    engine = tiny_engine_factory()
+    r1, r2, r3 = (chat(engine, "t", s) for s in AGENTS)
+    tok = {u.id: u.tokens for u in r1.segments} | {u.id: u.tokens for u in r2.segments}
+    assert r1.cached_tokens == 0
+    assert r2.cached_tokens == tok["A"]
+    assert r3.cached_tokens == tok["A"] + tok["B"]
+    assert [u.status for u in r3.segments] == ["hit", "hit", "miss"]
+    for s, first in zip(AGENTS, (r1, r2, r3), strict=True):
+        again = chat(engine, "t", s)
+        assert [u.status for u in again.segments] == ["hit"] * 3
+        assert again.cached_tokens == sum(u.tokens for u in again.segments)
+        assert again.token_ids == first.token_ids
+        assert again.chain == first.chain
+    engine.tree.check_integrity()
+    assert engine.cache_stats("t")["pinned"] == 0
+
+
+def test_cached_equals_cold_for_every_hit_pattern(tiny_engine_factory):
+    warm = tiny_engine_factory()
+    for s in AGENTS:
+        got = chat(warm, "t", s)
+        cold = chat(tiny_engine_factory(), "t", s)
+        assert got.token_ids == cold.token_ids
+        assert got.prompt_tokens == cold.prompt_tokens
+
+
+def test_tenants_are_isolated(tiny_engine_factory):
+    engine = tiny_engine_factory()
+    chat(engine, "tenant1", AGENTS[0])
+    assert chat(engine, "tenant2", AGENTS[0]).cached_tokens == 0
+    assert chat(engine, "tenant1", AGENTS[0]).cached_tokens > 0
+    # a hash-only reference does not resolve across tenants either
+    ref = [SegmentInput(id="A", hash=segment_digest(A))]
+    with pytest.raises(SegmentUnknownError):
+        chat(engine, "tenant3", ref)
+    assert chat(engine, "tenant1", ref).segments[0].status == "hit"
+
+
+def test_model_fingerprint_change_never_serves_old_kv(tokenizer):
+    import torch
+
+    from segcache.engine.engine import Engine
+    from segcache.model.runtime import ModelRuntime, PhasePlan
+    from tests.tiny import TINY, tiny_state_dict
+
+    sd = tiny_state_dict()
+    f32 = ModelRuntime(TINY, sd, PhasePlan(torch.float32, torch.float32, torch.float32), source_digest="w")
+    bf16 = ModelRuntime(TINY, sd, PhasePlan(*(torch.bfloat16,) * 3), source_digest="w")
+    assert f32.fingerprint != bf16.fingerprint
+    engine = Engine(f32, tokenizer, CacheConfig(), "tiny")
+    chat(engine, "t", AGENTS[0])
+    # Same engine tree, other runtime: the namespace differs, so nothing matches.
+    engine.runtime, engine.fingerprint = bf16, bf16.fingerprint
+    assert chat(engine, "t", AGENTS[0]).cached_tokens == 0
+
+
+def test_eviction_keeps_budget_and_outputs(tiny_engine_factory):
+    probe = tiny_engine_factory()
+    chat(probe, "t", AGENTS[0])
+    one_path = probe.tree.resident_bytes
+    engine = tiny_engine_factory(CacheConfig(cache_bytes=one_path))
+    for s in AGENTS * 2:
+        got = chat(engine, "t", s)
+        assert engine.tree.resident_bytes <= one_path
+        engine.tree.check_integrity()
+        assert got.token_ids == chat(tiny_engine_factory(), "t", s).token_ids
+    assert engine.metrics()["evictions"] > 0
+
+
+def test_pinned_nodes_survive_eviction_during_request(tiny_engine_factory):
+    engine = tiny_engine_factory(CacheConfig(cache_bytes=0))
+    seen = []
+
+    def spy():
+        seen.append(engine.cache_stats("t")["pinned"])
+        return False
+
+    r = engine.chat(ChatRequest("t", USER, AGENTS[0], GREEDY), is_cancelled=spy)
+    assert max(seen) == 3  # all three nodes pinned while decoding, though over budget
+    assert r.completion_tokens > 0
+    assert len(engine.tree) == 0  # evicted once released
+    engine.tree.check_integrity()
+
+
+def test_ttl_expiry_turns_hit_into_miss(tiny_engine_factory):
+    now = [1000.0]
+    engine = tiny_engine_factory(CacheConfig(default_ttl_s=30), clock=lambda: now[0])
+    chat(engine, "t", AGENTS[0])
+    now[0] += 10
+    assert chat(engine, "t", AGENTS[0]).cached_tokens > 0  # a hit refreshes the TTL
+    now[0] += 31
+    assert chat(engine, "t", AGENTS[0]).cached_tokens == 0
+
+
+def test_warm_then_full_hit(tiny_engine_factory):
+    engine = tiny_engine_factory()
+    w = engine.warm("t", AGENTS[0])
+    assert w.cached_segments == 3 and w.root_hash.startswith("sha256:")
+    r = chat(engine, "t", AGENTS[0])
+    assert [u.status for u in r.segments] == ["hit"] * 3
+    assert r.chain == w.root_hash
+    assert engine.warm("t", AGENTS[0]).segments[0].status == "hit"
+
+
+def test_registry_put_reference_delete(tiny_engine_factory):
+    engine = tiny_engine_factory()
+    info = engine.put_segment("t", "global-rules", A, ttl_s=None)
+    assert info["hash"] == segment_digest(A)
+    by_name = [SegmentInput(id="A", name="global-rules")]
+    first = chat(engine, "t", by_name)
+    assert chat(engine, "t", segs(("A", A))).segments[0].status == "hit"
+    assert first.segments[0].hash == segment_digest(A)
+    with pytest.raises(NotFoundError):
+        chat(engine, "other-tenant", by_name)
+    engine.delete_segment("t", "global-rules")
+    with pytest.raises(NotFoundError):
+        chat(engine, "t", by_name)
+    with pytest.raises(NotFoundError):
+        engine.get_segment("t", "global-rules")
+    with pytest.raises(EngineError):
+        engine.put_segment("t", "bad name!", A, None)
+
+
+@pytest.mark.parametrize("case", ["mismatch", "unknown", "malformed", "empty", "too_many"])
+def test_bad_segments_rejected_and_cache_unchanged(tiny_engine_factory, case):
+    engine = tiny_engine_factory(CacheConfig(max_segments=4))
+    chat(engine, "t", AGENTS[0])
+    before = engine.cache_stats("t")
+    bad = {
+        "mismatch": (SegmentMismatchError, [SegmentInput(id="x", content=A, hash=segment_digest(B))]),
+        "unknown": (SegmentUnknownError, [SegmentInput(id="x", hash=segment_digest("never sent"))]),
+        "malformed": (EngineError, [SegmentInput(id="x", content=A, hash="md5:abc")]),
+        "empty": (EngineError, [SegmentInput(id="x")]),
+        "too_many": (EngineError, segs(*[(str(i), f"s{i}") for i in range(5)])),
+    }[case]
+    with pytest.raises(bad[0]) as e:
+        chat(engine, "t", AGENTS[0][:1] + bad[1])
+    assert ("'x'" in e.value.message) or case == "too_many"
+    after = engine.cache_stats("t")
+    assert {k: after[k] for k in ("nodes", "bytes", "tokens")} == {k: before[k] for k in ("nodes", "bytes", "tokens")}
+    engine.tree.check_integrity()
+
+
+def test_error_midway_releases_pins(tiny_engine_factory):
+    engine = tiny_engine_factory()
+    chat(engine, "t", AGENTS[0])
+    orig = engine.runtime.decode
+
+    def boom(*a, **k):
+        raise RuntimeError("injected")
+
+    engine.runtime.decode = boom
+    with pytest.raises(RuntimeError):
+        chat(engine, "t", AGENTS[1], sampling=SamplingParams(max_tokens=5, temperature=0))
+    engine.runtime.decode = orig
+    assert engine.cache_stats("t")["pinned"] == 0
+    engine.tree.check_integrity()
+    assert chat(engine, "t", AGENTS[1]).cached_tokens > 0  # C, E were fully prefilled: kept
+
+
+def test_purge(tiny_engine_factory):
+    engine = tiny_engine_factory()
+    chat(engine, "t", AGENTS[0])
+    assert engine.purge("t") == 3
+    assert chat(engine, "t", AGENTS[0]).cached_tokens == 0
