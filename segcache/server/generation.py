@@ -1,0 +1,119 @@
+"""Running one blocking engine call from the event loop.
+
+The engine is synchronous (one request at a time inside) and calls
+``on_text(delta)`` from its own worker thread. ``EngineRun`` runs the call in
+the thread pool and turns its callbacks into an ordered stream of events on
+the event loop::
+
+    ("text", delta) ... then exactly one of ("done", GenerationResult) / ("error", exc)
+
+Ordering holds because every event, including the last, is posted with
+``loop.call_soon_threadsafe`` from the same thread. ``cancel()`` makes the
+engine's ``is_cancelled()`` return True; the engine then stops at its next
+check and releases its pins. A run whose client is gone is cancelled, never
+abandoned while still computing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from segcache.engine.types import GenerationResult
+
+log = logging.getLogger(__name__)
+
+OnText = Callable[[str], None]
+IsCancelled = Callable[[], bool]
+EngineCall = Callable[[OnText, IsCancelled], GenerationResult]
+
+
+class EngineRun:
+    def __init__(self, call: EngineCall) -> None:
+        self.arrived = time.perf_counter()
+        self.first_text_at: float | None = None
+        self._loop = asyncio.get_running_loop()
+        self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._cancelled = threading.Event()
+        self._task = asyncio.ensure_future(run_in_threadpool(self._work, call))
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def is_cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    async def events(self) -> AsyncIterator[tuple[str, Any]]:
+        """Yields events until the terminal one (included)."""
+        while True:
+            kind, value = await self._events.get()
+            if kind == "text" and self.first_text_at is None:
+                self.first_text_at = time.perf_counter()
+            yield kind, value
+            if kind != "text":
+                return
+
+    async def result(self) -> GenerationResult:
+        """Waits for the end, ignoring text; raises what the engine raised."""
+        async for kind, value in self.events():
+            if kind == "error":
+                raise value
+            if kind == "done":
+                return value
+        raise AssertionError("unreachable: events() ends with done or error")
+
+    def timings(self, result: GenerationResult) -> tuple[float, float]:
+        """(ttft, total) seconds from arrival; ttft falls back to the engine's own
+        figure when no text was produced."""
+        total = time.perf_counter() - self.arrived
+        if self.first_text_at is None:
+            return min(result.ttft_s, total), total
+        return self.first_text_at - self.arrived, total
+
+    def _work(self, call: EngineCall) -> None:
+        try:
+            result = call(self._on_text, self.is_cancelled)
+        except BaseException as exc:  # delivered to the loop, raised there
+            self._post(("error", exc))
+        else:
+            self._post(("done", result))
+
+    def _on_text(self, delta: str) -> None:
+        if delta:
+            self._post(("text", delta))
+
+    def _post(self, event: tuple[str, Any]) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:  # loop closed at shutdown: nobody is listening
+            self.cancel()
+
+
+@contextlib.asynccontextmanager
+async def cancel_on_disconnect(request: Request, run: EngineRun) -> AsyncIterator[None]:
+    """While the body runs, a client disconnect cancels ``run``. Only used before
+    a response starts: once streaming, the response itself notices."""
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                log.info("client disconnected; cancelling generation")
+                run.cancel()
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher

@@ -1,0 +1,217 @@
+"""Request schemas of the HTTP API (OpenAI's shapes plus segcache's extensions)
+and their translation into engine requests. No torch here.
+
+Validation is strict (``"5"`` is not a number, ``1.5`` is not an integer), as
+OpenAI's API is. Fields that OpenAI defines but segcache does not implement
+are accepted and ignored (``frequency_penalty``, ``presence_penalty``,
+``logit_bias``, ``response_format``, ``tools``, ``tool_choice``, ``user``,
+``metadata``, ...) so existing clients keep working; the few whose absence
+would silently change the answer (``n`` > 1, ``logprobs``, ``echo``,
+image content) are refused with a 400 that names them.
+
+``model`` is optional and never checked: like llama.cpp's server, any name is
+served by the one loaded model, and responses carry the served model's name.
+
+``max_tokens`` defaults to 256 when a request gives neither ``max_tokens`` nor
+``max_completion_tokens``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from segcache.engine.types import ChatRequest, SamplingParams, SegmentInput
+from segcache.server.errors import APIError
+
+DEFAULT_MAX_TOKENS = 256
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Schema):
+    include_usage: bool = False
+
+
+class Segment(_Schema):
+    """One entry of ``segments[]``: content, or a reference by ``hash`` or ``name``
+    to a segment the server already holds."""
+
+    id: str | None = None
+    content: str | None = None
+    hash: str | None = None
+    name: str | None = None
+    ttl: float | None = Field(default=None, gt=0, description="seconds until the segment expires")
+
+    def to_engine(self, index: int) -> SegmentInput:
+        if self.content is None and self.hash is None and self.name is None:
+            raise APIError(
+                f"segments[{index}] needs 'content', or a 'hash' or 'name' of a segment "
+                "the server already holds",
+                param=f"segments[{index}]",
+            )
+        seg_id = self.id or self.name or self.hash
+        if seg_id is None:
+            raise APIError(f"segments[{index}] needs an 'id'", param=f"segments[{index}].id")
+        return SegmentInput(
+            id=seg_id, content=self.content, hash=self.hash, name=self.name, ttl_s=self.ttl
+        )
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    def to_engine(self, index: int) -> dict[str, Any]:
+        """A plain dict for the chat template; ``developer`` is OpenAI's new name
+        for ``system``."""
+        msg: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self._text(index),
+        }
+        for key in ("name", "tool_calls", "tool_call_id"):
+            value = getattr(self, key)
+            if value is not None:
+                msg[key] = value
+        return msg
+
+    def _text(self, index: int) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        pieces = []
+        for j, part in enumerate(self.content):
+            where = f"messages[{index}].content[{j}]"
+            if part.type != "text":
+                kind = "image" if "image" in part.type else f"'{part.type}'"
+                raise APIError(
+                    f"{where}: {kind} content is not supported; this model reads text only "
+                    "(send parts of type 'text')",
+                    param=where,
+                )
+            if part.text is None:
+                raise APIError(f"{where}: a 'text' part needs a 'text' string", param=where)
+            pieces.append(part.text)
+        return "".join(pieces)
+
+
+class _GenerationRequest(_Schema):
+    """Fields shared by chat and text completions."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = Field(default=None, description="segcache extension; 0 = off")
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    user: str | None = None
+
+    def check_supported(self) -> None:
+        if self.n != 1:
+            raise APIError(f"n={self.n} is not supported; only n=1", param="n")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(
+                "'stream_options' is only allowed when 'stream' is true", param="stream_options"
+            )
+
+    def sampling(self, max_tokens: int | None) -> SamplingParams:
+        """Raises EngineError (400) for out-of-range values."""
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return SamplingParams(
+            max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            seed=self.seed,
+            stop=tuple(stop),
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    segments: list[Segment] = Field(default_factory=list, description="segcache extension")
+
+    def to_engine(self, tenant: str, max_segments: int) -> ChatRequest:
+        self.check_supported()
+        if self.logprobs:
+            raise APIError("logprobs are not supported", param="logprobs")
+        check_segment_count(self.segments, max_segments)
+        max_tokens = self.max_completion_tokens
+        return ChatRequest(
+            tenant=tenant,
+            messages=[m.to_engine(i) for i, m in enumerate(self.messages)],
+            segments=[s.to_engine(i) for i, s in enumerate(self.segments)],
+            sampling=self.sampling(self.max_tokens if max_tokens is None else max_tokens),
+        )
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[str]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+
+    def prompt_text(self) -> str:
+        self.check_supported()
+        if self.echo:
+            raise APIError("echo is not supported", param="echo")
+        if self.logprobs:
+            raise APIError("logprobs are not supported", param="logprobs")
+        if self.best_of not in (None, 1):
+            raise APIError(f"best_of={self.best_of} is not supported; only 1", param="best_of")
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise APIError(
+                f"prompt is a list of {len(self.prompt)} strings; send exactly one prompt "
+                "per request",
+                param="prompt",
+            )
+        return self.prompt[0]
+
+
+class WarmRequest(_Schema):
+    model: str | None = None
+    segments: list[Segment] = Field(min_length=1)
+
+    def to_engine(self, max_segments: int) -> list[SegmentInput]:
+        check_segment_count(self.segments, max_segments)
+        return [s.to_engine(i) for i, s in enumerate(self.segments)]
+
+
+class PutSegmentRequest(_Schema):
+    content: str
+    ttl: float | None = Field(default=None, gt=0, description="seconds until the segment expires")
+
+
+def check_segment_count(segments: list[Segment], max_segments: int) -> None:
+    if len(segments) > max_segments:
+        raise APIError(
+            f"too many segments: {len(segments)} sent, at most {max_segments} are allowed "
+            "per request (merge adjacent segments that always travel together)",
+            param="segments",
+        )

@@ -1,0 +1,178 @@
+"""OpenAI response objects and Server-Sent Events, for chat and text completions.
+
+A stream is ``data: <chunk json>\\n\\n`` events ending with ``data: [DONE]\\n\\n``:
+for chat, a role delta first; one chunk per text piece; a final chunk with
+``finish_reason``; then, when ``stream_options.include_usage`` is set, a chunk
+with ``choices: []`` and ``usage`` (OpenAI's shape). An error after the stream
+has started is sent as one ``data: {"error": {...}}`` event, and the stream
+closes without ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.responses import StreamingResponse
+from starlette.types import Send
+
+from segcache.engine.types import EngineError, GenerationResult
+from segcache.server.errors import APIError, api_error_body, engine_error_body, error_body
+from segcache.server.generation import EngineRun
+
+log = logging.getLogger(__name__)
+
+
+class ChatShaper:
+    """Builds ``chat.completion`` and ``chat.completion.chunk`` objects of one request."""
+
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+
+    def __init__(self, model: str, include_usage: bool = False) -> None:
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+        self.include_usage = include_usage
+
+    def response(self, result: GenerationResult) -> dict[str, Any]:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": result.text},
+            "logprobs": None,
+            "finish_reason": result.finish_reason,
+        }
+        return self._envelope(self.object, [choice], usage=result.usage())
+
+    def start_chunk(self) -> dict[str, Any] | None:
+        return self._chunk({"role": "assistant", "content": ""}, None)
+
+    def text_chunk(self, delta: str) -> dict[str, Any]:
+        return self._chunk({"content": delta}, None)
+
+    def finish_chunk(self, result: GenerationResult) -> dict[str, Any]:
+        return self._chunk({}, result.finish_reason)
+
+    def usage_chunk(self, result: GenerationResult) -> dict[str, Any]:
+        return self._envelope(self.chunk_object, [], usage=result.usage())
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return self._stream_envelope(choice)
+
+    def _stream_envelope(self, choice: dict[str, Any]) -> dict[str, Any]:
+        extra = {"usage": None} if self.include_usage else {}
+        return self._envelope(self.chunk_object, [choice], **extra)
+
+    def _envelope(self, obj: str, choices: list[Any], **extra: Any) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
+
+
+class CompletionShaper(ChatShaper):
+    """``text_completion`` objects; chunks have the same object name, no role delta."""
+
+    object = "text_completion"
+    chunk_object = "text_completion"
+
+    def __init__(self, model: str, include_usage: bool = False) -> None:
+        super().__init__(model, include_usage)
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+
+    def response(self, result: GenerationResult) -> dict[str, Any]:
+        choice = {
+            "index": 0,
+            "text": result.text,
+            "logprobs": None,
+            "finish_reason": result.finish_reason,
+        }
+        return self._envelope(self.object, [choice], usage=result.usage())
+
+    def start_chunk(self) -> dict[str, Any] | None:
+        return None
+
+    def text_chunk(self, delta: str) -> dict[str, Any]:
+        return self._text_choice(delta, None)
+
+    def finish_chunk(self, result: GenerationResult) -> dict[str, Any]:
+        return self._text_choice("", result.finish_reason)
+
+    def _text_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return self._stream_envelope(choice)
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+async def sse_stream(
+    run: EngineRun,
+    first: tuple[str, Any],
+    rest: AsyncIterator[tuple[str, Any]],
+    shaper: ChatShaper,
+    on_done: Any,
+) -> AsyncIterator[str]:
+    """The SSE body of one streamed generation. ``first`` is the event already
+    taken from ``rest`` (it was awaited before the response started so that an
+    early refusal gets a real status code). Leaving early cancels the run."""
+    finished = False
+    try:
+        start = shaper.start_chunk()
+        if start is not None:
+            yield sse(start)
+        event: tuple[str, Any] | None = first
+        while event is not None:
+            kind, value = event
+            if kind == "text":
+                yield sse(shaper.text_chunk(value))
+            elif kind == "done":
+                on_done(value)
+                yield sse(shaper.finish_chunk(value))
+                if shaper.include_usage:
+                    yield sse(shaper.usage_chunk(value))
+                yield sse("[DONE]")
+            else:
+                yield sse(stream_error_body(value))
+            event = await anext(rest, None)
+        finished = True
+    finally:
+        if not finished:
+            run.cancel()
+
+
+def stream_error_body(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, EngineError):
+        return engine_error_body(exc)
+    if isinstance(exc, APIError):
+        return api_error_body(exc)
+    log.error("error during a streamed generation", exc_info=exc)
+    return error_body("The server had an error while generating; it has been logged.", 500)
+
+
+class SSEResponse(StreamingResponse):
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            # When a send fails (client gone) the iterator is left suspended;
+            # closing it now runs its cleanup, which cancels the generation.
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()

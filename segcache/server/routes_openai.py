@@ -1,0 +1,100 @@
+"""OpenAI-compatible generation routes: chat and text completions, models."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from segcache.engine.types import GenerationResult
+from segcache.server.auth import require_tenant
+from segcache.server.generation import EngineCall, EngineRun, cancel_on_disconnect
+from segcache.server.protocol import ChatCompletionRequest, CompletionRequest
+from segcache.server.responses import ChatShaper, CompletionShaper, SSEResponse, sse_stream
+from segcache.server.state import ServerState, server_state
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+@router.post("/chat/completions")
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, tenant: str = Depends(require_tenant)
+) -> Any:
+    state = server_state(request)
+    chat = body.to_engine(tenant, state.cache_cfg.max_segments)
+
+    def call(on_text, is_cancelled) -> GenerationResult:
+        return state.engine.chat(chat, on_text=on_text, is_cancelled=is_cancelled)
+
+    shaper = ChatShaper(state.model_name, body.include_usage)
+    return await generate(request, state, call, shaper, body.stream, tenant)
+
+
+@router.post("/completions")
+async def completions(
+    body: CompletionRequest, request: Request, tenant: str = Depends(require_tenant)
+) -> Any:
+    state = server_state(request)
+    prompt = body.prompt_text()
+    sampling = body.sampling(body.max_tokens)
+
+    def call(on_text, is_cancelled) -> GenerationResult:
+        return state.engine.complete(
+            tenant, prompt, sampling, on_text=on_text, is_cancelled=is_cancelled
+        )
+
+    shaper = CompletionShaper(state.model_name, body.include_usage)
+    return await generate(request, state, call, shaper, body.stream, tenant)
+
+
+@router.get("/models", dependencies=[Depends(require_tenant)])
+async def models(request: Request) -> dict[str, Any]:
+    state = server_state(request)
+    model = {
+        "id": state.model_name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "segcache",
+        "context_window": state.engine.context_window,
+    }
+    return {"object": "list", "data": [model]}
+
+
+async def generate(
+    request: Request,
+    state: ServerState,
+    call: EngineCall,
+    shaper: ChatShaper,
+    stream: bool,
+    tenant: str,
+) -> Response | dict[str, Any]:
+    """Run ``call`` and answer with one object, or with SSE. A stream's headers
+    are sent only once the first event is known, so a request the engine refuses
+    outright still gets its 4xx status rather than a 200 stream with an error."""
+    run = EngineRun(call)
+
+    def finished(result: GenerationResult) -> None:
+        ttft, total = run.timings(result)
+        state.metrics.observe_generation(result, ttft, total)
+        log.info(
+            "%s tenant=%s prompt=%d cached=%d completion=%d ttft=%.3fs total=%.3fs "
+            "finish=%s chain=%s",
+            shaper.object, tenant, result.prompt_tokens, result.cached_tokens,
+            result.completion_tokens, ttft, total, result.finish_reason, result.chain,
+        )  # fmt: skip
+
+    if not stream:
+        async with cancel_on_disconnect(request, run):
+            result = await run.result()
+        finished(result)
+        return shaper.response(result)
+    events = run.events()
+    async with cancel_on_disconnect(request, run):
+        first = await anext(events)
+    if first[0] == "error":
+        raise first[1]
+    return SSEResponse(sse_stream(run, first, events, shaper, finished))
