@@ -90,6 +90,12 @@ def test_chat_streaming_shape_with_usage(client):
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
 
 
+def test_nulls_mean_defaults(base_url):
+    body = {"messages": USER, "n": None, "stream": None, "max_tokens": None, "stop": None}
+    r = httpx.post(base_url + "/v1/chat/completions", json=body)
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+
+
 def test_stream_wire_format(base_url):
     body = {"messages": USER, "stream": True}
     with httpx.stream("POST", base_url + "/v1/chat/completions", json=body) as r:

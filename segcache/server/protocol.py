@@ -119,15 +119,15 @@ class _GenerationRequest(_Schema):
     top_k: int | None = Field(default=None, description="segcache extension; 0 = off")
     seed: int | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int | None = None  # null and absent mean 1
     user: str | None = None
 
     def check_supported(self) -> None:
-        if self.n != 1:
+        if self.n not in (None, 1):
             raise APIError(f"n={self.n} is not supported; only n=1", param="n")
-        if self.stream_options is not None and not self.stream:
+        if self.stream_options is not None and not self.stream:  # as OpenAI does
             raise APIError(
                 "'stream_options' is only allowed when 'stream' is true", param="stream_options"
             )
@@ -171,7 +171,7 @@ class ChatCompletionRequest(_GenerationRequest):
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[str]
-    echo: bool = False
+    echo: bool | None = False
     logprobs: int | None = None
     best_of: int | None = None
 

@@ -31,7 +31,7 @@ async def chat_completions(
         return state.engine.chat(chat, on_text=on_text, is_cancelled=is_cancelled)
 
     shaper = ChatShaper(state.model_name, body.include_usage)
-    return await generate(request, state, call, shaper, body.stream, tenant)
+    return await generate(request, state, call, shaper, bool(body.stream), tenant)
 
 
 @router.post("/completions")
@@ -48,7 +48,7 @@ async def completions(
         )
 
     shaper = CompletionShaper(state.model_name, body.include_usage)
-    return await generate(request, state, call, shaper, body.stream, tenant)
+    return await generate(request, state, call, shaper, bool(body.stream), tenant)
 
 
 @router.get("/models", dependencies=[Depends(require_tenant)])
