@@ -303,8 +303,7 @@ class Engine:
                 raise EngineError(str(exc), "name") from exc
             ids = self.memo.ids_for(content, digest)
             self.memo.remember(self.namespace(tenant), digest)
-        return {"name": name, "hash": digest, "tokens": len(ids), "expires_in_s": ttl_s,
-                "created": entry.created}
+        return self._segment_info(entry, len(ids))
 
     def get_segment(self, tenant: str, name: str) -> dict:
         with self._lock:
@@ -312,8 +311,15 @@ class Engine:
             if entry is None:
                 raise NotFoundError(f"no segment is registered under the name {name!r}", "name")
             ids = self.memo.ids_for(entry.content, entry.digest)
-        return {"name": name, "hash": entry.digest, "tokens": len(ids), "bytes": len(entry.content.encode()),
-                "expires_at": entry.expires_at}
+        return self._segment_info(entry, len(ids))
+
+    def _segment_info(self, entry, n_tokens: int) -> dict:
+        # The registry runs on the monotonic clock; clients get wall-clock Unix time.
+        expires_at = None
+        if entry.expires_at is not None:
+            expires_at = time.time() + (entry.expires_at - self.registry.now())
+        return {"name": entry.name, "hash": entry.digest, "tokens": n_tokens,
+                "bytes": len(entry.content.encode()), "expires_at": expires_at}
 
     def delete_segment(self, tenant: str, name: str) -> None:
         with self._lock:

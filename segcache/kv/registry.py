@@ -28,6 +28,9 @@ class SegmentRegistry:
         self._clock = clock
         self._entries: dict[str, dict[str, RegistryEntry]] = {}
 
+    def now(self) -> float:
+        return self._clock()
+
     @staticmethod
     def valid_name(name: str) -> bool:
         return bool(NAME_RE.match(name))
