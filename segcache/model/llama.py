@@ -17,6 +17,7 @@ built from slots).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,50 +25,81 @@ import torch.nn.functional as F
 
 from segcache.model.arch import ModelArch
 
+# A projection matrix [out, in]: a dense tensor, or a packed one called as
+# ``w(x)`` ([T, in] -> [T, out], float32), e.g. ``segcache.model.quant.PackedLinear``.
+Linear = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+# Turns one float32 matrix [out, in] into the Linear the forward will use.
+PackFn = Callable[[torch.Tensor], Linear]
+
+
+def linear(x: torch.Tensor, w: Linear, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w.T + bias`` for a dense or packed ``w``; the result has x's dtype."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    y = w(x).to(x.dtype)
+    return y if bias is None else y + bias
+
 
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [q_dim + 2*kv_dim, hidden]  (q, k, v fused)
+    qkv: Linear  # [q_dim + 2*kv_dim, hidden]  (q, k, v fused)
     qkv_bias: torch.Tensor | None  # [q_dim + 2*kv_dim]
-    o: torch.Tensor  # [hidden, q_dim]
+    o: Linear  # [hidden, q_dim]
     mlp_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2*intermediate, hidden]  (gate, up fused)
-    down: torch.Tensor  # [hidden, intermediate]
+    gate_up: Linear  # [2*intermediate, hidden]  (gate, up fused)
+    down: Linear  # [hidden, intermediate]
 
 
 @dataclass
 class Weights:
-    """All weights of one model in one dtype, in Hugging Face layout (rotate-half RoPE)."""
+    """All weights of one model in Hugging Face layout (rotate-half RoPE). Norms and
+    the embedding are dense in the compute dtype; projections may be packed."""
 
     embed: torch.Tensor  # [vocab, hidden]
     layers: list[LayerWeights]
     norm: torch.Tensor  # [hidden]
-    lm_head: torch.Tensor  # [vocab, hidden] (the embedding itself when tied)
+    lm_head: Linear  # [vocab, hidden] (the embedding itself when tied and dense)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute (activation) dtype."""
+        return self.embed.dtype
 
     @classmethod
     def from_state_dict(cls, arch: ModelArch, sd: dict[str, torch.Tensor], dtype: torch.dtype,
-                        device: str = "cpu") -> Weights:
-        """Build from HF names (``model.layers.N.self_attn.q_proj.weight`` ...)."""
+                        device: str = "cpu", pack: PackFn | None = None,
+                        embed: torch.Tensor | None = None) -> Weights:
+        """Build from HF names (``model.layers.N.self_attn.q_proj.weight`` ...).
+
+        ``pack`` (optional) receives each projection as stored (fused, not yet cast)
+        and returns what the forward multiplies by. ``embed`` reuses an embedding
+        tensor already built in ``dtype``."""
 
         def get(name: str) -> torch.Tensor:
             return sd[name].to(device=device, dtype=dtype).contiguous()
 
+        def proj(*names: str) -> Linear:
+            w = torch.cat([sd[n] for n in names], 0) if len(names) > 1 else sd[names[0]]
+            return pack(w) if pack is not None else w.to(device=device, dtype=dtype).contiguous()
+
         layers = []
         for i in range(arch.n_layers):
             p = f"model.layers.{i}."
-            qkv = torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"], 0)
             bias = None
             if arch.qkv_bias:
                 bias = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"], 0)
-            gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], 0)
             layers.append(LayerWeights(
-                attn_norm=get(p + "input_layernorm.weight"), qkv=qkv, qkv_bias=bias,
-                o=get(p + "self_attn.o_proj.weight"), mlp_norm=get(p + "post_attention_layernorm.weight"),
-                gate_up=gate_up, down=get(p + "mlp.down_proj.weight"),
+                attn_norm=get(p + "input_layernorm.weight"),
+                qkv=proj(*(p + f"self_attn.{n}_proj.weight" for n in "qkv")), qkv_bias=bias,
+                o=proj(p + "self_attn.o_proj.weight"), mlp_norm=get(p + "post_attention_layernorm.weight"),
+                gate_up=proj(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                down=proj(p + "mlp.down_proj.weight"),
             ))
-        embed = get("model.embed_tokens.weight")
-        lm_head = embed if arch.tie_embeddings or "lm_head.weight" not in sd else get("lm_head.weight")
+        embed = get("model.embed_tokens.weight") if embed is None else embed
+        head = "model.embed_tokens.weight" if arch.tie_embeddings or "lm_head.weight" not in sd \
+            else "lm_head.weight"
+        lm_head = embed if head == "model.embed_tokens.weight" and pack is None else proj(head)
         return cls(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head)
 
 
@@ -122,14 +154,23 @@ def causal_mask(start: int, n_new: int, device: str | torch.device = "cpu") -> t
     return slots[None, :] <= rows[:, None]
 
 
-class LlamaModel:
-    """Stateless forward over a given weight set; call ``forward`` under ``torch.inference_mode``."""
+# Attention of one new token: (q [Hq, 1, D], keys [Hkv, S, D], values [Hkv, S, D],
+# scale) -> [Hq, 1, D], e.g. ``segcache.model.quant.BlockKernels.attend_decode``.
+DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
-    def __init__(self, arch: ModelArch, device: str = "cpu") -> None:
+
+class LlamaModel:
+    """Stateless forward over a given weight set; call ``forward`` under ``torch.inference_mode``.
+
+    ``decode_attention`` (optional) replaces SDPA for single-token steps."""
+
+    def __init__(self, arch: ModelArch, device: str = "cpu",
+                 decode_attention: DecodeAttention | None = None) -> None:
         self.arch = arch
         self.device = device
         self.rope = RopeTable(arch, device)
         self.scale = 1.0 / math.sqrt(arch.head_dim)
+        self.decode_attention = decode_attention
 
     def new_kv(self, capacity: int, dtype: torch.dtype) -> torch.Tensor:
         a = self.arch
@@ -145,16 +186,18 @@ class LlamaModel:
         Returns logits [len(logits_at), vocab] in float32 for the row indices
         ``logits_at`` (default: the last row only). Mutates ``kv``.
         """
-        dtype = w.embed.dtype
+        dtype = w.dtype
         n_new = ids.shape[0]
         x = F.embedding(ids, w.embed)  # [T, hidden]
         cos, sin = self.rope.at(positions, dtype)
-        mask = None if n_new == 1 else causal_mask(start, n_new, self.device)
+        # Decode and a prefill from slot 0 need no mask tensor (see _attention); a
+        # prefill continuing past KV (start > 0) is causal with an offset.
+        mask = causal_mask(start, n_new, self.device) if n_new > 1 and start > 0 else None
         for i, lw in enumerate(w.layers):
             x = self._layer(lw, x, cos, sin, kv[i], start, mask)
         rows = logits_at if logits_at is not None else torch.tensor([n_new - 1], device=self.device)
         h = F.rms_norm(x[rows], (x.shape[-1],), w.norm, self.arch.rms_eps)
-        return F.linear(h, w.lm_head).float()  # [R, vocab]
+        return linear(h, w.lm_head).float()  # [R, vocab]
 
     def _layer(self, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                kv: torch.Tensor, start: int, mask: torch.Tensor | None) -> torch.Tensor:
@@ -162,7 +205,7 @@ class LlamaModel:
         n_new = x.shape[0]
         end = start + n_new
         h = F.rms_norm(x, (a.hidden_size,), lw.attn_norm, a.rms_eps)
-        qkv = F.linear(h, lw.qkv, lw.qkv_bias)  # [T, q_dim + 2*kv_dim]
+        qkv = linear(h, lw.qkv, lw.qkv_bias)  # [T, q_dim + 2*kv_dim]
         q, k, v = qkv.split([a.q_dim, a.kv_dim, a.kv_dim], -1)
         q = apply_rope(q.view(n_new, a.n_heads, a.head_dim).transpose(0, 1), cos, sin)  # [Hq, T, D]
         k = apply_rope(k.view(n_new, a.n_kv_heads, a.head_dim).transpose(0, 1), cos, sin)  # [Hkv, T, D]
@@ -172,22 +215,29 @@ class LlamaModel:
         if keys.dtype != q.dtype:
             keys, values = keys.to(q.dtype), values.to(q.dtype)
         attn = self._attention(q, keys, values, mask)  # [Hq, T, D]
-        x = x + F.linear(attn.transpose(0, 1).reshape(n_new, a.q_dim), lw.o)
+        x = x + linear(attn.transpose(0, 1).reshape(n_new, a.q_dim), lw.o)
         h = F.rms_norm(x, (a.hidden_size,), lw.mlp_norm, a.rms_eps)
-        gate, up = F.linear(h, lw.gate_up).chunk(2, -1)  # [T, inter] each
-        return x + F.linear(F.silu(gate) * up, lw.down)
+        gate, up = linear(h, lw.gate_up).chunk(2, -1)  # [T, inter] each
+        return x + linear(F.silu(gate) * up, lw.down)
 
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                    mask: torch.Tensor | None) -> torch.Tensor:
+        """q [Hq, T, D], keys/values [Hkv, S, D] -> [Hq, T, D]. ``mask`` None means
+        T == 1 (decode: sees every slot) or S == T (prefill from slot 0: plain causal)."""
         a = self.arch
         group = a.n_heads // a.n_kv_heads
         n_new = q.shape[1]
-        if mask is None:
+        if n_new == 1 and self.decode_attention is not None:
+            return self.decode_attention(q, keys, values, self.scale)
+        if n_new == 1:
             # Decode: fold the query heads that share a KV head into rows, so K/V are
-            # read once per KV head instead of being repeated: q [Hkv, group*T, D].
-            qg = q.reshape(a.n_kv_heads, group * n_new, a.head_dim)
+            # read once per KV head instead of being repeated: q [Hkv, group, D].
+            qg = q.reshape(a.n_kv_heads, group, a.head_dim)
             out = F.scaled_dot_product_attention(qg, keys, values, scale=self.scale)
-            return out.view(a.n_heads, n_new, a.head_dim)
+            return out.view(a.n_heads, 1, a.head_dim)
+        # is_causal (no mask tensor) takes the CPU flash kernel's fast path; it aligns
+        # the mask top-left, which is right only when S == T.
         return F.scaled_dot_product_attention(
-            q[None], keys[None], values[None], attn_mask=mask, scale=self.scale, enable_gqa=True
+            q[None], keys[None], values[None], attn_mask=mask, is_causal=mask is None,
+            scale=self.scale, enable_gqa=True,
         )[0]

@@ -5,7 +5,13 @@ fingerprint, and two calls, ``prefill`` and ``decode``.
 - ``float32``: everything in float32 (the reference; greedy outputs are exact
   across cache hit patterns).
 - ``bfloat16``: everything in bfloat16.
-- ``auto``: chosen per phase by measurement on the CPU (see BENCHMARKS.md).
+- ``auto``: chosen per phase by measurement on the CPU (see BENCHMARKS.md):
+  prefill (matrix-matrix) in bfloat16 where the CPU multiplies bfloat16 natively
+  (AVX512-BF16 or AMX), else float32 (an AVX2-only CPU runs bfloat16 GEMM ~7x
+  slower than float32); decode (matrix-vector, bound by memory bandwidth) with
+  float32 activations and weights in GGUF blocks (``quant.py``: Q4_1/Q8_0, the
+  default model's own weights, bit-exact), about 1/6 of the bytes of float32.
+  KV stays float32 so decode reads it without conversion.
 """
 
 from __future__ import annotations
@@ -13,12 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from segcache.config import ModelConfig
 from segcache.model.arch import ModelArch
 from segcache.model.llama import LlamaModel, Weights
+from segcache.model.quant import QUANT_VERSION, BlockKernels, PackedLinear, load_kernels, to_blocks
 from segcache.model.weights import ResolvedModel, load_arch, load_state_dict
 
 # Bump when the layout or meaning of stored KV changes: old KV can then never be served.
@@ -27,20 +35,33 @@ KV_LAYOUT_VERSION = "kv1:[layers,2,kv_heads,tokens,head_dim]:k-after-rope"
 
 @dataclass(frozen=True)
 class PhasePlan:
-    prefill: torch.dtype
-    decode: torch.dtype
+    prefill: torch.dtype  # compute dtype of prefill (weights and activations)
+    decode: torch.dtype  # activation dtype of decode
     kv: torch.dtype
+    decode_weights: str = "dense"  # "dense" (in ``decode``) | "blocks" (quant.py kernels)
 
 
-def plan_dtypes(dtype: str, device: str) -> PhasePlan:
+def cpu_has_bf16_gemm() -> bool:
+    """Whether torch multiplies bfloat16 matrices natively here (oneDNN needs
+    AVX512-BF16 or AMX; elsewhere it falls back to a slow path)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def plan_dtypes(dtype: str, device: str, block_kernels: bool = False,
+                bf16_gemm: bool | None = None) -> PhasePlan:
+    """The per-phase plan for ``ModelConfig.dtype``. ``block_kernels``: the
+    quant.py kernels loaded on this machine; ``bf16_gemm`` defaults to asking the CPU."""
     if dtype == "float32":
         return PhasePlan(torch.float32, torch.float32, torch.float32)
     if dtype == "bfloat16":
         return PhasePlan(torch.bfloat16, torch.bfloat16, torch.bfloat16)
     if device == "cuda":
         return PhasePlan(torch.bfloat16, torch.bfloat16, torch.bfloat16)
-    # CPU auto: float32 until measurement says otherwise (see BENCHMARKS.md).
-    return PhasePlan(torch.float32, torch.float32, torch.float32)
+    bf16 = cpu_has_bf16_gemm() if bf16_gemm is None else bf16_gemm
+    prefill = torch.bfloat16 if bf16 else torch.float32
+    return PhasePlan(prefill, torch.float32, torch.float32, "blocks" if block_kernels else "dense")
 
 
 class ModelRuntime:
@@ -51,15 +72,28 @@ class ModelRuntime:
     """
 
     def __init__(self, arch: ModelArch, state_dict: dict[str, torch.Tensor], plan: PhasePlan,
-                 device: str = "cpu", source_digest: str = "", tokenizer_digest: str = "") -> None:
+                 device: str = "cpu", source_digest: str = "", tokenizer_digest: str = "",
+                 kernels: BlockKernels | None = None) -> None:
+        if plan.decode_weights == "blocks" and kernels is None:
+            raise ValueError("plan.decode_weights='blocks' needs the block kernels (quant.load_kernels)")
         self.arch = arch
         self.plan = plan
         self.device = device
         self.model = LlamaModel(arch, device)
+        self._decode_model = self.model
         self._prefill_w = Weights.from_state_dict(arch, state_dict, plan.prefill, device)
-        self._decode_w = (self._prefill_w if plan.decode == plan.prefill
-                          else Weights.from_state_dict(arch, state_dict, plan.decode, device))
-        self.fingerprint = _fingerprint(arch, plan, source_digest, tokenizer_digest)
+        self.decode_scheme = "dense"
+        if plan.decode_weights == "blocks":
+            self._decode_w, self.decode_scheme = _block_weights(arch, state_dict, plan, kernels,
+                                                                self._prefill_w)
+            if plan.kv == torch.float32:
+                self._decode_model = LlamaModel(arch, device, decode_attention=kernels.attend_decode)
+                self.decode_scheme += "+attn"
+        elif plan.decode == plan.prefill:
+            self._decode_w = self._prefill_w
+        else:
+            self._decode_w = Weights.from_state_dict(arch, state_dict, plan.decode, device)
+        self.fingerprint = _fingerprint(arch, plan, self.decode_scheme, source_digest, tokenizer_digest)
 
     @classmethod
     def load(cls, resolved: ResolvedModel, cfg: ModelConfig, tokenizer_digest: str = "") -> ModelRuntime:
@@ -67,8 +101,11 @@ class ModelRuntime:
             torch.set_num_threads(cfg.threads)
         arch = load_arch(resolved.directory)
         sd = load_state_dict(resolved.directory)
-        plan = plan_dtypes(cfg.dtype, cfg.device)
-        return cls(arch, sd, plan, cfg.device, resolved.source_digest, tokenizer_digest)
+        kernels = None
+        if cfg.dtype == "auto" and cfg.device == "cpu":
+            kernels = load_kernels(Path(cfg.cache_dir) / "kernels")
+        plan = plan_dtypes(cfg.dtype, cfg.device, block_kernels=kernels is not None)
+        return cls(arch, sd, plan, cfg.device, resolved.source_digest, tokenizer_digest, kernels)
 
     @property
     def kv_dtype(self) -> torch.dtype:
@@ -84,15 +121,40 @@ class ModelRuntime:
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
                start: int) -> torch.Tensor:
-        return self.model.forward(self._decode_w, ids, positions, kv, start, None)
+        return self._decode_model.forward(self._decode_w, ids, positions, kv, start, None)
 
 
-def _fingerprint(arch: ModelArch, plan: PhasePlan, source_digest: str, tokenizer_digest: str) -> str:
+def _block_weights(arch: ModelArch, sd: dict[str, torch.Tensor], plan: PhasePlan,
+                   kernels: BlockKernels, prefill_w: Weights) -> tuple[Weights, str]:
+    """Decode weights with every projection (and the LM head) in GGUF blocks, and
+    the scheme name for the fingerprint: which formats, and whether all are exact."""
+    formats: set[str] = set()
+    exact = True
+
+    def pack(w: torch.Tensor) -> PackedLinear | torch.Tensor:
+        nonlocal exact
+        blocks = to_blocks(w)
+        if blocks is None:  # a shape the kernel does not take: stay dense
+            formats.add("dense")
+            return w.to(plan.decode).contiguous()
+        formats.add(blocks.kind)
+        exact = exact and blocks.exact
+        return PackedLinear(blocks, kernels)
+
+    embed = prefill_w.embed if prefill_w.dtype == plan.decode else None
+    w = Weights.from_state_dict(arch, sd, plan.decode, "cpu", pack=pack, embed=embed)
+    scheme = f"{QUANT_VERSION}:{'+'.join(sorted(formats))}:{'exact' if exact else 'lossy'}"
+    return w, scheme
+
+
+def _fingerprint(arch: ModelArch, plan: PhasePlan, decode_scheme: str, source_digest: str,
+                 tokenizer_digest: str) -> str:
     parts = {
         "arch": arch.as_dict(),
         "weights": source_digest,
         "tokenizer": tokenizer_digest,
         "dtypes": [str(plan.prefill), str(plan.decode), str(plan.kv)],
+        "decode_weights": decode_scheme,
         "kv_layout": KV_LAYOUT_VERSION,
     }
     blob = json.dumps(parts, sort_keys=True, default=str).encode()

@@ -1,0 +1,385 @@
+"""Block-quantized weights for the decode phase and their CPU matrix-vector kernel.
+
+Decoding one token reads every weight once, so on a CPU it is bound by memory
+bandwidth, not arithmetic: float32 weights (540 MB for SmolLM2-135M) cap it
+near 10 tok/s. The default model comes from a GGUF file whose matrices are Q4_1
+(blocks of 32: ``w = d*q + m``, ``q`` in 0..15, ``d``/``m`` float16) and whose
+embedding is Q8_0 (``w = d*q``, ``q`` in -127..127). The float32 weights we
+converted from it are therefore *exactly* representable in those block formats:
+``recover`` finds ``q``, ``d``, ``m`` again and checks every element
+bit-for-bit. Decoding from the blocks runs the very weights of the float32
+reference at 1/6 of the bytes; activations stay float32, so only the summation
+order differs from the dense product.
+
+Weights that do not verify (a model that never went through Q4_1/Q8_0) are
+quantized to Q8_0, which is lossy (per-block 8-bit); ``BlockLinear.exact`` says
+which and the runtime puts it in the model fingerprint.
+
+The kernel is a small C file (AVX2 + FMA, OpenMP from torch's own libgomp)
+built once with the system C compiler into the cache directory and called
+through ctypes. ``load_kernels`` returns None where that is impossible (no
+compiler, no AVX2, another OS); the runtime then keeps dense weights.
+
+Layouts (one matrix, ``N`` outputs, ``K`` inputs, ``nb = K/32`` blocks per row):
+    q4_1: qs uint8 [N, nb*16] (byte j of a block: element j low nibble, j+16 high,
+          as in GGUF), d float32 [N, nb], m float32 [N, nb]
+    q8_0: qs int8 [N, K], d float32 [N, nb]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BLOCK = 32
+# Bump when the block formats or the kernel arithmetic change (part of the model fingerprint).
+QUANT_VERSION = "blocks1"
+MAX_GROUP = 8  # query heads per KV head the attention kernel takes (MAXM in the C source)
+
+
+@dataclass
+class BlockLinear:
+    """One weight matrix [out_features, in_features] in a GGUF block format."""
+
+    kind: str  # "q4_1" | "q8_0"
+    qs: torch.Tensor  # see module docstring
+    d: torch.Tensor  # float32 [N, nb]
+    m: torch.Tensor | None  # float32 [N, nb] (q4_1 only)
+    exact: bool  # dequantize() equals the matrix it was made from, bit for bit
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.d.shape[0], self.d.shape[1] * BLOCK
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [N, K], computed as GGUF does (``d*q + m`` in float32)."""
+        n, k = self.shape
+        if self.kind == "q4_1":
+            b = self.qs.view(n, -1, 16)
+            q = torch.cat([b & 0x0F, b >> 4], -1).float()  # [N, nb, 32]
+            return (self.d[..., None] * q + self.m[..., None]).reshape(n, k)
+        return (self.d[..., None] * self.qs.view(n, -1, BLOCK).float()).reshape(n, k)
+
+
+def _blocks(w: torch.Tensor) -> torch.Tensor:
+    n, k = w.shape
+    return w.float().reshape(n, k // BLOCK, BLOCK)  # [N, nb, 32]
+
+
+def recover_q4_1(w: torch.Tensor) -> BlockLinear | None:
+    """The Q4_1 blocks ``w`` was dequantised from, or None if it was not."""
+    if w.dim() != 2 or w.shape[1] % BLOCK:
+        return None
+    b = _blocks(w)
+    lo, hi = b.amin(-1), b.amax(-1)
+    d = ((hi - lo) / 15).half().float()  # [N, nb]
+    m = lo.half().float()
+    if not torch.equal(m, lo):
+        return None
+    safe_d = torch.where(d == 0, torch.ones_like(d), d)
+    q = ((b - m[..., None]) / safe_d[..., None]).round().clamp(0, 15)
+    if not torch.equal(d[..., None] * q + m[..., None], b):
+        return None
+    q = q.to(torch.uint8)
+    qs = (q[..., :16] | (q[..., 16:] << 4)).reshape(w.shape[0], -1).contiguous()
+    return BlockLinear("q4_1", qs, d.contiguous(), m.contiguous(), exact=True)
+
+
+def quantize_q8_0(w: torch.Tensor) -> BlockLinear | None:
+    """Q8_0 blocks for ``w``: exact when ``w`` was dequantised from Q8_0, else lossy."""
+    if w.dim() != 2 or w.shape[1] % BLOCK:
+        return None
+    b = _blocks(w)
+    d = (b.abs().amax(-1) / 127).half().float()  # [N, nb]
+    safe_d = torch.where(d == 0, torch.ones_like(d), d)
+    q = (b / safe_d[..., None]).round().clamp(-127, 127)
+    exact = torch.equal(d[..., None] * q, b)
+    qs = q.to(torch.int8).reshape(w.shape).contiguous()
+    return BlockLinear("q8_0", qs, d.contiguous(), None, exact=exact)
+
+
+def to_blocks(w: torch.Tensor) -> BlockLinear | None:
+    """Q4_1 if ``w`` came from Q4_1, else Q8_0 (exact if it came from Q8_0).
+    None for shapes the kernel does not take (inputs not a multiple of 32)."""
+    return recover_q4_1(w) or quantize_q8_0(w)
+
+
+# --- kernel ---------------------------------------------------------------------------
+
+_C_SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <math.h>
+
+#define MAXM 8
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 u8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+static inline __m256 i8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+
+/* y[M,N] = x[M,K] @ W^T, W in Q4_1 blocks. */
+void q4_1_matmul(const float *x, int M, int K, const uint8_t *qs, const float *d,
+                 const float *m, float *y, int N, int nthreads) {
+    const int nb = K / 32;
+    float *xsum = (float *)malloc(sizeof(float) * (size_t)M * nb);
+    for (int i = 0; i < M; i++)
+        for (int b = 0; b < nb; b++) {
+            float s = 0.f;
+            for (int j = 0; j < 32; j++) s += x[(size_t)i * K + b * 32 + j];
+            xsum[(size_t)i * nb + b] = s;
+        }
+    const __m128i lowmask = _mm_set1_epi8(0x0F);
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *qr = qs + (size_t)n * nb * 16;
+        const float *dr = d + (size_t)n * nb, *mr = m + (size_t)n * nb;
+        for (int i0 = 0; i0 < M; i0 += MAXM) {
+            const int mm = M - i0 < MAXM ? M - i0 : MAXM;
+            __m256 acc[MAXM];
+            for (int i = 0; i < mm; i++) acc[i] = _mm256_setzero_ps();
+            for (int b = 0; b < nb; b++) {
+                __m128i raw = _mm_loadu_si128((const __m128i *)(qr + b * 16));
+                __m128i lo = _mm_and_si128(raw, lowmask);
+                __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), lowmask);
+                __m256 w0 = u8x8(lo), w1 = u8x8(_mm_srli_si128(lo, 8));
+                __m256 w2 = u8x8(hi), w3 = u8x8(_mm_srli_si128(hi, 8));
+                __m256 db = _mm256_set1_ps(dr[b]);
+                for (int i = 0; i < mm; i++) {
+                    const float *xb = x + (size_t)(i0 + i) * K + b * 32;
+                    __m256 p = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
+                    __m256 p2 = _mm256_mul_ps(w2, _mm256_loadu_ps(xb + 16));
+                    p = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), p);
+                    p2 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), p2);
+                    acc[i] = _mm256_fmadd_ps(db, _mm256_add_ps(p, p2), acc[i]);
+                }
+            }
+            for (int i = 0; i < mm; i++) {
+                const float *xs = xsum + (size_t)(i0 + i) * nb;
+                float s = hsum8(acc[i]);
+                for (int b = 0; b < nb; b++) s += mr[b] * xs[b];
+                y[(size_t)(i0 + i) * N + n] = s;
+            }
+        }
+    }
+    free(xsum);
+}
+
+/* y[M,N] = x[M,K] @ W^T, W in Q8_0 blocks. */
+void q8_0_matmul(const float *x, int M, int K, const int8_t *qs, const float *d, float *y,
+                 int N, int nthreads) {
+    const int nb = K / 32;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int n = 0; n < N; n++) {
+        const int8_t *qr = qs + (size_t)n * K;
+        const float *dr = d + (size_t)n * nb;
+        for (int i0 = 0; i0 < M; i0 += MAXM) {
+            const int mm = M - i0 < MAXM ? M - i0 : MAXM;
+            __m256 acc[MAXM];
+            for (int i = 0; i < mm; i++) acc[i] = _mm256_setzero_ps();
+            for (int b = 0; b < nb; b++) {
+                __m128i a = _mm_loadu_si128((const __m128i *)(qr + b * 32));
+                __m128i c = _mm_loadu_si128((const __m128i *)(qr + b * 32 + 16));
+                __m256 w0 = i8x8(a), w1 = i8x8(_mm_srli_si128(a, 8));
+                __m256 w2 = i8x8(c), w3 = i8x8(_mm_srli_si128(c, 8));
+                __m256 db = _mm256_set1_ps(dr[b]);
+                for (int i = 0; i < mm; i++) {
+                    const float *xb = x + (size_t)(i0 + i) * K + b * 32;
+                    __m256 p = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
+                    __m256 p2 = _mm256_mul_ps(w2, _mm256_loadu_ps(xb + 16));
+                    p = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), p);
+                    p2 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), p2);
+                    acc[i] = _mm256_fmadd_ps(db, _mm256_add_ps(p, p2), acc[i]);
+                }
+            }
+            for (int i = 0; i < mm; i++) y[(size_t)(i0 + i) * N + n] = hsum8(acc[i]);
+        }
+    }
+}
+
+/* Decode attention, one new token: out[Hq,D] = softmax(q k^T * scale) v over S slots.
+   Query heads h*G .. h*G+G-1 share KV head h. K/V rows are contiguous [S, D] per head,
+   heads `hstride` floats apart. Work is split over (head, slot chunk) tasks whose
+   partial softmax states are merged at the end, so 2 threads share 3 heads evenly. */
+void attend_decode(const float *q, const float *k, const float *v, long hstride, int Hkv, int G,
+                   int S, int D, float scale, float *out, int nthreads) {
+    const int nv = D / 8;
+    int nchunk = nthreads * 4;
+    if (nchunk > S) nchunk = S;
+    const int chunk = (S + nchunk - 1) / nchunk;
+    const int ntask = Hkv * nchunk;
+    float *pm = (float *)malloc(sizeof(float) * (size_t)ntask * G * (D + 2));  /* per task: [G][D+2] */
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int t = 0; t < ntask; t++) {
+        const int h = t / nchunk, c = t % nchunk;
+        const int s0 = c * chunk, s1 = s0 + chunk < S ? s0 + chunk : S;
+        float *part = pm + (size_t)t * G * (D + 2);
+        if (s1 <= s0) { for (int g = 0; g < G; g++) part[g * (D + 2)] = -INFINITY; continue; }
+        const float *kh = k + (size_t)h * hstride, *vh = v + (size_t)h * hstride;
+        float *sc = (float *)malloc(sizeof(float) * (size_t)G * (s1 - s0));
+        __m256 qv[MAXM][32];
+        for (int g = 0; g < G; g++)
+            for (int j = 0; j < nv; j++)
+                qv[g][j] = _mm256_mul_ps(_mm256_loadu_ps(q + (size_t)(h * G + g) * D + j * 8),
+                                         _mm256_set1_ps(scale));
+        for (int s = s0; s < s1; s++) {
+            const float *kr = kh + (size_t)s * D;
+            __m256 acc[MAXM];
+            for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
+            for (int j = 0; j < nv; j++) {
+                __m256 kk = _mm256_loadu_ps(kr + j * 8);
+                for (int g = 0; g < G; g++) acc[g] = _mm256_fmadd_ps(qv[g][j], kk, acc[g]);
+            }
+            for (int g = 0; g < G; g++) sc[(size_t)g * (s1 - s0) + (s - s0)] = hsum8(acc[g]);
+        }
+        __m256 o[MAXM][32];
+        for (int g = 0; g < G; g++) {
+            float *sg = sc + (size_t)g * (s1 - s0), mx = -INFINITY, l = 0.f;
+            for (int s = 0; s < s1 - s0; s++) mx = sg[s] > mx ? sg[s] : mx;
+            for (int s = 0; s < s1 - s0; s++) { sg[s] = expf(sg[s] - mx); l += sg[s]; }
+            part[g * (D + 2)] = mx;
+            part[g * (D + 2) + 1] = l;
+            for (int j = 0; j < nv; j++) o[g][j] = _mm256_setzero_ps();
+        }
+        for (int s = s0; s < s1; s++) {
+            const float *vr = vh + (size_t)s * D;
+            for (int j = 0; j < nv; j++) {
+                __m256 vv = _mm256_loadu_ps(vr + j * 8);
+                for (int g = 0; g < G; g++)
+                    o[g][j] = _mm256_fmadd_ps(_mm256_set1_ps(sc[(size_t)g * (s1 - s0) + (s - s0)]), vv, o[g][j]);
+            }
+        }
+        for (int g = 0; g < G; g++)
+            for (int j = 0; j < nv; j++) _mm256_storeu_ps(part + g * (D + 2) + 2 + j * 8, o[g][j]);
+        free(sc);
+    }
+    for (int h = 0; h < Hkv; h++)
+        for (int g = 0; g < G; g++) {
+            float mx = -INFINITY, l = 0.f;
+            for (int c = 0; c < nchunk; c++) {
+                float m = pm[((size_t)(h * nchunk + c) * G + g) * (D + 2)];
+                mx = m > mx ? m : mx;
+            }
+            float *o = out + (size_t)(h * G + g) * D;
+            for (int j = 0; j < D; j++) o[j] = 0.f;
+            for (int c = 0; c < nchunk; c++) {
+                const float *part = pm + ((size_t)(h * nchunk + c) * G + g) * (D + 2);
+                if (part[0] == -INFINITY) continue;
+                float w = expf(part[0] - mx);
+                l += w * part[1];
+                for (int j = 0; j < D; j++) o[j] += w * part[2 + j];
+            }
+            for (int j = 0; j < D; j++) o[j] /= l;
+        }
+    free(pm);
+}
+"""
+
+_CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+
+
+class BlockKernels:
+    """The compiled matvec kernels. ``matmul(x, w)`` = ``x @ w.dequantize().T``
+    up to float32 summation order; x: [M, K] float32 -> [M, N] float32."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        p, i = ctypes.c_void_p, ctypes.c_int
+        self._q4_1 = lib.q4_1_matmul
+        self._q4_1.argtypes = [p, i, i, p, p, p, p, i, i]
+        self._q4_1.restype = None
+        self._q8_0 = lib.q8_0_matmul
+        self._q8_0.argtypes = [p, i, i, p, p, p, i, i]
+        self._q8_0.restype = None
+        self._attend = lib.attend_decode
+        self._attend.argtypes = [p, p, p, ctypes.c_long, i, i, i, i, ctypes.c_float, p, i]
+        self._attend.restype = None
+
+    def matmul(self, x: torch.Tensor, w: BlockLinear) -> torch.Tensor:
+        n, k = w.shape
+        x = x.float().contiguous().view(-1, k)
+        y = torch.empty(x.shape[0], n, dtype=torch.float32)
+        nt = torch.get_num_threads()
+        if w.kind == "q4_1":
+            self._q4_1(x.data_ptr(), x.shape[0], k, w.qs.data_ptr(), w.d.data_ptr(), w.m.data_ptr(),
+                       y.data_ptr(), n, nt)
+        else:
+            self._q8_0(x.data_ptr(), x.shape[0], k, w.qs.data_ptr(), w.d.data_ptr(), y.data_ptr(), n, nt)
+        return y
+
+
+    def attend_decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+        """Attention of one new token to every slot: q [Hq, 1, D] float32, keys/values
+        [Hkv, S, D] float32 (rows contiguous, heads equally strided) -> [Hq, 1, D]."""
+        hq, _, dim = q.shape
+        hkv, slots, _ = keys.shape
+        if (keys.dtype != torch.float32 or keys.stride() != values.stride() or keys.stride(2) != 1
+                or keys.stride(1) != dim or dim % 8 or dim > 256 or hq // hkv > MAX_GROUP):
+            raise ValueError("attend_decode: unsupported layout")
+        q = q.float().contiguous()
+        out = torch.empty(hq, 1, dim, dtype=torch.float32)
+        self._attend(q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0), hkv, hq // hkv,
+                     slots, dim, scale, out.data_ptr(), torch.get_num_threads())
+        return out
+
+
+def load_kernels(build_dir: Path) -> BlockKernels | None:
+    """Build (once, cached by source digest) and load the kernels; None when this
+    machine cannot run them (not x86-64 Linux with AVX2, or no C compiler)."""
+    if not sys.platform.startswith("linux") or torch.backends.cpu.get_cpu_capability() not in (
+        "AVX2", "AVX512"
+    ):
+        return None
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    key = hashlib.sha256((_C_SOURCE + " ".join(_CFLAGS)).encode()).hexdigest()[:16]
+    so = build_dir / f"blockmm-{key}.so"
+    if not so.is_file():
+        build_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=build_dir) as tmp:
+            src = Path(tmp) / "blockmm.c"
+            src.write_text(_C_SOURCE)
+            out = Path(tmp) / so.name
+            res = subprocess.run([cc, *_CFLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True)
+            if res.returncode != 0:
+                return None
+            out.replace(so)  # atomic: a concurrent builder writes the same bytes
+    # torch (imported above) already loaded its libgomp.so.1, so the kernel shares
+    # torch's OpenMP thread pool instead of starting a second one.
+    return BlockKernels(ctypes.CDLL(str(so)), so)
+
+
+class PackedLinear:
+    """A block matrix bound to the kernel that multiplies by it: ``y = self(x)`` is
+    ``x @ W.T`` in float32; x: [T, in_features] -> [T, out_features]."""
+
+    def __init__(self, w: BlockLinear, kernels: BlockKernels) -> None:
+        self.w = w
+        self.kernels = kernels
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.w.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.matmul(x, self.w)
