@@ -1,0 +1,86 @@
+"""Automatic segmentation of plain OpenAI chat requests. Stdlib only: the server,
+the linter and the router all use these functions, so their verdicts agree.
+
+A request without ``segments`` is cut into:
+
+- ``tools``: the tool list in canonical form (sorted by function name, JSON keys
+  sorted, fixed separators), rendered as one system-prompt block;
+- one unit per message (system, user, assistant with its tool calls, tool), keyed
+  by the digest of the message's canonical JSON.
+
+Two agents whose tools differ only in order therefore share the tools segment,
+and a conversation that grows append-only reuses every earlier message.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from segcache.kv.hashing import segment_digest
+
+TOOLS_HEADER = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+)
+TOOLS_FOOTER = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+)
+MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id")
+
+
+def canonical_json(value: Any) -> str:
+    """One byte sequence per JSON value: sorted keys, no spaces, UTF-8 kept."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def tool_name(tool: dict[str, Any]) -> str:
+    fn = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+    return str(fn.get("name", ""))
+
+
+def canonical_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tools sorted by name (then by canonical JSON, so duplicates order stably)."""
+    return sorted(tools, key=lambda t: (tool_name(t), canonical_json(t)))
+
+
+def tools_block(tools: list[dict[str, Any]]) -> str:
+    """The system-prompt text that declares ``tools`` (Hermes/Qwen style), canonical."""
+    lines = "\n".join(canonical_json(t) for t in canonical_tools(tools))
+    return TOOLS_HEADER + lines + TOOLS_FOOTER
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """The content of a message as the template will see it: text parts joined,
+    assistant tool calls appended in ``<tool_call>`` blocks."""
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    text = content or ""
+    for call in message.get("tool_calls") or []:
+        fn = call.get("function", {})
+        args = fn.get("arguments", "{}")
+        try:
+            args_value = json.loads(args) if isinstance(args, str) else args
+        except json.JSONDecodeError:
+            args_value = args
+        body = canonical_json({"name": fn.get("name"), "arguments": args_value})
+        text += ("\n" if text else "") + f"<tool_call>\n{body}\n</tool_call>"
+    return text
+
+
+def message_digest(message: dict[str, Any]) -> str:
+    """Key of a message unit: role + the text the template sees + identity fields."""
+    key = {"role": message.get("role"), "text": message_text(message)}
+    for extra in ("name", "tool_call_id"):
+        if message.get(extra) is not None:
+            key[extra] = message[extra]
+    return segment_digest(canonical_json(key))
+
+
+def reply_digest(text: str) -> str:
+    """Key under which a generated reply is stored: the digest of the assistant
+    message it will come back as next turn."""
+    return message_digest({"role": "assistant", "content": text})
