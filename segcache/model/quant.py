@@ -135,6 +135,7 @@ static inline float hsum8(__m256 v) {
 
 static inline __m256 u8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
 static inline __m256 i8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+static inline __m256 load8_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 
 /* y[M,N] = x[M,K] @ W^T, W in Q4_1 blocks. */
 void q4_1_matmul(const float *x, int M, int K, const uint8_t *qs, const float *d,
@@ -215,11 +216,14 @@ void q8_0_matmul(const float *x, int M, int K, const int8_t *qs, const float *d,
     }
 }
 
+"""
+
+_ATTEND_C = r"""
 /* Decode attention, one new token: out[Hq,D] = softmax(q k^T * scale) v over S slots.
    Query heads h*G .. h*G+G-1 share KV head h. K/V rows are contiguous [S, D] per head,
-   heads `hstride` floats apart. Work is split over (head, slot chunk) tasks whose
+   heads `hstride` elements apart; K/V are float32 or float16 (one function each). Work is split over (head, slot chunk) tasks whose
    partial softmax states are merged at the end, so 2 threads share 3 heads evenly. */
-void attend_decode(const float *q, const float *k, const float *v, long hstride, int Hkv, int G,
+void ATTEND_NAME(const float *q, const KV_T *k, const KV_T *v, long hstride, int Hkv, int G,
                    int S, int D, float scale, float *out, int nthreads) {
     const int nv = D / 8;
     int nchunk = nthreads * 4;
@@ -233,7 +237,7 @@ void attend_decode(const float *q, const float *k, const float *v, long hstride,
         const int s0 = c * chunk, s1 = s0 + chunk < S ? s0 + chunk : S;
         float *part = pm + (size_t)t * G * (D + 2);
         if (s1 <= s0) { for (int g = 0; g < G; g++) part[g * (D + 2)] = -INFINITY; continue; }
-        const float *kh = k + (size_t)h * hstride, *vh = v + (size_t)h * hstride;
+        const KV_T *kh = k + (size_t)h * hstride, *vh = v + (size_t)h * hstride;
         float *sc = (float *)malloc(sizeof(float) * (size_t)G * (s1 - s0));
         __m256 qv[MAXM][32];
         for (int g = 0; g < G; g++)
@@ -241,11 +245,11 @@ void attend_decode(const float *q, const float *k, const float *v, long hstride,
                 qv[g][j] = _mm256_mul_ps(_mm256_loadu_ps(q + (size_t)(h * G + g) * D + j * 8),
                                          _mm256_set1_ps(scale));
         for (int s = s0; s < s1; s++) {
-            const float *kr = kh + (size_t)s * D;
+            const KV_T *kr = kh + (size_t)s * D;
             __m256 acc[MAXM];
             for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
             for (int j = 0; j < nv; j++) {
-                __m256 kk = _mm256_loadu_ps(kr + j * 8);
+                __m256 kk = LOAD8(kr + j * 8);
                 for (int g = 0; g < G; g++) acc[g] = _mm256_fmadd_ps(qv[g][j], kk, acc[g]);
             }
             for (int g = 0; g < G; g++) sc[(size_t)g * (s1 - s0) + (s - s0)] = hsum8(acc[g]);
@@ -260,9 +264,9 @@ void attend_decode(const float *q, const float *k, const float *v, long hstride,
             for (int j = 0; j < nv; j++) o[g][j] = _mm256_setzero_ps();
         }
         for (int s = s0; s < s1; s++) {
-            const float *vr = vh + (size_t)s * D;
+            const KV_T *vr = vh + (size_t)s * D;
             for (int j = 0; j < nv; j++) {
-                __m256 vv = _mm256_loadu_ps(vr + j * 8);
+                __m256 vv = LOAD8(vr + j * 8);
                 for (int g = 0; g < G; g++)
                     o[g][j] = _mm256_fmadd_ps(_mm256_set1_ps(sc[(size_t)g * (s1 - s0) + (s - s0)]), vv, o[g][j]);
             }
@@ -293,7 +297,14 @@ void attend_decode(const float *q, const float *k, const float *v, long hstride,
 }
 """
 
-_CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+# One attention function per KV dtype: (name, element type, load 8 elements as float32).
+_C_SOURCE += "".join(
+    _ATTEND_C.replace("ATTEND_NAME", name).replace("KV_T", kv_t).replace("LOAD8", load8)
+    for name, kv_t, load8 in (("attend_decode_f32", "float", "_mm256_loadu_ps"),
+                              ("attend_decode_f16", "uint16_t", "load8_f16"))
+)
+
+_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 
 
 class BlockKernels:
@@ -309,9 +320,10 @@ class BlockKernels:
         self._q8_0 = lib.q8_0_matmul
         self._q8_0.argtypes = [p, i, i, p, p, p, i, i]
         self._q8_0.restype = None
-        self._attend = lib.attend_decode
-        self._attend.argtypes = [p, p, p, ctypes.c_long, i, i, i, i, ctypes.c_float, p, i]
-        self._attend.restype = None
+        self._attend = {torch.float32: lib.attend_decode_f32, torch.float16: lib.attend_decode_f16}
+        for fn in self._attend.values():
+            fn.argtypes = [p, p, p, ctypes.c_long, i, i, i, i, ctypes.c_float, p, i]
+            fn.restype = None
 
     def matmul(self, x: torch.Tensor, w: BlockLinear) -> torch.Tensor:
         n, k = w.shape
@@ -328,16 +340,17 @@ class BlockKernels:
 
     def attend_decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                       scale: float) -> torch.Tensor:
-        """Attention of one new token to every slot: q [Hq, 1, D] float32, keys/values
-        [Hkv, S, D] float32 (rows contiguous, heads equally strided) -> [Hq, 1, D]."""
+        """Attention of one new token to every slot: q [Hq, 1, D], keys/values
+        [Hkv, S, D] float32 or float16 (rows contiguous, heads equally strided)
+        -> [Hq, 1, D] float32."""
         hq, _, dim = q.shape
         hkv, slots, _ = keys.shape
-        if (keys.dtype != torch.float32 or keys.stride() != values.stride() or keys.stride(2) != 1
+        if (keys.dtype not in self._attend or keys.stride() != values.stride() or keys.stride(2) != 1
                 or keys.stride(1) != dim or dim % 8 or dim > 256 or hq // hkv > MAX_GROUP):
             raise ValueError("attend_decode: unsupported layout")
         q = q.float().contiguous()
         out = torch.empty(hq, 1, dim, dtype=torch.float32)
-        self._attend(q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0), hkv, hq // hkv,
+        self._attend[keys.dtype](q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0), hkv, hq // hkv,
                      slots, dim, scale, out.data_ptr(), torch.get_num_threads())
         return out
 

@@ -10,8 +10,10 @@ fingerprint, and two calls, ``prefill`` and ``decode``.
   (AVX512-BF16 or AMX), else float32 (an AVX2-only CPU runs bfloat16 GEMM ~7x
   slower than float32); decode (matrix-vector, bound by memory bandwidth) with
   float32 activations and weights in GGUF blocks (``quant.py``: Q4_1/Q8_0, the
-  default model's own weights, bit-exact), about 1/6 of the bytes of float32.
-  KV stays float32 so decode reads it without conversion.
+  default model's own weights, bit-exact), about 1/6 of the bytes of float32,
+  and KV in float16 (half the bytes a decode step reads at long context; the
+  attention kernel widens it to float32 in registers). Without the kernels
+  (no C compiler, no AVX2) both phases use the prefill dtype.
 """
 
 from __future__ import annotations
@@ -61,7 +63,11 @@ def plan_dtypes(dtype: str, device: str, block_kernels: bool = False,
         return PhasePlan(torch.bfloat16, torch.bfloat16, torch.bfloat16)
     bf16 = cpu_has_bf16_gemm() if bf16_gemm is None else bf16_gemm
     prefill = torch.bfloat16 if bf16 else torch.float32
-    return PhasePlan(prefill, torch.float32, torch.float32, "blocks" if block_kernels else "dense")
+    if not block_kernels:
+        return PhasePlan(prefill, prefill, prefill)
+    # Decode reads all of the KV every step (at 2k context, float32 KV is as many
+    # bytes as the block weights): float16 halves it and the kernel widens it in registers.
+    return PhasePlan(prefill, torch.float32, torch.float16, "blocks")
 
 
 class ModelRuntime:
@@ -86,7 +92,7 @@ class ModelRuntime:
         if plan.decode_weights == "blocks":
             self._decode_w, self.decode_scheme = _block_weights(arch, state_dict, plan, kernels,
                                                                 self._prefill_w)
-            if plan.kv == torch.float32:
+            if plan.kv in (torch.float32, torch.float16):
                 self._decode_model = LlamaModel(arch, device, decode_attention=kernels.attend_decode)
                 self.decode_scheme += "+attn"
         elif plan.decode == plan.prefill:

@@ -1,0 +1,198 @@
+"""``segcache bench engine``: prefill and decode tokens/s of the model runtime next
+to Hugging Face transformers' ``LlamaForCausalLM`` on the same weights, dtype and
+thread count, in the same process, so the ratio holds on whatever CPU runs it.
+
+Prefill: one sequence of N random token ids from an empty cache (median of
+``--repeats``). Decode: ``--decode-tokens`` single-token steps after a prefill of
+``--decode-context`` tokens (each repeat restarts at the same position).
+Imports torch and transformers only inside ``run`` (the CLI imports this module
+to build its parser).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from segcache.config import DTYPES, default_cache_dir
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="converted weights and kernels")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="segcache dtype; the transformers side runs bfloat16 for 'auto' where the "
+                             "CPU multiplies bfloat16 natively, else float32")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for both engines")
+    parser.add_argument("--sizes", default="512,2048,4096", help="prefill lengths, comma-separated")
+    parser.add_argument("--decode-context", type=int, default=2048, help="context before decoding")
+    parser.add_argument("--decode-tokens", type=int, default=32, help="decode steps per repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per figure (median reported)")
+    parser.add_argument("--no-reference", action="store_true", help="skip transformers")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here too")
+
+
+def _median_seconds(fn: Callable[[], None], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class _Segcache:
+    name = "segcache"
+
+    def __init__(self, resolved, dtype: str, cache_dir: Path, threads: int) -> None:
+        from segcache.config import ModelConfig
+        from segcache.model.runtime import ModelRuntime
+
+        cfg = ModelConfig(path=str(resolved.source), dtype=dtype, cache_dir=cache_dir, threads=threads)
+        self.rt = ModelRuntime.load(resolved, cfg)
+        plan = self.rt.plan
+        self.describe = (f"prefill {_short(plan.prefill)}, decode {_short(plan.decode)} activations "
+                         f"with {self.rt.decode_scheme} weights, KV {_short(plan.kv)}")
+
+    def prefill(self, ids) -> Callable[[], None]:
+        import torch
+
+        kv = self.rt.new_kv(len(ids))
+        pos = torch.arange(len(ids))
+        return lambda: self.rt.prefill(ids, pos, kv, 0)
+
+    def decode(self, ids, steps: int) -> Callable[[], None]:
+        import torch
+
+        n = len(ids)
+        kv = self.rt.new_kv(n + steps)
+        self.rt.prefill(ids, torch.arange(n), kv, 0)
+
+        def run() -> None:
+            tok = torch.tensor([int(ids[-1])])
+            for i in range(steps):
+                logits = self.rt.decode(tok, torch.tensor([n + i]), kv, n + i)
+                tok = logits[0].argmax().view(1)
+
+        return run
+
+
+class _Transformers:
+    name = "transformers"
+
+    def __init__(self, directory: Path, dtype) -> None:
+        import transformers
+
+        self.model = transformers.LlamaForCausalLM.from_pretrained(str(directory), dtype=dtype).eval()
+        attn = getattr(self.model.config, "_attn_implementation", "?")
+        self.describe = f"transformers {transformers.__version__} {_short(dtype)}, attention {attn}"
+
+    def prefill(self, ids) -> Callable[[], None]:
+        return lambda: self.model(ids[None], use_cache=True, logits_to_keep=1)
+
+    def decode(self, ids, steps: int) -> Callable[[], None]:
+        n = len(ids)
+        out = self.model(ids[None], use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+
+        def run() -> None:
+            extra = cache.get_seq_length() - n
+            if extra:
+                cache.crop(-extra)  # transformers 5: a negative count removes that many tokens
+            tok = ids[-1:].view(1, 1)
+            for _ in range(steps):
+                step = self.model(tok, past_key_values=cache, use_cache=True)
+                tok = step.logits[:, -1].argmax(-1, keepdim=True)
+
+        return run
+
+
+def _short(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _measure(engine, sizes: list[int], args, vocab: int) -> dict[str, float]:
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (max(sizes + [args.decode_context]),), generator=gen)
+    out: dict[str, float] = {}
+    with torch.inference_mode():
+        engine.prefill(ids[:64])()  # warm-up: allocator, kernels, thread pool
+        for n in sizes:
+            out[f"prefill@{n}"] = n / _median_seconds(engine.prefill(ids[:n]), args.repeats)
+            print(f"  {engine.name} prefill {n}: {out[f'prefill@{n}']:.1f} tok/s", flush=True)
+        run = engine.decode(ids[:args.decode_context], args.decode_tokens)
+        run()  # warm-up
+        key = f"decode@{args.decode_context}"
+        out[key] = args.decode_tokens / _median_seconds(run, args.repeats)
+        print(f"  {engine.name} decode @{args.decode_context}: {out[key]:.1f} tok/s", flush=True)
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from segcache.model.runtime import cpu_has_bf16_gemm
+    from segcache.model.weights import load_arch, resolve_model
+
+    torch.set_num_threads(args.threads)
+    cache_dir = args.cache_dir or default_cache_dir()
+    sizes = [int(s) for s in str(args.sizes).split(",") if s.strip()]
+    resolved = resolve_model(args.model, cache_dir)
+    vocab = load_arch(resolved.directory).vocab_size
+    console = Console()
+
+    t0 = time.perf_counter()
+    ours = _Segcache(resolved, args.dtype, cache_dir, args.threads)
+    ours_desc = ours.describe
+    console.print(f"segcache: {ours_desc} (loaded in {time.perf_counter() - t0:.1f} s)")
+    results = {"segcache": _measure(ours, sizes, args, vocab)}
+    del ours
+    ref_desc = None
+    if not args.no_reference:
+        ref_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+            args.dtype, torch.bfloat16 if cpu_has_bf16_gemm() else torch.float32)
+        ref = _Transformers(resolved.directory, ref_dtype)
+        ref_desc = ref.describe
+        console.print(f"reference: {ref_desc}")
+        results["transformers"] = _measure(ref, sizes, args, vocab)
+
+    table = Table(title=f"segcache bench engine: {resolved.name}, --dtype {args.dtype}, "
+                        f"{args.threads} threads, {_cpu_name()}")
+    table.add_column("figure")
+    table.add_column("segcache tok/s", justify="right")
+    if ref_desc:
+        table.add_column("transformers tok/s", justify="right")
+        table.add_column("ratio", justify="right")
+    for key, value in results["segcache"].items():
+        row = [key.replace("@", " @"), f"{value:.1f}"]
+        if ref_desc:
+            other = results["transformers"][key]
+            row += [f"{other:.1f}", f"{value / other:.2f}x"]
+        table.add_row(*row)
+    console.print(table)
+    if args.json:
+        args.json.write_text(json.dumps({
+            "model": resolved.name, "dtype": args.dtype, "threads": args.threads, "cpu": _cpu_name(),
+            "torch": torch.__version__, "segcache": ours_desc, "reference": ref_desc,
+            "repeats": args.repeats, "decode_tokens": args.decode_tokens, "tokens_per_s": results,
+        }, indent=2))
+    return 0
