@@ -1,0 +1,192 @@
+"""Arguments and entry points of ``segcache bench WORKLOAD`` and ``segcache bench compare``.
+
+The top-level CLI wires these in with::
+
+    add_workload_parsers(bench_subparsers)   # one sub-command per workload + compare
+    ...
+    return run(args)                          # dispatches on args.bench_action
+
+``python -m segcache.bench ...`` runs the same commands on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import os
+import platform
+import sys
+from dataclasses import asdict
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from segcache.bench import report
+from segcache.bench.metrics import Pricing, RequestRecord, summarize
+from segcache.bench.runner import (
+    COLD_STRATEGIES,
+    MODES,
+    Runner,
+    Target,
+    run_cold_vs_warm,
+    run_requests,
+)
+from segcache.bench.workloads import CHARS_PER_TOKEN, WORKLOADS, MultiAgentSizes, WorkloadOptions
+
+
+def add_workload_arguments(parser: argparse.ArgumentParser, workload: str | None = None) -> None:
+    """Flags of a workload run; ``workload`` becomes ``args.workload`` when given."""
+    if workload is not None:
+        parser.set_defaults(workload=workload, bench_action="workload")
+    g = parser.add_argument_group("server")
+    g.add_argument("--url", default="http://127.0.0.1:8000/v1", help="OpenAI base URL (default: %(default)s)")
+    g.add_argument("--api-key", default=None, help="bearer key, if the server wants one")
+    g.add_argument("--model", default=None, help="model id (default: the first of GET /models)")
+    g.add_argument("--mode", choices=MODES, default="segments",
+                   help="segments: send segments[]; flat: segments joined into the system message, "
+                        "for servers without the extension (default: %(default)s)")
+    g.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default: %(default)s)")
+    g = parser.add_argument_group("workload")
+    g.add_argument("--seed", type=int, default=0, help="picks the text (default: %(default)s)")
+    g.add_argument("--turns", type=int, default=3, help="turns per agent (default: %(default)s)")
+    g.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (default: %(default)s)")
+    g.add_argument("--global-tokens", type=int, default=MultiAgentSizes.global_tokens,
+                   help="block A: global rules + tool schemas (default: %(default)s)")
+    g.add_argument("--agent-tokens", type=int, default=MultiAgentSizes.agent_tokens,
+                   help="blocks B/C: agent skills, project memory (default: %(default)s)")
+    g.add_argument("--task-tokens", type=int, default=MultiAgentSizes.task_tokens,
+                   help="blocks D/E: task context (default: %(default)s)")
+    g.add_argument("--chars-per-token", type=float, default=CHARS_PER_TOKEN,
+                   help="turns token sizes into text lengths (default: %(default)s, SmolLM2 on this text)")
+    g = parser.add_argument_group("run")
+    g.add_argument("--concurrency", type=int, default=1, help="requests in flight (default: %(default)s)")
+    g.add_argument("--cold-vs-warm", action="store_true",
+                   help="send each request cold (nothing cached), then again warm; TTFT side by side")
+    g.add_argument("--cold", choices=COLD_STRATEGIES, default="auto",
+                   help="how to make a request cold: purge (DELETE /v1/cache), nonce (a fresh marker "
+                        "in front of the prompt, any server), auto (purge where allowed) (default: auto)")
+    g.add_argument("--repeat-cold", action="store_true",
+                   help="purge before every request: the workload with the cache disabled in effect")
+    g.add_argument("--keep-cache", action="store_true",
+                   help="do not purge the server's cache before the run (default: purge where allowed)")
+    g = parser.add_argument_group("output and cost (seed 000's pricing model)")
+    g.add_argument("--json", metavar="PATH", default=None, help="write every record and aggregate here")
+    g.add_argument("--plot", metavar="DIR", default=None, help="PNG plots here (needs matplotlib)")
+    g.add_argument("--price-input", type=float, default=Pricing.input_per_mtok,
+                   help="$ per 1M input tokens (default: %(default)s)")
+    g.add_argument("--cached-discount", type=float, default=Pricing.cached_discount,
+                   help="fraction of the price cached tokens save (default: %(default)s)")
+    g.add_argument("--cache-write-premium", type=float, default=Pricing.cache_write_premium,
+                   help="extra fraction paid on computed (cache-written) tokens (default: %(default)s)")
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(bench_action="compare")
+    parser.add_argument("a", help="result JSON (e.g. segcache)")
+    parser.add_argument("b", help="result JSON (e.g. a peer server); ratios are B/A")
+
+
+def add_workload_parsers(subparsers) -> None:
+    """One sub-command per workload (``multi-agent``, ``agent-loop``) and ``compare``."""
+    for name, build in WORKLOADS.items():
+        doc = inspect.cleandoc(build.__doc__ or "")
+        p = subparsers.add_parser(name, help=doc.split("\n")[0], description=doc,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_workload_arguments(p, name)
+    add_compare_arguments(subparsers.add_parser("compare", help="ratios between two --json results"))
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "bench_action", None) == "compare":
+        return run_compare(args)
+    return run_workload(args)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    report.compare(args.a, args.b)
+    return 0
+
+
+def workload_options(args: argparse.Namespace) -> WorkloadOptions:
+    sizes = MultiAgentSizes(args.global_tokens, args.agent_tokens, args.task_tokens)
+    return WorkloadOptions(seed=args.seed, turns=args.turns, max_tokens=args.max_tokens,
+                           chars_per_token=args.chars_per_token, sizes=sizes)
+
+
+def run_workload(args: argparse.Namespace) -> int:
+    """Build the workload, run it, print the tables; 1 if any request failed."""
+    console, err = Console(), Console(stderr=True)
+    requests = WORKLOADS[args.workload](workload_options(args))
+    pricing = Pricing(args.price_input, args.cached_discount, args.cache_write_premium)
+    runner = Runner(Target(url=args.url, api_key=args.api_key, model=args.model, mode=args.mode,
+                           timeout_s=args.timeout))
+    try:
+        records, wall_s = _execute(runner, requests, args, err)
+    finally:
+        runner.close()
+    summary = {phase: summarize(rs, _phase_wall(rs, wall_s, args), pricing)
+               for phase, rs in _by_phase(records).items()}
+    result = report.result_dict(_meta(args, runner, pricing), summary, records)
+    report.print_run(result, records, console)
+    if args.json:
+        report.write_json(args.json, result)
+        console.print(f"wrote {args.json}")
+    if args.plot:
+        for path in report.plot(result, args.plot, console):
+            console.print(f"wrote {path}")
+    return 1 if any(r.error for r in records) else 0
+
+
+def _execute(runner: Runner, requests, args: argparse.Namespace, err: Console):
+    sends = len(requests) * (2 if args.cold_vs_warm else 1)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=True) as progress:
+        task = progress.add_task(f"{args.workload} ({args.mode})", total=sends)
+
+        def on_done(rec: RequestRecord) -> None:
+            progress.update(task, advance=1, description=f"{rec.label} {rec.phase}")
+
+        if args.cold_vs_warm:
+            return run_cold_vs_warm(runner, requests, args.cold, on_done)
+        if not args.keep_cache and not args.repeat_cold and not runner.purge():
+            err.print("[yellow]server has no DELETE /cache: the run starts with whatever it holds[/yellow]")
+        return run_requests(runner, requests, args.concurrency, on_done, purge_each=args.repeat_cold)
+
+
+def _by_phase(records: list[RequestRecord]) -> dict[str, list[RequestRecord]]:
+    phases: dict[str, list[RequestRecord]] = {}
+    for r in records:
+        phases.setdefault(r.phase, []).append(r)
+    return phases
+
+
+def _phase_wall(records: list[RequestRecord], wall_s: float, args: argparse.Namespace) -> float:
+    # Interleaved cold/warm phases share the wall clock; each is charged its own requests' time.
+    return sum(r.e2e_s or 0 for r in records) if args.cold_vs_warm else wall_s
+
+
+def _meta(args: argparse.Namespace, runner: Runner, pricing: Pricing) -> dict:
+    return {
+        "workload": args.workload, "mode": args.mode, "url": args.url, "model": runner.model,
+        "seed": args.seed, "turns": args.turns, "max_tokens": args.max_tokens,
+        "sizes_tokens": [args.global_tokens, args.agent_tokens, args.task_tokens],
+        "chars_per_token": args.chars_per_token, "concurrency": args.concurrency,
+        "cold_vs_warm": args.cold_vs_warm, "cold": args.cold, "repeat_cold": args.repeat_cold,
+        "pricing": asdict(pricing),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {platform.system()} {platform.release()}, {os.cpu_count()} cpus",
+        "python": platform.python_version(),
+        "argv": sys.argv,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m segcache.bench",
+                                     description="Workloads against an OpenAI-compatible server.")
+    add_workload_parsers(parser.add_subparsers(dest="bench_command", metavar="WORKLOAD", required=True))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
