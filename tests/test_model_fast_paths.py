@@ -1,0 +1,225 @@
+"""The fast paths of the model layer agree with the float32 reference.
+
+A tiny random Llama whose projections are made the way a Q4_1 GGUF is (per block
+of 32: ``d*q + m``) and whose embedding is Q8_0, so the block decode path runs
+the same weights as float32. Tolerances, on logits of magnitude ~1:
+- block kernels vs dense matmul: 1e-5 (float32 summation order only)
+- auto decode (block weights, float16 KV) vs float32: 2e-2 (KV rounding)
+- bfloat16 prefill vs float32: 0.15 (bfloat16 weights and activations)
+- float32 continuation (chunked prefill, decode) vs one prefill: 1e-4
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segcache.model.arch import ModelArch
+from segcache.model.llama import causal_mask
+from segcache.model.quant import load_kernels, quantize_q8_0, recover_q4_1, to_blocks
+from segcache.model.runtime import ModelRuntime, PhasePlan, plan_dtypes
+
+ARCH = ModelArch(vocab_size=160, hidden_size=64, intermediate_size=96, n_layers=2, n_heads=6,
+                 n_kv_heads=2, head_dim=16, max_position=512, tie_embeddings=True)
+
+
+def q4_1_matrix(rows: int, cols: int, g: torch.Generator) -> torch.Tensor:
+    """float32 [rows, cols] exactly as GGUF dequantises Q4_1 (float16 d and m)."""
+    nb = cols // 32
+    q = torch.randint(0, 16, (rows, nb, 32), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15  # a real quantizer maps each block's min to 0 and max to 15
+    d = (torch.rand(rows, nb, 1, generator=g) * 0.01 + 0.001).half().float()
+    m = (-7.5 * d - torch.rand(rows, nb, 1, generator=g) * 0.002).half().float()
+    return (d * q + m).reshape(rows, cols)
+
+
+def q8_0_matrix(rows: int, cols: int, g: torch.Generator) -> torch.Tensor:
+    q = torch.randint(-127, 128, (rows, cols // 32, 32), generator=g).float()
+    q[..., 0] = 127
+    d = (torch.rand(rows, cols // 32, 1, generator=g) * 0.004 + 0.002).half().float()
+    return (d * q).reshape(rows, cols)
+
+
+def state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    a = ARCH
+    sd = {"model.embed_tokens.weight": q8_0_matrix(a.vocab_size, a.hidden_size, g),
+          "model.norm.weight": 1 + 0.1 * torch.randn(a.hidden_size, generator=g)}
+    shapes = {"self_attn.q_proj": (a.q_dim, a.hidden_size), "self_attn.k_proj": (a.kv_dim, a.hidden_size),
+              "self_attn.v_proj": (a.kv_dim, a.hidden_size), "self_attn.o_proj": (a.hidden_size, a.q_dim),
+              "mlp.gate_proj": (a.intermediate_size, a.hidden_size),
+              "mlp.up_proj": (a.intermediate_size, a.hidden_size),
+              "mlp.down_proj": (a.hidden_size, a.intermediate_size)}
+    for i in range(a.n_layers):
+        p = f"model.layers.{i}."
+        sd[p + "input_layernorm.weight"] = 1 + 0.1 * torch.randn(a.hidden_size, generator=g)
+        sd[p + "post_attention_layernorm.weight"] = 1 + 0.1 * torch.randn(a.hidden_size, generator=g)
+        for name, (rows, cols) in shapes.items():
+            sd[p + name + ".weight"] = q4_1_matrix(rows, cols, g)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    k = load_kernels(tmp_path_factory.mktemp("kernels"))
+    if k is None:
+        pytest.skip("block kernels unavailable here (needs x86-64 Linux, AVX2 and a C compiler)")
+    return k
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return state_dict()
+
+
+def reference(sd) -> ModelRuntime:
+    return ModelRuntime(ARCH, sd, plan_dtypes("float32", "cpu"), source_digest="tiny")
+
+
+def prompt(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, ARCH.vocab_size, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+# --- block formats and kernels -------------------------------------------------------------
+
+def test_q4_1_and_q8_0_recovered_exactly():
+    g = torch.Generator().manual_seed(0)
+    w4, w8 = q4_1_matrix(40, 96, g), q8_0_matrix(40, 96, g)
+    b4, b8 = recover_q4_1(w4), quantize_q8_0(w8)
+    assert b4 is not None and b4.kind == "q4_1" and b4.exact
+    assert torch.equal(b4.dequantize(), w4)
+    assert b8.exact and torch.equal(b8.dequantize(), w8)
+    assert to_blocks(w8).kind == "q8_0"  # not mistaken for Q4_1
+
+
+def test_dense_weights_fall_back_to_lossy_q8_0():
+    w = torch.randn(16, 64)
+    assert recover_q4_1(w) is None
+    b = to_blocks(w)
+    assert b.kind == "q8_0" and not b.exact
+    step = b.d.repeat_interleave(32, 1)
+    assert ((b.dequantize() - w).abs() <= step / 2 + 1e-7).all()
+    assert to_blocks(torch.randn(8, 40)) is None  # inputs not a multiple of 32
+
+
+@pytest.mark.parametrize("rows", [1, 3, 11])
+def test_block_matmul_matches_dense(kernels, rows):
+    g = torch.Generator().manual_seed(rows)
+    for w in (q4_1_matrix(72, 128, g), q8_0_matrix(72, 128, g)):
+        x = torch.randn(rows, 128, generator=g)
+        got = kernels.matmul(x, to_blocks(w))
+        torch.testing.assert_close(got, x @ w.T, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("slots", [1, 7, 300])
+def test_decode_attention_matches_sdpa(kernels, kv_dtype, slots):
+    g = torch.Generator().manual_seed(slots)
+    kv = torch.randn(2, 2, 320, 16, generator=g).to(kv_dtype)  # [K/V, Hkv, capacity, D]
+    keys, values = kv[0, :, :slots], kv[1, :, :slots]
+    q = torch.randn(6, 1, 16, generator=g)
+    want = F.scaled_dot_product_attention(q.view(2, 3, 16), keys.float(), values.float(), scale=0.25)
+    got = kernels.attend_decode(q, keys, values, 0.25)
+    torch.testing.assert_close(got, want.view(6, 1, 16), atol=1e-5, rtol=1e-5)
+
+
+# --- float32 reference: continuation is exact -------------------------------------------------
+
+def test_float32_chunked_prefill_equals_one_prefill(sd):
+    rt = reference(sd)
+    ids = prompt(40)
+    kv_one, kv_two = rt.new_kv(64), rt.new_kv(64)
+    with torch.inference_mode():
+        whole = rt.prefill(ids, torch.arange(40), kv_one, 0, torch.arange(40))  # [40, vocab]
+        rt.prefill(ids[:25], torch.arange(25), kv_two, 0)
+        tail = rt.prefill(ids[25:], torch.arange(25, 40), kv_two, 25, torch.arange(15))
+    assert (tail - whole[25:]).abs().max() < 1e-4
+    assert (kv_two[:, :, :, :40] - kv_one[:, :, :, :40]).abs().max() < 1e-4
+
+
+def test_float32_decode_steps_equal_prefill(sd):
+    rt = reference(sd)
+    ids = prompt(30)
+    kv_one, kv_steps = rt.new_kv(32), rt.new_kv(32)
+    with torch.inference_mode():
+        whole = rt.prefill(ids, torch.arange(30), kv_one, 0, torch.arange(30))
+        rt.prefill(ids[:20], torch.arange(20), kv_steps, 0)
+        for t in range(20, 30):
+            step = rt.decode(ids[t:t + 1], torch.tensor([t]), kv_steps, t)
+            assert (step[0] - whole[t]).abs().max() < 1e-4
+
+
+def test_causal_mask_with_offset():
+    mask = causal_mask(3, 2)  # new tokens at slots 3 and 4
+    assert mask.tolist() == [[True] * 4 + [False], [True] * 5]
+
+
+# --- fast paths against the reference ---------------------------------------------------------
+
+def test_auto_block_decode_matches_float32(sd, kernels):
+    ref = reference(sd)
+    plan = plan_dtypes("auto", "cpu", block_kernels=True, bf16_gemm=False)
+    assert plan == PhasePlan(torch.float32, torch.float32, torch.float16, "blocks")
+    fast = ModelRuntime(ARCH, sd, plan, source_digest="tiny", kernels=kernels)
+    assert fast.decode_scheme.endswith(":q4_1+q8_0:exact+attn")
+    assert fast.fingerprint != ref.fingerprint
+    ids = prompt(48)
+    kv_ref, kv_fast = ref.new_kv(64), fast.new_kv(64)
+    assert kv_fast.dtype == torch.float16
+    with torch.inference_mode():
+        ref.prefill(ids[:32], torch.arange(32), kv_ref, 0)
+        fast.prefill(ids[:32], torch.arange(32), kv_fast, 0)
+        for t in range(32, 48):
+            want = ref.decode(ids[t:t + 1], torch.tensor([t]), kv_ref, t)
+            got = fast.decode(ids[t:t + 1], torch.tensor([t]), kv_fast, t)
+            assert (got - want).abs().max() < 2e-2
+
+
+def test_bf16_prefill_plan_matches_float32(sd, kernels):
+    ref = reference(sd)
+    plan = plan_dtypes("auto", "cpu", block_kernels=True, bf16_gemm=True)
+    assert plan.prefill == torch.bfloat16 and plan.kv == torch.float16
+    fast = ModelRuntime(ARCH, sd, plan, source_digest="tiny", kernels=kernels)
+    ids = prompt(40)
+    with torch.inference_mode():
+        want = ref.prefill(ids, torch.arange(40), ref.new_kv(48), 0, torch.arange(40))
+        kv = fast.new_kv(48)
+        got = fast.prefill(ids[:24], torch.arange(24), kv, 0, torch.arange(24))
+        got_tail = fast.prefill(ids[24:], torch.arange(24, 40), kv, 24, torch.arange(16))
+        step = fast.decode(ids[39:40], torch.tensor([40]), kv, 40)
+    assert got.dtype == torch.float32
+    assert (got - want[:24]).abs().max() < 0.15
+    assert (got_tail - want[24:]).abs().max() < 0.15
+    assert torch.isfinite(step).all()
+
+
+def test_plans():
+    assert plan_dtypes("float32", "cpu", block_kernels=True) == PhasePlan(*[torch.float32] * 3)
+    assert plan_dtypes("bfloat16", "cpu", block_kernels=True) == PhasePlan(*[torch.bfloat16] * 3)
+    no_kernels = plan_dtypes("auto", "cpu", block_kernels=False, bf16_gemm=False)
+    assert no_kernels == PhasePlan(*[torch.float32] * 3)
+    with pytest.raises(ValueError):
+        ModelRuntime(ARCH, state_dict(), PhasePlan(torch.float32, torch.float32, torch.float16, "blocks"))
+
+
+@pytest.mark.slow
+def test_real_model_auto_greedy_equals_float32(tmp_path, real_model_dir):
+    from segcache.config import ModelConfig
+    from segcache.model.weights import ResolvedModel
+
+    resolved = ResolvedModel(real_model_dir, "real", real_model_dir, "sha256:test")
+    ids = prompt(24, seed=7) + 100  # any ids in the real vocab
+    outs = []
+    for dtype in ("float32", "auto"):
+        rt = ModelRuntime.load(resolved, ModelConfig(dtype=dtype, cache_dir=tmp_path))
+        kv = rt.new_kv(64)
+        with torch.inference_mode():
+            logits = rt.prefill(ids, torch.arange(24), kv, 0)
+            tokens = []
+            for t in range(24, 40):
+                tok = logits[0].argmax().view(1)
+                tokens.append(int(tok))
+                logits = rt.decode(tok, torch.tensor([t]), kv, t)
+        outs.append(tokens)
+    assert outs[0] == outs[1]
