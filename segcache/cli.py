@@ -99,10 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Benchmarks. 'segcache bench engine --help' for the engine "
                                        "micro-benchmark.")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="WORKLOAD")
+    engine = bench_sub.add_parser("engine", help="prefill/decode tokens/s, segcache vs transformers, "
+                                  "same run (loads the model in-process)")
     from segcache.engine import benchmark as engine_bench
 
-    engine_bench.add_arguments(bench_sub.add_parser(
-        "engine", help="prefill/decode tokens/s, segcache vs transformers, same run"))
+    engine_bench.add_arguments(engine)
+    from segcache.bench import cli as bench_cli
+
+    bench_cli.add_workload_parsers(bench_sub)
     return parser
 
 
@@ -171,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                 from segcache.engine import benchmark as engine_bench
 
                 return engine_bench.run(args)
+            if args.bench_command:
+                from segcache.bench import cli as bench_cli
+
+                return bench_cli.run(args)
             parser.parse_args(["bench", "--help"])
     except ModelNotFoundError as exc:
         print(f"segcache: {exc}", file=sys.stderr)

@@ -48,7 +48,8 @@ def ask(client: OpenAI, segments, messages=USER, max_tokens=12):
 
 
 def usage_segments(resp) -> list[dict]:
-    return resp.usage.model_extra["segcache"]["segments"]
+    """The explicit segments' usage entries (message units are reported too)."""
+    return [s for s in resp.usage.model_extra["segcache"]["segments"] if s["kind"] == "segment"]
 
 
 @pytest.fixture
@@ -130,7 +131,7 @@ def test_warm_registry_and_cache_routes(server):
     assert w["cached_segments"] == 3 and w["root_hash"].startswith("sha256:")
     r = ask(client, AGENTS[0])
     assert [s["status"] for s in usage_segments(r)] == ["hit"] * 3
-    assert r.usage.model_extra["segcache"]["chain"] == w["root_hash"]
+    assert r.usage.model_extra["segcache"]["prefix_chain"] == w["root_hash"]
 
     put = httpx.put(url + "/v1/segments/global-rules", json={"content": A, "ttl": 600})
     assert put.status_code == 200 and put.json()["hash"] == segment_digest(A)

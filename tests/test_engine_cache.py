@@ -30,6 +30,11 @@ def segs(*pairs: tuple[str, str]) -> list[SegmentInput]:
     return [SegmentInput(id=i, content=c) for i, c in pairs]
 
 
+def seg_status(result) -> list[str]:
+    """Statuses of the explicit segments (message units are reported too)."""
+    return [u.status for u in result.segments if u.kind == "segment"]
+
+
 def chat(engine, tenant, segments, messages=USER, sampling=GREEDY):
     return engine.chat(ChatRequest(tenant, messages, segments, sampling))
 
@@ -41,14 +46,14 @@ AGENTS = [segs(("A", A), ("B", B), ("D", D)), segs(("A", A), ("C", C), ("E", E))
 def test_seed_scenario_cached_prefix_tokens(tiny_engine_factory):
     engine = tiny_engine_factory()
     r1, r2, r3 = (chat(engine, "t", s) for s in AGENTS)
-    tok = {u.id: u.tokens for u in r1.segments} | {u.id: u.tokens for u in r2.segments}
+    tok = {u.id: u.tokens for u in r1.segments + r2.segments if u.kind == "segment"}
     assert r1.cached_tokens == 0
     assert r2.cached_tokens == tok["A"]
     assert r3.cached_tokens == tok["A"] + tok["B"]
-    assert [u.status for u in r3.segments] == ["hit", "hit", "miss"]
+    assert seg_status(r3) == ["hit", "hit", "miss"]
     for s, first in zip(AGENTS, (r1, r2, r3), strict=True):
         again = chat(engine, "t", s)
-        assert [u.status for u in again.segments] == ["hit"] * 3
+        assert seg_status(again) == ["hit"] * 3
         assert again.cached_tokens == sum(u.tokens for u in again.segments)
         assert again.token_ids == first.token_ids
         assert again.chain == first.chain
@@ -117,7 +122,7 @@ def test_pinned_nodes_survive_eviction_during_request(tiny_engine_factory):
         return False
 
     r = engine.chat(ChatRequest("t", USER, AGENTS[0], GREEDY), is_cancelled=spy)
-    assert max(seen) == 3  # all three nodes pinned while decoding, though over budget
+    assert max(seen) == 4  # 3 segments + the message, pinned while decoding, though over budget
     assert r.completion_tokens > 0
     assert len(engine.tree) == 0  # evicted once released
     engine.tree.check_integrity()
@@ -138,8 +143,8 @@ def test_warm_then_full_hit(tiny_engine_factory):
     w = engine.warm("t", AGENTS[0])
     assert w.cached_segments == 3 and w.root_hash.startswith("sha256:")
     r = chat(engine, "t", AGENTS[0])
-    assert [u.status for u in r.segments] == ["hit"] * 3
-    assert r.chain == w.root_hash
+    assert seg_status(r) == ["hit"] * 3
+    assert r.prefix_chain == w.root_hash
     assert engine.warm("t", AGENTS[0]).segments[0].status == "hit"
 
 
@@ -202,5 +207,5 @@ def test_error_midway_releases_pins(tiny_engine_factory):
 def test_purge(tiny_engine_factory):
     engine = tiny_engine_factory()
     chat(engine, "t", AGENTS[0])
-    assert engine.purge("t") == 3
+    assert engine.purge("t") == 5  # 3 segments, the message, the kept reply
     assert chat(engine, "t", AGENTS[0]).cached_tokens == 0

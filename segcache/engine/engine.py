@@ -1,18 +1,21 @@
 """The engine: the one place where a request meets the cache.
 
-Request path (``chat``):
+Request path (``chat``), in KV slots of one buffer:
 
-    resolve + tokenize segments      (errors raised here, before any compute)
-    walk the tenant's tree            matched = units[0:h]           -> pinned
-    copy matched KV into a buffer     slots [0, p_h)
-    prefill missing units one by one  slots [p_h, p_n), a node inserted (pinned) after each
-    prefill the tail                  slots [p_n, P)  (always >= 1 token: fresh logits)
-    decode                            slots [P, P + completion)
-    unpin everything                  on success, error and cancellation alike
+    resolve + tokenize + lay out units   errors raised here, before any compute
+    walk the tenant's tree                matched = units[0:h]            -> pinned
+    copy matched KV into the buffer       slots [0, p_h)
+    prefill missing units one by one      slots [p_h, p_n), a node inserted (pinned) after each
+    prefill the tail                      slots [p_n, P)  (always >= 1 token: fresh logits)
+    decode                                slots [P, P + completion)
+    keep the reply                        tail + generated ids -> a node keyed by the reply
+                                          message's digest (only for a clean finish)
+    unpin everything                      on success, error and cancellation alike
 
-Node payloads are torch tensors ``[n_layers, 2, n_kv_heads, n_tokens, head_dim]``
-in the runtime's KV dtype; the tree only sees them as opaque handles.
-Thread-safe: one request runs at a time (``_lock``).
+Units are explicit segments, the tools block and each message (see
+``segcache.engine.prompt``). Node payloads are torch tensors
+``[n_layers, 2, n_kv_heads, n_tokens, head_dim]`` in the runtime's KV dtype; the
+tree only sees them as opaque handles. Thread-safe: one request at a time.
 """
 
 from __future__ import annotations
@@ -20,49 +23,56 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from segcache.config import CacheConfig, Config
+from segcache.engine.cache_control import CacheControl
 from segcache.engine.detok import TextStream
-from segcache.engine.prompt import Prompt, TokenMemo, Unit, group_units, resolve_segments
+from segcache.engine.prompt import Prompt, TokenMemo, build_prompt, resolve_segments
 from segcache.engine.sampling import Sampler
+from segcache.engine.toolcalls import ToolCallFilter, parse_tool_calls
 from segcache.engine.types import (
     ChatRequest,
     ContextOverflowError,
     EngineError,
     GenerationResult,
-    NotFoundError,
     SamplingParams,
     SegmentInput,
     SegmentUsage,
     WarmResult,
 )
-from segcache.kv.hashing import namespace_digest, segment_digest
+from segcache.kv.autoseg import message_digest
+from segcache.kv.hashing import namespace_digest
 from segcache.kv.registry import SegmentRegistry
 from segcache.kv.segment_tree import SegmentNode, SegmentTree
 from segcache.model.runtime import ModelRuntime
 from segcache.model.tokenizer import ChatTokenizer, TemplateError
-from segcache.model.weights import resolve_model
+from segcache.model.weights import load_arch, resolve_model
 
 Callback = Callable[[str], None]
 CancelCheck = Callable[[], bool]
 
 
+class _Cancelled(Exception):
+    pass
+
+
 @dataclass
 class _Run:
-    """One request's state between prefill and decode."""
+    """One request's state: its KV buffer, where it stands, what it pinned."""
 
     kv: torch.Tensor  # [n_layers, 2, n_kv_heads, capacity, head_dim]
-    pos: int
-    pinned: list[SegmentNode]
-    usage: list[SegmentUsage]
-    cached: int
-    chain: str
+    parent: SegmentNode  # the node after the last unit so far (a root at first)
+    pos: int = 0
+    pinned: list[SegmentNode] = field(default_factory=list)
+    usage: list[SegmentUsage] = field(default_factory=list)
+    cached: int = 0
+    prefix_chain: str = ""
 
 
-class Engine:
+class Engine(CacheControl):
     def __init__(self, runtime: ModelRuntime, tokenizer: ChatTokenizer, cache: CacheConfig,
                  model_name: str, prefill_chunk: int = 512,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -83,13 +93,10 @@ class Engine:
     def load(cls, cfg: Config, progress: bool = True) -> Engine:
         """Find (and on first use convert) the model, then build the engine."""
         resolved = resolve_model(cfg.model.path, cfg.model.cache_dir, progress=progress)
-        from segcache.model.weights import load_arch
-
         arch = load_arch(resolved.directory)
         tokenizer = ChatTokenizer.load(resolved.directory, arch.eos_token_ids)
         runtime = ModelRuntime.load(resolved, cfg.model, tokenizer_digest=tokenizer.digest)
-        name = cfg.server.model_name or resolved.name
-        return cls(runtime, tokenizer, cfg.cache, name)
+        return cls(runtime, tokenizer, cfg.cache, cfg.server.model_name or resolved.name)
 
     def namespace(self, tenant: str) -> str:
         return namespace_digest(tenant, self.fingerprint)
@@ -101,33 +108,47 @@ class Engine:
         (before any compute)."""
         t0 = time.perf_counter()
         ns = self.namespace(req.tenant)
+        parse_calls = bool(req.tools) and req.tool_choice != "none"
+        tool_filter = ToolCallFilter(on_text) if parse_calls and on_text is not None else None
         with self._lock:
-            prompt = self._build_prompt(req.tenant, ns, req.messages, req.segments, True)
-            self._check_context(prompt.n_tokens, req.sampling.max_tokens)
+            prompt = self._build_prompt(req.tenant, ns, req.messages, req.segments, req.tools, True)
+            run = self._start(ns, prompt, req.sampling.max_tokens)
             try:
-                run = self._prefill_units(ns, prompt, prompt.n_tokens + req.sampling.max_tokens,
-                                          is_cancelled)
+                self._prefill_units(run, prompt, is_cancelled)
+                result, stream = self._generate(run, prompt.tail, req.sampling, t0,
+                                                tool_filter or on_text, is_cancelled)
+                if tool_filter is not None:
+                    tool_filter.flush()
+                self._shape_reply(result, parse_calls)
+                if not stream.stopped:  # a reply cut by a stop string is not what was generated
+                    self._keep_reply(run, prompt.tail, result)
             except _Cancelled:
-                return GenerationResult("", "cancelled", prompt.n_tokens, 0, 0, self.namespace(req.tenant),
-                                        [], 0.0, time.perf_counter() - t0)
-            try:
-                return self._finish(run, prompt.tail, req.sampling, t0, on_text, is_cancelled)
+                result = self._result(run, len(prompt.tail), TextStream(self.tokenizer.decode),
+                                      "cancelled", 0.0, t0)
             finally:
                 self._release(run.pinned)
+        result.tools_count = len(req.tools)
+        if req.tools:
+            result.tools_digest = next((u.hash for u in result.segments if u.kind == "tools"), None)
+        return result
 
     def complete(self, tenant: str, prompt: str, sampling: SamplingParams,
                  on_text: Callback | None = None,
                  is_cancelled: CancelCheck | None = None) -> GenerationResult:
-        """Plain-text completion (no chat template, no segment reuse yet)."""
+        """Plain-text completion (no chat template)."""
         t0 = time.perf_counter()
         ids = tuple(self.tokenizer.encode(prompt))
         if not ids:
             raise EngineError("prompt must not be empty", "prompt")
         self._check_context(len(ids), sampling.max_tokens)
+        ns = self.namespace(tenant)
         with self._lock:
-            run = _Run(self.runtime.new_kv(len(ids) + sampling.max_tokens), 0, [], [], 0,
-                       self.namespace(tenant))
-            return self._finish(run, ids, sampling, t0, on_text, is_cancelled)
+            run = _Run(self.runtime.new_kv(len(ids) + sampling.max_tokens), self.tree.root(ns))
+            try:
+                return self._generate(run, ids, sampling, t0, on_text, is_cancelled)[0]
+            except _Cancelled:
+                return self._result(run, len(ids), TextStream(self.tokenizer.decode), "cancelled",
+                                    0.0, t0)
 
     def warm(self, tenant: str, segments: list[SegmentInput]) -> WarmResult:
         """Compute and cache ``segments`` (as the start of a chat prompt) without generating."""
@@ -135,26 +156,26 @@ class Engine:
             raise EngineError("segments must not be empty", "segments")
         ns = self.namespace(tenant)
         with self._lock:
-            prompt = self._build_prompt(tenant, ns, [], segments, False)
+            prompt = self._build_prompt(tenant, ns, [], segments, [], False)
             units = Prompt(prompt.units, ())
-            self._check_context(units.n_tokens, 0)
-            run = self._prefill_units(ns, units, max(units.n_tokens, 1), None)
-            self._release(run.pinned)
-        return WarmResult(len(run.usage), run.chain, run.usage)
+            run = self._start(ns, units, 0)
+            try:
+                self._prefill_units(run, units, None)
+            finally:
+                self._release(run.pinned)
+        return WarmResult(len(run.usage), run.parent.chain, run.usage)
 
     # ------------------------------------------------------------------ prompt
     def _build_prompt(self, tenant: str, ns: str, messages: list[dict], segments: list[SegmentInput],
-                      generation_prompt: bool) -> Prompt:
+                      tools: list[dict], generation_prompt: bool) -> Prompt:
         if len(segments) > self.cache_cfg.max_segments:
             raise EngineError(f"too many segments: {len(segments)} (the limit is "
                               f"{self.cache_cfg.max_segments})", "segments")
         resolved = resolve_segments(segments, tenant, ns, self.memo, self.registry)
         try:
-            parts = self.tokenizer.prompt_parts(messages, [list(s.ids) for s in resolved],
-                                                generation_prompt)
+            return build_prompt(self.tokenizer, self.memo, resolved, messages, tools, generation_prompt)
         except TemplateError as exc:
             raise EngineError(str(exc), "messages") from exc
-        return group_units(parts, resolved)
 
     def _check_context(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens + max_tokens > self.context_window:
@@ -164,47 +185,60 @@ class Engine:
                 f"{self.context_window} tokens; shorten the prompt or lower max_tokens", "max_tokens")
 
     # ------------------------------------------------------------------ cache path
-    def _prefill_units(self, ns: str, prompt: Prompt, capacity: int,
-                       is_cancelled: CancelCheck | None) -> _Run:
-        """Reuse every matched unit, compute and insert the others. Returns a run
-        whose ``pinned`` nodes the caller must release."""
+    def _start(self, ns: str, prompt: Prompt, max_tokens: int) -> _Run:
+        """Match and pin the cached prefix, check the context, copy the KV in.
+        The caller must release ``run.pinned``."""
         self.tree.expire()
-        matched = self.tree.match(ns, [u.segment.digest for u in prompt.units])
+        matched = self.tree.match(ns, [u.key.digest for u in prompt.units])
+        # A hit's tokens are the node's (a kept reply holds the ids the model generated).
+        n_tokens = (sum(n.n_tokens for n in matched)
+                    + sum(len(u.ids) for u in prompt.units[len(matched):]) + len(prompt.tail))
+        self._check_context(n_tokens, max_tokens)
         self.tree.pin(matched)
-        run = _Run(self.runtime.new_kv(capacity), 0, list(matched), [], 0, self.tree.root(ns).chain)
-        try:
-            for node, unit in zip(matched, prompt.units, strict=False):
-                run.kv[:, :, :, run.pos:run.pos + node.n_tokens] = node.handle
-                self._advance(run, node, unit, "hit")
-            parent = matched[-1] if matched else self.tree.root(ns)
-            for unit in prompt.units[len(matched):]:
-                self._prefill(unit.ids, run.kv, run.pos, is_cancelled)
-                # handle: [n_layers, 2, n_kv_heads, n_tokens, head_dim], this unit's tokens only
-                handle = run.kv[:, :, :, run.pos:run.pos + len(unit.ids)].clone()
-                ttl = unit.segment.ttl_s or self.cache_cfg.default_ttl_s
-                parent = self.tree.insert(parent, unit.segment.digest, unit.ids, handle,
-                                          handle.numel() * handle.element_size(), ttl_s=ttl)
-                self.tree.pin([parent])
-                run.pinned.append(parent)
-                self._advance(run, parent, unit, "miss")
-                self._enforce_budget(ns)
-        except BaseException:
-            self._release(run.pinned)
-            raise
+        run = _Run(self.runtime.new_kv(max(n_tokens + max_tokens, 1)), self.tree.root(ns),
+                   pinned=list(matched))
+        run.prefix_chain = run.parent.chain
+        for node, unit in zip(matched, prompt.units, strict=False):
+            run.kv[:, :, :, run.pos:run.pos + node.n_tokens] = node.handle
+            self._advance(run, node, unit.key, node.n_tokens, "hit")
         return run
 
-    def _advance(self, run: _Run, node: SegmentNode, unit: Unit, status: str) -> None:
-        n = len(unit.ids)
-        run.usage.append(SegmentUsage(unit.segment.id, unit.segment.digest, status, n))  # type: ignore[arg-type]
-        if status == "hit":
-            run.cached += n
-        run.pos += n
-        run.chain = node.chain
+    def _prefill_units(self, run: _Run, prompt: Prompt, is_cancelled: CancelCheck | None) -> None:
+        """Compute every unit after the matched ones, inserting a node after each."""
+        for unit in prompt.units[len(run.usage):]:
+            self._prefill(unit.ids, run.kv, run.pos, is_cancelled)
+            node = self._insert(run, unit.key.digest, unit.ids, unit.key.ttl_s)
+            self._advance(run, node, unit.key, len(unit.ids), "miss")
 
-    def _enforce_budget(self, ns: str) -> None:
+    def _insert(self, run: _Run, digest: str, ids: tuple[int, ...], ttl_s: float | None) -> SegmentNode:
+        # handle: [n_layers, 2, n_kv_heads, n_tokens, head_dim], this unit's tokens only
+        handle = run.kv[:, :, :, run.pos:run.pos + len(ids)].clone()
+        node = self.tree.insert(run.parent, digest, ids, handle,
+                                handle.numel() * handle.element_size(),
+                                ttl_s=ttl_s or self.cache_cfg.default_ttl_s)
+        self.tree.pin([node])
+        run.pinned.append(node)
         if self.cache_cfg.tenant_quota_bytes is not None:
-            self.tree.enforce_quota(ns)
+            self.tree.enforce_quota(run.parent.namespace)
         self.tree.evict_until()
+        return node
+
+    def _advance(self, run: _Run, node: SegmentNode, key, n: int, status: str) -> None:
+        run.usage.append(SegmentUsage(key.id, key.digest, status, n, key.kind))  # type: ignore[arg-type]
+        run.cached += n if status == "hit" else 0
+        run.pos += n
+        run.parent = node
+        if key.kind != "message" or run.prefix_chain == "":
+            run.prefix_chain = node.chain
+
+    def _keep_reply(self, run: _Run, tail: tuple[int, ...], result: GenerationResult) -> None:
+        """Store tail + generated ids under the digest of the assistant message the
+        client will send back next turn. Only a finished reply is kept: a
+        cancelled or failed one inserts nothing."""
+        if result.finish_reason not in ("stop", "length", "tool_calls") or not result.token_ids:
+            return
+        msg = {"role": "assistant", "content": result.text, "tool_calls": result.tool_calls}
+        self._insert(run, message_digest(msg), tail + tuple(result.token_ids), None)
 
     def _release(self, nodes: list[SegmentNode]) -> None:
         self.tree.unpin(nodes)
@@ -226,106 +260,57 @@ class Engine:
         assert logits is not None
         return logits[-1]
 
-    def _finish(self, run: _Run, tail: tuple[int, ...], sampling: SamplingParams, t0: float,
-                on_text: Callback | None, is_cancelled: CancelCheck | None) -> GenerationResult:
-        """Prefill the tail and decode."""
-        prompt_tokens = run.pos + len(tail)
+    def _decode(self, token: int, kv: torch.Tensor, pos: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.runtime.decode(torch.tensor([token]), torch.tensor([pos]), kv, pos)[-1]
+
+    def _generate(self, run: _Run, tail: tuple[int, ...], sampling: SamplingParams, t0: float,
+                  on_text: Callback | None, is_cancelled: CancelCheck | None
+                  ) -> tuple[GenerationResult, TextStream]:
+        """Prefill the tail and decode. On a finish by EOS or length the KV buffer
+        holds every generated token but a final EOS (ready to be kept as a reply)."""
+        logits = self._prefill(tail, run.kv, run.pos, is_cancelled)
         sampler = Sampler(sampling)
         stream = TextStream(self.tokenizer.decode, sampling.stop)
-        finish = "length"
-        ttft = 0.0
-        try:
-            logits = self._prefill(tail, run.kv, run.pos, is_cancelled)
-            pos = prompt_tokens
-            with torch.inference_mode():
-                for step in range(sampling.max_tokens):
-                    token = sampler.sample(logits)
-                    if step == 0:
-                        ttft = time.perf_counter() - t0
-                    if token in self.tokenizer.eos_ids:
-                        finish = "stop"
-                        break
-                    delta = stream.push(token)
-                    if delta and on_text is not None:
-                        on_text(delta)
-                    if stream.stopped:
-                        finish = "stop"
-                        break
-                    if step + 1 == sampling.max_tokens:
-                        break
-                    if is_cancelled is not None and is_cancelled():
-                        finish = "cancelled"
-                        break
-                    logits = self.runtime.decode(torch.tensor([token]), torch.tensor([pos]), run.kv,
-                                                 pos)[-1]
-                    pos += 1
-        except _Cancelled:
-            finish = "cancelled"
+        pos, finish, ttft = run.pos + len(tail), "length", 0.0
+        for _ in range(sampling.max_tokens):
+            token = sampler.sample(logits)
+            ttft = ttft or time.perf_counter() - t0
+            if token in self.tokenizer.eos_ids:
+                finish = "stop"
+                break
+            delta = stream.push(token)
+            if delta and on_text is not None:
+                on_text(delta)
+            if stream.stopped:
+                finish = "stop"
+                break
+            if is_cancelled is not None and is_cancelled():
+                finish = "cancelled"
+                break
+            # Also after the last token: its KV completes the reply kept for next turn.
+            logits = self._decode(token, run.kv, pos)
+            pos += 1
         rest = stream.flush()
         if rest and on_text is not None:
             on_text(rest)
+        return self._result(run, len(tail), stream, finish, ttft, t0), stream
+
+    def _result(self, run: _Run, tail_len: int, stream: TextStream, finish: str, ttft: float,
+                t0: float) -> GenerationResult:
         return GenerationResult(
-            text=stream.text, finish_reason=finish, prompt_tokens=prompt_tokens,  # type: ignore[arg-type]
-            completion_tokens=len(stream.ids), cached_tokens=run.cached, chain=run.chain,
-            segments=run.usage, ttft_s=ttft, total_s=time.perf_counter() - t0,
-            token_ids=list(stream.ids),
+            text=stream.text, finish_reason=finish,  # type: ignore[arg-type]
+            prompt_tokens=run.pos + tail_len, completion_tokens=len(stream.ids),
+            cached_tokens=run.cached, chain=run.parent.chain, segments=list(run.usage),
+            ttft_s=ttft, total_s=time.perf_counter() - t0, token_ids=list(stream.ids),
+            prefix_chain=run.prefix_chain or run.parent.chain,
         )
 
-    # ------------------------------------------------------------------ cache control
-    def cache_stats(self, tenant: str) -> dict:
-        with self._lock:
-            stats = self.tree.stats(self.namespace(tenant))
-            stats["budget_bytes"] = self.cache_cfg.cache_bytes
-            stats["tenant_quota_bytes"] = self.cache_cfg.tenant_quota_bytes
-            stats["registered_segments"] = self.registry.names(tenant)
-            stats["model"] = self.model_name
-            stats["fingerprint"] = self.fingerprint
-            return stats
+    @staticmethod
+    def _shape_reply(result: GenerationResult, parse_calls: bool) -> None:
+        if not parse_calls or result.finish_reason == "cancelled":
+            return
+        content, calls = parse_tool_calls(result.text)
+        if calls:
+            result.text, result.tool_calls, result.finish_reason = content or "", calls, "tool_calls"
 
-    def purge(self, tenant: str) -> int:
-        ns = self.namespace(tenant)
-        with self._lock:
-            self.memo.forget(ns)
-            return len(self.tree.purge(ns))
-
-    def metrics(self) -> dict:
-        with self._lock:
-            s = self.tree.stats()
-            return {"resident_bytes": self.tree.resident_bytes, "nodes": len(self.tree),
-                    "evictions": s.get("evictions", 0), "budget_bytes": self.cache_cfg.cache_bytes}
-
-    def put_segment(self, tenant: str, name: str, content: str, ttl_s: float | None) -> dict:
-        digest = segment_digest(content)
-        with self._lock:
-            try:
-                entry = self.registry.put(tenant, name, content, digest, ttl_s)
-            except ValueError as exc:
-                raise EngineError(str(exc), "name") from exc
-            ids = self.memo.ids_for(content, digest)
-            self.memo.remember(self.namespace(tenant), digest)
-        return self._segment_info(entry, len(ids))
-
-    def get_segment(self, tenant: str, name: str) -> dict:
-        with self._lock:
-            entry = self.registry.get(tenant, name)
-            if entry is None:
-                raise NotFoundError(f"no segment is registered under the name {name!r}", "name")
-            ids = self.memo.ids_for(entry.content, entry.digest)
-        return self._segment_info(entry, len(ids))
-
-    def _segment_info(self, entry, n_tokens: int) -> dict:
-        # The registry runs on the monotonic clock; clients get wall-clock Unix time.
-        expires_at = None
-        if entry.expires_at is not None:
-            expires_at = time.time() + (entry.expires_at - self.registry.now())
-        return {"name": entry.name, "hash": entry.digest, "tokens": n_tokens,
-                "bytes": len(entry.content.encode()), "expires_at": expires_at}
-
-    def delete_segment(self, tenant: str, name: str) -> None:
-        with self._lock:
-            if not self.registry.delete(tenant, name):
-                raise NotFoundError(f"no segment is registered under the name {name!r}", "name")
-
-
-class _Cancelled(Exception):
-    pass

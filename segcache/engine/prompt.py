@@ -2,8 +2,10 @@
 registry name), tokenize with memoisation, and group the prompt into units.
 
 A *unit* is what one segment-tree node stores: the template text right before
-a segment plus the segment's tokens. Everything after the last segment is the
-*tail* (messages and the generation prompt), always computed.
+a segment, the tools block or a message, plus that block's tokens. Units come in
+prompt order: explicit segments, the tools block, then one per message (see
+``segcache.kv.autoseg``). Everything after the last unit is the *tail* (the
+generation prompt), always computed.
 
 No torch here.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from segcache.engine.types import (
     EngineError,
@@ -20,6 +23,7 @@ from segcache.engine.types import (
     SegmentMismatchError,
     SegmentUnknownError,
 )
+from segcache.kv.autoseg import message_digest, message_text, tools_block
 from segcache.kv.hashing import is_digest, segment_digest
 from segcache.kv.registry import SegmentRegistry
 from segcache.model.tokenizer import ChatTokenizer, PromptPart
@@ -34,9 +38,17 @@ class ResolvedSegment:
 
 
 @dataclass(frozen=True)
+class UnitKey:
+    id: str  # the client's segment id, "tools", or "messages[i]"
+    kind: Literal["segment", "tools", "message"]
+    digest: str  # the tree key under the previous unit
+    ttl_s: float | None = None
+
+
+@dataclass(frozen=True)
 class Unit:
-    segment: ResolvedSegment
-    ids: tuple[int, ...]  # template text before the segment + the segment's tokens
+    key: UnitKey
+    ids: tuple[int, ...]  # template text before the block + the block's tokens
 
 
 @dataclass(frozen=True)
@@ -124,14 +136,40 @@ def resolve_segments(segments: list[SegmentInput], tenant: str, namespace: str, 
     return out
 
 
-def group_units(parts: list[PromptPart], segments: list[ResolvedSegment]) -> Prompt:
-    """Split segment-aligned ``parts`` into one unit per segment and the tail."""
+def group_units(parts: list[PromptPart], lead: list[UnitKey], messages: list[UnitKey]) -> Prompt:
+    """Split segment-aligned ``parts`` into one unit per lead block (segments,
+    tools) and per message, and the tail."""
     units: list[Unit] = []
     pending: list[int] = []
     for part in parts:
-        if part.kind == "segment":
-            units.append(Unit(segments[part.index], tuple(pending) + part.ids))
-            pending = []
-        else:
+        if part.kind == "template":
             pending.extend(part.ids)
+            continue
+        key = lead[part.index] if part.kind == "segment" else messages[part.index]
+        units.append(Unit(key, tuple(pending) + part.ids))
+        pending = []
     return Prompt(units, tuple(pending))
+
+
+def build_prompt(tokenizer: ChatTokenizer, memo: TokenMemo, segments: list[ResolvedSegment],
+                 messages: list[dict[str, Any]], tools: list[dict[str, Any]],
+                 generation_prompt: bool) -> Prompt:
+    """The unit layout of a chat request. Raises TemplateError if the template
+    cannot render it segment-aligned."""
+    lead = [UnitKey(s.id, "segment", s.digest, s.ttl_s) for s in segments]
+    lead_ids = [list(s.ids) for s in segments]
+    if tools:
+        block = tools_block(tools)
+        digest = segment_digest(block)
+        lead.append(UnitKey("tools", "tools", digest))
+        lead_ids.append(list(memo.ids_for(block, digest)))
+    render = []
+    keys = []
+    for i, m in enumerate(messages):
+        msg = {"role": m.get("role"), "content": message_text(m)}
+        if m.get("name") is not None:
+            msg["name"] = m["name"]
+        render.append(msg)
+        keys.append(UnitKey(f"messages[{i}]", "message", message_digest(m)))
+    parts = tokenizer.prompt_parts(render, lead_ids, generation_prompt)
+    return group_units(parts, lead, keys)

@@ -86,6 +86,9 @@ class ChatRequest:
     messages: list[dict[str, Any]]
     segments: list[SegmentInput] = field(default_factory=list)
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    # "none" keeps the tools in the prompt (a stable prefix) but never parses calls.
+    tool_choice: str | dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -94,12 +97,13 @@ class SegmentUsage:
     hash: str
     status: Literal["hit", "miss", "blended"]
     tokens: int
+    kind: Literal["segment", "tools", "message"] = "segment"
 
 
 @dataclass
 class GenerationResult:
     text: str
-    finish_reason: Literal["stop", "length", "cancelled"]
+    finish_reason: Literal["stop", "length", "cancelled", "tool_calls"]
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
@@ -108,6 +112,11 @@ class GenerationResult:
     ttft_s: float
     total_s: float
     token_ids: list[int] = field(default_factory=list)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    tools_count: int = 0
+    tools_digest: str | None = None
+    # chain after the stable part of the prompt (segments, tools, system messages)
+    prefix_chain: str = ""
 
     def usage(self) -> dict[str, Any]:
         """OpenAI ``usage`` plus segcache's extensions."""
@@ -119,6 +128,7 @@ class GenerationResult:
             "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
             "segcache": {
                 "chain": self.chain,
+                "prefix_chain": self.prefix_chain,
                 "computed_tokens": self.prompt_tokens - self.cached_tokens,
                 "segments": [s.__dict__ for s in self.segments],
             },

@@ -4,8 +4,10 @@ and their translation into engine requests. No torch here.
 Validation is strict (``"5"`` is not a number, ``1.5`` is not an integer), as
 OpenAI's API is. Fields that OpenAI defines but segcache does not implement
 are accepted and ignored (``frequency_penalty``, ``presence_penalty``,
-``logit_bias``, ``response_format``, ``tools``, ``tool_choice``, ``user``,
-``metadata``, ...) so existing clients keep working; the few whose absence
+``logit_bias``, ``response_format``, ``user``, ``metadata``, ...) so existing
+clients keep working; ``tools`` are declared to the model in a canonical
+system-prompt block (see ``segcache.kv.autoseg``) and calls in its output come
+back as ``tool_calls``; the few whose absence
 would silently change the answer (``n`` > 1, ``logprobs``, ``echo``,
 image content) are refused with a 400 that names them.
 
@@ -149,11 +151,26 @@ class _GenerationRequest(_Schema):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+class Tool(_Schema):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    type: Literal["function"] = "function"
+    function: dict[str, Any]
+
+    def as_dict(self, index: int) -> dict[str, Any]:
+        if not isinstance(self.function.get("name"), str) or not self.function["name"]:
+            raise APIError(f"tools[{index}].function needs a 'name' string",
+                           param=f"tools[{index}].function.name")
+        return self.model_dump(exclude_none=True)
+
+
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     segments: list[Segment] = Field(default_factory=list, description="segcache extension")
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     def to_engine(self, tenant: str, max_segments: int) -> ChatRequest:
         self.check_supported()
@@ -166,6 +183,8 @@ class ChatCompletionRequest(_GenerationRequest):
             messages=[m.to_engine(i) for i, m in enumerate(self.messages)],
             segments=[s.to_engine(i) for i, s in enumerate(self.segments)],
             sampling=self.sampling(self.max_tokens if max_tokens is None else max_tokens),
+            tools=[t.as_dict(i) for i, t in enumerate(self.tools or [])],
+            tool_choice=self.tool_choice,
         )
 
 

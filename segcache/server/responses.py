@@ -40,9 +40,13 @@ class ChatShaper:
         self.include_usage = include_usage
 
     def response(self, result: GenerationResult) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": result.text}
+        if result.tool_calls:
+            message["content"] = result.text or None
+            message["tool_calls"] = result.tool_calls
         choice = {
             "index": 0,
-            "message": {"role": "assistant", "content": result.text},
+            "message": message,
             "logprobs": None,
             "finish_reason": result.finish_reason,
         }
@@ -55,7 +59,10 @@ class ChatShaper:
         return self._chunk({"content": delta}, None)
 
     def finish_chunk(self, result: GenerationResult) -> dict[str, Any]:
-        return self._chunk({}, result.finish_reason)
+        delta: dict[str, Any] = {}
+        if result.tool_calls:
+            delta["tool_calls"] = [dict(call, index=i) for i, call in enumerate(result.tool_calls)]
+        return self._chunk(delta, result.finish_reason)
 
     def usage_chunk(self, result: GenerationResult) -> dict[str, Any]:
         return self._envelope(self.chunk_object, [], usage=result.usage())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -16,6 +17,21 @@ from segcache.server.responses import ChatShaper, CompletionShaper, SSEResponse,
 from segcache.server.state import ServerState, server_state
 
 log = logging.getLogger(__name__)
+# One JSON object per request (seed 001's metrics); route it with logging config.
+request_log = logging.getLogger("segcache.requests")
+
+
+def request_record(kind: str, tenant: str, result: GenerationResult, ttft: float,
+                   total: float) -> dict[str, Any]:
+    return {
+        "event": kind, "tenant": tenant, "prefix_hash": result.prefix_chain,
+        "chain": result.chain, "tools_count": result.tools_count,
+        "schema_digest": result.tools_digest, "prompt_tokens": result.prompt_tokens,
+        "cached_tokens": result.cached_tokens,
+        "computed_tokens": result.prompt_tokens - result.cached_tokens,
+        "completion_tokens": result.completion_tokens, "ttft_s": round(ttft, 4),
+        "total_s": round(total, 4), "status": result.finish_reason,
+    }
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -80,12 +96,7 @@ async def generate(
     def finished(result: GenerationResult) -> None:
         ttft, total = run.timings(result)
         state.metrics.observe_generation(result, ttft, total)
-        log.info(
-            "%s tenant=%s prompt=%d cached=%d completion=%d ttft=%.3fs total=%.3fs "
-            "finish=%s chain=%s",
-            shaper.object, tenant, result.prompt_tokens, result.cached_tokens,
-            result.completion_tokens, ttft, total, result.finish_reason, result.chain,
-        )  # fmt: skip
+        request_log.info(json.dumps(request_record(shaper.object, tenant, result, ttft, total)))
 
     if not stream:
         async with cancel_on_disconnect(request, run):

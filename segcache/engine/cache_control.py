@@ -1,0 +1,71 @@
+"""Cache control for the engine: stats, purge, metrics and the named segment
+registry. A mixin over ``Engine``'s tree, registry, memo and lock."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from segcache.engine.types import EngineError, NotFoundError
+from segcache.kv.hashing import segment_digest
+from segcache.kv.registry import RegistryEntry
+
+
+class CacheControl:
+    # Provided by Engine: tree, registry, memo, cache_cfg, model_name, fingerprint,
+    # _lock, namespace().
+
+    def cache_stats(self, tenant: str) -> dict[str, Any]:
+        with self._lock:
+            stats = self.tree.stats(self.namespace(tenant))
+            stats["budget_bytes"] = self.cache_cfg.cache_bytes
+            stats["tenant_quota_bytes"] = self.cache_cfg.tenant_quota_bytes
+            stats["registered_segments"] = self.registry.names(tenant)
+            stats["model"] = self.model_name
+            stats["fingerprint"] = self.fingerprint
+            return stats
+
+    def purge(self, tenant: str) -> int:
+        """Drop this tenant's cached KV (pinned nodes of running requests stay)."""
+        ns = self.namespace(tenant)
+        with self._lock:
+            self.memo.forget(ns)
+            return len(self.tree.purge(ns))
+
+    def metrics(self) -> dict[str, Any]:
+        with self._lock:
+            s = self.tree.stats(max_depth=0)
+            return {"resident_bytes": self.tree.resident_bytes, "nodes": len(self.tree),
+                    "evictions": s.get("evictions", 0), "budget_bytes": self.cache_cfg.cache_bytes}
+
+    def put_segment(self, tenant: str, name: str, content: str, ttl_s: float | None) -> dict:
+        digest = segment_digest(content)
+        with self._lock:
+            try:
+                entry = self.registry.put(tenant, name, content, digest, ttl_s)
+            except ValueError as exc:
+                raise EngineError(str(exc), "name") from exc
+            ids = self.memo.ids_for(content, digest)
+            self.memo.remember(self.namespace(tenant), digest)
+        return self._segment_info(entry, len(ids))
+
+    def get_segment(self, tenant: str, name: str) -> dict:
+        with self._lock:
+            entry = self.registry.get(tenant, name)
+            if entry is None:
+                raise NotFoundError(f"no segment is registered under the name {name!r}", "name")
+            ids = self.memo.ids_for(entry.content, entry.digest)
+        return self._segment_info(entry, len(ids))
+
+    def delete_segment(self, tenant: str, name: str) -> None:
+        with self._lock:
+            if not self.registry.delete(tenant, name):
+                raise NotFoundError(f"no segment is registered under the name {name!r}", "name")
+
+    def _segment_info(self, entry: RegistryEntry, n_tokens: int) -> dict:
+        # The registry runs on the monotonic clock; clients get wall-clock Unix time.
+        expires_at = None
+        if entry.expires_at is not None:
+            expires_at = time.time() + (entry.expires_at - self.registry.now())
+        return {"name": entry.name, "hash": entry.digest, "tokens": n_tokens,
+                "bytes": len(entry.content.encode()), "expires_at": expires_at}
