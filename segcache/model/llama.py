@@ -28,8 +28,8 @@ from segcache.model.arch import ModelArch
 # A projection matrix [out, in]: a dense tensor, or a packed one called as
 # ``w(x)`` ([T, in] -> [T, out], float32), e.g. ``segcache.model.quant.PackedLinear``.
 Linear = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
-# Turns one float32 matrix [out, in] into the Linear the forward will use.
-PackFn = Callable[[torch.Tensor], Linear]
+# (key naming the matrix, its float32 values [out, in]) -> the Linear the forward uses.
+PackFn = Callable[[str, torch.Tensor], Linear]
 
 
 def linear(x: torch.Tensor, w: Linear, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,7 +81,8 @@ class Weights:
 
         def proj(*names: str) -> Linear:
             w = torch.cat([sd[n] for n in names], 0) if len(names) > 1 else sd[names[0]]
-            return pack(w) if pack is not None else w.to(device=device, dtype=dtype).contiguous()
+            return pack("+".join(names), w) if pack is not None \
+                else w.to(device=device, dtype=dtype).contiguous()
 
         layers = []
         for i in range(arch.n_layers):

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 BLOCK = 32
 # Bump when the block formats or the kernel arithmetic change (part of the model fingerprint).
@@ -114,6 +117,35 @@ def to_blocks(w: torch.Tensor) -> BlockLinear | None:
     """Q4_1 if ``w`` came from Q4_1, else Q8_0 (exact if it came from Q8_0).
     None for shapes the kernel does not take (inputs not a multiple of 32)."""
     return recover_q4_1(w) or quantize_q8_0(w)
+
+
+def save_blocks(path: Path, blocks: dict[str, BlockLinear]) -> None:
+    """Write ``blocks`` (by matrix name) to one safetensors file, atomically."""
+    tensors, meta = {}, {}
+    for name, b in blocks.items():
+        tensors[name + ".qs"], tensors[name + ".d"] = b.qs, b.d
+        if b.m is not None:
+            tensors[name + ".m"] = b.m
+        meta[name] = [b.kind, b.exact]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"blocks": json.dumps(meta), "version": QUANT_VERSION})
+    tmp.replace(path)
+
+
+def load_blocks(path: Path) -> dict[str, BlockLinear]:
+    """What ``save_blocks`` wrote; {} if the file is missing or from another version."""
+    if not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("version") != QUANT_VERSION:
+        return {}
+    t = load_file(str(path))
+    return {name: BlockLinear(kind, t[name + ".qs"], t[name + ".d"], t.get(name + ".m"), exact)
+            for name, (kind, exact) in json.loads(meta["blocks"]).items()}
 
 
 # --- kernel ---------------------------------------------------------------------------

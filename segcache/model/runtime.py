@@ -28,7 +28,16 @@ import torch
 from segcache.config import ModelConfig
 from segcache.model.arch import ModelArch
 from segcache.model.llama import LlamaModel, Weights
-from segcache.model.quant import QUANT_VERSION, BlockKernels, PackedLinear, load_kernels, to_blocks
+from segcache.model.quant import (
+    QUANT_VERSION,
+    BlockKernels,
+    BlockLinear,
+    PackedLinear,
+    load_blocks,
+    load_kernels,
+    save_blocks,
+    to_blocks,
+)
 from segcache.model.weights import ResolvedModel, load_arch, load_state_dict
 
 # Bump when the layout or meaning of stored KV changes: old KV can then never be served.
@@ -79,7 +88,9 @@ class ModelRuntime:
 
     def __init__(self, arch: ModelArch, state_dict: dict[str, torch.Tensor], plan: PhasePlan,
                  device: str = "cpu", source_digest: str = "", tokenizer_digest: str = "",
-                 kernels: BlockKernels | None = None) -> None:
+                 kernels: BlockKernels | None = None, block_cache: Path | None = None) -> None:
+        """``kernels``: required by a "blocks" plan. ``block_cache``: a file where the
+        block form of the weights is kept between starts (packing takes seconds)."""
         if plan.decode_weights == "blocks" and kernels is None:
             raise ValueError("plan.decode_weights='blocks' needs the block kernels (quant.load_kernels)")
         self.arch = arch
@@ -91,7 +102,7 @@ class ModelRuntime:
         self.decode_scheme = "dense"
         if plan.decode_weights == "blocks":
             self._decode_w, self.decode_scheme = _block_weights(arch, state_dict, plan, kernels,
-                                                                self._prefill_w)
+                                                                self._prefill_w, block_cache)
             if plan.kv in (torch.float32, torch.float16):
                 self._decode_model = LlamaModel(arch, device, decode_attention=kernels.attend_decode)
                 self.decode_scheme += "+attn"
@@ -111,7 +122,12 @@ class ModelRuntime:
         if cfg.dtype == "auto" and cfg.device == "cpu":
             kernels = load_kernels(Path(cfg.cache_dir) / "kernels")
         plan = plan_dtypes(cfg.dtype, cfg.device, block_kernels=kernels is not None)
-        return cls(arch, sd, plan, cfg.device, resolved.source_digest, tokenizer_digest, kernels)
+        block_cache = None
+        if resolved.source_digest.startswith("sha256:"):
+            digest = resolved.source_digest.removeprefix("sha256:")[:24]
+            block_cache = Path(cfg.cache_dir) / "blocks" / f"{digest}-{QUANT_VERSION}.safetensors"
+        return cls(arch, sd, plan, cfg.device, resolved.source_digest, tokenizer_digest, kernels,
+                   block_cache)
 
     @property
     def kv_dtype(self) -> torch.dtype:
@@ -131,15 +147,22 @@ class ModelRuntime:
 
 
 def _block_weights(arch: ModelArch, sd: dict[str, torch.Tensor], plan: PhasePlan,
-                   kernels: BlockKernels, prefill_w: Weights) -> tuple[Weights, str]:
+                   kernels: BlockKernels, prefill_w: Weights,
+                   cache: Path | None) -> tuple[Weights, str]:
     """Decode weights with every projection (and the LM head) in GGUF blocks, and
     the scheme name for the fingerprint: which formats, and whether all are exact."""
+    known = load_blocks(cache) if cache is not None else {}
+    made: dict[str, BlockLinear] = {}
     formats: set[str] = set()
     exact = True
 
-    def pack(w: torch.Tensor) -> PackedLinear | torch.Tensor:
+    def pack(key: str, w: torch.Tensor) -> PackedLinear | torch.Tensor:
         nonlocal exact
-        blocks = to_blocks(w)
+        blocks = known.get(key)
+        if blocks is None or blocks.shape != tuple(w.shape):
+            blocks = to_blocks(w)
+            if blocks is not None:
+                made[key] = blocks
         if blocks is None:  # a shape the kernel does not take: stay dense
             formats.add("dense")
             return w.to(plan.decode).contiguous()
@@ -149,6 +172,11 @@ def _block_weights(arch: ModelArch, sd: dict[str, torch.Tensor], plan: PhasePlan
 
     embed = prefill_w.embed if prefill_w.dtype == plan.decode else None
     w = Weights.from_state_dict(arch, sd, plan.decode, "cpu", pack=pack, embed=embed)
+    if cache is not None and made:
+        try:
+            save_blocks(cache, {**known, **made})
+        except OSError:
+            pass  # a read-only cache dir only costs the packing time at the next start
     scheme = f"{QUANT_VERSION}:{'+'.join(sorted(formats))}:{'exact' if exact else 'lossy'}"
     return w, scheme
 
