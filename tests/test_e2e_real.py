@@ -168,3 +168,37 @@ def test_bad_input_is_4xx_and_cache_unchanged(server):
     after = httpx.get(url + "/v1/cache").json()
     assert {k: after[k] for k in ("nodes", "bytes", "pinned")} == {k: before[k] for k in ("nodes", "bytes", "pinned")}
     engine.tree.check_integrity()
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "read_file", "description": "Read a file of the repository",
+    "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}]
+
+
+def test_agent_loop_reuses_previous_turn(server, real_engine):
+    """Issue 5: a 6-turn loop of plain OpenAI requests (no segments): from turn 2 on,
+    cached tokens >= 95% of the previous turn's prompt + reply; outputs equal a cold
+    server's."""
+    _, client, _ = server
+    messages = [{"role": "system", "content": "You are a repository agent. " + A},
+                {"role": "user", "content": "Find where the login handler is defined."}]
+    previous = None
+    cold_engine = fresh(real_engine)
+    with running_server(cold_engine) as cold_url:
+        cold_client = OpenAI(base_url=cold_url + "/v1", api_key="x", max_retries=0)
+        for turn in range(6):
+            r = client.chat.completions.create(model="m", messages=messages, max_tokens=10,
+                                               temperature=0, tools=TOOLS)
+            if previous is not None:
+                reused = previous.usage.prompt_tokens + previous.usage.completion_tokens
+                assert r.usage.prompt_tokens_details.cached_tokens >= 0.95 * reused, turn
+            cold_engine.purge("local")
+            cold = cold_client.chat.completions.create(model="m", messages=messages, max_tokens=10,
+                                                       temperature=0, tools=TOOLS)
+            assert cold.usage.prompt_tokens_details.cached_tokens == 0
+            assert cold.choices[0].message.content == r.choices[0].message.content, turn
+            previous = r
+            messages = messages + [
+                {"role": "assistant", "content": r.choices[0].message.content},
+                {"role": "tool", "content": f"auth/login_{turn}.py: def handle_login(request): ..."},
+            ]
