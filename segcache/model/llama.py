@@ -207,9 +207,10 @@ class LlamaModel:
         end = start + n_new
         h = F.rms_norm(x, (a.hidden_size,), lw.attn_norm, a.rms_eps)
         qkv = linear(h, lw.qkv, lw.qkv_bias)  # [T, q_dim + 2*kv_dim]
-        q, k, v = qkv.split([a.q_dim, a.kv_dim, a.kv_dim], -1)
-        q = apply_rope(q.view(n_new, a.n_heads, a.head_dim).transpose(0, 1), cos, sin)  # [Hq, T, D]
-        k = apply_rope(k.view(n_new, a.n_kv_heads, a.head_dim).transpose(0, 1), cos, sin)  # [Hkv, T, D]
+        qk, v = qkv.split([a.q_dim + a.kv_dim, a.kv_dim], -1)
+        # One RoPE over the query and key heads together (half the ops of two calls).
+        qk = apply_rope(qk.view(n_new, a.n_heads + a.n_kv_heads, a.head_dim).transpose(0, 1), cos, sin)
+        q, k = qk[:a.n_heads], qk[a.n_heads:]  # [Hq, T, D], [Hkv, T, D]
         kv[0, :, start:end] = k
         kv[1, :, start:end] = v.view(n_new, a.n_kv_heads, a.head_dim).transpose(0, 1)
         keys, values = kv[0, :, :end], kv[1, :, :end]  # [Hkv, S, D]
