@@ -17,7 +17,11 @@ class CacheControl:
 
     def cache_stats(self, tenant: str) -> dict[str, Any]:
         with self._lock:
-            stats = self.tree.stats(self.namespace(tenant))
+            ns = self.namespace(tenant)
+            stats = self.tree.stats(ns)
+            radix = self.radix.stats(ns)
+            stats["radix"] = {k: radix[k] for k in ("nodes", "bytes", "tokens", "hits", "pinned",
+                                                    "evictions")}
             stats["budget_bytes"] = self.cache_cfg.cache_bytes
             stats["tenant_quota_bytes"] = self.cache_cfg.tenant_quota_bytes
             stats["registered_segments"] = self.registry.names(tenant)
@@ -30,13 +34,16 @@ class CacheControl:
         ns = self.namespace(tenant)
         with self._lock:
             self.memo.forget(ns)
-            return len(self.tree.purge(ns))
+            return len(self.tree.purge(ns)) + len(self.radix.purge(ns))
 
     def metrics(self) -> dict[str, Any]:
         with self._lock:
             s = self.tree.stats(max_depth=0)
-            return {"resident_bytes": self.tree.resident_bytes, "nodes": len(self.tree),
-                    "evictions": s.get("evictions", 0), "budget_bytes": self.cache_cfg.cache_bytes}
+            r = self.radix.stats()
+            return {"resident_bytes": self.tree.resident_bytes + self.radix.resident_bytes,
+                    "nodes": len(self.tree) + len(self.radix),
+                    "evictions": s.get("evictions", 0) + r.get("evictions", 0),
+                    "budget_bytes": self.cache_cfg.cache_bytes}
 
     def put_segment(self, tenant: str, name: str, content: str, ttl_s: float | None) -> dict:
         digest = segment_digest(content)

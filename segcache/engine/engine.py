@@ -45,6 +45,7 @@ from segcache.engine.types import (
 )
 from segcache.kv.autoseg import message_digest
 from segcache.kv.hashing import namespace_digest
+from segcache.kv.radix import RadixTree
 from segcache.kv.registry import SegmentRegistry
 from segcache.kv.segment_tree import SegmentNode, SegmentTree
 from segcache.model.runtime import ModelRuntime
@@ -57,6 +58,15 @@ CancelCheck = Callable[[], bool]
 
 class _Cancelled(Exception):
     pass
+
+
+def _split_kv(handle: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Clones, not views: a view would keep the whole original storage alive.
+    return handle[:, :, :, :k].clone(), handle[:, :, :, k:].clone()
+
+
+def _kv_bytes(handle: torch.Tensor) -> int:
+    return handle.numel() * handle.element_size()
 
 
 @dataclass
@@ -85,6 +95,8 @@ class Engine(CacheControl):
         self.prefill_chunk = prefill_chunk
         self.tree = SegmentTree(cache.cache_bytes, clock=clock,
                                 tenant_quota_bytes=cache.tenant_quota_bytes)
+        self.radix = RadixTree(cache.cache_bytes, split_handle=_split_kv, bytes_of=_kv_bytes,
+                               handle_len=lambda h: h.shape[3], clock=clock)
         self.registry = SegmentRegistry(clock)
         self.memo = TokenMemo(tokenizer)
         self._lock = threading.RLock()
@@ -135,7 +147,8 @@ class Engine(CacheControl):
     def complete(self, tenant: str, prompt: str, sampling: SamplingParams,
                  on_text: Callback | None = None,
                  is_cancelled: CancelCheck | None = None) -> GenerationResult:
-        """Plain-text completion (no chat template)."""
+        """Plain-text completion (no chat template), reusing the longest prefix of
+        any earlier prompt or reply of this tenant through the radix tail."""
         t0 = time.perf_counter()
         ids = tuple(self.tokenizer.encode(prompt))
         if not ids:
@@ -143,12 +156,30 @@ class Engine(CacheControl):
         self._check_context(len(ids), sampling.max_tokens)
         ns = self.namespace(tenant)
         with self._lock:
-            run = _Run(self.runtime.new_kv(len(ids) + sampling.max_tokens), self.tree.root(ns))
+            match = self.radix.match_prefix(ns, ids, max_len=len(ids) - 1)  # >= 1 token computed
+            self.radix.pin(match.nodes)
             try:
-                return self._generate(run, ids, sampling, t0, on_text, is_cancelled)[0]
+                run = _Run(self.runtime.new_kv(len(ids) + sampling.max_tokens), self.tree.root(ns))
+                for handle in match.handles:
+                    n = handle.shape[3]
+                    run.kv[:, :, :, run.pos:run.pos + n] = handle
+                    run.pos += n
+                run.cached = run.pos
+                result, stream = self._generate(run, ids[run.pos:], sampling, t0, on_text,
+                                                is_cancelled)
+                if result.finish_reason != "cancelled" and not stream.stopped:
+                    self._keep_tokens(ns, run.kv, ids + tuple(result.token_ids))
+                return result
             except _Cancelled:
-                return self._result(run, len(ids), TextStream(self.tokenizer.decode), "cancelled",
-                                    0.0, t0)
+                return self._result(run, len(ids) - run.pos, TextStream(self.tokenizer.decode),
+                                    "cancelled", 0.0, t0)
+            finally:
+                self.radix.unpin(match.nodes)
+                self._enforce_budget(ns)
+
+    def _keep_tokens(self, ns: str, kv: torch.Tensor, ids: tuple[int, ...]) -> None:
+        """Insert ``ids`` (whose KV is in ``kv`` slots [0, len)) into the radix tail."""
+        self.radix.insert(ns, ids, lambda a, b: kv[:, :, :, a:b].clone())
 
     def warm(self, tenant: str, segments: list[SegmentInput]) -> WarmResult:
         """Compute and cache ``segments`` (as the start of a chat prompt) without generating."""
@@ -218,10 +249,18 @@ class Engine(CacheControl):
                                 ttl_s=ttl_s or self.cache_cfg.default_ttl_s)
         self.tree.pin([node])
         run.pinned.append(node)
-        if self.cache_cfg.tenant_quota_bytes is not None:
-            self.tree.enforce_quota(run.parent.namespace)
-        self.tree.evict_until()
+        self._enforce_budget(run.parent.namespace)
         return node
+
+    def _enforce_budget(self, ns: str) -> None:
+        """Resident KV of the segment tree and the radix tail together <= budget;
+        the radix tail (unstructured prompts) gives way first."""
+        if self.cache_cfg.tenant_quota_bytes is not None:
+            self.tree.enforce_quota(ns)
+        budget = self.cache_cfg.cache_bytes
+        if self.tree.resident_bytes + self.radix.resident_bytes > budget:
+            self.radix.evict_until(max(0, budget - self.tree.resident_bytes))
+            self.tree.evict_until(budget - self.radix.resident_bytes)
 
     def _advance(self, run: _Run, node: SegmentNode, key, n: int, status: str) -> None:
         run.usage.append(SegmentUsage(key.id, key.digest, status, n, key.kind))  # type: ignore[arg-type]
@@ -241,9 +280,11 @@ class Engine(CacheControl):
         self._insert(run, message_digest(msg), tail + tuple(result.token_ids), None)
 
     def _release(self, nodes: list[SegmentNode]) -> None:
+        ns = nodes[0].namespace if nodes else None
         self.tree.unpin(nodes)
         nodes.clear()
-        self.tree.evict_until()
+        if ns is not None:
+            self._enforce_budget(ns)
 
     # ------------------------------------------------------------------ compute
     def _prefill(self, ids: tuple[int, ...], kv: torch.Tensor, start: int,
