@@ -1,0 +1,5 @@
+"""KV cache structures: pure Python bookkeeping over opaque KV handles (no torch)."""
+
+from segcache.kv.segment_tree import REMOVE_REASONS, SegmentNode, SegmentTree
+
+__all__ = ["REMOVE_REASONS", "SegmentNode", "SegmentTree"]

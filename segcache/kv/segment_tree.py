@@ -1,0 +1,592 @@
+"""The segment tree: which KV is cached, under which namespace, after which segments.
+
+One root per namespace digest (tenant + model fingerprint); below it, children
+keyed by segment digest. A node holds an opaque handle to the KV of *its own*
+tokens only; the KV of a prefix is the concatenation of the handles along the
+path from the root. The tree never looks inside a handle: it is pure Python
+bookkeeping (digests, token ids, byte counts, pins, clocks) so it can be
+tested and simulated without a model.
+
+Contracts, in one place:
+
+- **Mutation.** ``match`` mutates (hit counters, ``last_use``, TTL refresh and
+  removal of expired nodes it walks into); ``insert``, ``evict_until``,
+  ``enforce_quota``, ``expire``, ``purge``, ``set_ttl``, ``pin`` and
+  ``unpin`` mutate; ``get_by_chain``, ``path_to``, ``stats``, byte counters
+  and ``check_integrity`` do not.
+- **Pinning.** A node used by a running request must be pinned between its
+  ``match``/``insert`` and the end of the request. A pinned node is never
+  evicted, expired or purged, and since only leaves are evicted and expiry and
+  purge skip subtrees that hold a pin, pinning a node protects its whole path.
+  Pins are reference counts; the caller must unpin exactly what it pinned.
+- **Removal.** Every node that leaves the tree is reported exactly once to
+  ``on_remove(node, reason)`` with ``reason`` in ``REMOVE_REASONS``, after it
+  has been unlinked, children before parents. ``"replace"`` is the exception:
+  the node stays and only its old handle is reported (see ``insert``). The
+  callback frees or demotes ``node.handle``; it must not raise or call back
+  into the tree. Removal methods also return the removed nodes.
+- **Budget.** ``insert`` never evicts: after inserting, the caller runs
+  ``evict_until`` (and ``enforce_quota``). Roots hold no KV and are never
+  removed.
+- **Not thread-safe.** The engine owns the tree and serialises calls.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from segcache.kv.hashing import PREFIX, chain_digest
+
+REMOVE_REASONS = ("evict", "expire", "purge", "replace")
+_COUNTER_NAMES = {
+    "evict": "evictions",
+    "expire": "expirations",
+    "purge": "purged",
+    "replace": "replacements",
+}
+
+Clock = Callable[[], float]
+OnRemove = Callable[["SegmentNode", str], None]
+
+
+@dataclass(eq=False)
+class SegmentNode:
+    """One segment's KV, addressed by ``chain`` = H(parent.chain, digest).
+
+    ``handle`` is the engine's opaque KV for ``token_ids`` only, shape
+    ``[n_layers, 2, n_kv_heads, n_tokens, head_dim]`` when it is a tensor.
+    For a root, ``digest == chain == namespace``, ``nbytes == 0`` and
+    ``handle is None``. Identity equality: two nodes are equal only if they
+    are the same object. Fields are owned by the tree; read, don't write.
+    """
+
+    namespace: str
+    digest: str
+    chain: str
+    parent: SegmentNode | None = field(repr=False)
+    depth: int = 0
+    token_ids: tuple[int, ...] = ()
+    handle: object | None = field(default=None, repr=False)
+    nbytes: int = 0
+    hits: int = 0
+    last_use: float = 0.0
+    created: float = 0.0
+    ttl_s: float | None = None
+    expires_at: float | None = None
+    pins: int = 0
+    seq: int = 0  # creation order; breaks LRU ties deterministically
+    children: dict[str, SegmentNode] = field(default_factory=dict, repr=False)
+
+    @property
+    def is_root(self) -> bool:
+        """True for the per-namespace root, which holds no KV."""
+        return self.parent is None
+
+    @property
+    def n_tokens(self) -> int:
+        """Number of tokens whose KV this node holds."""
+        return len(self.token_ids)
+
+
+class SegmentTree:
+    """Index of cached segment KV: one tree per namespace, LRU leaf eviction.
+
+    ``budget_bytes`` bounds ``resident_bytes`` after ``evict_until``;
+    ``tenant_quota_bytes`` (optional) bounds each namespace after
+    ``enforce_quota``. ``clock`` returns seconds (monotonic); inject a fake
+    one in tests. See the module docstring for the mutation, pinning and
+    removal contracts.
+    """
+
+    def __init__(
+        self,
+        budget_bytes: int,
+        *,
+        clock: Clock = time.monotonic,
+        on_remove: OnRemove | None = None,
+        tenant_quota_bytes: int | None = None,
+    ) -> None:
+        if budget_bytes < 0:
+            raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
+        if tenant_quota_bytes is not None and tenant_quota_bytes < 0:
+            raise ValueError(f"tenant_quota_bytes must be >= 0, got {tenant_quota_bytes}")
+        self.budget_bytes = budget_bytes
+        self.tenant_quota_bytes = tenant_quota_bytes
+        self._clock = clock
+        self._on_remove = on_remove
+        self._roots: dict[str, SegmentNode] = {}
+        self._by_chain: dict[str, SegmentNode] = {}
+        self._ns_bytes: dict[str, int] = {}
+        self._resident = 0
+        self._count = 0
+        self._seq = 0
+        self._removed: dict[str, Counter[str]] = {}
+
+    @classmethod
+    def create_simulated(
+        cls,
+        budget_bytes: int = 1 << 30,
+        *,
+        clock: Clock = time.monotonic,
+        on_remove: OnRemove | None = None,
+        tenant_quota_bytes: int | None = None,
+    ) -> SegmentTree:
+        """A tree for tests and simulations: no engine, handles may be any object."""
+        return cls(
+            budget_bytes, clock=clock, on_remove=on_remove, tenant_quota_bytes=tenant_quota_bytes
+        )
+
+    # ----------------------------------------------------------------- lookup
+
+    def root(self, namespace: str) -> SegmentNode:
+        """The root of ``namespace``, created on first use. Raises ValueError on ""."""
+        node = self._roots.get(namespace)
+        if node is not None:
+            return node
+        if not namespace:
+            raise ValueError("namespace must be a non-empty digest")
+        if namespace in self._by_chain:
+            raise ValueError(f"namespace {namespace[:24]} collides with a node chain")
+        now = self._clock()
+        node = SegmentNode(namespace, namespace, namespace, None, last_use=now, created=now)
+        self._roots[namespace] = node
+        self._by_chain[namespace] = node
+        self._ns_bytes[namespace] = 0
+        self._removed[namespace] = Counter()
+        return node
+
+    def match(self, namespace: str, digests: Sequence[str]) -> list[SegmentNode]:
+        """Longest cached prefix of ``digests`` under ``namespace`` (root excluded).
+
+        Walks from the root and stops at the first digest with no live child.
+        A pinned child is live even past ``expires_at`` (its KV is in use).
+        An expired, unpinned child is a miss; it is removed with its subtree
+        (reason "expire") unless the subtree holds a pin. Every matched node
+        gets ``hits += 1``, ``last_use = now`` and, if it has a TTL,
+        ``expires_at = now + ttl_s``. Does NOT pin: pin the result before
+        using its handles. An unknown namespace matches nothing and creates
+        no root.
+        """
+        node = self._roots.get(namespace)
+        if node is None:
+            return []
+        now = self._clock()
+        matched: list[SegmentNode] = []
+        for digest in digests:
+            child = node.children.get(digest)
+            if child is None:
+                break
+            if self._is_expired(child, now):
+                if not self._subtree_has_pins(child):
+                    self._remove_subtree(child, "expire")
+                break
+            self._touch(child, now)
+            matched.append(child)
+            node = child
+        return matched
+
+    def get_by_chain(self, chain: str) -> SegmentNode | None:
+        """The node (root included) whose chain digest is ``chain``, if cached."""
+        return self._by_chain.get(chain)
+
+    def path_to(self, node: SegmentNode) -> list[SegmentNode]:
+        """Nodes from depth 1 down to ``node`` (root excluded; [] for a root).
+
+        Raises ValueError if ``node`` is not in this tree.
+        """
+        self._require_member(node)
+        path: list[SegmentNode] = []
+        while node.parent is not None:
+            path.append(node)
+            node = node.parent
+        path.reverse()
+        return path
+
+    # ---------------------------------------------------------------- mutation
+
+    def insert(
+        self,
+        parent: SegmentNode,
+        digest: str,
+        token_ids: Sequence[int],
+        handle: object,
+        nbytes: int,
+        ttl_s: float | None = None,
+    ) -> SegmentNode:
+        """Add the child ``digest`` under ``parent`` holding ``handle`` (``nbytes``).
+
+        If a live child with this digest already exists it is returned
+        unchanged (not touched): the caller then owns ``handle`` and must free
+        it (check ``result.handle is handle``). If the existing child has
+        expired and is unpinned, its payload is replaced in place:
+        ``on_remove(child, "replace")`` sees the old handle, then the node
+        takes the new handle, bytes and TTL and keeps its subtree (the chain,
+        hence the KV, is the same); without ``on_remove`` the old handle is
+        simply dropped. Never evicts; the tree may be over budget
+        afterwards. Raises ValueError if ``parent`` is not in this tree,
+        ``digest`` is empty, ``nbytes < 0`` or ``ttl_s <= 0``.
+        """
+        self._require_member(parent)
+        if not digest:
+            raise ValueError("digest must be non-empty")
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+        _check_ttl(ttl_s)
+        now = self._clock()
+        node = parent.children.get(digest)
+        if node is None:
+            node = self._add_child(parent, digest)
+        elif self._is_expired(node, now):
+            self._report(node, "replace")
+        else:
+            return node
+        self._set_payload(node, token_ids, handle, nbytes, ttl_s, now)
+        return node
+
+    def set_ttl(self, node: SegmentNode, ttl_s: float | None) -> None:
+        """Give ``node`` a TTL (``expires_at = now + ttl_s``) or clear it (None).
+
+        Raises ValueError for a root, a node not in this tree, or ``ttl_s <= 0``.
+        """
+        self._require_member(node)
+        if node.is_root:
+            raise ValueError("roots never expire")
+        _check_ttl(ttl_s)
+        node.ttl_s = ttl_s
+        node.expires_at = None if ttl_s is None else self._clock() + ttl_s
+
+    def pin(self, nodes: Iterable[SegmentNode]) -> None:
+        """Add one pin per occurrence in ``nodes``; all-or-nothing.
+
+        Raises ValueError (pinning nothing) if any node is a root or not in
+        this tree.
+        """
+        nodes = list(nodes)
+        for node in nodes:
+            self._require_member(node)
+            if node.is_root:
+                raise ValueError("roots hold no KV and cannot be pinned")
+        for node in nodes:
+            node.pins += 1
+
+    def unpin(self, nodes: Iterable[SegmentNode]) -> None:
+        """Drop one pin per occurrence in ``nodes``; all-or-nothing.
+
+        Raises ValueError (unpinning nothing) if any node would go below zero
+        pins. Unpinning does not evict: a node that expired while pinned is
+        removed by the next ``expire`` or ``match``.
+        """
+        nodes = list(nodes)
+        wanted = Counter(id(node) for node in nodes)
+        for node in nodes:
+            if node.pins < wanted[id(node)]:
+                raise ValueError(f"unpin below zero on node {node.digest[:24]}")
+        for node in nodes:
+            node.pins -= 1
+
+    # ---------------------------------------------------------------- removal
+
+    def evict_until(self, budget_bytes: int | None = None) -> list[SegmentNode]:
+        """Evict least-recently-used unpinned leaves until ``resident_bytes <= budget``.
+
+        ``budget_bytes`` defaults to ``self.budget_bytes``. A parent becomes a
+        candidate once its children are gone. Stops early, leaving the tree
+        over budget, when only pinned paths remain. Returns removed nodes in
+        eviction order (reason "evict").
+        """
+        target = self.budget_bytes if budget_bytes is None else budget_bytes
+        if target < 0:
+            raise ValueError(f"budget_bytes must be >= 0, got {target}")
+        return self._evict_lru(list(self._roots.values()), lambda: self._resident, target)
+
+    def enforce_quota(self, namespace: str) -> list[SegmentNode]:
+        """Evict LRU unpinned leaves of ``namespace`` until it fits ``tenant_quota_bytes``.
+
+        No-op without a quota or for an unknown namespace. Same rules and
+        return value as ``evict_until``.
+        """
+        root = self._roots.get(namespace)
+        if self.tenant_quota_bytes is None or root is None:
+            return []
+        return self._evict_lru([root], lambda: self._ns_bytes[namespace], self.tenant_quota_bytes)
+
+    def expire(self, now: float | None = None) -> list[SegmentNode]:
+        """Remove unpinned nodes with ``expires_at <= now`` together with their subtrees.
+
+        Descendants go too, expired or not: their KV is only usable after the
+        parent's. An expired node whose subtree holds a pin is kept (its
+        path is in use); expired, pin-free branches below it are still
+        removed. ``now`` defaults to the clock. Returns removed nodes,
+        children before parents (reason "expire").
+        """
+        now = self._clock() if now is None else now
+        pinned = self._pinned_subtrees()
+        removed: list[SegmentNode] = []
+        stack = list(self._roots.values())
+        while stack:
+            node = stack.pop()
+            if not node.is_root and self._is_expired(node, now) and id(node) not in pinned:
+                removed.extend(self._remove_subtree(node, "expire"))
+            else:
+                stack.extend(node.children.values())
+        return removed
+
+    def purge(self, namespace: str) -> list[SegmentNode]:
+        """Remove every unpinned node of ``namespace`` that has no pinned descendant.
+
+        Pinned nodes and their ancestors stay (call again after unpinning to
+        drop them); the root stays. Returns removed nodes, children before
+        parents (reason "purge"). Unknown namespace: returns [].
+        """
+        root = self._roots.get(namespace)
+        if root is None:
+            return []
+        removed: list[SegmentNode] = []
+        for node in reversed(list(_preorder(root))):
+            if not node.is_root and not node.children and node.pins == 0:
+                self._unlink(node, "purge")
+                removed.append(node)
+        return removed
+
+    # ---------------------------------------------------------------- queries
+
+    @property
+    def resident_bytes(self) -> int:
+        """Sum of ``nbytes`` over all nodes."""
+        return self._resident
+
+    def namespace_bytes(self, namespace: str) -> int:
+        """Sum of ``nbytes`` over the nodes of ``namespace`` (0 if unknown)."""
+        return self._ns_bytes.get(namespace, 0)
+
+    @property
+    def namespaces(self) -> list[str]:
+        """Namespaces that have a root."""
+        return list(self._roots)
+
+    def __len__(self) -> int:
+        """Number of non-root nodes."""
+        return self._count
+
+    def stats(
+        self, namespace: str | None = None, *, max_depth: int = 8, max_children: int = 16
+    ) -> dict[str, Any]:
+        """Counters and a JSON-able tree summary, for all namespaces or one.
+
+        ``tree`` is a list of root summaries; each summary is
+        ``{digest, chain, tokens, bytes, hits, pins, children, omitted}``
+        where ``digest``/``chain`` are their first 16 hex digits, ``children`` is
+        capped at ``max_children`` (most hit first) and ``max_depth``, and
+        ``omitted`` counts the nodes of the subtree that were left out.
+        """
+        if namespace is None:
+            roots = list(self._roots.values())
+        else:
+            roots = [self._roots[namespace]] if namespace in self._roots else []
+        nodes = [n for r in roots for n in _preorder(r) if not n.is_root]
+        out: dict[str, Any] = {
+            "namespaces": len(roots),
+            "nodes": len(nodes),
+            "bytes": sum(n.nbytes for n in nodes),
+            "tokens": sum(n.n_tokens for n in nodes),
+            "hits": sum(n.hits for n in nodes),
+            "pinned": sum(1 for n in nodes if n.pins > 0),
+            "budget_bytes": self.budget_bytes,
+            "tenant_quota_bytes": self.tenant_quota_bytes,
+        }
+        removed: Counter[str] = Counter()
+        for root in roots:
+            removed.update(self._removed[root.namespace])
+        for reason, name in _COUNTER_NAMES.items():
+            out[name] = removed[reason]
+        out["tree"] = [_summarise(r, max_depth, max_children) for r in roots]
+        return out
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError naming the first broken invariant, else return None.
+
+        Checks links, depths, chain digests, the chain index, byte accounting
+        (total and per namespace), node count and pin counts.
+        """
+        seen: dict[int, SegmentNode] = {}
+        ns_bytes: Counter[str] = Counter()
+        for ns, root in self._roots.items():
+            _check_root(ns, root)
+            for node in _preorder(root):
+                assert id(node) not in seen, f"node {node.digest[:24]} reachable twice"
+                seen[id(node)] = node
+                ns_bytes[ns] += node.nbytes
+                assert node.namespace == ns, f"node {node.digest[:24]} in wrong namespace"
+                assert node.pins >= 0, f"node {node.digest[:24]} has {node.pins} pins"
+                for key, child in node.children.items():
+                    _check_link(node, key, child)
+        index_ids = {id(n) for n in self._by_chain.values()}
+        assert index_ids == set(seen), "chain index differs from the set of nodes"
+        for chain, node in self._by_chain.items():
+            assert node.chain == chain, f"index key {chain[:24]} maps to another chain"
+        assert self._count == len(seen) - len(self._roots), "node count is wrong"
+        assert self._resident == sum(ns_bytes.values()), "resident_bytes is wrong"
+        assert set(self._ns_bytes) == set(self._roots), "namespace byte keys differ from roots"
+        for ns, total in self._ns_bytes.items():
+            assert total == ns_bytes[ns], f"namespace_bytes wrong for {ns[:24]}"
+
+    # ---------------------------------------------------------------- internals
+
+    def _require_member(self, node: SegmentNode) -> None:
+        if self._by_chain.get(node.chain) is not node:
+            raise ValueError(f"node {node.digest[:24]} does not belong to this tree")
+
+    @staticmethod
+    def _is_expired(node: SegmentNode, now: float) -> bool:
+        return node.pins == 0 and node.expires_at is not None and node.expires_at <= now
+
+    @staticmethod
+    def _touch(node: SegmentNode, now: float) -> None:
+        node.hits += 1
+        node.last_use = now
+        if node.ttl_s is not None:
+            node.expires_at = now + node.ttl_s
+
+    @staticmethod
+    def _subtree_has_pins(node: SegmentNode) -> bool:
+        return any(n.pins > 0 for n in _preorder(node))
+
+    def _pinned_subtrees(self) -> set[int]:
+        """ids of nodes whose subtree (self included) holds a pin, in one pass."""
+        pinned: set[int] = set()
+        for root in self._roots.values():
+            for node in reversed(list(_preorder(root))):
+                if node.pins > 0 or any(id(c) in pinned for c in node.children.values()):
+                    pinned.add(id(node))
+        return pinned
+
+    def _add_bytes(self, namespace: str, delta: int) -> None:
+        self._ns_bytes[namespace] += delta
+        self._resident += delta
+
+    def _add_child(self, parent: SegmentNode, digest: str) -> SegmentNode:
+        chain = chain_digest(parent.chain, digest)
+        if chain in self._by_chain:
+            raise ValueError(f"chain {chain[:24]} already names another node")
+        self._seq += 1
+        node = SegmentNode(parent.namespace, digest, chain, parent, parent.depth + 1, seq=self._seq)
+        parent.children[digest] = node
+        self._by_chain[chain] = node
+        self._count += 1
+        return node
+
+    def _set_payload(
+        self,
+        node: SegmentNode,
+        token_ids: Sequence[int],
+        handle: object,
+        nbytes: int,
+        ttl_s: float | None,
+        now: float,
+    ) -> None:
+        self._add_bytes(node.namespace, nbytes - node.nbytes)
+        node.token_ids, node.handle, node.nbytes = tuple(token_ids), handle, nbytes
+        node.ttl_s, node.expires_at = ttl_s, None if ttl_s is None else now + ttl_s
+        node.created = node.last_use = now
+        node.hits = 0
+
+    def _unlink(self, node: SegmentNode, reason: str) -> None:
+        """Remove one unpinned leaf and report it."""
+        assert node.parent is not None and not node.children and node.pins == 0
+        del node.parent.children[node.digest]
+        del self._by_chain[node.chain]
+        self._add_bytes(node.namespace, -node.nbytes)
+        self._count -= 1
+        self._report(node, reason)
+
+    def _report(self, node: SegmentNode, reason: str) -> None:
+        self._removed[node.namespace][reason] += 1
+        if self._on_remove is not None:
+            self._on_remove(node, reason)
+
+    def _remove_subtree(self, node: SegmentNode, reason: str) -> list[SegmentNode]:
+        """Unlink ``node`` and all its descendants (none pinned), children first."""
+        removed = list(reversed(list(_preorder(node))))
+        for n in removed:
+            self._unlink(n, reason)
+        return removed
+
+    def _evict_lru(
+        self, roots: list[SegmentNode], used: Callable[[], int], target: int
+    ) -> list[SegmentNode]:
+        if used() <= target:
+            return []
+        heap = [(n.last_use, n.seq, n) for r in roots for n in _preorder(r) if _evictable_leaf(n)]
+        heapq.heapify(heap)
+        removed: list[SegmentNode] = []
+        while heap and used() > target:
+            _, _, node = heapq.heappop(heap)
+            parent = node.parent
+            self._unlink(node, "evict")
+            removed.append(node)
+            if parent is not None and _evictable_leaf(parent):
+                heapq.heappush(heap, (parent.last_use, parent.seq, parent))
+        return removed
+
+
+def _check_ttl(ttl_s: float | None) -> None:
+    if ttl_s is not None and not ttl_s > 0:
+        raise ValueError(f"ttl_s must be > 0 or None, got {ttl_s}")
+
+
+def _evictable_leaf(node: SegmentNode) -> bool:
+    return not node.is_root and not node.children and node.pins == 0
+
+
+def _preorder(node: SegmentNode) -> Iterator[SegmentNode]:
+    """``node`` then its descendants, parents before children (iterative: trees can be deep)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        yield n
+        stack.extend(n.children.values())
+
+
+def _check_root(namespace: str, root: SegmentNode) -> None:
+    assert root.parent is None, f"root {namespace[:24]} has a parent"
+    assert root.namespace == root.digest == root.chain == namespace, "root digests != namespace"
+    assert root.depth == 0, f"root {namespace[:24]} has depth {root.depth}"
+    assert root.nbytes == 0 and root.handle is None, f"root {namespace[:24]} holds KV"
+    assert root.pins == 0, f"root {namespace[:24]} is pinned"
+
+
+def _check_link(parent: SegmentNode, key: str, child: SegmentNode) -> None:
+    name = child.digest[:24]
+    assert child.parent is parent, f"node {name} does not point back to its parent"
+    assert key == child.digest, f"node {name} stored under key {key[:24]}"
+    assert child.depth == parent.depth + 1, f"node {name} has depth {child.depth}"
+    assert child.chain == chain_digest(parent.chain, child.digest), f"node {name} chain is wrong"
+    assert child.nbytes >= 0, f"node {name} has negative nbytes"
+
+
+def _short(digest: str) -> str:
+    return digest.removeprefix(PREFIX)[:16]
+
+
+def _summarise(node: SegmentNode, max_depth: int, max_children: int) -> dict[str, Any]:
+    """JSON-able summary of ``node``'s subtree, capped in depth and fan-out (recursive, bounded)."""
+    out: dict[str, Any] = {
+        "digest": _short(node.digest),
+        "chain": _short(node.chain),
+        "tokens": node.n_tokens,
+        "bytes": node.nbytes,
+        "hits": node.hits,
+        "pins": node.pins,
+        "children": [],
+        "omitted": 0,
+    }
+    kids = sorted(node.children.values(), key=lambda n: (-n.hits, -n.last_use, n.seq))
+    shown = kids[:max_children] if max_depth > 0 else []
+    out["children"] = [_summarise(c, max_depth - 1, max_children) for c in shown]
+    out["omitted"] = sum(sum(1 for _ in _preorder(c)) for c in kids[len(shown) :])
+    return out
