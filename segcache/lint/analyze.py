@@ -75,8 +75,10 @@ class LintResult:
 
 
 def lint(open_trace: Callable[[], Iterable[Request]], counter: TokenCounter,
-         options: LintOptions | None = None, rules: Iterable[str] | None = None) -> LintResult:
-    """Run the rules named in ``rules`` (default: all) over the trace and simulate the fixes."""
+         options: LintOptions | None = None, rules: Iterable[str] | None = None,
+         simulate_fixes: bool = True) -> LintResult:
+    """Run the rules named in ``rules`` (default: all) over the trace and, unless
+    ``simulate_fixes`` is False, replay it once more per fix."""
     options = options or LintOptions()
     wanted = set(RULE_IDS if rules is None else rules)
     unknown = wanted - set(RULE_IDS)
@@ -96,7 +98,7 @@ def lint(open_trace: Callable[[], Iterable[Request]], counter: TokenCounter,
     fired = [r for r in active if r.count]
     findings = [f for f in (r.finding() for r in fired) if f is not None]
     result = LintResult(n, counter.describe(), findings, Scenario("as traced", baseline.result))
-    if fired:
+    if fired and simulate_fixes:
         result.fixes = _replay_fixes(open_trace, counter, options, fired)
     return result
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 _MONTHS = (
     r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|Jun(?:e)?|Jul(?:y)?|"
@@ -46,6 +47,7 @@ def find_values(text: str) -> list[Value]:
     return [Value(m.lastgroup or "value", m.start(), m.end(), m.group()) for m in _RE.finditer(text)]
 
 
+@lru_cache(maxsize=65536)  # prompts repeat the same blocks; the regex is the linter's hot spot
 def mask(text: str) -> str:
     """``text`` with every dynamic-looking value replaced by ``⟨kind⟩``."""
     return _RE.sub(lambda m: f"\u27e8{m.lastgroup}\u27e9", text)
@@ -72,3 +74,10 @@ def snippet(text: str, at: int, width: int = 40) -> str:
     """Up to ``width`` characters of ``text`` from ``at``, one line, for evidence."""
     piece = text[at:at + width]
     return piece.replace("\n", "\\n") + ("…" if at + width < len(text) else "")
+
+
+def word_start(text: str, at: int) -> int:
+    """Back ``at`` up to the start of the word it falls in (for readable evidence)."""
+    while at > 0 and text[at - 1].isalnum():
+        at -= 1
+    return at

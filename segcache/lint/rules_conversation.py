@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from segcache.kv.autoseg import message_digest
-from segcache.lint.dynamic import common_suffix, first_difference, snippet
+from segcache.lint.dynamic import common_suffix, first_difference, snippet, word_start
 from segcache.lint.findings import Evidence, Fix, LintOptions, Rule, evidence_at
 from segcache.lint.trace import Request
 from segcache.lint.view import RequestView
@@ -55,7 +55,7 @@ class HistoryRewrite(Rule):
         if k >= len(prev.digests) or k >= len(step.digests):
             return  # appended (or a retry / rollback of the same messages)
         unit = view.message_units()[k]
-        at = first_difference(prev.texts[k], step.texts[k])
+        at = word_start(step.texts[k], first_difference(prev.texts[k], step.texts[k]))
         text = f"{snippet(step.texts[k], at)!r} (was {snippet(prev.texts[k], at)!r})"
         lost = sum(view.tokens[unit:])
         if lost >= self.options.min_lost_tokens:
@@ -136,7 +136,7 @@ class SystemFragmentation(Rule):
         text = view.units[i].content
         clusters = self._clusters.setdefault(view.request.tenant, [])
         for c in clusters:
-            lcp = first_difference(c.rep, text)
+            lcp = word_start(text, first_difference(c.rep, text))
             lcs = common_suffix(c.rep, text, min(len(c.rep), len(text)) - lcp)
             if (lcp + lcs) / max(len(c.rep), len(text)) >= self.options.fragmentation_similarity:
                 c.lcp, c.lcs = min(c.lcp, lcp), min(c.lcs, lcs)

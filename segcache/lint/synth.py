@@ -129,7 +129,7 @@ def generate(seed: int = 0, plant: tuple[str, ...] = (), agents: int = 4, steps:
                 trace.expected["noncanonical-json"] = Expected(index, 3)
             record = {"model": "smollm2", "messages": messages, "tools": body_tools}
             meta = {"agent": agent.name, "timestamp": _time(planted, step, a),
-                    "replica": _replica(planted, index, a, replicas)}
+                    "replica": _replica(planted, index, a, replicas, agents)}
             trace.records.append({"request": record, **meta} if log_records else {**record, **meta})
     if "cold-fanout" in planted:
         trace.expected["cold-fanout"] = Expected(0)
@@ -214,7 +214,12 @@ def _time(planted: set[str], step: int, a: int) -> float:
     return T0 + step * 30.0 + (0.0 if step == 0 and a == 0 else 5.0 + 2.0 * a)
 
 
-def _replica(planted: set[str], index: int, a: int, replicas: int) -> str:
+def _replica(planted: set[str], index: int, a: int, replicas: int, agents: int) -> str:
     if "round-robin" in planted:
-        return f"r{index % (replicas + 1)}"
+        # One more replica than the clean trace, and never a divisor of the crew size:
+        # otherwise round-robin over step-major order would pin each agent to one replica.
+        n = replicas + 1
+        while agents % n == 0:
+            n += 1
+        return f"r{index % n}"
     return f"r{a % replicas}"
