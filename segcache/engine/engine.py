@@ -260,7 +260,7 @@ class Engine(CacheControl):
         budget = self.cache_cfg.cache_bytes
         if self.tree.resident_bytes + self.radix.resident_bytes > budget:
             self.radix.evict_until(max(0, budget - self.tree.resident_bytes))
-            self.tree.evict_until(budget - self.radix.resident_bytes)
+            self.tree.evict_until(max(0, budget - self.radix.resident_bytes))
 
     def _advance(self, run: _Run, node: SegmentNode, key, n: int, status: str) -> None:
         run.usage.append(SegmentUsage(key.id, key.digest, status, n, key.kind))  # type: ignore[arg-type]
