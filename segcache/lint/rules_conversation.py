@@ -6,11 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from segcache.kv.autoseg import message_digest
-from segcache.lint.dynamic import common_suffix, first_difference, snippet, word_start
+from segcache.kv.autoseg import message_text
+from segcache.kv.hashing import segment_digest
+from segcache.lint.dynamic import common_suffix, first_difference, mask, snippet, word_start
 from segcache.lint.findings import Evidence, Fix, LintOptions, Rule, evidence_at
-from segcache.lint.trace import Request
-from segcache.lint.view import RequestView
+from segcache.lint.trace import Request, request_units
+from segcache.lint.view import RequestView, agent_key
 
 
 @dataclass
@@ -39,6 +40,7 @@ class HistoryRewrite(Rule):
     def __init__(self, options: LintOptions) -> None:
         super().__init__(options)
         self._last: dict[tuple[str, str], _Step] = {}
+        self.rewritten: dict[tuple[str, str], int] = {}  # agent -> first rewriting request
 
     def observe(self, view: RequestView) -> None:
         key = view.agent_key()
@@ -59,10 +61,11 @@ class HistoryRewrite(Rule):
         text = f"{snippet(step.texts[k], at)!r} (was {snippet(prev.texts[k], at)!r})"
         lost = sum(view.tokens[unit:])
         if lost >= self.options.min_lost_tokens:
+            self.rewritten.setdefault(key, view.index)
             self.report(evidence_at(view, unit, at, text, previous_request=prev.index), tokens_lost=lost)
 
     def make_fix(self) -> Fix:
-        return AppendOnly()
+        return AppendOnly(self.rewritten)
 
 
 def _continues(prev: _Step, step: _Step) -> bool:
@@ -72,29 +75,32 @@ def _continues(prev: _Step, step: _Step) -> bool:
 
 
 class AppendOnly(Fix):
-    """Replay each conversation append-only: the previous step's messages as sent,
-    then what this step adds after the last message it shares with them."""
+    """Replay each rewriting conversation append-only, from its first rewrite on:
+    the previous step's messages as sent, then what this step adds after the
+    last message it shares with them. Differences in dynamic values alone are
+    left to the dynamic-prefix fix."""
 
-    def __init__(self) -> None:
+    def __init__(self, rewritten: dict[tuple[str, str], int]) -> None:
+        self.rewritten = rewritten
         self._last: dict[tuple[str, str], list[dict[str, Any]]] = {}
 
     def apply(self, request: Request) -> Request:
-        key = (request.tenant, request.agent or _first_user(request))
-        msgs = request.messages
-        prev = self._last.get(key)
-        if prev is not None:
-            prev_d = [message_digest(m) for m in prev]
-            own = {message_digest(m) for m in prev if m.get("role") != "system"}
-            new_d = [message_digest(m) for m in msgs]
-            shared = [i for i, d in enumerate(new_d) if d in own]
-            if shared and new_d[:len(prev_d)] != prev_d:
+        key = agent_key(request, request_units(request))
+        if key not in self.rewritten:
+            return request
+        msgs, prev = request.messages, self._last.get(key)
+        if prev is not None and request.index >= self.rewritten[key]:
+            own = {_masked(m) for m in prev if m.get("role") != "system"}
+            new = [_masked(m) for m in msgs]
+            shared = [i for i, d in enumerate(new) if d in own]
+            if shared and new[:len(prev)] != [_masked(m) for m in prev]:
                 msgs = prev + msgs[shared[-1] + 1:]
         self._last[key] = msgs
         return request if msgs is request.messages else request.with_body({**request.body, "messages": msgs})
 
 
-def _first_user(request: Request) -> str:
-    return next((message_digest(m) for m in request.messages if m.get("role") == "user"), "")
+def _masked(message: dict[str, Any]) -> str:
+    return segment_digest(f"{message.get('role')}\x00{mask(message_text(message))}")
 
 
 @dataclass

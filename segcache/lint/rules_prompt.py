@@ -15,7 +15,7 @@ from segcache.kv.hashing import segment_digest
 from segcache.lint.dynamic import find_values, first_difference, mask, snippet
 from segcache.lint.findings import Evidence, Fix, LintOptions, Rule, evidence_at
 from segcache.lint.trace import Request
-from segcache.lint.view import RequestView, masked_digest
+from segcache.lint.view import RequestView, agent_key, masked_digest
 
 
 def _value_at(text: str, at: int) -> tuple[int, str]:
@@ -220,12 +220,7 @@ class StableTools(Fix):
     def apply(self, request: Request) -> Request:
         from segcache.lint.trace import request_units
 
-        units = request_units(request)
-        if request.agent is not None:
-            key = (request.tenant, "agent:" + request.agent)
-        else:
-            user = next((u for u in units if u.kind == "message" and u.role == "user"), None)
-            key = (request.tenant, "conversation:" + user.digest) if user else None
+        key = agent_key(request, request_units(request))
         tools = self.tools_by_agent.get(key) if key else None
         return request if tools is None else request.with_body({**request.body, "tools": tools})
 

@@ -58,17 +58,21 @@ class RequestView:
         return len(f"<|im_start|>{self.units[unit].role}\n")
 
     def agent_key(self) -> tuple[str, str] | None:
-        """Which agent sent this: the explicit ``agent`` field, else the
-        conversation (the digest of its first user message)."""
-        if self.request.agent is not None:
-            return (self.request.tenant, "agent:" + self.request.agent)
-        for u in self.units:
-            if u.kind == "message" and u.role == "user":
-                return (self.request.tenant, "conversation:" + u.digest)
-        return None
+        return agent_key(self.request, self.units)
 
     def message_units(self) -> list[int]:
         return [i for i, u in enumerate(self.units) if u.kind == "message"]
+
+
+def agent_key(request: Request, units: list[Unit]) -> tuple[str, str] | None:
+    """Which agent sent this: the explicit ``agent`` field, else the conversation
+    (the digest of its first user message); None if neither exists."""
+    if request.agent is not None:
+        return (request.tenant, "agent:" + request.agent)
+    for u in units:
+        if u.kind == "message" and u.role == "user":
+            return (request.tenant, "conversation:" + u.digest)
+    return None
 
 
 def masked_digest(unit: Unit) -> str:
