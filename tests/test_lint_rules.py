@@ -156,3 +156,21 @@ def test_cli_without_tokenizer_warns_and_approximates(tmp_path, capsys, monkeypa
     captured = capsys.readouterr()
     assert "approximate" in captured.err
     assert os.environ["SEGCACHE_CACHE_DIR"].endswith("empty")
+
+
+@pytest.mark.parametrize(("text", "kind"), [
+    ("at 2025-05-23T10:15:03Z now", "timestamp"),
+    ("on 2025-05-23 now", "date"),
+    ("on May 23, 2026 now", "date"),
+    ("at 10:15:03 now", "time"),
+    ("id 3f2b6c1e-8d4a-4f6b-9c2d-1a2b3c4d5e6f now", "uuid"),
+    ("trace_9fK2mQ7x now", "id"),
+    ("epoch 1750000000 now", "epoch"),
+    ("nonce Zx81kPq0rT now", "random"),
+    ("step 17 now", "number"),
+])
+def test_dynamic_values_are_masked_by_kind(text, kind):
+    from segcache.lint.dynamic import mask
+
+    masked = mask(text)
+    assert f"\u27e8{kind}\u27e9" in masked and masked.endswith(" now"), masked

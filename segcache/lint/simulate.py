@@ -39,6 +39,17 @@ class _Node:
         self.terminal = False
 
 
+def _common(edge: tuple[int, ...], ids: tuple[int, ...], i: int) -> int:
+    """Length of the common prefix of ``edge`` and ``ids[i:]`` (slice compare first: C speed)."""
+    n = min(len(edge), len(ids) - i)
+    if ids[i:i + n] == edge[:n]:
+        return n
+    k = 0
+    while edge[k] == ids[i + k]:
+        k += 1
+    return k
+
+
 class TokenRadix:
     """A compressed trie over token ids: ``match`` is the longest common prefix
     with anything inserted; ``terminal`` marks where an inserted prompt ended."""
@@ -53,10 +64,8 @@ class TokenRadix:
             child = node.children.get(ids[i])
             if child is None:
                 return i, None
-            edge, k = child.edge, 0
-            n = min(len(edge), len(ids) - i)
-            while k < n and edge[k] == ids[i + k]:
-                k += 1
+            edge = child.edge
+            k = _common(edge, ids, i)
             i += k
             if k < len(edge):
                 return i, None
@@ -79,10 +88,8 @@ class TokenRadix:
                 node.children[ids[i]] = child
                 node, i = child, len(ids)
                 break
-            edge, k = child.edge, 0
-            n = min(len(edge), len(ids) - i)
-            while k < n and edge[k] == ids[i + k]:
-                k += 1
+            edge = child.edge
+            k = _common(edge, ids, i)
             if k < len(edge):  # split the edge at k
                 mid = _Node(edge[:k])
                 child.edge = edge[k:]
