@@ -95,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Convert the model into the cache dir so later starts are fast.")
     add_model_args(prep)
 
+    lint = sub.add_parser("lint", help="find what breaks prefix caching in a request log",
+                          description="Lint a JSONL trace of OpenAI chat requests: rules with "
+                                      "evidence and fixes, and the token hit rate under plain "
+                                      "prefix caching, segcache, and after each fix. Exit code 1 "
+                                      "when error-severity findings exist.")
+    from segcache.lint import cli as lint_cli
+
+    lint_cli.add_arguments(lint)
+
     bench = sub.add_parser("bench", help="benchmarks: 'engine', or a workload against a server",
                            description="Benchmarks. 'segcache bench engine --help' for the engine "
                                        "micro-benchmark.")
@@ -170,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_prepare(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "lint":
+            from segcache.lint import cli as lint_cli
+
+            return lint_cli.run(args)
         if args.command == "bench":
             if args.bench_command == "engine":
                 from segcache.engine import benchmark as engine_bench

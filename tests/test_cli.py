@@ -49,3 +49,18 @@ def test_generate_smoke():
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
     assert "prompt tokens" in out.stderr
+
+
+def test_lint_command_exit_codes(tmp_path, capsys):
+    from segcache.cli import main
+    from segcache.lint.synth import generate
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(generate(seed=3, plant=("dynamic-prefix",)).to_jsonl())
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text(generate(seed=3).to_jsonl())
+    report = tmp_path / "r.json"
+    assert main(["lint", str(bad), "--json", str(report)]) == 1
+    assert "dynamic-prefix" in report.read_text()
+    assert main(["lint", str(clean)]) == 0
+    assert main(["lint", str(tmp_path / "missing.jsonl")]) == 2
