@@ -37,13 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the results here too")
 
 
-def _median_seconds(fn: Callable[[], None], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _seconds(fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 class _Segcache:
@@ -116,22 +113,31 @@ def _short(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _measure(engine, sizes: list[int], args, vocab: int) -> dict[str, float]:
+def _measure(engines: list, sizes: list[int], args, vocab: int) -> dict[str, dict[str, float]]:
+    """tokens/s per engine and figure. The engines take turns within every repeat,
+    so a load that drifts during the run (a shared host) weighs on both alike."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (max(sizes + [args.decode_context]),), generator=gen)
-    out: dict[str, float] = {}
+    out: dict[str, dict[str, float]] = {e.name: {} for e in engines}
     with torch.inference_mode():
-        engine.prefill(ids[:64])()  # warm-up: allocator, kernels, thread pool
-        for n in sizes:
-            out[f"prefill@{n}"] = n / _median_seconds(engine.prefill(ids[:n]), args.repeats)
-            print(f"  {engine.name} prefill {n}: {out[f'prefill@{n}']:.1f} tok/s", flush=True)
-        run = engine.decode(ids[:args.decode_context], args.decode_tokens)
-        run()  # warm-up
-        key = f"decode@{args.decode_context}"
-        out[key] = args.decode_tokens / _median_seconds(run, args.repeats)
-        print(f"  {engine.name} decode @{args.decode_context}: {out[key]:.1f} tok/s", flush=True)
+        for e in engines:
+            e.prefill(ids[:64])()  # warm-up: allocator, kernels, thread pool
+        figures = [(f"prefill@{n}", n, [e.prefill(ids[:n]) for e in engines]) for n in sizes]
+        decodes = [e.decode(ids[:args.decode_context], args.decode_tokens) for e in engines]
+        for run in decodes:
+            run()  # warm-up
+        figures.append((f"decode@{args.decode_context}", args.decode_tokens, decodes))
+        for key, tokens, runs in figures:
+            times: list[list[float]] = [[] for _ in engines]
+            for _ in range(args.repeats):
+                for i, run in enumerate(runs):
+                    times[i].append(_seconds(run))
+            for e, t in zip(engines, times, strict=True):
+                out[e.name][key] = tokens / statistics.median(t)
+            print("  " + key + ": " + ", ".join(f"{e.name} {out[e.name][key]:.1f} tok/s"
+                                               for e in engines), flush=True)
     return out
 
 
@@ -161,19 +167,16 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
 
     t0 = time.perf_counter()
-    ours = _Segcache(resolved, args.dtype, cache_dir, args.threads)
-    ours_desc = ours.describe
-    console.print(f"segcache: {ours_desc} (loaded in {time.perf_counter() - t0:.1f} s)")
-    results = {"segcache": _measure(ours, sizes, args, vocab)}
-    del ours
-    ref_desc = None
+    engines = [_Segcache(resolved, args.dtype, cache_dir, args.threads)]
+    console.print(f"segcache: {engines[0].describe} (loaded in {time.perf_counter() - t0:.1f} s)")
     if not args.no_reference:
         ref_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
             args.dtype, torch.bfloat16 if cpu_has_bf16_gemm() else torch.float32)
-        ref = _Transformers(resolved.directory, ref_dtype)
-        ref_desc = ref.describe
-        console.print(f"reference: {ref_desc}")
-        results["transformers"] = _measure(ref, sizes, args, vocab)
+        engines.append(_Transformers(resolved.directory, ref_dtype))
+        console.print(f"reference: {engines[1].describe}")
+    results = _measure(engines, sizes, args, vocab)
+    ours_desc = engines[0].describe
+    ref_desc = engines[1].describe if len(engines) > 1 else None
 
     table = Table(title=f"segcache bench engine: {resolved.name}, --dtype {args.dtype}, "
                         f"{args.threads} threads, {_cpu_name()}")
