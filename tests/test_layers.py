@@ -18,10 +18,11 @@ ALLOWED = {
     "router": {"config", "kv"},
     "lint": {"config", "kv"},
     "bench": {"config", "kv"},
+    "client": {"kv"},
     "cli": {"config", "kv", "model", "engine", "server", "router", "lint", "bench"},
 }
 STDLIB_ONLY = {"config", "kv"}
-NO_TORCH = {"server", "router", "lint", "bench"}
+NO_TORCH = {"server", "router", "lint", "bench", "client"}
 # Modules of a no-torch layer that may use torch because they measure the engine itself.
 TORCH_EXCEPTIONS: set[str] = set()
 
