@@ -1,0 +1,29 @@
+"""One structured JSON log line per request (seed 001's metrics)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from openai import OpenAI
+
+from tests.fakes import FakeEngine
+from tests.server_harness import running_server
+
+
+def test_each_request_logs_one_json_line(caplog):
+    engine = FakeEngine()
+    caplog.set_level(logging.INFO, logger="segcache.requests")
+    with running_server(engine) as url:
+        client = OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=3, extra_body={"segments": [{"id": "a", "content": "rules"}]})
+        client.completions.create(model="m", prompt="hello", max_tokens=3)
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "segcache.requests"]
+    assert [line["event"] for line in lines] == ["chat.completion", "text_completion"]
+    first = lines[0]
+    for key in ("tenant", "prefix_hash", "chain", "tools_count", "schema_digest", "prompt_tokens",
+                "cached_tokens", "computed_tokens", "completion_tokens", "ttft_s", "total_s", "status"):
+        assert key in first, key
+    assert first["tenant"] == "local"
+    assert first["computed_tokens"] == first["prompt_tokens"] - first["cached_tokens"]
