@@ -15,7 +15,14 @@ Request path (``chat``), in KV slots of one buffer:
 Units are explicit segments, the tools block and each message (see
 ``segcache.engine.prompt``). Node payloads are torch tensors
 ``[n_layers, 2, n_kv_heads, n_tokens, head_dim]`` in the runtime's KV dtype; the
-tree only sees them as opaque handles. Thread-safe: one request at a time.
+tree only sees them as opaque handles.
+
+Every request runs as a generator on the engine thread (``segcache.engine.scheduler``):
+it yields the model work it needs (prefill of a unit, one decode step, or a wait
+for a unit another request is computing right now) and the scheduler batches and
+interleaves that work across requests. The public methods block the calling
+thread until their request is done; the tree, radix, registry and memo are only
+touched under ``_lock`` (held by the engine thread during each step).
 """
 
 from __future__ import annotations
@@ -27,11 +34,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from segcache.config import CacheConfig, Config
+from segcache.config import CacheConfig, Config, SchedulerConfig
 from segcache.engine.cache_control import CacheControl
 from segcache.engine.detok import TextStream
 from segcache.engine.prompt import Prompt, TokenMemo, build_prompt, resolve_segments
 from segcache.engine.sampling import Sampler
+from segcache.engine.scheduler import Cancelled, DecodeWork, Job, PrefillWork, Scheduler, WaitFor
 from segcache.engine.toolcalls import ToolCallFilter, parse_tool_calls
 from segcache.engine.types import (
     ChatRequest,
@@ -56,8 +64,34 @@ Callback = Callable[[str], None]
 CancelCheck = Callable[[], bool]
 
 
-class _Cancelled(Exception):
-    pass
+class _Runner:
+    """Executes the scheduler's model work on the runtime."""
+
+    def __init__(self, runtime: ModelRuntime) -> None:
+        self.runtime = runtime
+
+    def prefill(self, work: PrefillWork, n: int) -> None:
+        a, b = work.done, min(work.done + n, len(work.ids))
+        ids = torch.tensor(work.ids[a:b], dtype=torch.long)
+        with torch.inference_mode():
+            logits = self.runtime.prefill(ids, torch.arange(work.start + a, work.start + b),
+                                          work.kv, work.start + a)
+        work.done = b
+        if work.remaining == 0:
+            work.logits = logits[-1]
+
+    def decode(self, works: list[DecodeWork]) -> None:
+        with torch.inference_mode():
+            batch = getattr(self.runtime, "decode_batch", None)
+            if batch is not None and len(works) > 1:
+                logits = batch([w.token for w in works], [w.pos for w in works],
+                               [w.kv for w in works])
+                for w, row in zip(works, logits, strict=True):
+                    w.logits = row
+                return
+            for w in works:
+                w.logits = self.runtime.decode(torch.tensor([w.token]), torch.tensor([w.pos]),
+                                               w.kv, w.pos)[-1]
 
 
 def _split_kv(handle: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +118,7 @@ class _Run:
 
 class Engine(CacheControl):
     def __init__(self, runtime: ModelRuntime, tokenizer: ChatTokenizer, cache: CacheConfig,
-                 model_name: str, prefill_chunk: int = 512,
+                 model_name: str, scheduler: SchedulerConfig | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.runtime = runtime
         self.tokenizer = tokenizer
@@ -92,7 +126,6 @@ class Engine(CacheControl):
         self.model_name = model_name
         self.fingerprint = runtime.fingerprint
         self.context_window = runtime.arch.max_position
-        self.prefill_chunk = prefill_chunk
         self.tree = SegmentTree(cache.cache_bytes, clock=clock,
                                 tenant_quota_bytes=cache.tenant_quota_bytes)
         self.radix = RadixTree(cache.cache_bytes, split_handle=_split_kv, bytes_of=_kv_bytes,
@@ -100,6 +133,14 @@ class Engine(CacheControl):
         self.registry = SegmentRegistry(clock)
         self.memo = TokenMemo(tokenizer)
         self._lock = threading.RLock()
+        # (parent chain, digest) of every unit being computed -> the job computing it
+        self._inflight: dict[tuple[str, str], int] = {}
+        self.scheduler = Scheduler(scheduler or SchedulerConfig(), _Runner(runtime),
+                                   lambda key: key in self._inflight, self._lock, self._estimate)
+
+    def close(self, drain: bool = True) -> None:
+        """Stop taking requests; with ``drain`` finish the ones already queued."""
+        self.scheduler.stop(drain)
 
     @classmethod
     def load(cls, cfg: Config, progress: bool = True) -> Engine:
@@ -108,7 +149,8 @@ class Engine(CacheControl):
         arch = load_arch(resolved.directory)
         tokenizer = ChatTokenizer.load(resolved.directory, arch.eos_token_ids)
         runtime = ModelRuntime.load(resolved, cfg.model, tokenizer_digest=tokenizer.digest)
-        return cls(runtime, tokenizer, cfg.cache, cfg.server.model_name or resolved.name)
+        return cls(runtime, tokenizer, cfg.cache, cfg.server.model_name or resolved.name,
+                   cfg.scheduler)
 
     def namespace(self, tenant: str) -> str:
         return namespace_digest(tenant, self.fingerprint)
@@ -117,31 +159,38 @@ class Engine(CacheControl):
     def chat(self, req: ChatRequest, on_text: Callback | None = None,
              is_cancelled: CancelCheck | None = None) -> GenerationResult:
         """Generate a reply for ``req``; raises EngineError subclasses for bad input
-        (before any compute)."""
+        (before any compute) and OverloadedError (429) when the queue is full."""
         t0 = time.perf_counter()
         ns = self.namespace(req.tenant)
-        parse_calls = bool(req.tools) and req.tool_choice != "none"
-        tool_filter = ToolCallFilter(on_text) if parse_calls and on_text is not None else None
         with self._lock:
             prompt = self._build_prompt(req.tenant, ns, req.messages, req.segments, req.tools, True)
-            run = self._start(ns, prompt, req.sampling.max_tokens)
-            try:
-                self._prefill_units(run, prompt, is_cancelled)
-                result, stream = self._generate(run, prompt.tail, req.sampling, t0,
-                                                tool_filter or on_text, is_cancelled)
-                if tool_filter is not None:
-                    tool_filter.flush()
-                self._shape_reply(result, parse_calls)
-                if not stream.stopped:  # a reply cut by a stop string is not what was generated
-                    self._keep_reply(run, prompt.tail, result)
-            except _Cancelled:
-                result = self._result(run, len(prompt.tail), TextStream(self.tokenizer.decode),
-                                      "cancelled", 0.0, t0)
-            finally:
-                self._release(run.pinned)
+        result = self.scheduler.submit(
+            lambda job: self._chat_job(job, ns, prompt, req, on_text, t0), req.tenant,
+            is_cancelled, meta=(ns, prompt))
         result.tools_count = len(req.tools)
         if req.tools:
             result.tools_digest = next((u.hash for u in result.segments if u.kind == "tools"), None)
+        return result
+
+    def _chat_job(self, job: Job, ns: str, prompt: Prompt, req: ChatRequest,
+                  on_text: Callback | None, t0: float):
+        parse_calls = bool(req.tools) and req.tool_choice != "none"
+        tool_filter = ToolCallFilter(on_text) if parse_calls and on_text is not None else None
+        run = self._start(ns, prompt, req.sampling.max_tokens)
+        try:
+            yield from self._prefill_units(job, run, prompt)
+            result, stream = yield from self._generate(run, prompt.tail, req.sampling, t0,
+                                                       tool_filter or on_text, job.is_cancelled)
+            if tool_filter is not None:
+                tool_filter.flush()
+            self._shape_reply(result, parse_calls)
+            if not stream.stopped:  # a reply cut by a stop string is not what was generated
+                self._keep_reply(run, prompt.tail, result)
+        except Cancelled:
+            result = self._result(run, len(prompt.tail), TextStream(self.tokenizer.decode),
+                                  "cancelled", 0.0, t0)
+        finally:
+            self._release(run.pinned)
         return result
 
     def complete(self, tenant: str, prompt: str, sampling: SamplingParams,
@@ -150,32 +199,37 @@ class Engine(CacheControl):
         """Plain-text completion (no chat template), reusing the longest prefix of
         any earlier prompt or reply of this tenant through the radix tail."""
         t0 = time.perf_counter()
-        ids = tuple(self.tokenizer.encode(prompt))
+        with self._lock:
+            ids = tuple(self.tokenizer.encode(prompt))
         if not ids:
             raise EngineError("prompt must not be empty", "prompt")
         self._check_context(len(ids), sampling.max_tokens)
         ns = self.namespace(tenant)
-        with self._lock:
-            match = self.radix.match_prefix(ns, ids, max_len=len(ids) - 1)  # >= 1 token computed
-            self.radix.pin(match.nodes)
-            try:
-                run = _Run(self.runtime.new_kv(len(ids) + sampling.max_tokens), self.tree.root(ns))
-                for handle in match.handles:
-                    n = handle.shape[3]
-                    run.kv[:, :, :, run.pos:run.pos + n] = handle
-                    run.pos += n
-                run.cached = run.pos
-                result, stream = self._generate(run, ids[run.pos:], sampling, t0, on_text,
-                                                is_cancelled)
-                if result.finish_reason != "cancelled" and not stream.stopped:
-                    self._keep_tokens(ns, run.kv, ids + tuple(result.token_ids))
-                return result
-            except _Cancelled:
-                return self._result(run, len(ids) - run.pos, TextStream(self.tokenizer.decode),
-                                    "cancelled", 0.0, t0)
-            finally:
-                self.radix.unpin(match.nodes)
-                self._enforce_budget(ns)
+        return self.scheduler.submit(
+            lambda job: self._complete_job(job, ns, ids, sampling, on_text, t0), tenant, is_cancelled)
+
+    def _complete_job(self, job: Job, ns: str, ids: tuple[int, ...], sampling: SamplingParams,
+                      on_text: Callback | None, t0: float):
+        match = self.radix.match_prefix(ns, ids, max_len=len(ids) - 1)  # >= 1 token computed
+        self.radix.pin(match.nodes)
+        run = _Run(self.runtime.new_kv(len(ids) + sampling.max_tokens), self.tree.root(ns))
+        try:
+            for handle in match.handles:
+                n = handle.shape[3]
+                run.kv[:, :, :, run.pos:run.pos + n] = handle
+                run.pos += n
+            run.cached = run.pos
+            result, stream = yield from self._generate(run, ids[run.pos:], sampling, t0, on_text,
+                                                       job.is_cancelled)
+            if result.finish_reason != "cancelled" and not stream.stopped:
+                self._keep_tokens(ns, run.kv, ids + tuple(result.token_ids))
+            return result
+        except Cancelled:
+            return self._result(run, len(ids) - run.pos, TextStream(self.tokenizer.decode),
+                                "cancelled", 0.0, t0)
+        finally:
+            self.radix.unpin(match.nodes)
+            self._enforce_budget(ns)
 
     def _keep_tokens(self, ns: str, kv: torch.Tensor, ids: tuple[int, ...]) -> None:
         """Insert ``ids`` (whose KV is in ``kv`` slots [0, len)) into the radix tail."""
@@ -188,12 +242,16 @@ class Engine(CacheControl):
         ns = self.namespace(tenant)
         with self._lock:
             prompt = self._build_prompt(tenant, ns, [], segments, [], False)
-            units = Prompt(prompt.units, ())
-            run = self._start(ns, units, 0)
-            try:
-                self._prefill_units(run, units, None)
-            finally:
-                self._release(run.pinned)
+        units = Prompt(prompt.units, ())
+        return self.scheduler.submit(lambda job: self._warm_job(job, ns, units), tenant,
+                                     meta=(ns, units))
+
+    def _warm_job(self, job: Job, ns: str, units: Prompt):
+        run = self._start(ns, units, 0)
+        try:
+            yield from self._prefill_units(job, run, units)
+        finally:
+            self._release(run.pinned)
         return WarmResult(len(run.usage), run.parent.chain, run.usage)
 
     # ------------------------------------------------------------------ prompt
@@ -234,11 +292,30 @@ class Engine(CacheControl):
             self._advance(run, node, unit.key, node.n_tokens, "hit")
         return run
 
-    def _prefill_units(self, run: _Run, prompt: Prompt, is_cancelled: CancelCheck | None) -> None:
-        """Compute every unit after the matched ones, inserting a node after each."""
-        for unit in prompt.units[len(run.usage):]:
-            self._prefill(unit.ids, run.kv, run.pos, is_cancelled)
-            node = self._insert(run, unit.key.digest, unit.ids, unit.key.ttl_s)
+    def _prefill_units(self, job: Job, run: _Run, prompt: Prompt):
+        """Compute every unit after the matched ones, inserting a node after each.
+        A unit another job is computing right now is waited for, then reused."""
+        digests = [u.key.digest for u in prompt.units]
+        for i, unit in enumerate(prompt.units):
+            if i < len(run.usage):
+                continue
+            key = (run.parent.chain, unit.key.digest)
+            while self._inflight.get(key, job.id) != job.id:
+                yield WaitFor(key)
+            matched = self.tree.match(run.parent.namespace, digests[:i + 1])
+            if len(matched) > i:  # computed meanwhile by another request: a hit
+                node = matched[i]
+                self.tree.pin([node])
+                run.pinned.append(node)
+                run.kv[:, :, :, run.pos:run.pos + node.n_tokens] = node.handle
+                self._advance(run, node, unit.key, node.n_tokens, "hit")
+                continue
+            self._inflight[key] = job.id
+            try:
+                yield from self._prefill(unit.ids, run.kv, run.pos)
+                node = self._insert(run, unit.key.digest, unit.ids, unit.key.ttl_s)
+            finally:
+                del self._inflight[key]
             self._advance(run, node, unit.key, len(unit.ids), "miss")
 
     def _insert(self, run: _Run, digest: str, ids: tuple[int, ...], ttl_s: float | None) -> SegmentNode:
@@ -287,30 +364,19 @@ class Engine(CacheControl):
             self._enforce_budget(ns)
 
     # ------------------------------------------------------------------ compute
-    def _prefill(self, ids: tuple[int, ...], kv: torch.Tensor, start: int,
-                 is_cancelled: CancelCheck | None) -> torch.Tensor:
-        """Run ``ids`` at slots ``start..`` in chunks; returns the last logits [vocab]."""
-        logits = None
-        with torch.inference_mode():
-            for c in range(0, len(ids), self.prefill_chunk):
-                if is_cancelled is not None and is_cancelled():
-                    raise _Cancelled()
-                chunk = torch.tensor(ids[c:c + self.prefill_chunk], dtype=torch.long)
-                positions = torch.arange(start + c, start + c + len(chunk))
-                logits = self.runtime.prefill(chunk, positions, kv, start + c)
-        assert logits is not None
-        return logits[-1]
-
-    def _decode(self, token: int, kv: torch.Tensor, pos: int) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.runtime.decode(torch.tensor([token]), torch.tensor([pos]), kv, pos)[-1]
+    @staticmethod
+    def _prefill(ids: tuple[int, ...], kv: torch.Tensor, start: int):
+        """Yield the prefill of ``ids`` at slots ``start..``; returns the last logits [vocab]."""
+        work = PrefillWork(ids, kv, start)
+        yield work
+        return work.logits
 
     def _generate(self, run: _Run, tail: tuple[int, ...], sampling: SamplingParams, t0: float,
-                  on_text: Callback | None, is_cancelled: CancelCheck | None
-                  ) -> tuple[GenerationResult, TextStream]:
-        """Prefill the tail and decode. On a finish by EOS or length the KV buffer
-        holds every generated token but a final EOS (ready to be kept as a reply)."""
-        logits = self._prefill(tail, run.kv, run.pos, is_cancelled)
+                  on_text: Callback | None, is_cancelled: CancelCheck | None):
+        """Prefill the tail and decode; returns (result, text stream). On a finish by
+        EOS or length the KV buffer holds every generated token but a final EOS
+        (ready to be kept as a reply)."""
+        logits = yield from self._prefill(tail, run.kv, run.pos)
         sampler = Sampler(sampling)
         stream = TextStream(self.tokenizer.decode, sampling.stop)
         pos, finish, ttft = run.pos + len(tail), "length", 0.0
@@ -330,12 +396,28 @@ class Engine(CacheControl):
                 finish = "cancelled"
                 break
             # Also after the last token: its KV completes the reply kept for next turn.
-            logits = self._decode(token, run.kv, pos)
+            work = DecodeWork(token, run.kv, pos)
+            yield work
+            logits = work.logits
             pos += 1
         rest = stream.flush()
         if rest and on_text is not None:
             on_text(rest)
         return self._result(run, len(tail), stream, finish, ttft, t0), stream
+
+    def _estimate(self, job: Job) -> int:
+        """Cached prefix tokens of a queued chat/warm job (read-only walk of its
+        own tenant's tree), for admission order."""
+        if job.meta is None:
+            return 0
+        ns, prompt = job.meta
+        node, total = self.tree.root(ns), 0
+        for unit in prompt.units:
+            node = node.children.get(unit.key.digest)
+            if node is None:
+                break
+            total += node.n_tokens
+        return total
 
     def _result(self, run: _Run, tail_len: int, stream: TextStream, finish: str, ttft: float,
                 t0: float) -> GenerationResult:

@@ -36,6 +36,27 @@ class NotFoundError(EngineError):
     code = "not_found"
 
 
+class OverloadedError(EngineError):
+    """The queue is full (429); ``retry_after_s`` goes into ``Retry-After``."""
+
+    status = 429
+    code = "server_overloaded"
+
+    def __init__(self, message: str, retry_after_s: int = 2) -> None:
+        super().__init__(message, None)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeoutError(EngineError):
+    status = 504
+    code = "request_timeout"
+
+
+class ShuttingDownError(EngineError):
+    status = 503
+    code = "shutting_down"
+
+
 class ContextOverflowError(EngineError):
     """Prompt + max_tokens exceed the model's context window (400)."""
 

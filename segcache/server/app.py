@@ -62,4 +62,10 @@ def serve(engine: Any, cfg: ServerConfig, cache_cfg: CacheConfig) -> None:
     name = app.state.server.model_name
     auth = f"API keys from {cfg.api_keys_file}" if cfg.api_keys_file else "no auth"
     log.info("segcache serving %s at http://%s:%d/v1 (%s)", name, cfg.host, cfg.port, auth)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    try:
+        # uvicorn stops accepting on SIGINT/SIGTERM and waits for running requests.
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    finally:
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close(drain=True)

@@ -85,7 +85,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(api_error_body(exc), status_code=exc.status)
 
     async def on_engine_error(_: Request, exc: EngineError) -> JSONResponse:
-        return JSONResponse(engine_error_body(exc), status_code=exc.status)
+        headers = None
+        retry = getattr(exc, "retry_after_s", None)
+        if retry is not None:  # 429: tell the client when to come back
+            headers = {"Retry-After": str(retry)}
+        return JSONResponse(engine_error_body(exc), status_code=exc.status, headers=headers)
 
     async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = describe_validation_errors(exc.errors())

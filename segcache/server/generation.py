@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import anyio.to_thread
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
@@ -36,8 +37,16 @@ IsCancelled = Callable[[], bool]
 EngineCall = Callable[[OnText, IsCancelled], GenerationResult]
 
 
+# Each running or queued engine call holds a worker thread while it blocks; the
+# engine's own queue (429 beyond it) must be the limit, not anyio's 40 threads.
+MIN_WORKER_THREADS = 256
+
+
 class EngineRun:
     def __init__(self, call: EngineCall) -> None:
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        if limiter.total_tokens < MIN_WORKER_THREADS:
+            limiter.total_tokens = MIN_WORKER_THREADS
         self.arrived = time.perf_counter()
         self.first_text_at: float | None = None
         self._loop = asyncio.get_running_loop()

@@ -1,0 +1,258 @@
+"""The engine loop: one thread runs every request as a coroutine.
+
+A request is a generator (see ``Engine``) that does its cache bookkeeping in
+plain Python and *yields* the model work it needs:
+
+    PrefillWork(ids, kv, start)  -> the loop runs it in chunks across ticks, then
+                                    sets ``.logits`` (last row) and resumes the job
+    DecodeWork(token, kv, pos)   -> all pending decodes of a tick run as one batch
+    WaitFor(key)                 -> another job is computing that unit; resume
+                                    when it is no longer in flight (then it hits)
+
+One tick: admit waiting jobs, advance every job that is not waiting on work,
+run one batched decode step for all decoding jobs, then prefill chunks (one
+while others decode, so their streams keep moving; a few when idle), shortest
+job first. Chunk boundaries are fixed relative to each unit's start, so KV never
+depends on load. Cancellation and deadlines are checked every tick: a cancelled job gets
+``_Cancelled`` thrown in (it returns a "cancelled" result and releases its
+pins); a job past its deadline is closed (its ``finally`` releases the pins)
+and fails with 504.
+
+Admission: across tenants first come first served; within the tenant at the head
+of the queue, the request with the longest cached prefix goes first unless
+someone has waited ``max_wait_s`` (so the order reveals nothing about other
+tenants' caches and nobody starves). A full queue refuses with 429.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Generator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from segcache.config import SchedulerConfig
+from segcache.engine.types import OverloadedError, RequestTimeoutError, ShuttingDownError
+
+log = logging.getLogger(__name__)
+
+
+class Cancelled(Exception):
+    """Thrown into a job whose client is gone."""
+
+
+@dataclass(eq=False)
+class PrefillWork:
+    ids: tuple[int, ...]
+    kv: torch.Tensor  # [n_layers, 2, n_kv_heads, capacity, head_dim]
+    start: int
+    done: int = 0
+    logits: torch.Tensor | None = None  # [vocab] of the last token, once done
+
+    @property
+    def remaining(self) -> int:
+        return len(self.ids) - self.done
+
+
+@dataclass(eq=False)
+class DecodeWork:
+    token: int
+    kv: torch.Tensor
+    pos: int
+    logits: torch.Tensor | None = None  # [vocab]
+
+
+@dataclass(eq=False)
+class WaitFor:
+    key: tuple[str, str]  # (parent chain, segment digest) computed by another job
+
+
+Work = PrefillWork | DecodeWork | WaitFor
+JobGen = Generator[Work, None, Any]
+
+
+@dataclass(eq=False)
+class Job:
+    gen_factory: Callable[[Job], JobGen]
+    tenant: str
+    is_cancelled: Callable[[], bool]
+    deadline: float
+    future: Future = field(default_factory=Future)
+    id: int = 0
+    arrived: float = 0.0
+    priority: int = 0  # cached prefix tokens, set at admission time by ``estimate``
+    meta: Any = None  # what ``estimate`` needs (the engine's namespace and prompt)
+    gen: JobGen | None = None
+    work: Work | None = None
+
+
+class Scheduler:
+    """Owns the engine thread. ``runner`` provides ``prefill(PrefillWork, n)`` and
+    ``decode(list[DecodeWork])``; ``inflight`` tells whether a WaitFor key is
+    still being computed; ``estimate(job)`` gives the cached prefix used to order
+    one tenant's waiting jobs; ``lock`` is held during every tick."""
+
+    def __init__(self, cfg: SchedulerConfig, runner: Any, inflight: Callable[[tuple[str, str]], bool],
+                 lock: threading.RLock, estimate: Callable[[Job], int] | None = None) -> None:
+        self.cfg = cfg
+        self.runner = runner
+        self._inflight = inflight
+        self._lock = lock
+        self._estimate = estimate or (lambda job: 0)
+        self._cv = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._ids = itertools.count(1)
+        self._stopping = False
+        self.steps = 0
+        self._thread = threading.Thread(target=self._loop, name="segcache-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ API
+    def submit(self, gen_factory: Callable[[Job], JobGen], tenant: str,
+               is_cancelled: Callable[[], bool] | None = None, timeout_s: float | None = None,
+               meta: Any = None) -> Any:
+        """Queue a job and block until it finishes; returns its result or raises
+        its exception. Raises OverloadedError (429) when the queue is full."""
+        now = time.monotonic()
+        job = Job(gen_factory, tenant, is_cancelled or (lambda: False),
+                  now + (timeout_s or self.cfg.request_timeout_s), arrived=now, meta=meta)
+        with self._cv:
+            if self._stopping:
+                raise ShuttingDownError("the server is shutting down; retry on another replica")
+            if len(self._waiting) >= self.cfg.max_waiting:
+                raise OverloadedError(
+                    f"the server is at capacity: {len(self._running)} requests running and "
+                    f"{len(self._waiting)} waiting (the limit); retry after "
+                    f"{self.cfg.retry_after_s} s", self.cfg.retry_after_s)
+            job.id = next(self._ids)
+            self._waiting.append(job)
+            self._cv.notify_all()
+        return job.future.result()
+
+    def load(self) -> dict[str, int]:
+        with self._cv:
+            return {"running": len(self._running), "waiting": len(self._waiting)}
+
+    def stop(self, drain: bool = True, timeout_s: float = 30.0) -> None:
+        """Stop admitting; with ``drain`` let admitted and queued jobs finish."""
+        with self._cv:
+            self._stopping = True
+            if not drain:
+                for job in self._waiting:
+                    job.future.set_exception(ShuttingDownError("the server is shutting down"))
+                self._waiting.clear()
+            self._cv.notify_all()
+        self._thread.join(timeout_s)
+
+    # ------------------------------------------------------------------ loop
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._waiting and not self._running:
+                    if self._stopping:
+                        return
+                    self._cv.wait()
+            try:
+                with self._lock:
+                    self._admit()
+                    self._tick()
+            except Exception:  # a bug in the loop must not kill the server silently
+                log.exception("engine loop error")
+                self._fail_all(RuntimeError("internal engine error"))
+
+    def _admit(self) -> None:
+        with self._cv:
+            while self._waiting and len(self._running) < self.cfg.max_running:
+                job = self._pick()
+                self._waiting.remove(job)
+                self._running.append(job)
+
+    def _pick(self) -> Job:
+        head = self._waiting[0]
+        if time.monotonic() - head.arrived >= self.cfg.max_wait_s or len(self._waiting) == 1:
+            return head
+        same = [j for j in self._waiting if j.tenant == head.tenant]
+        for j in same:
+            j.priority = self._estimate(j)
+        return max(same, key=lambda j: (j.priority, -j.id))
+
+    def _tick(self) -> None:
+        for job in list(self._running):
+            self._advance(job)
+        decoding = [j for j in self._running if isinstance(j.work, DecodeWork)]
+        if decoding:
+            self.runner.decode([j.work for j in decoding])
+            self.steps += 1
+            for job in decoding:
+                self._advance(job, resume=True)
+        chunks = 1 if decoding else self.cfg.idle_prefill_chunks
+        prefilling = sorted((j for j in self._running if isinstance(j.work, PrefillWork)),
+                            key=lambda j: (j.work.remaining, j.id))
+        for job in prefilling:
+            while chunks > 0 and job in self._running and isinstance(job.work, PrefillWork):
+                if self._check_cancel(job):
+                    break
+                self.runner.prefill(job.work, self.cfg.prefill_chunk)
+                chunks -= 1
+                if job.work.remaining == 0:
+                    self._advance(job, resume=True)
+                    break
+        for job in list(self._running):
+            if isinstance(job.work, WaitFor) and not self._inflight(job.work.key):
+                self._advance(job, resume=True)
+
+    def _check_cancel(self, job: Job) -> bool:
+        """Deliver cancellation or a deadline; True if the job was stopped."""
+        if time.monotonic() > job.deadline:
+            job.gen.close()
+            self._finish(job, exc=RequestTimeoutError(
+                f"the request did not finish within {self.cfg.request_timeout_s:.0f} s"))
+            return True
+        if job.is_cancelled():
+            self._step(job, lambda: job.gen.throw(Cancelled()))
+            return job not in self._running or not isinstance(job.work, PrefillWork)
+        return False
+
+    def _advance(self, job: Job, resume: bool = False) -> None:
+        """Run ``job`` until it yields work it has to wait for."""
+        if job not in self._running:
+            return
+        if job.gen is None:
+            job.gen = job.gen_factory(job)
+            self._step(job, lambda: next(job.gen))
+        elif resume:
+            self._step(job, lambda: next(job.gen))
+        elif job.work is not None and self._check_cancel(job):
+            return
+
+    def _step(self, job: Job, fn: Callable[[], Work]) -> None:
+        try:
+            job.work = fn()
+        except StopIteration as stop:
+            self._finish(job, result=stop.value)
+        except BaseException as exc:  # the job's own error (bad input, ...) goes to its caller
+            self._finish(job, exc=exc)
+
+    def _finish(self, job: Job, result: Any = None, exc: BaseException | None = None) -> None:
+        job.work = None
+        if job in self._running:
+            self._running.remove(job)
+        if exc is not None:
+            job.future.set_exception(exc)
+        else:
+            job.future.set_result(result)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            for job in list(self._running):
+                if job.gen is not None:
+                    job.gen.close()
+                self._finish(job, exc=exc)
