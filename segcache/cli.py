@@ -16,6 +16,7 @@ from segcache.config import (
     CacheConfig,
     Config,
     ModelConfig,
+    SchedulerConfig,
     ServerConfig,
     default_cache_dir,
 )
@@ -78,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="per-tenant KV byte quota (default: none)")
     serve.add_argument("--max-segments", type=int, default=CacheConfig.max_segments,
                        help="most segments in one request (default: %(default)s)")
+    serve.add_argument("--max-running", type=int, default=SchedulerConfig.max_running,
+                       help="requests decoding/prefilling at once (default: %(default)s)")
+    serve.add_argument("--max-waiting", type=int, default=SchedulerConfig.max_waiting,
+                       help="requests queued beyond those; more get 429 (default: %(default)s)")
+    serve.add_argument("--prefill-chunk", type=int, default=SchedulerConfig.prefill_chunk,
+                       help="prefill chunk in tokens, interleaved with decode (default: %(default)s)")
+    serve.add_argument("--request-timeout", type=float, default=SchedulerConfig.request_timeout_s,
+                       metavar="SECONDS", help="per-request limit, 504 beyond (default: %(default)s)")
     serve.add_argument("--max-request-bytes", type=_size, default=ServerConfig.max_request_bytes,
                        help="largest request body (default: 8MiB)")
     add_model_args(serve)
@@ -128,7 +137,12 @@ def _config(args: argparse.Namespace) -> Config:
                         default_ttl_s=getattr(args, "cache_ttl", None),
                         tenant_quota_bytes=getattr(args, "tenant_quota_bytes", None),
                         max_segments=getattr(args, "max_segments", CacheConfig.max_segments))
-    return Config(model=model_config(args), cache=cache, server=server)
+    sched = SchedulerConfig(
+        max_running=getattr(args, "max_running", SchedulerConfig.max_running),
+        max_waiting=getattr(args, "max_waiting", SchedulerConfig.max_waiting),
+        prefill_chunk=getattr(args, "prefill_chunk", SchedulerConfig.prefill_chunk),
+        request_timeout_s=getattr(args, "request_timeout", SchedulerConfig.request_timeout_s))
+    return Config(model=model_config(args), cache=cache, scheduler=sched, server=server)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
