@@ -45,8 +45,14 @@ def tiny_engine_factory(tokenizer):
     from segcache.engine.engine import Engine
     from tests.tiny import tiny_runtime
 
+    engines = []
+
     def make(cache: CacheConfig | None = None, clock=None, **kw):
         extra = {"clock": clock} if clock is not None else {}
-        return Engine(tiny_runtime(), tokenizer, cache or CacheConfig(), "tiny", **extra, **kw)
+        engine = Engine(tiny_runtime(), tokenizer, cache or CacheConfig(), "tiny", **extra, **kw)
+        engines.append(engine)
+        return engine
 
-    return make
+    yield make
+    for engine in engines:
+        engine.close(drain=False)

@@ -12,8 +12,8 @@ from segcache.kv.registry import RegistryEntry
 
 
 class CacheControl:
-    # Provided by Engine: tree, registry, memo, cache_cfg, model_name, fingerprint,
-    # _lock, namespace().
+    # Provided by Engine: tree, radix, registry, memo, cache_cfg, model_name,
+    # fingerprint, _lock (tree, radix), _prompt_lock (memo, registry), namespace().
 
     def cache_stats(self, tenant: str) -> dict[str, Any]:
         with self._lock:
@@ -24,7 +24,8 @@ class CacheControl:
                                                     "evictions")}
             stats["budget_bytes"] = self.cache_cfg.cache_bytes
             stats["tenant_quota_bytes"] = self.cache_cfg.tenant_quota_bytes
-            stats["registered_segments"] = self.registry.names(tenant)
+            with self._prompt_lock:
+                stats["registered_segments"] = self.registry.names(tenant)
             stats["model"] = self.model_name
             stats["fingerprint"] = self.fingerprint
             return stats
@@ -32,8 +33,9 @@ class CacheControl:
     def purge(self, tenant: str) -> int:
         """Drop this tenant's cached KV (pinned nodes of running requests stay)."""
         ns = self.namespace(tenant)
-        with self._lock:
+        with self._prompt_lock:
             self.memo.forget(ns)
+        with self._lock:
             return len(self.tree.purge(ns)) + len(self.radix.purge(ns))
 
     def metrics(self) -> dict[str, Any]:
@@ -47,7 +49,7 @@ class CacheControl:
 
     def put_segment(self, tenant: str, name: str, content: str, ttl_s: float | None) -> dict:
         digest = segment_digest(content)
-        with self._lock:
+        with self._prompt_lock:
             try:
                 entry = self.registry.put(tenant, name, content, digest, ttl_s)
             except ValueError as exc:
@@ -57,7 +59,7 @@ class CacheControl:
         return self._segment_info(entry, len(ids))
 
     def get_segment(self, tenant: str, name: str) -> dict:
-        with self._lock:
+        with self._prompt_lock:
             entry = self.registry.get(tenant, name)
             if entry is None:
                 raise NotFoundError(f"no segment is registered under the name {name!r}", "name")
@@ -65,7 +67,7 @@ class CacheControl:
         return self._segment_info(entry, len(ids))
 
     def delete_segment(self, tenant: str, name: str) -> None:
-        with self._lock:
+        with self._prompt_lock:
             if not self.registry.delete(tenant, name):
                 raise NotFoundError(f"no segment is registered under the name {name!r}", "name")
 

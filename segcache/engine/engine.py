@@ -132,7 +132,8 @@ class Engine(CacheControl):
                                handle_len=lambda h: h.shape[3], clock=clock)
         self.registry = SegmentRegistry(clock)
         self.memo = TokenMemo(tokenizer)
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # tree, radix, in-flight map: held by each engine step
+        self._prompt_lock = threading.Lock()  # memo and registry: request threads only
         # (parent chain, digest) of every unit being computed -> the job computing it
         self._inflight: dict[tuple[str, str], int] = {}
         self.scheduler = Scheduler(scheduler or SchedulerConfig(), _Runner(runtime),
@@ -162,7 +163,7 @@ class Engine(CacheControl):
         (before any compute) and OverloadedError (429) when the queue is full."""
         t0 = time.perf_counter()
         ns = self.namespace(req.tenant)
-        with self._lock:
+        with self._prompt_lock:
             prompt = self._build_prompt(req.tenant, ns, req.messages, req.segments, req.tools, True)
         result = self.scheduler.submit(
             lambda job: self._chat_job(job, ns, prompt, req, on_text, t0), req.tenant,
@@ -199,8 +200,7 @@ class Engine(CacheControl):
         """Plain-text completion (no chat template), reusing the longest prefix of
         any earlier prompt or reply of this tenant through the radix tail."""
         t0 = time.perf_counter()
-        with self._lock:
-            ids = tuple(self.tokenizer.encode(prompt))
+        ids = tuple(self.tokenizer.encode(prompt))
         if not ids:
             raise EngineError("prompt must not be empty", "prompt")
         self._check_context(len(ids), sampling.max_tokens)
@@ -240,7 +240,7 @@ class Engine(CacheControl):
         if not segments:
             raise EngineError("segments must not be empty", "segments")
         ns = self.namespace(tenant)
-        with self._lock:
+        with self._prompt_lock:
             prompt = self._build_prompt(tenant, ns, [], segments, [], False)
         units = Prompt(prompt.units, ())
         return self.scheduler.submit(lambda job: self._warm_job(job, ns, units), tenant,

@@ -40,6 +40,9 @@ class ChatTokenizer:
 
     def __init__(self, hf_tokenizer: Any, eos_ids: tuple[int, ...] = ()) -> None:
         self.hf = hf_tokenizer
+        # The Rust tokenizer's encode/decode take it immutably, so the engine thread
+        # can decode while request threads encode (the Python wrapper may not).
+        self._fast = hf_tokenizer.backend_tokenizer
         if not getattr(hf_tokenizer, "chat_template", None):
             raise TemplateError("the tokenizer has no chat template")
         ids = set(eos_ids)
@@ -61,10 +64,10 @@ class ChatTokenizer:
         in the text, like ``<|im_start|>``, are recognised)."""
         if not text:
             return []
-        return list(self.hf(text, add_special_tokens=False)["input_ids"])
+        return self._fast.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int] | tuple[int, ...]) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=True)
+        return self._fast.decode(list(ids), skip_special_tokens=True)
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """The template applied to ``messages`` as plain text."""
