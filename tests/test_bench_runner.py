@@ -261,3 +261,54 @@ def _cli_run_and_compare(server: FakeServer, tmp_path, capsys) -> None:
     ratios = report.compare(a, b)  # no phase in common: A's warm against B's run
     assert set(ratios) == {"warm vs run"}
     assert ratios["warm vs run"]["token_hit_rate"] == 0.0  # B: three first sightings
+
+
+def test_repeat_cold_with_concurrency_uses_a_fresh_nonce_per_request(server):
+    runner = Runner(Target(url=server.url))
+    reqs = [_request(str(i)) for i in range(4)]  # the same prompt four times
+    records, _ = run_requests(runner, reqs, concurrency=4, cold_each="nonce")
+    runner.close()
+    assert [r.phase for r in records] == ["cold"] * 4 and server.purges == 0
+    assert all(r.cached_tokens == 0 for r in records)
+    firsts = {b["segments"][0]["content"] for b in server.bodies}
+    assert len(firsts) == 4
+    with pytest.raises(ValueError, match="concurrency 1"):
+        run_requests(runner, reqs, concurrency=2, cold_each="purge")
+
+
+def test_fan_out_cli_runs_agents_at_once_and_table_compares(tmp_path, capsys):
+    fake = FakeServer(ttft_s=0.3, itl_s=0.001)
+    try:
+        small = ["--global-tokens", "100", "--agent-tokens", "40", "--task-tokens", "30"]
+        seg, cold = tmp_path / "seg.json", tmp_path / "cold.json"
+        assert cli.main(["fan-out", "--url", fake.url, "--agents", "4", *small, "--json", str(seg),
+                         "--plot", str(tmp_path / "plots")]) == 0
+        assert cli.main(["fan-out", "--url", fake.url, "--agents", "4", *small, "--repeat-cold",
+                         "--json", str(cold)]) == 0
+    finally:
+        fake.close()
+    result = report.load_json(seg)
+    assert result["meta"]["concurrency"] == 4 and result["meta"]["turns"] == 1
+    assert result["summary"]["run"]["wall_s"] < 4 * 0.3  # sent at once, not one by one
+    assert (tmp_path / "plots" / "ttft.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "hit_rate.png").exists()
+    capsys.readouterr()
+    assert cli.main(["table", "--markdown", f"segcache={seg}", f"no cache={cold}",
+                     "--plot", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert "| metric | segcache | no cache | no cache / segcache |" in out
+    assert (tmp_path / "cmp" / "ttft_compare.png").exists()
+    header, rows = report.results_rows({"a": report.load_json(seg), "b": report.load_json(cold)})
+    ttft_sum = next(r for r in rows if r[0] == "TTFT sum s")
+    assert ttft_sum[3].endswith("x") and 0.5 < float(ttft_sum[3][:-1]) < 2  # same fake delays
+
+
+def test_workload_help_describes_every_workload(capsys):
+    for name in ("multi-agent", "agent-loop", "repo-docs", "fan-out"):
+        with pytest.raises(SystemExit):
+            cli.main([name, "--help"])
+        out = capsys.readouterr().out
+        assert "--concurrency" in out and "--seed" in out
+    with pytest.raises(SystemExit):
+        cli.main(["repo-docs", "--help"])
+    assert "topological order" in capsys.readouterr().out

@@ -32,7 +32,14 @@ from segcache.bench.runner import (
     run_cold_vs_warm,
     run_requests,
 )
-from segcache.bench.workloads import CHARS_PER_TOKEN, WORKLOADS, MultiAgentSizes, WorkloadOptions
+from segcache.bench.workloads import (
+    CHARS_PER_TOKEN,
+    DEFAULT_TURNS,
+    WORKLOADS,
+    MultiAgentSizes,
+    WorkloadOptions,
+    default_concurrency,
+)
 
 
 def add_workload_arguments(parser: argparse.ArgumentParser, workload: str | None = None) -> None:
@@ -49,7 +56,8 @@ def add_workload_arguments(parser: argparse.ArgumentParser, workload: str | None
     g.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default: %(default)s)")
     g = parser.add_argument_group("workload")
     g.add_argument("--seed", type=int, default=0, help="picks the text (default: %(default)s)")
-    g.add_argument("--turns", type=int, default=3, help="turns per agent (default: %(default)s)")
+    g.add_argument("--turns", type=int, default=None,
+                   help="turns per agent (default: multi-agent 3, agent-loop 10, repo-docs and fan-out 1)")
     g.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (default: %(default)s)")
     g.add_argument("--global-tokens", type=int, default=MultiAgentSizes.global_tokens,
                    help="block A: global rules + tool schemas (default: %(default)s)")
@@ -57,17 +65,26 @@ def add_workload_arguments(parser: argparse.ArgumentParser, workload: str | None
                    help="blocks B/C: agent skills, project memory (default: %(default)s)")
     g.add_argument("--task-tokens", type=int, default=MultiAgentSizes.task_tokens,
                    help="blocks D/E: task context (default: %(default)s)")
+    g.add_argument("--agents", type=int, default=WorkloadOptions.agents,
+                   help="fan-out: agents sent at once (default: %(default)s)")
+    g.add_argument("--objects", type=int, default=WorkloadOptions.objects,
+                   help="repo-docs: functions documented (default: %(default)s)")
+    g.add_argument("--code-tokens", type=int, default=WorkloadOptions.code_tokens,
+                   help="repo-docs: most tokens of one code block (default: %(default)s)")
     g.add_argument("--chars-per-token", type=float, default=CHARS_PER_TOKEN,
                    help="turns token sizes into text lengths (default: %(default)s, SmolLM2 on this text)")
     g = parser.add_argument_group("run")
-    g.add_argument("--concurrency", type=int, default=1, help="requests in flight (default: %(default)s)")
+    g.add_argument("--concurrency", type=int, default=None,
+                   help="requests in flight (default: fan-out --agents, others 1)")
     g.add_argument("--cold-vs-warm", action="store_true",
                    help="send each request cold (nothing cached), then again warm; TTFT side by side")
     g.add_argument("--cold", choices=COLD_STRATEGIES, default="auto",
                    help="how to make a request cold: purge (DELETE /v1/cache), nonce (a fresh marker "
                         "in front of the prompt, any server), auto (purge where allowed) (default: auto)")
     g.add_argument("--repeat-cold", action="store_true",
-                   help="purge before every request: the workload with the cache disabled in effect")
+                   help="every request cold: the workload with the cache disabled in effect. Sequential "
+                        "runs purge before each request (--cold nonce: a fresh nonce instead); "
+                        "concurrent runs put a fresh nonce in front of each request")
     g.add_argument("--keep-cache", action="store_true",
                    help="do not purge the server's cache before the run (default: purge where allowed)")
     g = parser.add_argument_group("output and cost (seed 000's pricing model)")
@@ -87,19 +104,35 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("b", help="result JSON (e.g. a peer server); ratios are B/A")
 
 
+def add_table_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(bench_action="table")
+    parser.add_argument("results", nargs="+", metavar="LABEL=PATH",
+                        help="--json results; ratios are against the first")
+    parser.add_argument("--title", default=None, help="table title")
+    parser.add_argument("--markdown", action="store_true", help="a Markdown table instead")
+    parser.add_argument("--plot", metavar="DIR", default=None,
+                        help="TTFT per request of every result on one PNG here")
+
+
 def add_workload_parsers(subparsers) -> None:
-    """One sub-command per workload (``multi-agent``, ``agent-loop``) and ``compare``."""
+    """One sub-command per workload (``multi-agent``, ``agent-loop``, ``repo-docs``,
+    ``fan-out``), ``compare`` and ``table``."""
     for name, build in WORKLOADS.items():
         doc = inspect.cleandoc(build.__doc__ or "")
         p = subparsers.add_parser(name, help=doc.split("\n")[0], description=doc,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         add_workload_arguments(p, name)
     add_compare_arguments(subparsers.add_parser("compare", help="ratios between two --json results"))
+    add_table_arguments(subparsers.add_parser(
+        "table", help="several --json results side by side, with ratios against the first"))
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "bench_action", None) == "compare":
+    action = getattr(args, "bench_action", None)
+    if action == "compare":
         return run_compare(args)
+    if action == "table":
+        return run_table(args)
     return run_workload(args)
 
 
@@ -108,10 +141,32 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_table(args: argparse.Namespace) -> int:
+    results = {}
+    for item in args.results:
+        label, sep, path = item.partition("=")
+        if not sep:
+            label, path = item, item
+        results[label] = report.load_json(path)
+    report.results_table(results, args.title, args.markdown)
+    if args.plot:
+        for path in report.plot_results(results, args.plot, args.title or "TTFT per request"):
+            Console().print(f"wrote {path}")
+    return 0
+
+
 def workload_options(args: argparse.Namespace) -> WorkloadOptions:
+    """Options from the flags, with the workload's own defaults where a flag is unset
+    (``args.turns`` and ``args.concurrency`` are filled in)."""
     sizes = MultiAgentSizes(args.global_tokens, args.agent_tokens, args.task_tokens)
-    return WorkloadOptions(seed=args.seed, turns=args.turns, max_tokens=args.max_tokens,
-                           chars_per_token=args.chars_per_token, sizes=sizes)
+    if args.turns is None:
+        args.turns = DEFAULT_TURNS.get(args.workload, 3)
+    opts = WorkloadOptions(seed=args.seed, turns=args.turns, max_tokens=args.max_tokens,
+                           chars_per_token=args.chars_per_token, sizes=sizes, agents=args.agents,
+                           objects=args.objects, code_tokens=args.code_tokens)
+    if args.concurrency is None:
+        args.concurrency = default_concurrency(args.workload, opts)
+    return opts
 
 
 def run_workload(args: argparse.Namespace) -> int:
@@ -151,7 +206,10 @@ def _execute(runner: Runner, requests, args: argparse.Namespace, err: Console):
             return run_cold_vs_warm(runner, requests, args.cold, on_done)
         if not args.keep_cache and not args.repeat_cold and not runner.purge():
             err.print("[yellow]server has no DELETE /cache: the run starts with whatever it holds[/yellow]")
-        return run_requests(runner, requests, args.concurrency, on_done, purge_each=args.repeat_cold)
+        cold_each = None
+        if args.repeat_cold:
+            cold_each = "nonce" if args.concurrency > 1 or args.cold == "nonce" else "purge"
+        return run_requests(runner, requests, args.concurrency, on_done, cold_each=cold_each)
 
 
 def _by_phase(records: list[RequestRecord]) -> dict[str, list[RequestRecord]]:
@@ -170,6 +228,7 @@ def _meta(args: argparse.Namespace, runner: Runner, pricing: Pricing) -> dict:
     return {
         "workload": args.workload, "mode": args.mode, "url": args.url, "model": runner.model,
         "seed": args.seed, "turns": args.turns, "max_tokens": args.max_tokens,
+        "agents": args.agents, "objects": args.objects, "code_tokens": args.code_tokens,
         "sizes_tokens": [args.global_tokens, args.agent_tokens, args.task_tokens],
         "chars_per_token": args.chars_per_token, "concurrency": args.concurrency,
         "cold_vs_warm": args.cold_vs_warm, "cold": args.cold, "repeat_cold": args.repeat_cold,

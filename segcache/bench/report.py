@@ -161,14 +161,8 @@ def _value(v: float | int | None) -> str:
 
 def plot(result: dict, out_dir: str | Path, console: Console | None = None) -> list[Path]:
     """TTFT per request and hit rate per request, as PNGs in ``out_dir``."""
-    console = console or Console()
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        console.print("[yellow]plots skipped: matplotlib is not installed[/yellow]")
+    plt = _pyplot(console)
+    if plt is None:
         return []
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,7 +186,107 @@ def plot(result: dict, out_dir: str | Path, console: Console | None = None) -> l
     return written
 
 
+def _pyplot(console: Console | None = None):
+    """matplotlib's pyplot on the file-only backend, or None (said) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        (console or Console()).print("[yellow]plots skipped: matplotlib is not installed[/yellow]")
+        return None
+    return plt
+
+
 def _record_value(row: dict, key: str) -> float | None:
     if key == "hit_rate":
         return row["cached_tokens"] / row["prompt_tokens"] if row.get("prompt_tokens") else None
     return row.get(key)
+
+
+def main_phase(result: dict) -> str:
+    """The phase a result stands for in a side-by-side table: "run" (a normal
+    run), else "warm" (cold-vs-warm), else the last one ("cold" of --repeat-cold)."""
+    phases = list(result["summary"])
+    for phase in ("run", "warm"):
+        if phase in phases:
+            return phase
+    return phases[-1]
+
+
+# (label, summary key, format, ratio shown)
+TABLE_ROWS = (
+    ("TTFT sum s", "ttft_sum_s", lambda v: f"{v:.2f}", True),
+    ("TTFT p50 ms", "ttft_p50_s", lambda v: f"{v * 1000:,.0f}", True),
+    ("TTFT p90 ms", "ttft_p90_s", lambda v: f"{v * 1000:,.0f}", True),
+    ("TTFT p99 ms", "ttft_p99_s", lambda v: f"{v * 1000:,.0f}", True),
+    ("E2E sum s", "e2e_sum_s", lambda v: f"{v:.2f}", True),
+    ("wall s", "wall_s", lambda v: f"{v:.2f}", True),
+    ("ITL mean ms", "itl_mean_s", lambda v: f"{v * 1000:.1f}", True),
+    ("prompt tokens", "prompt_tokens", lambda v: f"{v:,}", False),
+    ("token hit rate", "token_hit_rate", lambda v: f"{v:.0%}", False),
+    ("cost $ (seed 000 pricing)", "cost_usd", lambda v: f"{v:.4f}", True),
+    ("errors", "errors", lambda v: f"{v}", False),
+)
+
+
+def results_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one column per result, then ``label / first`` ratio columns
+    (how many times the first result's figure the other one is)."""
+    labels = list(results)
+    summaries = [r["summary"][main_phase(r)] for r in results.values()]
+    header = ["metric", *labels, *(f"{lb} / {labels[0]}" for lb in labels[1:])]
+    rows = []
+    for name, key, fmt, with_ratio in TABLE_ROWS:
+        values = [s.get(key) for s in summaries]
+        cells = ["-" if v is None or (key == "prompt_tokens" and not v) else fmt(v) for v in values]
+        first = values[0]
+        for v in values[1:]:
+            ok = with_ratio and first and v is not None
+            cells.append(f"{v / first:.2f}x" if ok else "")
+        rows.append([name, *cells])
+    return header, rows
+
+
+def results_table(results: dict[str, dict], title: str | None = None, markdown: bool = False,
+                  console: Console | None = None) -> tuple[list[str], list[list[str]]]:
+    """Print ``results_rows`` as a rich table or as Markdown; returns them."""
+    header, rows = results_rows(results)
+    console = console or Console()
+    if markdown:
+        lines = [f"| {' | '.join(header)} |", "| --- |" + " ---: |" * (len(header) - 1)]
+        lines += [f"| {' | '.join(row)} |" for row in rows]
+        print("\n".join(lines))  # plain, so that it can be pasted
+        return header, rows
+    table = Table(title=title)
+    for i, col in enumerate(header):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    return header, rows
+
+
+def plot_results(results: dict[str, dict], out_dir: str | Path, title: str) -> list[Path]:
+    """TTFT per request of several results on one PNG (``ttft_compare.png``)."""
+    plt = _pyplot()
+    if plt is None:
+        return []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for label, result in results.items():
+        rows = [r for r in result["records"] if r["phase"] == main_phase(result)]
+        ax.plot(range(1, len(rows) + 1), [r["ttft_s"] * 1000 if r.get("ttft_s") is not None else float("nan")
+                                          for r in rows], marker="o", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("request")
+    ax.set_ylabel("TTFT (ms, log scale)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path = out / "ttft_compare.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return [path]

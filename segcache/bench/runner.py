@@ -145,21 +145,28 @@ def _read_usage(rec: RequestRecord, usage) -> None:
 OnDone = Callable[[RequestRecord], None]
 
 
+COLD_EACH = (None, "purge", "nonce")
+
+
 def run_requests(runner: Runner, requests: list[BenchRequest], concurrency: int = 1,
-                 on_done: OnDone | None = None, purge_each: bool = False) -> tuple[list[RequestRecord], float]:
+                 on_done: OnDone | None = None, cold_each: str | None = None) -> tuple[list[RequestRecord], float]:
     """Send every request (in order when ``concurrency`` is 1); (records in request
-    order, wall seconds). ``purge_each``: purge before each request, i.e. the
-    server's cache is disabled in effect (sequential only)."""
+    order, wall seconds). ``cold_each`` makes every request cold, i.e. the
+    server's cache disabled in effect: ``purge`` before each request (sequential
+    only), or a fresh ``nonce`` in front of each (any server, any concurrency)."""
     if concurrency < 1:
         raise ValueError("concurrency must be >= 1")
-    if purge_each and concurrency != 1:
+    if cold_each not in COLD_EACH:
+        raise ValueError(f"cold_each must be one of {COLD_EACH}, got {cold_each!r}")
+    if cold_each == "purge" and concurrency != 1:
         raise ValueError("purging before each request needs concurrency 1")
     origin = time.perf_counter()
 
     def one(i: int) -> RequestRecord:
-        if purge_each and not runner.purge():
+        if cold_each == "purge" and not runner.purge():
             raise RuntimeError(f"{runner.base}/cache does not accept DELETE: cannot purge")
-        rec = runner.send(requests[i], i, "cold" if purge_each else "run", origin)
+        nonce = f"run {uuid.uuid4().hex}" if cold_each == "nonce" else None
+        rec = runner.send(requests[i], i, "cold" if cold_each else "run", origin, nonce)
         if on_done:
             on_done(rec)
         return rec

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from segcache.bench.corpus import Corpus
+from segcache.bench.repo_docs import repo_docs_prompts
 
 CHARS_PER_TOKEN = 3.8
 
@@ -59,10 +60,17 @@ class WorkloadOptions:
     max_tokens: int = 32
     chars_per_token: float = CHARS_PER_TOKEN
     sizes: MultiAgentSizes = field(default_factory=MultiAgentSizes)
+    agents: int = 8  # fan-out
+    objects: int = 8  # repo-docs: code objects documented
+    code_tokens: int = 350  # repo-docs: most tokens of one code block
 
     def __post_init__(self) -> None:
         if self.turns < 1:
             raise ValueError("turns must be >= 1")
+        if self.agents < 1 or self.objects < 1:
+            raise ValueError("agents and objects must be >= 1")
+        if self.code_tokens < 20:
+            raise ValueError("code_tokens must be >= 20")
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
         if not 0.5 <= self.chars_per_token <= 20:
@@ -93,15 +101,20 @@ def _header(title: str, body: str, n_chars: int) -> str:
     return head + body[: max(0, n_chars - len(head))].rstrip()
 
 
+def global_block(corpus: Corpus, opts: WorkloadOptions) -> tuple[str, str]:
+    """Seed 000's block A: numbered rules (docstring prose) and tool JSON schemas."""
+    a_chars = opts.chars(opts.sizes.global_tokens)
+    rules = corpus.prose(int(a_chars * 0.4))
+    tools = corpus.tool_schemas(a_chars - len(rules) - 40)
+    return "global-rules", _header("Global rules and tools", f"{rules}\n\n## Tools\n\n{tools}", a_chars)
+
+
 def multi_agent_blocks(opts: WorkloadOptions) -> tuple[dict[str, tuple[str, str]], dict[str, list[str]]]:
     """Seed 000's blocks: letter -> (segment id, content), and per task block the
     function names its code defines (what the user turns ask about)."""
     corpus = Corpus(opts.seed)
     s = opts.sizes
-    a_chars = opts.chars(s.global_tokens)
-    rules = corpus.prose(int(a_chars * 0.4))
-    tools = corpus.tool_schemas(a_chars - len(rules) - 40)
-    blocks = {"A": ("global-rules", _header("Global rules and tools", f"{rules}\n\n## Tools\n\n{tools}", a_chars))}
+    blocks = {"A": global_block(corpus, opts)}
     for letter, role in (("B", "backend"), ("C", "frontend")):
         name, code, _ = corpus.code(opts.chars(s.agent_tokens) - 80)
         body = f"Skills and project memory of the {role} agent. Module summary ({name}):\n\n{code}"
@@ -139,7 +152,7 @@ def multi_agent(opts: WorkloadOptions) -> list[BenchRequest]:
 
 
 def agent_loop(opts: WorkloadOptions) -> list[BenchRequest]:
-    """One agent (A+B) working a task over ``turns`` tool calls: each request is
+    """One agent (A+B) working a task over ``turns`` tool calls (default 10): each request is
     the previous one plus a scripted assistant tool call and its result (a file
     excerpt of ~task size). Reuse here comes from the message history, below
     the segments. The assistant turns are scripted, not the model's replies, so
@@ -163,7 +176,61 @@ def agent_loop(opts: WorkloadOptions) -> list[BenchRequest]:
     return requests
 
 
+def fan_out(opts: WorkloadOptions) -> list[BenchRequest]:
+    """Seed 000 at width: ``agents`` agents (default 8) share a cold block A, each
+    with its own agent block B_i and task block D_i, and are sent at once (the
+    run's --concurrency defaults to the number of agents). Every agent's first
+    request needs A, which nobody has computed yet: a server that computes a
+    shared in-flight prefix once wins here. With --turns > 1, every agent asks
+    a new question about its task file each turn."""
+    corpus = Corpus(opts.seed)
+    a = global_block(corpus, opts)
+    agents = []
+    for i in range(1, opts.agents + 1):
+        name, code, _ = corpus.code(opts.chars(opts.sizes.agent_tokens) - 80)
+        b = (f"agent{i}-skills", _header(f"Agent {i}: skills and project memory ({name})", code,
+                                         opts.chars(opts.sizes.agent_tokens)))
+        name, code, fns = corpus.code(opts.chars(opts.sizes.task_tokens) - 60)
+        d = (f"agent{i}-task", _header(f"Task context: current file {name}", code, opts.chars(opts.sizes.task_tokens)))
+        agents.append((b, d, fns))
+    requests = []
+    for turn in range(1, opts.turns + 1):
+        for i, (b, d, fns) in enumerate(agents, start=1):
+            question = QUESTIONS[(turn - 1 + i - 1) % len(QUESTIONS)]
+            requests.append(BenchRequest(
+                label=f"agent{i}/turn{turn}", agent=i, turn=turn, segments=[a, b, d],
+                messages=[{"role": "user", "content": question.format(name=fns[(i + turn) % len(fns)])}],
+                max_tokens=opts.max_tokens,
+            ))
+    return requests
+
+
+def repo_docs(opts: WorkloadOptions) -> list[BenchRequest]:
+    """Seed 003 (RepoAgent): document ``objects`` functions (default 8) of one
+    standard library module, chosen by the seed, in topological order (callees
+    first). Each prompt holds the fixed instructions and the module's outline,
+    then the function's code, the code of up to 3 functions it calls and of up to
+    3 that call it (each code block at most --code-tokens). The same code block
+    comes back in later prompts at other positions: a prefix cache reuses only
+    the instructions, a non-prefix (blend) cache the code blocks too."""
+    prompts = repo_docs_prompts(opts.seed, opts.objects, opts.chars(opts.code_tokens),
+                                opts.chars(opts.sizes.agent_tokens))
+    return [BenchRequest(label=f"doc{i}/{p.name}", agent=1, turn=i, segments=p.segments,
+                         messages=[{"role": "user", "content": p.question}], max_tokens=opts.max_tokens)
+            for i, p in enumerate(prompts, start=1)]
+
+
 WORKLOADS: dict[str, Callable[[WorkloadOptions], list[BenchRequest]]] = {
     "multi-agent": multi_agent,
     "agent-loop": agent_loop,
+    "repo-docs": repo_docs,
+    "fan-out": fan_out,
 }
+
+# Per-workload defaults of --turns and --concurrency, where the shape asks for others
+# than multi-agent's (3 turns, sequential).
+DEFAULT_TURNS = {"multi-agent": 3, "agent-loop": 10, "repo-docs": 1, "fan-out": 1}
+
+
+def default_concurrency(workload: str, opts: WorkloadOptions) -> int:
+    return opts.agents if workload == "fan-out" else 1
