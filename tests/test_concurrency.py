@@ -56,12 +56,17 @@ def _blocking_prefill(engine):
 def test_queue_full_is_429_and_running_requests_complete(tiny_engine_factory):
     engine = tiny_engine_factory(scheduler=SchedulerConfig(max_running=1, max_waiting=2))
     gate = _blocking_prefill(engine)
-    with ThreadPoolExecutor(3) as pool:
-        running = [pool.submit(engine.chat, agent_request(i)) for i in range(3)]
-        deadline = time.monotonic() + 5
-        while engine.scheduler.load() != {"running": 1, "waiting": 2} and time.monotonic() < deadline:
+    def wait_for(load: dict) -> None:
+        deadline = time.monotonic() + 10
+        while engine.scheduler.load() != load and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert engine.scheduler.load() == {"running": 1, "waiting": 2}
+        assert engine.scheduler.load() == load
+
+    with ThreadPoolExecutor(3) as pool:
+        running = [pool.submit(engine.chat, agent_request(0))]
+        wait_for({"running": 1, "waiting": 0})  # admitted (and stuck in its prefill)
+        running += [pool.submit(engine.chat, agent_request(i)) for i in (1, 2)]
+        wait_for({"running": 1, "waiting": 2})
         with pytest.raises(OverloadedError) as e:
             engine.chat(agent_request(9))
         assert e.value.status == 429 and e.value.retry_after_s >= 1

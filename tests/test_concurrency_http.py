@@ -40,8 +40,9 @@ def test_overload_is_429_with_retry_after(tiny_engine_factory):
         replies = []
         threads = [threading.Thread(target=lambda i=i: replies.append(
             httpx.post(url + CHAT, json=body(f"hello {i}"), timeout=60))) for i in range(2)]
-        for t in threads:
-            t.start()
+        threads[0].start()  # one at a time: a request is "waiting" until the loop admits it
+        wait_until(lambda: engine.scheduler.load() == {"running": 1, "waiting": 0})
+        threads[1].start()
         wait_until(lambda: engine.scheduler.load() == {"running": 1, "waiting": 1})
         r = httpx.post(url + CHAT, json=body("one too many"), timeout=60)
         assert r.status_code == 429

@@ -27,6 +27,7 @@ import torch
 
 from segcache.config import ModelConfig
 from segcache.model.arch import ModelArch
+from segcache.model.batch import decode_batch
 from segcache.model.llama import LlamaModel, Weights
 from segcache.model.quant import (
     QUANT_VERSION,
@@ -152,6 +153,11 @@ class ModelRuntime:
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
                start: int) -> torch.Tensor:
         return self._decode_model.forward(self._decode_w, ids, positions, kv, start, None)
+
+    def decode_batch(self, tokens: list[int], positions: list[int],
+                     kvs: list[torch.Tensor]) -> torch.Tensor:
+        """One decode step for several sequences (each its own KV buffer); logits [B, vocab]."""
+        return decode_batch(self._decode_model, self._decode_w, tokens, positions, kvs)
 
 
 def _block_weights(arch: ModelArch, sd: dict[str, torch.Tensor], plan: PhasePlan,
