@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-keys", type=Path, default=os.environ.get("SEGCACHE_API_KEYS"),
                        help='JSON file {"keys": {"KEY": "tenant"}}; without it there is one local '
                             "tenant and no auth (env SEGCACHE_API_KEYS)")
+    serve.add_argument("--request-log", type=Path, default=None, metavar="FILE",
+                       help="append every chat request as a JSON line, the input of "
+                            "'segcache lint' (default: off)")
     serve.add_argument("--served-model-name", default=None, help="model id shown by /v1/models")
     serve.add_argument("--cache-bytes", type=_size, default=CacheConfig.cache_bytes,
                        help="KV cache budget, e.g. 2GiB (default: 2GiB)")
@@ -132,7 +135,8 @@ def _config(args: argparse.Namespace) -> Config:
     server = ServerConfig(host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", 8000),
                           api_keys_file=getattr(args, "api_keys", None),
                           max_request_bytes=getattr(args, "max_request_bytes", ServerConfig.max_request_bytes),
-                          model_name=getattr(args, "served_model_name", None))
+                          model_name=getattr(args, "served_model_name", None),
+                          request_log=getattr(args, "request_log", None))
     cache = CacheConfig(cache_bytes=getattr(args, "cache_bytes", CacheConfig.cache_bytes),
                         default_ttl_s=getattr(args, "cache_ttl", None),
                         tenant_quota_bytes=getattr(args, "tenant_quota_bytes", None),

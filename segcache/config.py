@@ -99,6 +99,7 @@ class ServerConfig:
     api_keys_file: Path | None = None
     max_request_bytes: int = 8 * MiB
     model_name: str | None = None
+    request_log: Path | None = None  # JSONL of chat requests, for `segcache lint`
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

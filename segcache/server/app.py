@@ -21,6 +21,7 @@ from segcache.server.auth import load_api_keys
 from segcache.server.errors import install_error_handlers
 from segcache.server.metrics import ServerMetrics
 from segcache.server.middleware import BodyLimit, RequestAccounting
+from segcache.server.request_log import RequestLog
 from segcache.server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ def create_app(engine: Any, cfg: ServerConfig, cache_cfg: CacheConfig) -> FastAP
         metrics=metrics,
         api_keys=api_keys,
         model_name=cfg.model_name or engine.model_name,
+        request_log=RequestLog(cfg.request_log) if cfg.request_log is not None else None,
     )
     install_error_handlers(app)
     routers = [routes_openai.router, routes_cache.router, routes_ops.router]

@@ -18,7 +18,7 @@ from segcache.server.state import ServerState, server_state
 
 log = logging.getLogger(__name__)
 # One JSON object per request (seed 001's metrics); route it with logging config.
-request_log = logging.getLogger("segcache.requests")
+requests_logger = logging.getLogger("segcache.requests")
 
 
 def request_record(kind: str, tenant: str, result: GenerationResult, ttft: float,
@@ -47,7 +47,8 @@ async def chat_completions(
         return state.engine.chat(chat, on_text=on_text, is_cancelled=is_cancelled)
 
     shaper = ChatShaper(state.model_name, body.include_usage)
-    return await generate(request, state, call, shaper, bool(body.stream), tenant)
+    log_body = body.model_dump(exclude_none=True) if state.request_log is not None else None
+    return await generate(request, state, call, shaper, bool(body.stream), tenant, log_body)
 
 
 @router.post("/completions")
@@ -87,6 +88,7 @@ async def generate(
     shaper: ChatShaper,
     stream: bool,
     tenant: str,
+    log_body: dict[str, Any] | None = None,
 ) -> Response | dict[str, Any]:
     """Run ``call`` and answer with one object, or with SSE. A stream's headers
     are sent only once the first event is known, so a request the engine refuses
@@ -96,7 +98,9 @@ async def generate(
     def finished(result: GenerationResult) -> None:
         ttft, total = run.timings(result)
         state.metrics.observe_generation(result, ttft, total)
-        request_log.info(json.dumps(request_record(shaper.object, tenant, result, ttft, total)))
+        requests_logger.info(json.dumps(request_record(shaper.object, tenant, result, ttft, total)))
+        if log_body is not None and result.finish_reason != "cancelled":
+            state.request_log.write(tenant, log_body, result)
 
     if not stream:
         async with cancel_on_disconnect(request, run):

@@ -19,6 +19,7 @@ class ServerState:
     metrics: ServerMetrics
     api_keys: dict[str, str] | None  # None: no auth, one local tenant
     model_name: str  # the name responses carry (cfg.model_name or engine.model_name)
+    request_log: Any = None  # segcache.server.request_log.RequestLog when --request-log is set
 
 
 def server_state(request: Request) -> ServerState:
