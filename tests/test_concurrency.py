@@ -13,7 +13,7 @@ import pytest
 from segcache.config import CacheConfig, SchedulerConfig
 from segcache.engine.types import ChatRequest, OverloadedError, SamplingParams, SegmentInput
 
-A = "Shared global rules for every agent in the fleet. " * 40
+A = "Shared global rules for every agent in the fleet. " * 100  # ~1k tokens
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0)
 
 
@@ -30,6 +30,7 @@ def test_shared_missing_segment_is_computed_once(tiny_engine_factory):
     a_status = [next(u for u in r.segments if u.id == "A").status for r in results]
     assert a_status.count("miss") == 1 and a_status.count("hit") == 7
     a_tokens = next(u for u in results[0].segments if u.id == "A").tokens
+    assert a_tokens > 900
     computed = sum(r.prompt_tokens - r.cached_tokens for r in results)
     private = sum(r.prompt_tokens - a_tokens for r in results)
     assert computed == a_tokens + private  # A once, everything else once per request

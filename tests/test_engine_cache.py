@@ -209,3 +209,19 @@ def test_purge(tiny_engine_factory):
     chat(engine, "t", AGENTS[0])
     assert engine.purge("t") == 5  # 3 segments, the message, the kept reply
     assert chat(engine, "t", AGENTS[0]).cached_tokens == 0
+
+
+def test_tenant_quota_bounds_each_tenant(tiny_engine_factory):
+    probe = tiny_engine_factory()
+    chat(probe, "t", AGENTS[0])
+    one_path = probe.tree.resident_bytes
+    engine = tiny_engine_factory(CacheConfig(tenant_quota_bytes=one_path))
+    for s in AGENTS:
+        chat(engine, "a", s)
+        chat(engine, "b", s)
+        for tenant in ("a", "b"):
+            assert engine.tree.namespace_bytes(engine.namespace(tenant)) <= one_path
+    # quotas are per tenant: both keep their most recent path
+    assert chat(engine, "a", AGENTS[2]).cached_tokens > 0
+    assert chat(engine, "b", AGENTS[2]).cached_tokens > 0
+    engine.tree.check_integrity()
