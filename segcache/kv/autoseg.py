@@ -52,23 +52,31 @@ def tools_block(tools: list[dict[str, Any]]) -> str:
     return TOOLS_HEADER + lines + TOOLS_FOOTER
 
 
-def message_text(message: dict[str, Any]) -> str:
+def message_text(message: dict[str, Any], canonical: bool = True) -> str:
     """The content of a message as the template will see it: text parts joined,
-    assistant tool calls appended in ``<tool_call>`` blocks."""
+    assistant tool calls appended in ``<tool_call>`` blocks. ``canonical=False``
+    keeps the tool-call arguments byte for byte as sent (what a plain prefix
+    cache sees; the linter compares both)."""
     content = message.get("content")
     if isinstance(content, list):
         content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
     text = content or ""
     for call in message.get("tool_calls") or []:
-        fn = call.get("function", {})
-        args = fn.get("arguments", "{}")
-        try:
-            args_value = json.loads(args) if isinstance(args, str) else args
-        except json.JSONDecodeError:
-            args_value = args
-        body = canonical_json({"name": fn.get("name"), "arguments": args_value})
-        text += ("\n" if text else "") + f"<tool_call>\n{body}\n</tool_call>"
+        block = _call_body(call.get("function", {}), canonical)
+        text += ("\n" if text else "") + f"<tool_call>\n{block}\n</tool_call>"
     return text
+
+
+def _call_body(fn: dict[str, Any], canonical: bool) -> str:
+    args = fn.get("arguments", "{}")
+    if not canonical:
+        raw = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+        return f'{{"name": "{fn.get("name")}", "arguments": {raw}}}'
+    try:
+        value = json.loads(args) if isinstance(args, str) else args
+    except json.JSONDecodeError:
+        value = args
+    return canonical_json({"name": fn.get("name"), "arguments": value})
 
 
 def message_digest(message: dict[str, Any]) -> str:

@@ -102,16 +102,7 @@ def plain_tools_text(tools: list[dict[str, Any]]) -> str:
 
 def plain_message_text(message: dict[str, Any]) -> str:
     """``message_text`` but with tool-call arguments exactly as sent."""
-    content = message.get("content")
-    if isinstance(content, list):
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    text = content or ""
-    for call in message.get("tool_calls") or []:
-        fn = call.get("function", {})
-        args = fn.get("arguments", "{}")
-        args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-        text += ("\n" if text else "") + f'<tool_call>\n{{"name": "{fn.get("name")}", "arguments": {args}}}\n</tool_call>'
-    return text
+    return message_text(message, canonical=False)
 
 
 def request_units(request: Request) -> list[Unit]:
