@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     from segcache.bench import cli as bench_cli
 
     bench_cli.add_workload_parsers(bench_sub)
+    from segcache.bench import sweep
+
+    sweep.add_arguments(bench_sub.add_parser(
+        "sweep", help="decode tok/s at 1/2/4/8 concurrent streams; stream gaps during a cold prefill",
+        description=sweep.__doc__))
     return parser
 
 
@@ -206,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
                 from segcache.engine import benchmark as engine_bench
 
                 return engine_bench.run(args)
+            if args.bench_command == "sweep":
+                from segcache.bench import sweep
+
+                return sweep.run(args)
             if args.bench_command:
                 from segcache.bench import cli as bench_cli
 
