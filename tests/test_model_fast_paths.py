@@ -4,6 +4,7 @@ A tiny random Llama whose projections are made the way a Q4_1 GGUF is (per block
 of 32: ``d*q + m``) and whose embedding is Q8_0, so the block decode path runs
 the same weights as float32. Tolerances, on logits of magnitude ~1:
 - block kernels vs dense matmul: 1e-5 (float32 summation order only)
+- the one-call C decode step vs the torch forward over the same blocks: 1e-5
 - auto decode (block weights, float16 KV) vs float32: 2e-2 (KV rounding)
 - bfloat16 prefill vs float32: 0.15 (bfloat16 weights and activations)
 - float32 continuation (chunked prefill, decode) vs one prefill: 1e-4
@@ -162,7 +163,7 @@ def test_auto_block_decode_matches_float32(sd, kernels):
     plan = plan_dtypes("auto", "cpu", block_kernels=True, bf16_gemm=False)
     assert plan == PhasePlan(torch.float32, torch.float32, torch.float16, "blocks")
     fast = ModelRuntime(ARCH, sd, plan, source_digest="tiny", kernels=kernels)
-    assert fast.decode_scheme.endswith(":q4_1+q8_0:exact+attn")
+    assert fast.decode_scheme.endswith(":q4_1+q8_0:exact+attn+fused")
     assert fast.fingerprint != ref.fingerprint
     ids = prompt(48)
     kv_ref, kv_fast = ref.new_kv(64), fast.new_kv(64)
@@ -174,6 +175,56 @@ def test_auto_block_decode_matches_float32(sd, kernels):
             want = ref.decode(ids[t:t + 1], torch.tensor([t]), kv_ref, t)
             got = fast.decode(ids[t:t + 1], torch.tensor([t]), kv_fast, t)
             assert (got - want).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.float32])
+def test_fused_decode_step_matches_torch_forward(sd, kernels, kv_dtype):
+    """The C step (``ModelRuntime.decode``) against ``LlamaModel.forward`` over the
+    same block weights (its fallback): logits and the K/V it writes."""
+    fast = ModelRuntime(ARCH, sd, PhasePlan(torch.float32, torch.float32, kv_dtype, "blocks"),
+                        source_digest="tiny", kernels=kernels)
+    assert fast._fused is not None
+    ids = prompt(40)
+    kv_fused, kv_torch = fast.new_kv(48), fast.new_kv(48)
+    with torch.inference_mode():
+        fast.prefill(ids[:30], torch.arange(30), kv_fused, 0)
+        kv_torch[:, :, :, :30] = kv_fused[:, :, :, :30]
+        for t in range(30, 40):
+            got = fast.decode(ids[t:t + 1], torch.tensor([t]), kv_fused, t)
+            want = fast._decode_model.forward(fast._decode_w, ids[t:t + 1], torch.tensor([t]), kv_torch, t)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        one = fast.prefill(ids[:1], torch.arange(1), fast.new_kv(4), 0)  # a 1-token prefill takes the step
+        whole = fast._decode_model.forward(fast._decode_w, ids[:1], torch.arange(1), fast.new_kv(4), 0)
+    torch.testing.assert_close(kv_fused[:, :, :, :40].float(), kv_torch[:, :, :, :40].float(),
+                               atol=2e-3, rtol=1e-3)  # one float16 step where rounding differs
+    torch.testing.assert_close(one, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_decode_batch_equals_single_steps(sd, kernels):
+    fast = ModelRuntime(ARCH, sd, plan_dtypes("auto", "cpu", block_kernels=True, bf16_gemm=False),
+                        source_digest="tiny", kernels=kernels)
+    lengths = [5, 17, 30]
+    kvs_one, kvs_batch = [fast.new_kv(40) for _ in lengths], [fast.new_kv(40) for _ in lengths]
+    ids = prompt(40)
+    with torch.inference_mode():
+        for n, a, b in zip(lengths, kvs_one, kvs_batch, strict=True):
+            fast.prefill(ids[:n], torch.arange(n), a, 0)
+            b.copy_(a)
+        tokens = [int(ids[n]) for n in lengths]
+        want = torch.cat([fast.decode(torch.tensor([t]), torch.tensor([n]), kv, n)
+                          for t, n, kv in zip(tokens, lengths, kvs_one, strict=True)])
+        got = fast.decode_batch(tokens, lengths, kvs_batch)
+    assert torch.equal(got, want)  # rows are independent in every kernel
+    for n, a, b in zip(lengths, kvs_one, kvs_batch, strict=True):
+        assert torch.equal(a[:, :, :, :n + 1], b[:, :, :, :n + 1])
+
+
+def test_fused_decode_rejects_out_of_range(sd, kernels):
+    fast = ModelRuntime(ARCH, sd, plan_dtypes("auto", "cpu", block_kernels=True, bf16_gemm=False),
+                        source_digest="tiny", kernels=kernels)
+    kv = fast.new_kv(8)
+    with torch.inference_mode(), pytest.raises(IndexError):
+        fast.decode(torch.tensor([0]), torch.tensor([8]), kv, 8)  # slot 8 of a capacity-8 buffer
 
 
 def test_bf16_prefill_plan_matches_float32(sd, kernels):

@@ -155,6 +155,7 @@ _C_SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <math.h>
+#include <string.h>
 
 #define MAXM 8
 
@@ -336,6 +337,106 @@ _C_SOURCE += "".join(
                               ("attend_decode_f16", "uint16_t", "load8_f16"))
 )
 
+_DECODE_C = r"""
+/* One decode step of a whole Llama model for B sequences, every projection in blocks:
+   the same kernels and arithmetic as the torch path (LlamaModel.forward with
+   PackedLinear weights and attend_decode), without a Python op between them. */
+typedef struct { const void *qs; const float *d; const float *m; int kind; int n; int k; } Mat;  /* kind 0 q4_1, 1 q8_0 */
+typedef struct { const float *attn_norm, *qkv_bias, *mlp_norm; Mat qkv, o, gate_up, down; } Layer;
+typedef struct {
+    int n_layers, hidden, inter, n_heads, n_kv, head_dim, kv_f16;
+    float eps, scale;
+    const Layer *layers;
+    const float *embed, *norm, *cos, *sin;  /* embed [vocab, hidden]; cos/sin [max_position, head_dim] */
+    Mat head;
+} Net;
+
+static void mat_mul(const Mat *w, const float *x, int M, float *y, int nt) {
+    if (w->kind == 0) q4_1_matmul(x, M, w->k, (const uint8_t *)w->qs, w->d, w->m, y, w->n, nt);
+    else q8_0_matmul(x, M, w->k, (const int8_t *)w->qs, w->d, y, w->n, nt);
+}
+
+static void rms_norm_row(const float *x, const float *w, int n, float eps, float *y) {
+    float ss = 0.f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float r = 1.f / sqrtf(ss / n + eps);
+    for (int i = 0; i < n; i++) y[i] = x[i] * r * w[i];
+}
+
+/* Rotate-half RoPE in place on `nh` heads of `D` floats. */
+static void rope_row(float *x, int nh, int D, const float *c, const float *s) {
+    const int half = D / 2;
+    for (int h = 0; h < nh; h++) {
+        float *r = x + (size_t)h * D;
+        for (int j = 0; j < half; j++) {
+            const float a = r[j], b = r[j + half];
+            r[j] = a * c[j] - b * s[j];
+            r[j + half] = b * c[j + half] + a * s[j + half];
+        }
+    }
+}
+
+/* kv[b]: that sequence's buffer [n_layers, 2, n_kv, capacity, head_dim]; kv_strides[b] its
+   (layer, K/V, head) strides in elements; slots[b] where the new token's K/V go (it attends
+   to slots 0..slots[b]); pos[b] its RoPE position. logits: [B, vocab]. */
+void decode_step(const Net *net, int B, const int64_t *tokens, const int64_t *pos, const int64_t *slots,
+                 void *const *kv, const int64_t *kv_strides, float *logits, int nt) {
+    const int H = net->hidden, D = net->head_dim, Hq = net->n_heads, Hkv = net->n_kv;
+    const int qd = Hq * D, kvd = Hkv * D, nqkv = qd + 2 * kvd, I = net->inter;
+    float *buf = (float *)malloc(sizeof(float) * (size_t)B * (2 * H + nqkv + qd + 3 * I));
+    float *x = buf, *h = x + (size_t)B * H, *qkv = h + (size_t)B * H;   /* [B,H] [B,H] [B,nqkv] */
+    float *att = qkv + (size_t)B * nqkv, *gu = att + (size_t)B * qd;    /* [B,qd] [B,2I] */
+    float *act = gu + (size_t)B * 2 * I;                                /* [B,I] */
+    for (int b = 0; b < B; b++)
+        memcpy(x + (size_t)b * H, net->embed + (size_t)tokens[b] * H, sizeof(float) * H);
+    for (int l = 0; l < net->n_layers; l++) {
+        const Layer *L = net->layers + l;
+        for (int b = 0; b < B; b++) rms_norm_row(x + (size_t)b * H, L->attn_norm, H, net->eps, h + (size_t)b * H);
+        mat_mul(&L->qkv, h, B, qkv, nt);
+        for (int b = 0; b < B; b++) {
+            float *r = qkv + (size_t)b * nqkv;
+            if (L->qkv_bias) for (int i = 0; i < nqkv; i++) r[i] += L->qkv_bias[i];
+            rope_row(r, Hq + Hkv, D, net->cos + (size_t)pos[b] * D, net->sin + (size_t)pos[b] * D);
+            const int64_t *st = kv_strides + 3 * b;
+            const size_t kofs = (size_t)(l * st[0]), vofs = kofs + (size_t)st[1], slot = (size_t)slots[b] * D;
+            for (int hh = 0; hh < Hkv; hh++) {
+                const float *kr = r + qd + hh * D, *vr = r + qd + kvd + hh * D;
+                const size_t o = (size_t)hh * st[2] + slot;
+                if (net->kv_f16) {
+                    uint16_t *k16 = (uint16_t *)kv[b];
+                    for (int j = 0; j < D; j++) { k16[kofs + o + j] = _cvtss_sh(kr[j], 0); k16[vofs + o + j] = _cvtss_sh(vr[j], 0); }
+                } else {
+                    float *k32 = (float *)kv[b];
+                    memcpy(k32 + kofs + o, kr, sizeof(float) * D);
+                    memcpy(k32 + vofs + o, vr, sizeof(float) * D);
+                }
+            }
+            if (net->kv_f16)
+                attend_decode_f16(r, (const uint16_t *)kv[b] + kofs, (const uint16_t *)kv[b] + vofs, (long)st[2],
+                                  Hkv, Hq / Hkv, (int)slots[b] + 1, D, net->scale, att + (size_t)b * qd, nt);
+            else
+                attend_decode_f32(r, (const float *)kv[b] + kofs, (const float *)kv[b] + vofs, (long)st[2],
+                                  Hkv, Hq / Hkv, (int)slots[b] + 1, D, net->scale, att + (size_t)b * qd, nt);
+        }
+        mat_mul(&L->o, att, B, h, nt);
+        for (size_t i = 0; i < (size_t)B * H; i++) x[i] += h[i];
+        for (int b = 0; b < B; b++) rms_norm_row(x + (size_t)b * H, L->mlp_norm, H, net->eps, h + (size_t)b * H);
+        mat_mul(&L->gate_up, h, B, gu, nt);
+        for (int b = 0; b < B; b++) {
+            const float *g = gu + (size_t)b * 2 * I, *u = g + I;
+            float *a = act + (size_t)b * I;
+            for (int i = 0; i < I; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+        }
+        mat_mul(&L->down, act, B, h, nt);
+        for (size_t i = 0; i < (size_t)B * H; i++) x[i] += h[i];
+    }
+    for (int b = 0; b < B; b++) rms_norm_row(x + (size_t)b * H, net->norm, H, net->eps, h + (size_t)b * H);
+    mat_mul(&net->head, h, B, logits, nt);
+    free(buf);
+}
+"""
+_C_SOURCE += _DECODE_C
+
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -352,6 +453,7 @@ class BlockKernels:
         self._q8_0 = lib.q8_0_matmul
         self._q8_0.argtypes = [p, i, i, p, p, p, i, i]
         self._q8_0.restype = None
+        self._lib = lib
         self._attend = {torch.float32: lib.attend_decode_f32, torch.float16: lib.attend_decode_f16}
         for fn in self._attend.values():
             fn.argtypes = [p, p, p, ctypes.c_long, i, i, i, i, ctypes.c_float, p, i]
@@ -385,6 +487,114 @@ class BlockKernels:
         self._attend[keys.dtype](q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0), hkv, hq // hkv,
                      slots, dim, scale, out.data_ptr(), torch.get_num_threads())
         return out
+
+    def decoder(self, dims: dict[str, int], eps: float, scale: float, layers: list[DecodeLayer],
+                embed: torch.Tensor, norm: torch.Tensor, head: BlockLinear, cos: torch.Tensor,
+                sin: torch.Tensor, kv_dtype: torch.dtype) -> FusedDecoder:
+        """The whole-model decode step over these weights (see ``FusedDecoder``). ``dims``:
+        n_layers, hidden, inter, n_heads, n_kv, head_dim; ``cos``/``sin`` [max_position, head_dim]."""
+        return FusedDecoder(self._lib, dims, eps, scale, layers, embed, norm, head, cos, sin, kv_dtype)
+
+
+class _Mat(ctypes.Structure):
+    _fields_ = [("qs", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p),
+                ("kind", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("qkv_bias", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p),
+                ("qkv", _Mat), ("o", _Mat), ("gate_up", _Mat), ("down", _Mat)]
+
+
+class _Net(ctypes.Structure):
+    _fields_ = [("n_layers", ctypes.c_int), ("hidden", ctypes.c_int), ("inter", ctypes.c_int),
+                ("n_heads", ctypes.c_int), ("n_kv", ctypes.c_int), ("head_dim", ctypes.c_int),
+                ("kv_f16", ctypes.c_int), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                ("layers", ctypes.POINTER(_Layer)), ("embed", ctypes.c_void_p), ("norm", ctypes.c_void_p),
+                ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("head", _Mat)]
+
+
+@dataclass
+class DecodeLayer:
+    """One layer's decode weights as ``decode_step`` takes them (norms float32 [hidden])."""
+
+    attn_norm: torch.Tensor
+    qkv: BlockLinear  # [q_dim + 2*kv_dim, hidden]
+    qkv_bias: torch.Tensor | None  # float32 [q_dim + 2*kv_dim]
+    o: BlockLinear  # [hidden, q_dim]
+    mlp_norm: torch.Tensor
+    gate_up: BlockLinear  # [2*intermediate, hidden]
+    down: BlockLinear  # [hidden, intermediate]
+
+
+class FusedDecoder:
+    """A whole decode step (every layer and the LM head) in one C call: the arithmetic
+    of ``LlamaModel.forward`` over ``PackedLinear`` weights with ``attend_decode``,
+    minus the ~300 small torch ops and their Python. Holds the tensors it points to.
+
+    ``__call__(tokens, positions, slots, kvs)``: ``tokens``/``positions``/``slots``
+    [B] long, ``kvs`` B buffers [n_layers, 2, n_kv_heads, capacity, head_dim] of the
+    KV dtype (float16 or float32); writes each token's K/V at its slot, attends to
+    slots 0..slot, returns float32 logits [B, vocab]. Mutates ``kvs``."""
+
+    def __init__(self, lib: ctypes.CDLL, dims: dict[str, int], eps: float, scale: float,
+                 layers: list[DecodeLayer], embed: torch.Tensor, norm: torch.Tensor, head: BlockLinear,
+                 cos: torch.Tensor, sin: torch.Tensor, kv_dtype: torch.dtype) -> None:
+        f32 = [t.float().contiguous() for t in (embed, norm, cos, sin)]
+        self._keep: list[torch.Tensor] = list(f32)
+        self.kv_dtype = kv_dtype
+        self.vocab, self.max_position = embed.shape[0], cos.shape[0]
+        self._dims = dims
+        c_layers = (_Layer * len(layers))()
+        for c, lw in zip(c_layers, layers, strict=True):
+            c.attn_norm, c.mlp_norm = self._ptr(lw.attn_norm), self._ptr(lw.mlp_norm)
+            c.qkv_bias = self._ptr(lw.qkv_bias) if lw.qkv_bias is not None else None
+            c.qkv, c.o, c.gate_up, c.down = (self._mat(w) for w in (lw.qkv, lw.o, lw.gate_up, lw.down))
+        self._layers = c_layers
+        if dims["n_layers"] != len(layers):
+            raise ValueError("FusedDecoder: dims['n_layers'] != len(layers)")
+        self._net = _Net(kv_f16=int(kv_dtype == torch.float16), eps=eps, scale=scale,
+                         layers=c_layers, embed=f32[0].data_ptr(), norm=f32[1].data_ptr(),
+                         cos=f32[2].data_ptr(), sin=f32[3].data_ptr(), head=self._mat(head), **dims)
+        self._fn = lib.decode_step
+        p = ctypes.c_void_p
+        self._fn.argtypes = [p, ctypes.c_int, p, p, p, p, p, p, ctypes.c_int]
+        self._fn.restype = None
+
+    def _ptr(self, t: torch.Tensor) -> int:
+        t = t.float().contiguous()
+        self._keep.append(t)
+        return t.data_ptr()
+
+    def _mat(self, w: BlockLinear) -> _Mat:
+        self._keep += [t for t in (w.qs, w.d, w.m) if t is not None]
+        n, k = w.shape
+        return _Mat(w.qs.data_ptr(), w.d.data_ptr(), w.m.data_ptr() if w.m is not None else None,
+                    0 if w.kind == "q4_1" else 1, n, k)
+
+    def accepts(self, kv: torch.Tensor) -> bool:
+        """Whether ``kv`` has the layout the C step indexes (rows of head_dim contiguous)."""
+        d = self._dims
+        return (kv.dtype == self.kv_dtype and kv.dim() == 5 and kv.shape[0] == d["n_layers"]
+                and kv.shape[2] == d["n_kv"] and kv.shape[4] == d["head_dim"]
+                and kv.stride(4) == 1 and kv.stride(3) == d["head_dim"] and kv.device.type == "cpu")
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                 kvs: list[torch.Tensor]) -> torch.Tensor:
+        n = len(kvs)
+        tokens, positions, slots = (t.to(torch.int64).contiguous() for t in (tokens, positions, slots))
+        if not (tokens.shape == positions.shape == slots.shape == (n,)) or not all(map(self.accepts, kvs)):
+            raise ValueError("FusedDecoder: unsupported arguments")
+        if n and not (0 <= int(tokens.min()) and int(tokens.max()) < self.vocab
+                      and 0 <= int(positions.min()) and int(positions.max()) < self.max_position
+                      and all(0 <= int(s) < kv.shape[3] for s, kv in zip(slots, kvs, strict=True))):
+            raise IndexError("FusedDecoder: token, position or slot out of range")
+        ptrs = (ctypes.c_void_p * n)(*(kv.data_ptr() for kv in kvs))
+        strides = torch.tensor([kv.stride()[:3] for kv in kvs], dtype=torch.int64).reshape(n, 3)
+        logits = torch.empty(n, self.vocab, dtype=torch.float32)
+        self._fn(ctypes.byref(self._net), n, tokens.data_ptr(), positions.data_ptr(), slots.data_ptr(),
+                 ptrs, strides.data_ptr(), logits.data_ptr(), torch.get_num_threads())
+        return logits
 
 
 def load_kernels(build_dir: Path) -> BlockKernels | None:

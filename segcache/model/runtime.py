@@ -33,6 +33,9 @@ from segcache.model.quant import (
     QUANT_VERSION,
     BlockKernels,
     BlockLinear,
+    DecodeLayer,
+    MAX_GROUP,
+    FusedDecoder,
     PackedLinear,
     load_blocks,
     load_kernels,
@@ -104,12 +107,18 @@ class ModelRuntime:
         self._decode_model = self.model
         self._prefill_w = Weights.from_state_dict(arch, state_dict, plan.prefill, device)
         self.decode_scheme = "dense"
+        # The whole decode step in one C call, where every projection is in blocks;
+        # the torch forward over the same weights is the fallback (same arithmetic).
+        self._fused: FusedDecoder | None = None
         if plan.decode_weights == "blocks":
             self._decode_w, self.decode_scheme = _block_weights(arch, state_dict, plan, kernels,
                                                                 self._prefill_w, block_cache)
             if plan.kv in (torch.float32, torch.float16):
                 self._decode_model = LlamaModel(arch, device, decode_attention=kernels.attend_decode)
                 self.decode_scheme += "+attn"
+                self._fused = _fused_decoder(arch, self._decode_w, kernels, self._decode_model, plan.kv)
+                if self._fused is not None:
+                    self.decode_scheme += "+fused"
         elif plan.decode == plan.prefill:
             self._decode_w = self._prefill_w
         else:
@@ -147,16 +156,23 @@ class ModelRuntime:
         # weights, like decode: the block weights read 1/6 of the bytes. Measured on
         # the 2-core AMD host at 3.6k context: 6 tokens 120 -> 75 ms; even at 32.
         if self.decode_scheme != "dense" and ids.shape[0] <= SMALL_PREFILL_TOKENS:
+            if ids.shape[0] == 1 and (logits_at is None or logits_at.tolist() == [0]):
+                return self.decode(ids, positions, kv, start)
             return self._decode_model.forward(self._decode_w, ids, positions, kv, start, logits_at)
         return self.model.forward(self._prefill_w, ids, positions, kv, start, logits_at)
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
                start: int) -> torch.Tensor:
+        if self._fused is not None and ids.shape[0] == 1 and self._fused.accepts(kv):
+            return self._fused(ids, positions, torch.tensor([start]), [kv])
         return self._decode_model.forward(self._decode_w, ids, positions, kv, start, None)
 
     def decode_batch(self, tokens: list[int], positions: list[int],
                      kvs: list[torch.Tensor]) -> torch.Tensor:
         """One decode step for several sequences (each its own KV buffer); logits [B, vocab]."""
+        if self._fused is not None and all(map(self._fused.accepts, kvs)):
+            pos = torch.tensor(positions)
+            return self._fused(torch.tensor(tokens), pos, pos, kvs)
         return decode_batch(self._decode_model, self._decode_w, tokens, positions, kvs)
 
 
@@ -193,6 +209,22 @@ def _block_weights(arch: ModelArch, sd: dict[str, torch.Tensor], plan: PhasePlan
             pass  # a read-only cache dir only costs the packing time at the next start
     scheme = f"{QUANT_VERSION}:{'+'.join(sorted(formats))}:{'exact' if exact else 'lossy'}"
     return w, scheme
+
+
+def _fused_decoder(arch: ModelArch, w: Weights, kernels: BlockKernels, model: LlamaModel,
+                   kv: torch.dtype) -> FusedDecoder | None:
+    """The one-call decode step over ``w``, or None where a projection stayed dense."""
+    projections = [w.lm_head] + [p for lw in w.layers for p in (lw.qkv, lw.o, lw.gate_up, lw.down)]
+    if not all(isinstance(p, PackedLinear) for p in projections) or w.dtype != torch.float32:
+        return None
+    if arch.head_dim % 8 or arch.head_dim > 256 or arch.n_heads // arch.n_kv_heads > MAX_GROUP:
+        return None  # the attention kernel's limits
+    layers = [DecodeLayer(lw.attn_norm, lw.qkv.w, lw.qkv_bias, lw.o.w, lw.mlp_norm, lw.gate_up.w, lw.down.w)
+              for lw in w.layers]
+    dims = {"n_layers": arch.n_layers, "hidden": arch.hidden_size, "inter": arch.intermediate_size,
+            "n_heads": arch.n_heads, "n_kv": arch.n_kv_heads, "head_dim": arch.head_dim}
+    return kernels.decoder(dims, arch.rms_eps, model.scale, layers, w.embed, w.norm, w.lm_head.w,
+                           model.rope.cos, model.rope.sin, kv)
 
 
 def _fingerprint(arch: ModelArch, plan: PhasePlan, decode_scheme: str, source_digest: str,
