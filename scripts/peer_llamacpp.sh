@@ -10,14 +10,19 @@
 # Environment: WORKLOADS (default "multi-agent agent-loop repo-docs fan-out"),
 # OUT (result folder, default bench-out/peer-<time>), PEER_PORT (8091),
 # SEG_PORT (8092), THREADS (2), PEER_PYTHON (python3), BENCH_ARGS (extra flags
-# for every `segcache bench` run), SEG_ARGS (extra flags for `segcache serve`).
+# for every `segcache bench` run), SEG_ARGS (extra flags for `segcache serve`),
+# SEGCACHE_REV (serve segcache as committed at this git revision, from a copy in
+# OUT/src, instead of the working tree, which others may be editing).
 #
 # Per workload it runs, each server cold at the start of the workload:
 #   segcache, --mode segments                 -> OUT/W.segcache.json (+ plots)
 #   segcache, --mode segments, no reuse       -> OUT/W.nocache.json  (cache disabled in effect)
-#   llama-cpp-python, --mode flat             -> OUT/W.peer.json     (restarted per workload)
+#   llama-cpp-python, --mode flat             -> OUT/W.peer.json     (restarted per workload;
+#                                                 --interrupt_requests false, so that
+#                                                 concurrent requests queue, not cancel)
 # then prints one table of the three with ratios (segcache bench table).
 set -euo pipefail
+export COLUMNS=${COLUMNS:-160}  # rich tables in the .txt logs, not wrapped at 80
 cd "$(dirname "$0")/.."
 
 ROOT=$PWD
@@ -89,7 +94,7 @@ PEER_PID=
 start_peer() {
     "$PEER_VENV/bin/python" -m llama_cpp.server --model "$GGUF" --host 127.0.0.1 --port "$PEER_PORT" \
         --n_threads "$THREADS" --n_threads_batch "$THREADS" --n_ctx 8192 \
-        --cache true --cache_type ram >>"$OUT/peer.log" 2>&1 &
+        --cache true --cache_type ram --interrupt_requests false >>"$OUT/peer.log" 2>&1 &
     PEER_PID=$!
     PIDS+=("$PEER_PID")
     wait_ready "http://127.0.0.1:$PEER_PORT/v1" "$PEER_PID" "$OUT/peer.log"
@@ -115,8 +120,17 @@ run_all() {
     "$PEER_VENV/bin/python" -c "import llama_cpp.server" || { log "peer not installed: run '$0 install'"; exit 1; }
     mkdir -p "$OUT/plots"
     log "results in $OUT; machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cpus, load $(load)"
+    local src=$ROOT
+    if [[ -n ${SEGCACHE_REV:-} ]]; then
+        src=$OUT/src
+        mkdir -p "$src"
+        git archive "$SEGCACHE_REV" segcache | tar -x -C "$src"
+        log "serving segcache $(git rev-parse --short "$SEGCACHE_REV") from $src"
+    else
+        log "serving the working tree: $(git rev-parse --short HEAD), $(git status --porcelain segcache | wc -l) changed files under segcache/"
+    fi
     # shellcheck disable=SC2086
-    "$SEGCACHE" serve --host 127.0.0.1 --port "$SEG_PORT" --threads "$THREADS" ${SEG_ARGS:-} \
+    PYTHONPATH=$src "$SEGCACHE" serve --host 127.0.0.1 --port "$SEG_PORT" --threads "$THREADS" ${SEG_ARGS:-} \
         >"$OUT/segcache.log" 2>&1 &
     local seg_pid=$!
     PIDS+=("$seg_pid")

@@ -231,6 +231,9 @@ TABLE_ROWS = (
 )
 
 
+USAGE_KEYS = ("prompt_tokens", "token_hit_rate", "cost_usd")
+
+
 def results_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     """Header and rows: one column per result, then ``label / first`` ratio columns
     (how many times the first result's figure the other one is)."""
@@ -239,8 +242,9 @@ def results_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     header = ["metric", *labels, *(f"{lb} / {labels[0]}" for lb in labels[1:])]
     rows = []
     for name, key, fmt, with_ratio in TABLE_ROWS:
-        values = [s.get(key) for s in summaries]
-        cells = ["-" if v is None or (key == "prompt_tokens" and not v) else fmt(v) for v in values]
+        # A server that reports no usage (prompt tokens 0) has no token figures.
+        values = [None if key in USAGE_KEYS and not s.get("prompt_tokens") else s.get(key) for s in summaries]
+        cells = ["-" if v is None else fmt(v) for v in values]
         first = values[0]
         for v in values[1:]:
             ok = with_ratio and first and v is not None

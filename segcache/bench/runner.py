@@ -120,6 +120,10 @@ class Runner:
         if first is not None:
             rec.ttft_s = first - t0
         _read_usage(rec, usage)
+        if rec.error is None and first is None and usage is None:
+            # Neither text nor usage: the server dropped the request (llama-cpp-python
+            # does so when a newer request interrupts it).
+            rec.error = "empty stream: no text and no usage"
         if first is not None and rec.completion_tokens and rec.completion_tokens > 1:
             rec.itl_s = (last - first) / (rec.completion_tokens - 1)
         return rec
