@@ -56,3 +56,20 @@ def tiny_engine_factory(tokenizer):
     yield make
     for engine in engines:
         engine.close(drain=False)
+
+
+@pytest.fixture
+def base_url(engine):
+    """A real uvicorn server on a free port over the module's ``engine`` fixture."""
+    from tests.server_harness import running_server
+
+    with running_server(engine) as url:
+        yield url
+
+
+@pytest.fixture
+def client(base_url):
+    """The real ``openai`` client pointed at ``base_url``."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from segcache.kv.hashing import segment_digest
 from tests.fakes import FakeEngine
-from tests.server_harness import running_server
 
 USER = [{"role": "user", "content": "hi"}]
 RULES = "global rules and tool schemas " * 10
@@ -18,17 +16,6 @@ RULES = "global rules and tool schemas " * 10
 @pytest.fixture
 def engine():
     return FakeEngine()
-
-
-@pytest.fixture
-def base_url(engine):
-    with running_server(engine) as url:
-        yield url
-
-
-@pytest.fixture
-def client(base_url):
-    return OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0)
 
 
 def test_warm_then_chat_is_a_full_hit(base_url, client):

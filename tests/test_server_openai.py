@@ -21,17 +21,6 @@ def engine():
     return FakeEngine()
 
 
-@pytest.fixture
-def base_url(engine):
-    with running_server(engine) as url:
-        yield url
-
-
-@pytest.fixture
-def client(base_url):
-    return OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
-
-
 def seg(seg_id: str, content: str) -> dict:
     return {"id": seg_id, "hash": segment_digest(content), "content": content}
 

@@ -6,7 +6,6 @@ import httpx
 import pytest
 
 from tests.fakes import FakeEngine
-from tests.server_harness import running_server
 
 LONG = [{"role": "user", "content": " ".join(f"w{i}" for i in range(200))}]
 
@@ -16,12 +15,6 @@ def engine():
     e = FakeEngine()
     e.token_delay_s = 0.02  # 200 words: ~4 s if nobody cancels
     return e
-
-
-@pytest.fixture
-def base_url(engine):
-    with running_server(engine) as url:
-        yield url
 
 
 def test_disconnect_during_stream_cancels(base_url, engine):
