@@ -96,9 +96,15 @@ def test_request_body_modes_carry_the_same_text(requests):
     assert extra_flat == {}
     assert flat[0] == {"role": "system", "content": "\n\n".join(c for _, c in req.segments)}
     assert flat[1:] == req.messages
+    # A nonce makes every segment new (a non-prefix cache could reuse any of them);
+    # in flat mode, the system message.
     nonced, extra_n = request_body(req, "segments", nonce="n1")
-    assert extra_n["segments"][0]["content"].startswith("[n1]\n")
-    assert extra_n["segments"][1:] == extra["segments"][1:]
+    for seg, plain in zip(extra_n["segments"], extra["segments"], strict=True):
+        assert seg["content"] == "[n1]\n" + plain["content"]
+        assert seg["hash"] == segment_digest(seg["content"])
+    flat_n, _ = request_body(req, "flat", nonce="n1")
+    assert flat_n[0]["content"] == "[n1]\n" + flat[0]["content"]
+    assert all("reuse" not in s for s in extra["segments"])  # multi-agent marks nothing
     with pytest.raises(ValueError, match="mode"):
         request_body(req, "bogus")
 

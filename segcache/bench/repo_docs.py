@@ -13,17 +13,34 @@ top-level functions and its classes' methods; an edge ``f -> g`` is a call
 ``g(...)`` to a top-level function or ``self.g(...)`` / ``cls.g(...)`` to a
 method of the same class.
 
-Segments of one request, in order (the stable part first, the way a careful
-client would lay the template out):
+Two layouts of one request's segments (``layout``):
 
-1. ``repo-docs-instructions``: the fixed instructions and the project structure
-   (the module's outline) -- the same in every request;
+``repoagent`` (the default) follows RepoAgent's template as seed 003 describes
+it: a short fixed instruction, then what to document, so that, as in RepoAgent,
+a per-object variable comes within the first ~300 characters and the prefix
+shared by all requests is only the instruction (a few percent of the prompt):
+
+1. ``repo-docs-instructions``: a short fixed instruction -- the same in every
+   request, the only shared prefix;
 2. ``object:<name>``: what to document (kind, name, file) -- new each request;
-3. ``code:<name>``: the target's code;
-4. ``refs-callees`` then ``code:<callee>`` for each callee (at most ``max_refs``);
-5. ``refs-callers`` then ``code:<caller>`` for each caller (at most ``max_refs``).
+3. ``project-structure``: the module's outline -- the same text in every
+   request, after a different segment each time;
+4. ``code:<name>``: the target's code;
+5. ``refs-callees`` then ``code:<callee>`` for each callee (at most ``max_refs``);
+6. ``refs-callers`` then ``code:<caller>`` for each caller (at most ``max_refs``);
+7. ``repo-docs-format``: the fixed output format rules, at a position that
+   depends on how many references come before it.
 
-A ``code:<name>`` block is the same text wherever it appears.
+``careful`` is the layout a client that knows about prefix caching would pick:
+the instructions and the project structure first, as one block
+(``repo-docs-instructions``, ~1,150 tokens, the shared prefix), then 2, 4, 5, 6.
+
+A ``code:<name>`` block is the same text wherever it appears. ``recurring``
+names the blocks a client would send with ``"reuse": "anywhere"``: the ones that
+come back in other requests at other positions (code blocks, the project
+structure, the ``refs-`` lines and the format rules; in ``careful``, the
+instructions block too, as it holds the structure). Not ``object:<name>``, new
+in every request, nor repoagent's short instruction, always a prefix hit.
 """
 
 from __future__ import annotations
@@ -161,6 +178,8 @@ def pick_module(seed: int, min_objects: int, files: list[Path] | None = None) ->
     raise RuntimeError(f"no standard library module has {min_objects} connected functions")
 
 
+LAYOUTS = ("repoagent", "careful")
+
 INSTRUCTIONS = """\
 You are an AI documentation assistant. Your task is to write the documentation of one \
 code object of a project from its code and from its relationships with other objects: \
@@ -172,6 +191,19 @@ shown, and do not repeat the code back.
 
 The project is the Python standard library (`Lib/`). Its structure, for the module \
 being documented:"""
+
+# The repoagent layout's pieces: INSTRUCTIONS split into a short head and format
+# rules that close the prompt, as in RepoAgent's template.
+SHORT_INSTRUCTIONS = """\
+You are an AI documentation assistant. Your task is to write the documentation of one \
+code object of a project from its code and from its relationships with other objects, \
+so that developers new to the project understand what it does and how to use it."""
+
+FORMAT_RULES = """\
+Write the documentation in Markdown, in a deterministic tone, with the sections \
+**Function**, **Parameters**, **Returns** and **Notes**: what the object does, its \
+parameters, what it returns, and how it is used by its callers. Do not speculate about \
+code you were not shown, and do not repeat the code back."""
 
 
 def _outline(path: Path, objects: dict[str, CodeObject], n_chars: int) -> str:
@@ -185,21 +217,26 @@ def _outline(path: Path, objects: dict[str, CodeObject], n_chars: int) -> str:
 
 @dataclass(frozen=True)
 class RepoDocsPrompt:
-    """One object to document: ``segments`` in prompt order and the user question."""
+    """One object to document: ``segments`` in prompt order, the ids of those that
+    recur in other requests (``recurring``) and the user question."""
 
     name: str
     segments: list[tuple[str, str]]
     question: str
+    recurring: tuple[str, ...] = ()
 
 
 def repo_docs_prompts(seed: int, n_objects: int, code_chars: int, structure_chars: int,
-                      max_refs: int = 3) -> list[RepoDocsPrompt]:
-    """``n_objects`` objects of a seeded module that call each other, in topological order."""
+                      max_refs: int = 3, layout: str = "repoagent") -> list[RepoDocsPrompt]:
+    """``n_objects`` objects of a seeded module that call each other, in topological
+    order, laid out as ``layout`` says (see the module docstring)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     path, objects = pick_module(seed, n_objects)
     order = select_objects(objects, n_objects)
     rank = {n: i for i, n in enumerate(topological_order(objects))}
     callers = callers_of(objects)
-    head = ("repo-docs-instructions", f"{INSTRUCTIONS}\n\n{_outline(path, objects, structure_chars)}")
+    outline = _outline(path, objects, structure_chars)
 
     def block(name: str) -> tuple[str, str]:
         return f"code:{name}", f"```python\n# Lib/{path.name}: {name}\n{fit(objects[name].source, code_chars)}\n```"
@@ -209,8 +246,18 @@ def repo_docs_prompts(seed: int, n_objects: int, code_chars: int, structure_char
         obj = objects[name]
         callees = sorted(obj.calls, key=rank.__getitem__)[:max_refs]
         users = [c for c in sorted(callers[name], key=rank.__getitem__) if c not in callees][:max_refs]
-        segments = [head, (f"object:{name}", f'Now document the {obj.kind} "{name}" of Lib/{path.name}. '
-                                             "Its code is as follows:"), block(name)]
+        if layout == "careful":
+            segments = [("repo-docs-instructions", f"{INSTRUCTIONS}\n\n{outline}"),
+                        (f"object:{name}", f'Now document the {obj.kind} "{name}" of Lib/{path.name}. '
+                                           "Its code is as follows:")]
+        else:
+            segments = [("repo-docs-instructions", SHORT_INSTRUCTIONS),
+                        (f"object:{name}", f'Document the {obj.kind} "{name}" of Lib/{path.name}, a module '
+                                           "of the Python standard library. Below are the module's "
+                                           "structure, the code of the object, then the code of the "
+                                           "objects it calls and of the objects that call it."),
+                        ("project-structure", f"The structure of the module:\n{outline}")]
+        segments.append(block(name))
         if callees:
             segments.append(("refs-callees", "As you can see, the code calls the following objects; "
                                              "their code is as follows:"))
@@ -219,7 +266,11 @@ def repo_docs_prompts(seed: int, n_objects: int, code_chars: int, structure_char
             segments.append(("refs-callers", "The code is called by the following objects; "
                                              "their code is as follows:"))
             segments += [block(c) for c in users]
+        if layout == "repoagent":
+            segments.append(("repo-docs-format", FORMAT_RULES))
+        recurring = tuple(i for i, _ in segments if not i.startswith("object:")
+                          and (layout == "careful" or i != "repo-docs-instructions"))
         question = (f"Please write the documentation of `{name}` from its code and its relationships "
                     "with the objects above.")
-        prompts.append(RepoDocsPrompt(name, segments, question))
+        prompts.append(RepoDocsPrompt(name, segments, question, recurring))
     return prompts

@@ -6,8 +6,9 @@ the same way. What each timing means is in ``segcache.bench.metrics``.
 
 Two prompt modes, same text:
 
-- ``segments``: ``segments[]`` (``id``, ``hash`` = segment digest, ``content``)
-  in ``extra_body``, and the workload's messages;
+- ``segments``: ``segments[]`` (``id``, ``hash`` = segment digest, ``content``,
+  and ``reuse: "anywhere"`` for the request's ``anywhere`` segments) in
+  ``extra_body``, and the workload's messages;
 - ``flat``: the segments joined with a blank line into one system message, what
   a server without the extension receives.
 """
@@ -32,19 +33,34 @@ COLD_STRATEGIES = ("auto", "purge", "nonce")
 
 
 def request_body(req: BenchRequest, mode: str, nonce: str | None = None) -> tuple[list[dict], dict]:
-    """(messages, extra_body) of ``req`` in ``mode``. A ``nonce`` is put in front of
-    the first segment, which makes the whole prompt new to any prefix cache."""
+    """(messages, extra_body) of ``req`` in ``mode``. A ``nonce`` makes the prompt
+    new to any cache: it is put in front of every segment in ``segments`` mode (a
+    non-prefix cache could reuse any one of them where it stands), in front of
+    the system message in ``flat`` mode."""
     segments = list(req.segments)
-    if nonce is not None and segments:
-        seg_id, content = segments[0]
-        segments[0] = (seg_id, f"[{nonce}]\n{content}")
+    if nonce is not None:
+        marked = range(len(segments)) if mode == "segments" else range(min(1, len(segments)))
+        for n in marked:
+            seg_id, content = segments[n]
+            segments[n] = (seg_id, f"[{nonce}]\n{content}")
     if mode == "segments":
-        extra = {"segments": [{"id": i, "hash": segment_digest(c), "content": c} for i, c in segments]}
+        extra = {"segments": [_segment(i, c, i in req.anywhere) for i, c in segments]}
         return list(req.messages), extra
     if mode == "flat":
         system = "\n\n".join(c for _, c in segments)
         return [{"role": "system", "content": system}, *req.messages], {}
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _segment(seg_id: str, content: str, anywhere: bool) -> dict:
+    seg = {"id": seg_id, "hash": segment_digest(content), "content": content}
+    if anywhere:
+        seg["reuse"] = "anywhere"
+    return seg
+
+
+def new_nonce() -> str:
+    return f"run {uuid.uuid4().hex[:16]}"
 
 
 @dataclass(frozen=True)
@@ -142,8 +158,17 @@ def _read_usage(rec: RequestRecord, usage) -> None:
     else:
         rec.cached_tokens = rec.cached_prefix_tokens if rec.cached_prefix_tokens is not None else 0
     segcache = extra.get("segcache")
-    if isinstance(segcache, dict) and isinstance(segcache.get("segments"), list):
+    if not isinstance(segcache, dict):
+        return
+    if isinstance(segcache.get("segments"), list):
         rec.segments = segcache["segments"]
+    # Non-prefix reuse (blend): absent on servers without it.
+    rec.blended_tokens = _int_or_none(segcache.get("blended_tokens"))
+    rec.recomputed_tokens = _int_or_none(segcache.get("recomputed_tokens"))
+
+
+def _int_or_none(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 OnDone = Callable[[RequestRecord], None]
@@ -169,7 +194,7 @@ def run_requests(runner: Runner, requests: list[BenchRequest], concurrency: int 
     def one(i: int) -> RequestRecord:
         if cold_each == "purge" and not runner.purge():
             raise RuntimeError(f"{runner.base}/cache does not accept DELETE: cannot purge")
-        nonce = f"run {uuid.uuid4().hex}" if cold_each == "nonce" else None
+        nonce = new_nonce() if cold_each == "nonce" else None
         rec = runner.send(requests[i], i, "cold" if cold_each else "run", origin, nonce)
         if on_done:
             on_done(rec)
@@ -204,7 +229,7 @@ def run_cold_vs_warm(runner: Runner, requests: list[BenchRequest], cold: str = "
         if use_purge:
             runner.purge()
         else:
-            nonce = f"run {uuid.uuid4().hex}"
+            nonce = new_nonce()
         for phase in ("cold", "warm"):
             rec = runner.send(req, i, phase, origin, nonce)
             records.append(rec)

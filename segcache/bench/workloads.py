@@ -15,13 +15,15 @@ is what reports quote; sizes here only aim.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from segcache.bench.corpus import Corpus
-from segcache.bench.repo_docs import repo_docs_prompts
+from segcache.bench.repo_docs import LAYOUTS, repo_docs_prompts
 
 CHARS_PER_TOKEN = 3.8
+REUSE = ("anywhere", "none")
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class BenchRequest:
 
     ``segments`` are ``(id, content)`` in prompt order; ``messages`` follow them
     (OpenAI message dicts, no system message: the segments are the system part).
+    ``anywhere`` names the segments sent with ``"reuse": "anywhere"`` (segments
+    mode): blocks the server may reuse at another position than where it saw them.
     """
 
     label: str
@@ -38,6 +42,7 @@ class BenchRequest:
     segments: list[tuple[str, str]]
     messages: list[dict]
     max_tokens: int
+    anywhere: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,8 +68,14 @@ class WorkloadOptions:
     agents: int = 8  # fan-out
     objects: int = 8  # repo-docs: code objects documented
     code_tokens: int = 350  # repo-docs: most tokens of one code block
+    layout: str = "repoagent"  # repo-docs: see repo_docs.LAYOUTS
+    reuse: str = "anywhere"  # repo-docs: mark recurring blocks "reuse": "anywhere", or "none"
 
     def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.reuse not in REUSE:
+            raise ValueError(f"reuse must be one of {REUSE}, got {self.reuse!r}")
         if self.turns < 1:
             raise ValueError("turns must be >= 1")
         if self.agents < 1 or self.objects < 1:
@@ -208,16 +219,61 @@ def fan_out(opts: WorkloadOptions) -> list[BenchRequest]:
 def repo_docs(opts: WorkloadOptions) -> list[BenchRequest]:
     """Seed 003 (RepoAgent): document ``objects`` functions (default 8) of one
     standard library module, chosen by the seed, in topological order (callees
-    first). Each prompt holds the fixed instructions and the module's outline,
-    then the function's code, the code of up to 3 functions it calls and of up to
-    3 that call it (each code block at most --code-tokens). The same code block
-    comes back in later prompts at other positions: a prefix cache reuses only
-    the instructions, a non-prefix (blend) cache the code blocks too."""
+    first). Each prompt holds the function's code, the code of up to 3 functions
+    it calls and of up to 3 that call it (each code block at most --code-tokens)
+    and the module's outline (the project structure). The same code block comes
+    back in later prompts at other positions.
+
+    --layout repoagent (default), RepoAgent's template: a short fixed instruction,
+    then what to document, then the structure, the code blocks and the format
+    rules. The prefix common to all requests is the short instruction only (a
+    few percent of the prompt); the structure and the code blocks recur at other
+    positions: a prefix cache reuses little, a non-prefix (blend) cache most
+    (the first prompt, and each block the first time it is seen, are new: with
+    8 objects about 2/3 of the text can be reused, with 32 about 80%; a run
+    prints this ceiling).
+    --layout careful: the instructions and the structure first, as one block
+    (~1,150 tokens), the layout a prefix cache likes: it reuses about half.
+
+    --reuse anywhere (default) sends every recurring block (code blocks, project
+    structure) with "reuse": "anywhere" in --mode segments; --reuse none leaves
+    the marker off. --mode flat is the same text in one system message."""
     prompts = repo_docs_prompts(opts.seed, opts.objects, opts.chars(opts.code_tokens),
-                                opts.chars(opts.sizes.agent_tokens))
+                                opts.chars(opts.sizes.agent_tokens), layout=opts.layout)
     return [BenchRequest(label=f"doc{i}/{p.name}", agent=1, turn=i, segments=p.segments,
-                         messages=[{"role": "user", "content": p.question}], max_tokens=opts.max_tokens)
+                         messages=[{"role": "user", "content": p.question}], max_tokens=opts.max_tokens,
+                         anywhere=p.recurring if opts.reuse == "anywhere" else ())
             for i, p in enumerate(prompts, start=1)]
+
+
+def reusable_share(requests: list[BenchRequest]) -> dict[str, float | None]:
+    """At best, the share of a workload's prompt text (characters of the segments
+    and messages) that a cache could reuse, the requests sent in order:
+
+    - ``prefix``: the longest common prefix of each flat prompt with an earlier
+      one (an exact token-level prefix cache, at best);
+    - ``anywhere``: the leading segments that match an earlier request's, plus
+      every later segment marked ``anywhere`` whose text an earlier request
+      held anywhere (a cache that blends marked segments, at best).
+    """
+    total = prefix = anywhere = 0
+    flats: list[str] = []
+    chains: set[tuple[str, ...]] = set()
+    seen: set[str] = set()
+    for req in requests:
+        texts = [c for _, c in req.segments] + [str(m.get("content") or "") for m in req.messages]
+        flat = "\n\n".join(texts)
+        total += len(flat)
+        prefix += max((len(os.path.commonprefix([flat, f])) for f in flats), default=0)
+        flats.append(flat)
+        in_prefix = True
+        for n, (seg_id, content) in enumerate(req.segments):
+            in_prefix = in_prefix and tuple(c for _, c in req.segments[: n + 1]) in chains
+            if in_prefix or (seg_id in req.anywhere and content in seen):
+                anywhere += len(content)
+        chains.update(tuple(c for _, c in req.segments[: n + 1]) for n in range(len(req.segments)))
+        seen.update(c for _, c in req.segments)
+    return {"prefix": prefix / total if total else None, "anywhere": anywhere / total if total else None}
 
 
 WORKLOADS: dict[str, Callable[[WorkloadOptions], list[BenchRequest]]] = {
