@@ -23,11 +23,16 @@ PROMPT_TOKENS = 1000
 
 
 class FakeServer:
-    """Streams ``PIECES`` after ``TTFT_S``; a prompt seen before (same body apart
-    from the user turn) reports 900 cached tokens until a purge."""
+    """Streams ``pieces`` after ``TTFT_S``; a prompt seen before (same body apart
+    from the user turn) reports 900 cached tokens until a purge. With ``blended``
+    set, usage carries segcache's blending fields: ``blended`` tokens (at most
+    what is not cached) of which ``recomputed`` (at most the blended ones)."""
 
-    def __init__(self, purge_allowed: bool = True, ttft_s: float = TTFT_S, itl_s: float = ITL_S) -> None:
+    def __init__(self, purge_allowed: bool = True, ttft_s: float = TTFT_S, itl_s: float = ITL_S,
+                 pieces: list[str] = PIECES, blended: int | None = None, recomputed: int = 0) -> None:
         self.ttft_s, self.itl_s = ttft_s, itl_s
+        self.pieces = pieces
+        self.blended, self.recomputed = blended, recomputed
         self.bodies: list[dict] = []
         self.purges = 0
         self.seen: set[str] = set()
@@ -87,17 +92,23 @@ class FakeServer:
                 self.end_headers()
                 self._event({"role": "assistant", "content": ""})  # role chunk before "prefill"
                 time.sleep(fake.ttft_s)
-                for i, piece in enumerate(PIECES):
+                for i, piece in enumerate(fake.pieces):
                     if i:
                         time.sleep(fake.itl_s)
                     self._event({"content": piece})
                 self._event({}, finish="stop")
-                usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": len(PIECES),
-                         "total_tokens": PROMPT_TOKENS + len(PIECES), "cached_prefix_tokens": cached,
+                usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": len(fake.pieces),
+                         "total_tokens": PROMPT_TOKENS + len(fake.pieces), "cached_prefix_tokens": cached,
                          "prompt_tokens_details": {"cached_tokens": cached},
                          "segcache": {"chain": "sha256:0", "segments": [
                              {"id": "A", "hash": "sha256:1", "status": "hit" if cached else "miss",
                               "tokens": 900}]}}
+                if fake.blended is not None:
+                    blended = min(fake.blended, PROMPT_TOKENS - cached)
+                    recomputed = min(fake.recomputed, blended)
+                    usage["segcache"].update(blended_tokens=blended, recomputed_tokens=recomputed)
+                    usage["segcache"]["segments"].append({"id": "B", "hash": "sha256:2", "status": "blended",
+                                                          "tokens": blended, "recomputed": recomputed})
                 self._send({"id": "c1", "object": "chat.completion.chunk", "created": 0,
                             "model": "fake-model", "choices": [], "usage": usage})
                 self.wfile.write(b"data: [DONE]\n\n")

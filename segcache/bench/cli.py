@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from segcache.bench import report
 from segcache.bench.metrics import Pricing, RequestRecord, summarize
+from segcache.bench.repo_docs import LAYOUTS
 from segcache.bench.runner import (
     COLD_STRATEGIES,
     MODES,
@@ -35,10 +36,12 @@ from segcache.bench.runner import (
 from segcache.bench.workloads import (
     CHARS_PER_TOKEN,
     DEFAULT_TURNS,
+    REUSE,
     WORKLOADS,
     MultiAgentSizes,
     WorkloadOptions,
     default_concurrency,
+    reusable_share,
 )
 
 
@@ -71,6 +74,15 @@ def add_workload_arguments(parser: argparse.ArgumentParser, workload: str | None
                    help="repo-docs: functions documented (default: %(default)s)")
     g.add_argument("--code-tokens", type=int, default=WorkloadOptions.code_tokens,
                    help="repo-docs: most tokens of one code block (default: %(default)s)")
+    g.add_argument("--layout", choices=LAYOUTS, default=WorkloadOptions.layout,
+                   help="repo-docs: repoagent = RepoAgent's template, a short fixed instruction then the "
+                        "object's parts, so little is a shared prefix and the structure and code blocks "
+                        "recur at other positions; careful = instructions and project structure first "
+                        "(~1,150 tokens), the layout a prefix cache likes (default: %(default)s)")
+    g.add_argument("--reuse", choices=REUSE, default=WorkloadOptions.reuse,
+                   help='repo-docs, --mode segments: send the recurring blocks (code, project structure) '
+                        'with "reuse": "anywhere", for a server that blends them where they stand; none: '
+                        "no marker (default: %(default)s)")
     g.add_argument("--chars-per-token", type=float, default=CHARS_PER_TOKEN,
                    help="turns token sizes into text lengths (default: %(default)s, SmolLM2 on this text)")
     g = parser.add_argument_group("run")
@@ -98,16 +110,31 @@ def add_workload_arguments(parser: argparse.ArgumentParser, workload: str | None
                    help="extra fraction paid on computed (cache-written) tokens (default: %(default)s)")
 
 
+COMPARE_DESCRIPTION = """\
+Ratios B/A of the aggregates of two --json results, phase by phase (with no phase
+in common, A's last phase against B's last: e.g. a run against a --repeat-cold run).
+
+Then the output agreement of B with A, request by request (same index and label,
+both without error): "same text" is the fraction of requests whose generated
+texts are identical; "leading chars" and "leading words" are the mean fraction of
+the longer text that the two texts share from their start, in characters and in
+whitespace-separated words (a tokenizer-free stand-in for tokens). With A a run
+whose cache was purged before each request (--repeat-cold, i.e. full prefill) and
+B a run that reused KV (prefix hits, blending), it says how far reuse changed the
+outputs (at temperature 0, which the runner always uses)."""
+
+
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(bench_action="compare")
-    parser.add_argument("a", help="result JSON (e.g. segcache)")
-    parser.add_argument("b", help="result JSON (e.g. a peer server); ratios are B/A")
+    parser.add_argument("a", help="result JSON, the reference for agreement (e.g. --repeat-cold)")
+    parser.add_argument("b", help="result JSON (e.g. blending, or a peer server); ratios are B/A")
 
 
 def add_table_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(bench_action="table")
     parser.add_argument("results", nargs="+", metavar="LABEL=PATH",
-                        help="--json results; ratios are against the first")
+                        help="--json results; ratios, and output agreement (same text / leading "
+                             "characters, as in 'compare'), are against the first")
     parser.add_argument("--title", default=None, help="table title")
     parser.add_argument("--markdown", action="store_true", help="a Markdown table instead")
     parser.add_argument("--plot", metavar="DIR", default=None,
@@ -122,7 +149,9 @@ def add_workload_parsers(subparsers) -> None:
         p = subparsers.add_parser(name, help=doc.split("\n")[0], description=doc,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         add_workload_arguments(p, name)
-    add_compare_arguments(subparsers.add_parser("compare", help="ratios between two --json results"))
+    add_compare_arguments(subparsers.add_parser(
+        "compare", help="ratios between two --json results and the agreement of their outputs",
+        description=COMPARE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter))
     add_table_arguments(subparsers.add_parser(
         "table", help="several --json results side by side, with ratios against the first"))
 
@@ -163,7 +192,8 @@ def workload_options(args: argparse.Namespace) -> WorkloadOptions:
         args.turns = DEFAULT_TURNS.get(args.workload, 3)
     opts = WorkloadOptions(seed=args.seed, turns=args.turns, max_tokens=args.max_tokens,
                            chars_per_token=args.chars_per_token, sizes=sizes, agents=args.agents,
-                           objects=args.objects, code_tokens=args.code_tokens)
+                           objects=args.objects, code_tokens=args.code_tokens, layout=args.layout,
+                           reuse=args.reuse)
     if args.concurrency is None:
         args.concurrency = default_concurrency(args.workload, opts)
     return opts
@@ -173,6 +203,7 @@ def run_workload(args: argparse.Namespace) -> int:
     """Build the workload, run it, print the tables; 1 if any request failed."""
     console, err = Console(), Console(stderr=True)
     requests = WORKLOADS[args.workload](workload_options(args))
+    args.reusable_share = reusable_share(requests)
     pricing = Pricing(args.price_input, args.cached_discount, args.cache_write_premium)
     runner = Runner(Target(url=args.url, api_key=args.api_key, model=args.model, mode=args.mode,
                            timeout_s=args.timeout))
@@ -184,6 +215,10 @@ def run_workload(args: argparse.Namespace) -> int:
                for phase, rs in _by_phase(records).items()}
     result = report.result_dict(_meta(args, runner, pricing), summary, records)
     report.print_run(result, records, console)
+    warm = [r for r in records if r.phase == "cold" and (r.cached_tokens or r.blended_tokens)]
+    if warm:
+        err.print(f"[yellow]{len(warm)} cold request(s) still reused KV (cached or blended tokens > 0): "
+                  "the purge or nonce did not make them cold[/yellow]")
     if args.json:
         report.write_json(args.json, result)
         console.print(f"wrote {args.json}")
@@ -229,6 +264,7 @@ def _meta(args: argparse.Namespace, runner: Runner, pricing: Pricing) -> dict:
         "workload": args.workload, "mode": args.mode, "url": args.url, "model": runner.model,
         "seed": args.seed, "turns": args.turns, "max_tokens": args.max_tokens,
         "agents": args.agents, "objects": args.objects, "code_tokens": args.code_tokens,
+        "layout": args.layout, "reuse": args.reuse, "reusable_share": args.reusable_share,
         "sizes_tokens": [args.global_tokens, args.agent_tokens, args.task_tokens],
         "chars_per_token": args.chars_per_token, "concurrency": args.concurrency,
         "cold_vs_warm": args.cold_vs_warm, "cold": args.cold, "repeat_cold": args.repeat_cold,
