@@ -13,6 +13,7 @@ from pathlib import Path
 
 from segcache.config import (
     DTYPES,
+    BLEND_MODES,
     CacheConfig,
     Config,
     ModelConfig,
@@ -82,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="per-tenant KV byte quota (default: none)")
     serve.add_argument("--max-segments", type=int, default=CacheConfig.max_segments,
                        help="most segments in one request (default: %(default)s)")
+    serve.add_argument("--blend", choices=BLEND_MODES, default=CacheConfig.blend,
+                       help='non-prefix reuse (CacheBlend) of segments that appear at another '
+                            'position: "marked" only segments sent with reuse: "anywhere", '
+                            '"auto" also every segment that misses in the prefix tree, "off" '
+                            "never (default: %(default)s)")
+    serve.add_argument("--blend-ratio", type=float, default=CacheConfig.blend_ratio, metavar="R",
+                       help="fraction of a blended segment's tokens recomputed in the later "
+                            "layers; 1 reproduces a full prefill (default: %(default)s)")
+    serve.add_argument("--blend-layer", type=int, default=CacheConfig.blend_layer, metavar="C",
+                       help="layers 0..C run for every token; reused tokens are scored at "
+                            "layer C (default: %(default)s)")
     serve.add_argument("--max-running", type=int, default=SchedulerConfig.max_running,
                        help="requests decoding/prefilling at once (default: %(default)s)")
     serve.add_argument("--max-waiting", type=int, default=SchedulerConfig.max_waiting,
@@ -145,7 +157,10 @@ def _config(args: argparse.Namespace) -> Config:
     cache = CacheConfig(cache_bytes=getattr(args, "cache_bytes", CacheConfig.cache_bytes),
                         default_ttl_s=getattr(args, "cache_ttl", None),
                         tenant_quota_bytes=getattr(args, "tenant_quota_bytes", None),
-                        max_segments=getattr(args, "max_segments", CacheConfig.max_segments))
+                        max_segments=getattr(args, "max_segments", CacheConfig.max_segments),
+                        blend=getattr(args, "blend", CacheConfig.blend),
+                        blend_ratio=getattr(args, "blend_ratio", CacheConfig.blend_ratio),
+                        blend_layer=getattr(args, "blend_layer", CacheConfig.blend_layer))
     sched = SchedulerConfig(
         max_running=getattr(args, "max_running", SchedulerConfig.max_running),
         max_waiting=getattr(args, "max_waiting", SchedulerConfig.max_waiting),

@@ -46,6 +46,9 @@ class ModelConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
 
+BLEND_MODES = ("off", "marked", "auto")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """The KV cache: byte budget, expiry, per-tenant quotas and request limits."""
@@ -54,8 +57,19 @@ class CacheConfig:
     default_ttl_s: float | None = None
     tenant_quota_bytes: int | None = None
     max_segments: int = 64
+    # Non-prefix reuse (CacheBlend): "off", "marked" (segments sent with
+    # reuse: "anywhere") or "auto" (also every segment that misses in the tree).
+    blend: str = "marked"
+    blend_ratio: float = 0.15  # fraction of reused tokens recomputed in the later layers
+    blend_layer: int = 1  # layers 0..blend_layer run for every token; scored at this one
 
     def __post_init__(self) -> None:
+        if self.blend not in BLEND_MODES:
+            raise ValueError(f"blend must be one of {', '.join(BLEND_MODES)}, got {self.blend!r}")
+        if not 0.0 <= self.blend_ratio <= 1.0:
+            raise ValueError("blend_ratio must be between 0 and 1")
+        if self.blend_layer < 0:
+            raise ValueError("blend_layer must be >= 0")
         if self.cache_bytes < 0:
             raise ValueError("cache_bytes must be >= 0")
         if self.default_ttl_s is not None and self.default_ttl_s <= 0:

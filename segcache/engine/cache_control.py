@@ -13,7 +13,8 @@ from segcache.kv.registry import RegistryEntry
 
 class CacheControl:
     # Provided by Engine: tree, radix, registry, memo, cache_cfg, model_name,
-    # fingerprint, _lock (tree, radix), _prompt_lock (memo, registry), namespace().
+    # fingerprint, _lock (tree, radix), _prompt_lock (memo, registry), namespace(),
+    # standalone_namespace().
 
     def cache_stats(self, tenant: str) -> dict[str, Any]:
         with self._lock:
@@ -22,6 +23,12 @@ class CacheControl:
             radix = self.radix.stats(ns)
             stats["radix"] = {k: radix[k] for k in ("nodes", "bytes", "tokens", "hits", "pinned",
                                                     "evictions")}
+            standalone = self.tree.stats(self.standalone_namespace(ns), max_depth=0)
+            stats["standalone"] = {"entries": standalone.get("nodes", 0),
+                                   "bytes": standalone.get("bytes", 0),
+                                   "tokens": standalone.get("tokens", 0)}
+            stats["blend"] = {"mode": self.cache_cfg.blend, "ratio": self.cache_cfg.blend_ratio,
+                              "layer": self.cache_cfg.blend_layer}
             stats["budget_bytes"] = self.cache_cfg.cache_bytes
             stats["tenant_quota_bytes"] = self.cache_cfg.tenant_quota_bytes
             with self._prompt_lock:
@@ -36,7 +43,8 @@ class CacheControl:
         with self._prompt_lock:
             self.memo.forget(ns)
         with self._lock:
-            return len(self.tree.purge(ns)) + len(self.radix.purge(ns))
+            return (len(self.tree.purge(ns)) + len(self.tree.purge(self.standalone_namespace(ns)))
+                    + len(self.radix.purge(ns)))
 
     def metrics(self) -> dict[str, Any]:
         with self._lock:

@@ -37,9 +37,18 @@ import torch
 from segcache.config import CacheConfig, Config, SchedulerConfig
 from segcache.engine.cache_control import CacheControl
 from segcache.engine.detok import TextStream
-from segcache.engine.prompt import Prompt, TokenMemo, build_prompt, resolve_segments
+from segcache.engine.prompt import Prompt, TokenMemo, build_prompt, resolve_segments, sink_ids
 from segcache.engine.sampling import Sampler
-from segcache.engine.scheduler import Cancelled, DecodeWork, Job, PrefillWork, Scheduler, WaitFor
+from segcache.engine.blend import Blending
+from segcache.engine.scheduler import (
+    BlendWork,
+    Cancelled,
+    DecodeWork,
+    Job,
+    PrefillWork,
+    Scheduler,
+    WaitFor,
+)
 from segcache.engine.toolcalls import ToolCallFilter, parse_tool_calls
 from segcache.engine.types import (
     ChatRequest,
@@ -71,6 +80,14 @@ class _Runner:
         self.runtime = runtime
 
     def prefill(self, work: PrefillWork, n: int) -> None:
+        if isinstance(work, BlendWork):
+            with torch.inference_mode():
+                logits, work.recomputed = self.runtime.blend(
+                    torch.tensor(work.ids, dtype=torch.long),
+                    torch.arange(work.start, work.start + len(work.ids)), work.kv, work.start,
+                    work.reused, work.layer, work.ratio)
+            work.done, work.logits = len(work.ids), logits[-1]
+            return
         a, b = work.done, min(work.done + n, len(work.ids))
         ids = torch.tensor(work.ids[a:b], dtype=torch.long)
         with torch.inference_mode():
@@ -114,9 +131,10 @@ class _Run:
     usage: list[SegmentUsage] = field(default_factory=list)
     cached: int = 0
     prefix_chain: str = ""
+    blended: bool = False  # KV from the blend point on is approximate: insert nothing
 
 
-class Engine(CacheControl):
+class Engine(CacheControl, Blending):
     def __init__(self, runtime: ModelRuntime, tokenizer: ChatTokenizer, cache: CacheConfig,
                  model_name: str, scheduler: SchedulerConfig | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -132,6 +150,7 @@ class Engine(CacheControl):
                                handle_len=lambda h: h.shape[3], clock=clock)
         self.registry = SegmentRegistry(clock)
         self.memo = TokenMemo(tokenizer)
+        self._sink = sink_ids(tokenizer)  # what standalone segments are computed behind
         self._lock = threading.RLock()  # tree, radix, in-flight map: held by each engine step
         self._prompt_lock = threading.Lock()  # memo and registry: request threads only
         # (parent chain, digest) of every unit being computed -> the job computing it
@@ -179,14 +198,21 @@ class Engine(CacheControl):
         tool_filter = ToolCallFilter(on_text) if parse_calls and on_text is not None else None
         run = self._start(ns, prompt, req.sampling.max_tokens)
         try:
-            yield from self._prefill_units(job, run, prompt)
+            plan = yield from self._blend_plan(job, run, prompt)
+            yield from self._prefill_units(job, run, prompt, None if plan is None else plan.at)
+            logits = None if plan is None else (yield from self._blend(run, prompt, plan))
             result, stream = yield from self._generate(run, prompt.tail, req.sampling, t0,
-                                                       tool_filter or on_text, job.is_cancelled)
+                                                       tool_filter or on_text, job.is_cancelled,
+                                                       logits)
             if tool_filter is not None:
                 tool_filter.flush()
             self._shape_reply(result, parse_calls)
-            if not stream.stopped:  # a reply cut by a stop string is not what was generated
+            # A reply cut by a stop string is not what was generated; a blended one's
+            # KV is approximate.
+            if not stream.stopped and not run.blended:
                 self._keep_reply(run, prompt.tail, result)
+            if result.finish_reason != "cancelled":
+                self._schedule_standalone(ns, req.tenant, prompt)
         except Cancelled:
             result = self._result(run, len(prompt.tail), TextStream(self.tokenizer.decode),
                                   "cancelled", 0.0, t0)
@@ -250,6 +276,8 @@ class Engine(CacheControl):
         run = self._start(ns, units, 0)
         try:
             yield from self._prefill_units(job, run, units)
+            yield from self._compute_standalone(self.standalone_namespace(ns),
+                                                self._missing_standalone(ns, units))
         finally:
             self._release(run.pinned)
         return WarmResult(len(run.usage), run.parent.chain, run.usage)
@@ -292,11 +320,12 @@ class Engine(CacheControl):
             self._advance(run, node, unit.key, node.n_tokens, "hit")
         return run
 
-    def _prefill_units(self, job: Job, run: _Run, prompt: Prompt):
-        """Compute every unit after the matched ones, inserting a node after each.
-        A unit another job is computing right now is waited for, then reused."""
+    def _prefill_units(self, job: Job, run: _Run, prompt: Prompt, stop: int | None = None):
+        """Compute every unit after the matched ones (up to unit ``stop``), inserting
+        a node after each. A unit another job is computing right now is waited
+        for, then reused."""
         digests = [u.key.digest for u in prompt.units]
-        for i, unit in enumerate(prompt.units):
+        for i, unit in enumerate(prompt.units[:stop]):
             if i < len(run.usage):
                 continue
             key = (run.parent.chain, unit.key.digest)
@@ -372,11 +401,14 @@ class Engine(CacheControl):
         return work.logits
 
     def _generate(self, run: _Run, tail: tuple[int, ...], sampling: SamplingParams, t0: float,
-                  on_text: Callback | None, is_cancelled: CancelCheck | None):
-        """Prefill the tail and decode; returns (result, text stream). On a finish by
-        EOS or length the KV buffer holds every generated token but a final EOS
-        (ready to be kept as a reply)."""
-        logits = yield from self._prefill(tail, run.kv, run.pos)
+                  on_text: Callback | None, is_cancelled: CancelCheck | None,
+                  logits: torch.Tensor | None = None):
+        """Prefill the tail (unless its ``logits`` are given: computed already) and
+        decode; returns (result, text stream). On a finish by EOS or length the KV
+        buffer holds every generated token but a final EOS (ready to be kept as a
+        reply)."""
+        if logits is None:
+            logits = yield from self._prefill(tail, run.kv, run.pos)
         sampler = Sampler(sampling)
         stream = TextStream(self.tokenizer.decode, sampling.stop)
         pos, finish, ttft = run.pos + len(tail), "length", 0.0

@@ -35,6 +35,7 @@ class ResolvedSegment:
     digest: str
     ids: tuple[int, ...]
     ttl_s: float | None
+    anywhere: bool = False
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,18 @@ class UnitKey:
     kind: Literal["segment", "tools", "message"]
     digest: str  # the tree key under the previous unit
     ttl_s: float | None = None
+    anywhere: bool = False  # the client marked the segment reuse: "anywhere"
 
 
 @dataclass(frozen=True)
 class Unit:
     key: UnitKey
     ids: tuple[int, ...]  # template text before the block + the block's tokens
+    lead: int = 0  # how many of ``ids`` are template text (the block is ids[lead:])
+
+    @property
+    def block(self) -> tuple[int, ...]:
+        return self.ids[self.lead:]
 
 
 @dataclass(frozen=True)
@@ -122,7 +129,8 @@ def resolve_segments(segments: list[SegmentInput], tenant: str, namespace: str, 
             if seg.hash is not None and seg.hash != digest:
                 raise SegmentMismatchError(f"segment {seg.id!r}: hash {seg.hash} does not match the "
                                            f"sha256 of its content ({digest})", f"{where}.hash")
-            out.append(ResolvedSegment(seg.id, digest, memo.ids_for(content, digest), seg.ttl_s))
+            out.append(ResolvedSegment(seg.id, digest, memo.ids_for(content, digest), seg.ttl_s,
+                                       seg.reuse == "anywhere"))
             memo.remember(namespace, digest)
             continue
         if seg.hash is None:
@@ -132,7 +140,7 @@ def resolve_segments(segments: list[SegmentInput], tenant: str, namespace: str, 
         if ids is None:
             raise SegmentUnknownError(f"segment {seg.id!r} was sent without content and the server "
                                       f"does not hold {seg.hash}; send its content", f"{where}.content")
-        out.append(ResolvedSegment(seg.id, seg.hash, ids, seg.ttl_s))
+        out.append(ResolvedSegment(seg.id, seg.hash, ids, seg.ttl_s, seg.reuse == "anywhere"))
     return out
 
 
@@ -146,7 +154,7 @@ def group_units(parts: list[PromptPart], lead: list[UnitKey], messages: list[Uni
             pending.extend(part.ids)
             continue
         key = lead[part.index] if part.kind == "segment" else messages[part.index]
-        units.append(Unit(key, tuple(pending) + part.ids))
+        units.append(Unit(key, tuple(pending) + part.ids, len(pending)))
         pending = []
     return Prompt(units, tuple(pending))
 
@@ -156,7 +164,7 @@ def build_prompt(tokenizer: ChatTokenizer, memo: TokenMemo, segments: list[Resol
                  generation_prompt: bool) -> Prompt:
     """The unit layout of a chat request. Raises TemplateError if the template
     cannot render it segment-aligned."""
-    lead = [UnitKey(s.id, "segment", s.digest, s.ttl_s) for s in segments]
+    lead = [UnitKey(s.id, "segment", s.digest, s.ttl_s, s.anywhere) for s in segments]
     lead_ids = [list(s.ids) for s in segments]
     if tools:
         block = tools_block(tools)
@@ -173,3 +181,16 @@ def build_prompt(tokenizer: ChatTokenizer, memo: TokenMemo, segments: list[Resol
         keys.append(UnitKey(f"messages[{i}]", "message", message_digest(m)))
     parts = tokenizer.prompt_parts(render, lead_ids, generation_prompt)
     return group_units(parts, lead, keys)
+
+
+def sink_ids(tokenizer: ChatTokenizer) -> tuple[int, ...]:
+    """The template's opening tokens, the ones before the first segment of any
+    chat prompt: the fixed context a position-independent segment is computed
+    behind (its own KV is dropped)."""
+    parts = tokenizer.prompt_parts([], [[]], False)
+    lead: list[int] = []
+    for part in parts:
+        if part.kind != "template":
+            break
+        lead.extend(part.ids)
+    return tuple(lead)

@@ -5,6 +5,8 @@ plain Python and *yields* the model work it needs:
 
     PrefillWork(ids, kv, start)  -> the loop runs it in chunks across ticks, then
                                     sets ``.logits`` (last row) and resumes the job
+    BlendWork(...)               -> a PrefillWork run in one piece (selective
+                                    recomputation over reused KV, see engine.blend)
     DecodeWork(token, kv, pos)   -> all pending decodes of a tick run as one batch
     WaitFor(key)                 -> another job is computing that unit; resume
                                     when it is no longer in flight (then it hits)
@@ -48,6 +50,11 @@ class Cancelled(Exception):
     """Thrown into a job whose client is gone."""
 
 
+def _log_failure(future: Future) -> None:
+    if future.exception() is not None:
+        log.error("background job failed", exc_info=future.exception())
+
+
 @dataclass(eq=False)
 class PrefillWork:
     ids: tuple[int, ...]
@@ -59,6 +66,16 @@ class PrefillWork:
     @property
     def remaining(self) -> int:
         return len(self.ids) - self.done
+
+
+@dataclass(eq=False)
+class BlendWork(PrefillWork):
+    """A selective recomputation (CacheBlend) of ``ids``; runs in one piece."""
+
+    reused: torch.Tensor | None = None  # [T] bool: K/V already placed in ``kv``
+    layer: int = 1
+    ratio: float = 0.15
+    recomputed: torch.Tensor | None = None  # [T] bool, once done
 
 
 @dataclass(eq=False)
@@ -136,6 +153,20 @@ class Scheduler:
             self._waiting.append(job)
             self._cv.notify_all()
         return job.future.result()
+
+    def submit_background(self, gen_factory: Callable[[Job], JobGen], tenant: str) -> Job | None:
+        """Queue a job nobody waits for (its errors are logged); None when the
+        queue is full or the server is stopping."""
+        now = time.monotonic()
+        job = Job(gen_factory, tenant, lambda: False, now + self.cfg.request_timeout_s, arrived=now)
+        job.future.add_done_callback(_log_failure)
+        with self._cv:
+            if self._stopping or len(self._waiting) >= self.cfg.max_waiting:
+                return None
+            job.id = next(self._ids)
+            self._waiting.append(job)
+            self._cv.notify_all()
+        return job
 
     def load(self) -> dict[str, int]:
         with self._cv:

@@ -99,6 +99,9 @@ class SegmentInput:
     hash: str | None = None
     name: str | None = None
     ttl_s: float | None = None
+    # "anywhere": also keep a position-independent copy of its KV, reused (blended)
+    # wherever the segment appears later; "prefix" (None): exact prefix reuse only.
+    reuse: Literal["prefix", "anywhere"] | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,14 @@ class SegmentUsage:
     status: Literal["hit", "miss", "blended"]
     tokens: int
     kind: Literal["segment", "tools", "message"] = "segment"
+    recomputed: int | None = None  # "blended": how many of its tokens were recomputed
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {"id": self.id, "hash": self.hash, "status": self.status, "tokens": self.tokens,
+             "kind": self.kind}
+        if self.recomputed is not None:
+            d["recomputed"] = self.recomputed
+        return d
 
 
 @dataclass
@@ -139,6 +150,16 @@ class GenerationResult:
     # chain after the stable part of the prompt (segments, tools, system messages)
     prefix_chain: str = ""
 
+    @property
+    def blended_tokens(self) -> int:
+        """Prompt tokens whose KV came from a segment computed in another position."""
+        return sum(s.tokens for s in self.segments if s.status == "blended")
+
+    @property
+    def recomputed_tokens(self) -> int:
+        """Of ``blended_tokens``, those recomputed (all layers) for this context."""
+        return sum(s.recomputed or 0 for s in self.segments if s.status == "blended")
+
     def usage(self) -> dict[str, Any]:
         """OpenAI ``usage`` plus segcache's extensions."""
         return {
@@ -150,8 +171,12 @@ class GenerationResult:
             "segcache": {
                 "chain": self.chain,
                 "prefix_chain": self.prefix_chain,
-                "computed_tokens": self.prompt_tokens - self.cached_tokens,
-                "segments": [s.__dict__ for s in self.segments],
+                # tokens that ran through every layer for this request
+                "computed_tokens": (self.prompt_tokens - self.cached_tokens - self.blended_tokens
+                                    + self.recomputed_tokens),
+                "blended_tokens": self.blended_tokens,
+                "recomputed_tokens": self.recomputed_tokens,
+                "segments": [s.as_dict() for s in self.segments],
             },
         }
 

@@ -196,23 +196,79 @@ class LlamaModel:
         mask = causal_mask(start, n_new, self.device) if n_new > 1 and start > 0 else None
         for i, lw in enumerate(w.layers):
             x = self._layer(lw, x, cos, sin, kv[i], start, mask)
-        rows = logits_at if logits_at is not None else torch.tensor([n_new - 1], device=self.device)
+        return self._head(w, x, logits_at)
+
+    def _head(self, w: Weights, x: torch.Tensor, logits_at: torch.Tensor | None) -> torch.Tensor:
+        rows = logits_at if logits_at is not None else torch.tensor([x.shape[0] - 1], device=self.device)
         h = F.rms_norm(x[rows], (x.shape[-1],), w.norm, self.arch.rms_eps)
         return linear(h, w.lm_head).float()  # [R, vocab]
 
+    def rotate_keys(self, k: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """RoPE on stored keys ``k`` [..., T, head_dim] at ``positions`` [T]
+        (``inverse``: undo it), in float32; returns float32."""
+        cos, sin = self.rope.at(positions, torch.float32)
+        return apply_rope(k.float(), cos, -sin if inverse else sin)
+
+    def blend(self, w: Weights, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
+              start: int, reused: torch.Tensor, layer: int, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Selective recomputation (CacheBlend) of ``ids`` at slots ``start..start+T-1``.
+
+        ``reused`` ([T] bool) marks the tokens whose K/V for every layer the caller
+        has already written into ``kv`` (reused from another context, K rotated
+        for these positions); the others have none. Layers ``0..layer`` run for
+        every token. At ``layer`` each reused token is scored by how far its fresh
+        V moved from the reused one; the top ``ratio`` of reused tokens and every
+        token without reused KV run the remaining layers, their fresh K/V written
+        over the reused ones. Attention is exactly causal by slot throughout.
+
+        Returns (logits of the last token [1, vocab], recomputed [T] bool: the
+        tokens that ran every layer). The last token must not be reused."""
+        n_new = ids.shape[0]
+        if bool(reused[-1]):
+            raise ValueError("the last token of a blend must be computed, not reused")
+        end = start + n_new
+        layer = min(layer, len(w.layers) - 1)  # past the last layer: a full prefill
+        x = F.embedding(ids, w.embed)
+        cos, sin = self.rope.at(positions, w.dtype)
+        mask = causal_mask(start, n_new, self.device) if n_new > 1 and start > 0 else None
+        v_reused = kv[layer, 1, :, start:end].to(torch.float32, copy=True)  # [Hkv, T, D]
+        for i in range(layer + 1):
+            x = self._layer(w.layers[i], x, cos, sin, kv[i], start, mask)
+        deviation = (kv[layer, 1, :, start:end].float() - v_reused).square().sum((0, 2))  # [T]
+        candidates = reused.nonzero().squeeze(1)
+        n_pick = math.ceil(ratio * candidates.numel() - 1e-9)
+        recompute = ~reused
+        if n_pick > 0:
+            recompute[candidates[deviation[candidates].topk(n_pick).indices]] = True
+        rows = recompute.nonzero().squeeze(1)
+        x, cos, sin = x[rows], cos[rows], sin[rows]
+        slots = start + rows
+        rest_mask = torch.arange(end, device=self.device)[None, :] <= slots[:, None]  # [R, S]
+        for i in range(layer + 1, len(w.layers)):
+            x = self._layer(w.layers[i], x, cos, sin, kv[i], start, rest_mask, slots)
+        return self._head(w, x, None), recompute
+
     def _layer(self, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               kv: torch.Tensor, start: int, mask: torch.Tensor | None) -> torch.Tensor:
+               kv: torch.Tensor, start: int, mask: torch.Tensor | None,
+               slots: torch.Tensor | None = None) -> torch.Tensor:
+        """One decoder layer for the rows of ``x``: at slots ``start..start+T-1``, or at
+        the increasing ``slots`` ([T] long, the last one the highest slot to attend to)."""
         a = self.arch
         n_new = x.shape[0]
-        end = start + n_new
+        end = start + n_new if slots is None else int(slots[-1]) + 1
         h = F.rms_norm(x, (a.hidden_size,), lw.attn_norm, a.rms_eps)
         qkv = linear(h, lw.qkv, lw.qkv_bias)  # [T, q_dim + 2*kv_dim]
         qk, v = qkv.split([a.q_dim + a.kv_dim, a.kv_dim], -1)
         # One RoPE over the query and key heads together (half the ops of two calls).
         qk = apply_rope(qk.view(n_new, a.n_heads + a.n_kv_heads, a.head_dim).transpose(0, 1), cos, sin)
         q, k = qk[:a.n_heads], qk[a.n_heads:]  # [Hq, T, D], [Hkv, T, D]
-        kv[0, :, start:end] = k
-        kv[1, :, start:end] = v.view(n_new, a.n_kv_heads, a.head_dim).transpose(0, 1)
+        v = v.view(n_new, a.n_kv_heads, a.head_dim).transpose(0, 1)
+        if slots is None:
+            kv[0, :, start:end] = k
+            kv[1, :, start:end] = v
+        else:
+            kv[0].index_copy_(1, slots, k.to(kv.dtype))
+            kv[1].index_copy_(1, slots, v.to(kv.dtype))
         keys, values = kv[0, :, :end], kv[1, :, :end]  # [Hkv, S, D]
         if keys.dtype != q.dtype:
             keys, values = keys.to(q.dtype), values.to(q.dtype)

@@ -161,6 +161,27 @@ class ModelRuntime:
             return self._decode_model.forward(self._decode_w, ids, positions, kv, start, logits_at)
         return self.model.forward(self._prefill_w, ids, positions, kv, start, logits_at)
 
+    def blend(self, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor, start: int,
+              reused: torch.Tensor, layer: int, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Selective recomputation over reused K/V (``LlamaModel.blend``), on the
+        prefill weights. Returns (last logits [1, vocab], recomputed [T] bool)."""
+        return self.model.blend(self._prefill_w, ids, positions, kv, start, reused, layer, ratio)
+
+    def unrope_keys(self, handle: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """A copy of KV ``handle`` [n_layers, 2, n_kv_heads, T, head_dim] whose keys,
+        stored rotated for ``positions``, are un-rotated (position-independent)."""
+        out = handle.clone()
+        out[:, 0] = self.model.rotate_keys(handle[:, 0], positions, inverse=True).to(handle.dtype)
+        return out
+
+    def place_keys(self, kv: torch.Tensor, handle: torch.Tensor, start: int) -> None:
+        """Write position-independent ``handle`` into ``kv`` slots ``start..``,
+        rotating its keys for positions ``start..`` (slot == position)."""
+        n = handle.shape[3]
+        positions = torch.arange(start, start + n)
+        kv[:, 0, :, start:start + n] = self.model.rotate_keys(handle[:, 0], positions).to(kv.dtype)
+        kv[:, 1, :, start:start + n] = handle[:, 1]
+
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
                start: int) -> torch.Tensor:
         if self._fused is not None and ids.shape[0] == 1 and self._fused.accepts(kv):

@@ -39,10 +39,20 @@ class ServerMetrics:
             "segcache_cached_tokens", "Prompt tokens served from the KV cache", registry=r
         )
         self.computed_tokens = Counter(
-            "segcache_computed_tokens", "Prompt tokens prefilled (not cached)", registry=r
+            "segcache_computed_tokens", "Prompt tokens prefilled through every layer (not cached, not reused)", registry=r
         )
         self.completion_tokens = Counter(
             "segcache_completion_tokens", "Generated tokens", registry=r
+        )
+        self.blended_tokens = Counter(
+            "segcache_blended_tokens",
+            "Prompt tokens whose KV was reused from a segment computed at another position",
+            registry=r,
+        )
+        self.recomputed_tokens = Counter(
+            "segcache_blend_recomputed_tokens",
+            "Of the blended tokens, those recomputed for the new context",
+            registry=r,
         )
         self.ttft = Histogram(
             "segcache_ttft_seconds",
@@ -63,7 +73,10 @@ class ServerMetrics:
     def observe_generation(self, result: GenerationResult, ttft_s: float, total_s: float) -> None:
         self.prompt_tokens.inc(result.prompt_tokens)
         self.cached_tokens.inc(result.cached_tokens)
-        self.computed_tokens.inc(result.prompt_tokens - result.cached_tokens)
+        self.computed_tokens.inc(result.prompt_tokens - result.cached_tokens
+                                 - result.blended_tokens + result.recomputed_tokens)
+        self.blended_tokens.inc(result.blended_tokens)
+        self.recomputed_tokens.inc(result.recomputed_tokens)
         self.completion_tokens.inc(result.completion_tokens)
         self._prompt_total += result.prompt_tokens
         self._cached_total += result.cached_tokens

@@ -47,6 +47,10 @@ class Segment(_Schema):
     hash: str | None = None
     name: str | None = None
     ttl: float | None = Field(default=None, gt=0, description="seconds until the segment expires")
+    reuse: Literal["prefix", "anywhere"] | None = Field(
+        default=None,
+        description='"anywhere": also reuse this segment\'s KV at other positions (blended, '
+                    'a fraction recomputed); "prefix" (default): exact prefix reuse only')
 
     def to_engine(self, index: int) -> SegmentInput:
         if self.content is None and self.hash is None and self.name is None:
@@ -59,7 +63,8 @@ class Segment(_Schema):
         if seg_id is None:
             raise APIError(f"segments[{index}] needs an 'id'", param=f"segments[{index}].id")
         return SegmentInput(
-            id=seg_id, content=self.content, hash=self.hash, name=self.name, ttl_s=self.ttl
+            id=seg_id, content=self.content, hash=self.hash, name=self.name, ttl_s=self.ttl,
+            reuse=self.reuse,
         )
 
 

@@ -25,7 +25,7 @@ async def warm(
     return {
         "cached_segments": result.cached_segments,
         "root_hash": result.root_hash,
-        "segments": [s.__dict__ for s in result.segments],
+        "segments": [s.as_dict() for s in result.segments],
     }
 
 

@@ -1,0 +1,165 @@
+"""Non-prefix reuse (CacheBlend, EuroSys 2025): a segment's KV reused wherever it
+stands, with a fraction of its tokens recomputed. A mixin over ``Engine``.
+
+Standalone entries. A segment eligible for blending (marked ``reuse: "anywhere"``,
+or any segment with ``--blend auto``) also gets an entry keyed by (namespace,
+segment digest) with no chaining: its tokens computed right behind the sink (the
+template's opening tokens, ``prompt.sink_ids``), the sink's KV dropped, keys
+un-rotated (stored before RoPE) so that RoPE is applied exactly at the positions
+where the segment is used. They live in the same segment tree (one byte budget,
+LRU, TTL, purge) as depth-1 children of a second root per tenant, derived from
+the tenant's namespace: another tenant can never reach them. A chat request
+computes the entries its eligible segments lack in a background job after its
+reply (so it does not pay for them); ``/v1/cache/warm`` computes them inline.
+
+Blended prefill. When the exact prefix walk stops at unit k and a later unit has
+a standalone entry, units up to the first such unit are prefilled exactly (and
+inserted in the tree as usual); from there on every unit and the tail go through
+one selective recomputation (``LlamaModel.blend``): reused tokens' K/V placed at
+their new positions, layers 0..c for all tokens, the top ``ratio`` of reused
+tokens by V deviation at layer c plus every token without reused KV through the
+other layers. Nothing from the blend point on is inserted in the tree, and the
+reply is not kept: its KV is approximate, and ``cached_prefix_tokens`` counts
+exact prefix hits only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from segcache.engine.prompt import Prompt, Unit
+from segcache.engine.scheduler import BlendWork, Job, WaitFor
+from segcache.engine.types import SegmentUsage
+from segcache.kv.hashing import namespace_digest
+from segcache.kv.segment_tree import SegmentNode
+
+_KEY_PREFIX = "standalone:"
+
+
+@dataclass
+class BlendPlan:
+    at: int  # index of the first unit with a standalone entry (all before it: exact)
+    entries: dict[int, SegmentNode]  # unit index -> its (pinned) standalone entry
+
+
+class Blending:
+    # Provided by Engine: runtime, tree, cache_cfg, scheduler, _inflight, _sink,
+    # _prefill, _enforce_budget.
+
+    @staticmethod
+    def standalone_namespace(ns: str) -> str:
+        """The root of a tenant's standalone entries (derived from its namespace)."""
+        return namespace_digest(ns, "standalone-kv")
+
+    def _eligible(self, unit: Unit) -> bool:
+        mode = self.cache_cfg.blend
+        return (unit.key.kind == "segment" and mode != "off" and len(unit.block) > 0
+                and (unit.key.anywhere or mode == "auto"))
+
+    def _blend_plan(self, job: Job, run, prompt: Prompt):
+        """Find (and pin into ``run.pinned``) the standalone entries of the units after
+        the exact prefix; waits for one that a background job is computing now."""
+        if self.cache_cfg.blend == "off":
+            return None
+        ns_s = self.standalone_namespace(run.parent.namespace)
+        entries: dict[int, SegmentNode] = {}
+        for i in range(len(run.usage), len(prompt.units)):
+            unit = prompt.units[i]
+            if not self._eligible(unit):
+                continue
+            key = (_KEY_PREFIX + ns_s, unit.key.digest)
+            while key in self._inflight:
+                yield WaitFor(key)
+            found = self.tree.match(ns_s, [unit.key.digest])
+            if found and found[0].n_tokens == len(unit.block):
+                self.tree.pin(found)
+                run.pinned.append(found[0])
+                entries[i] = found[0]
+        return BlendPlan(min(entries), entries) if entries else None
+
+    def _blend(self, run, prompt: Prompt, plan: BlendPlan):
+        """Selective recomputation of units ``plan.at..`` and the tail; returns the
+        last logits [vocab]. Appends each unit's usage and advances ``run.pos``."""
+        units = prompt.units[plan.at:]
+        ids = [t for u in units for t in u.ids] + list(prompt.tail)
+        reused = torch.zeros(len(ids), dtype=torch.bool)
+        off = 0
+        for i, unit in enumerate(units, plan.at):
+            node = plan.entries.get(i)
+            if node is not None:
+                self.runtime.place_keys(run.kv, node.handle, run.pos + off + unit.lead)
+                reused[off + unit.lead:off + len(unit.ids)] = True
+            off += len(unit.ids)
+        work = BlendWork(tuple(ids), run.kv, run.pos, reused=reused, layer=self.cache_cfg.blend_layer,
+                         ratio=self.cache_cfg.blend_ratio)
+        yield work
+        off = 0
+        for i, unit in enumerate(units, plan.at):
+            n = len(unit.ids)
+            if i in plan.entries:
+                done = int(work.recomputed[off:off + n].sum())
+                run.usage.append(SegmentUsage(unit.key.id, unit.key.digest, "blended", n,
+                                              unit.key.kind, recomputed=done))
+            else:
+                run.usage.append(SegmentUsage(unit.key.id, unit.key.digest, "miss", n, unit.key.kind))
+            off += n
+            run.pos += n
+        run.blended = True
+        return work.logits
+
+    # ------------------------------------------------------------------ entries
+    def _missing_standalone(self, ns: str, prompt: Prompt) -> list[Unit]:
+        eligible = [u for u in prompt.units if self._eligible(u)]
+        if not eligible:
+            return []
+        ns_s = self.standalone_namespace(ns)
+        root = self.tree.root(ns_s)
+        out: dict[str, Unit] = {}
+        for unit in eligible:
+            if (unit.key.digest not in root.children
+                    and (_KEY_PREFIX + ns_s, unit.key.digest) not in self._inflight):
+                out.setdefault(unit.key.digest, unit)
+        return list(out.values())
+
+    def _schedule_standalone(self, ns: str, tenant: str, prompt: Prompt) -> None:
+        """Queue a background job computing the standalone entries ``prompt``'s
+        eligible segments lack (skipped when the queue is full)."""
+        units = self._missing_standalone(ns, prompt)
+        if not units:
+            return
+        ns_s = self.standalone_namespace(ns)
+        job = self.scheduler.submit_background(
+            lambda job: self._standalone_job(job, ns_s, units), tenant)
+        if job is not None:  # on the engine thread: marked before the job can start
+            for unit in units:
+                self._inflight[(_KEY_PREFIX + ns_s, unit.key.digest)] = job.id
+
+    def _standalone_job(self, job: Job, ns_s: str, units: list[Unit]):
+        try:
+            yield from self._compute_standalone(ns_s, units)
+        finally:
+            for unit in units:
+                key = (_KEY_PREFIX + ns_s, unit.key.digest)
+                if self._inflight.get(key) == job.id:
+                    del self._inflight[key]
+
+    def _compute_standalone(self, ns_s: str, units: list[Unit]):
+        """Compute and insert each unit's block behind the sink (sink KV dropped,
+        keys stored before RoPE)."""
+        sink = self._sink
+        for unit in units:
+            root = self.tree.root(ns_s)
+            if unit.key.digest in root.children:
+                continue
+            ids = sink + unit.block
+            kv = self.runtime.new_kv(len(ids))
+            yield from self._prefill(ids, kv, 0)
+            handle = self.runtime.unrope_keys(kv[:, :, :, len(sink):],
+                                              torch.arange(len(sink), len(ids)))
+            self.tree.insert(self.tree.root(ns_s), unit.key.digest, unit.block, handle,
+                             handle.numel() * handle.element_size(),
+                             ttl_s=unit.key.ttl_s or self.cache_cfg.default_ttl_s)
+            self._inflight.pop((_KEY_PREFIX + ns_s, unit.key.digest), None)
+            self._enforce_budget(ns_s)

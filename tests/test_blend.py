@@ -1,0 +1,349 @@
+"""Non-prefix reuse (CacheBlend): the selective recomputation itself, on the tiny
+model and on the real one, and the engine path around it (standalone entries,
+telemetry, tenants, blending off)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from segcache.config import CacheConfig
+from segcache.engine.types import ChatRequest, SamplingParams, SegmentInput
+from tests.tiny import tiny_runtime
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
+USER = [{"role": "user", "content": "Summarise the rules above in one line."}]
+X = "Rule one: every function has a docstring that says what it returns. " * 6
+Y = "Rule two: tests name the behaviour they check, not the function. " * 5
+Z = "Rule three: errors say what to fix, and where. " * 4
+
+
+def _standalone(rt, sink: list[int], block: list[int]) -> torch.Tensor:
+    """The block computed right behind ``sink``, keys un-rotated (as the engine stores it)."""
+    ids = sink + block
+    kv = rt.new_kv(len(ids))
+    with torch.inference_mode():
+        rt.prefill(torch.tensor(ids), torch.arange(len(ids)), kv, 0)
+    return rt.unrope_keys(kv[:, :, :, len(sink):], torch.arange(len(sink), len(ids)))
+
+
+def _blend_logits(rt, prefix: list[int], block: list[int], tail: list[int], handle, ratio: float,
+                  layer: int = 1):
+    """Exact prefill of ``prefix``, then ``block`` (reused from ``handle``) + ``tail`` blended."""
+    n = len(prefix) + len(block) + len(tail)
+    kv = rt.new_kv(n)
+    with torch.inference_mode():
+        rt.prefill(torch.tensor(prefix), torch.arange(len(prefix)), kv, 0)
+        rt.place_keys(kv, handle, len(prefix))
+        reused = torch.zeros(len(block) + len(tail), dtype=torch.bool)
+        reused[:len(block)] = True
+        ids = torch.tensor(block + tail)
+        logits, recomputed = rt.blend(ids, torch.arange(len(prefix), n), kv, len(prefix), reused,
+                                      layer, ratio)
+    return logits[-1], recomputed, kv
+
+
+def _full_logits(rt, ids: list[int]):
+    kv = rt.new_kv(len(ids))
+    with torch.inference_mode():
+        logits = rt.prefill(torch.tensor(ids), torch.arange(len(ids)), kv, 0)
+    return logits[-1], kv
+
+
+@pytest.mark.parametrize("layer", [0, 1, 3])
+def test_ratio_one_equals_full_prefill_tiny(layer):
+    rt = tiny_runtime()
+    g = torch.Generator().manual_seed(1)
+    sink, prefix, block, tail = ([int(t) for t in torch.randint(3, 200, (n,), generator=g)]
+                                 for n in (3, 40, 30, 5))
+    handle = _standalone(rt, sink, block)
+    got, recomputed, kv = _blend_logits(rt, sink + prefix, block, tail, handle, 1.0, layer)
+    ref, kv_ref = _full_logits(rt, sink + prefix + block + tail)
+    assert bool(recomputed.all())
+    assert (got - ref).abs().max().item() < 1e-4
+    assert (kv - kv_ref).abs().max().item() < 1e-4  # every layer's K/V is the fresh one
+
+
+def test_rope_placement_is_exact_at_the_original_position_tiny():
+    """Reused at the position it was computed for, behind the same sink, with no
+    recomputation: the same logits as computing it there (the prefix path)."""
+    rt = tiny_runtime()
+    g = torch.Generator().manual_seed(2)
+    sink, block, tail = ([int(t) for t in torch.randint(3, 200, (n,), generator=g)]
+                         for n in (3, 50, 4))
+    handle = _standalone(rt, sink, block)
+    got, recomputed, _ = _blend_logits(rt, sink, block, tail, handle, 0.0)
+    ref, _ = _full_logits(rt, sink + block + tail)
+    assert int(recomputed.sum()) == len(tail)
+    assert (got - ref).abs().max().item() < 1e-4
+
+
+def test_moved_segment_error_shrinks_with_the_ratio():
+    """Layer 0 for everyone, layer 1 (the tiny model's last) selective."""
+    rt = tiny_runtime()
+    g = torch.Generator().manual_seed(3)
+    sink, prefix, block, tail = ([int(t) for t in torch.randint(3, 200, (n,), generator=g)]
+                                 for n in (3, 60, 40, 3))
+    handle = _standalone(rt, sink, block)
+    ref, _ = _full_logits(rt, sink + prefix + block + tail)
+    errs = {}
+    for ratio in (0.0, 0.25, 1.0):
+        got, recomputed, _ = _blend_logits(rt, sink + prefix, block, tail, handle, ratio, 0)
+        assert int(recomputed[:len(block)].sum()) == round(ratio * len(block))
+        assert bool(recomputed[len(block):].all())  # tokens without reused KV: always
+        errs[ratio] = (got - ref).abs().max().item()
+    assert errs[0.0] > 1e-3  # the moved KV really differs from the fresh one
+    assert errs[1.0] < 1e-4
+    assert errs[0.25] < errs[0.0]
+
+
+def test_last_token_must_be_computed():
+    rt = tiny_runtime()
+    kv = rt.new_kv(4)
+    with pytest.raises(ValueError, match="last token"):
+        rt.blend(torch.tensor([5, 6, 7, 8]), torch.arange(4), kv, 0,
+                 torch.tensor([False, False, True, True]), 1, 0.5)
+
+
+# ---------------------------------------------------------------- engine, tiny model
+def _chat(engine, tenant, segments, messages=USER):
+    return engine.chat(ChatRequest(tenant, messages, segments, GREEDY))
+
+
+def _wait_standalone(engine, tenant: str, n: int, timeout: float = 20.0) -> None:
+    """Standalone entries of a chat request are computed by a background job."""
+    end = time.monotonic() + timeout
+    while engine.cache_stats(tenant)["standalone"]["entries"] < n:
+        assert time.monotonic() < end, "standalone entries were not computed"
+        time.sleep(0.02)
+
+
+def anywhere(seg_id: str, content: str) -> SegmentInput:
+    return SegmentInput(seg_id, content, reuse="anywhere")
+
+
+def test_marked_segment_is_blended_at_a_new_position(tiny_engine_factory):
+    engine = tiny_engine_factory()
+    first = _chat(engine, "t", [anywhere("x", X)])
+    assert [s.status for s in first.segments] == ["miss", "miss"]
+    _wait_standalone(engine, "t", 1)
+    r = _chat(engine, "t", [SegmentInput("y", Y), anywhere("x", X)])
+    status = {s.id: s for s in r.segments}
+    assert status["y"].status == "miss" and status["x"].status == "blended"
+    n_x = status["x"].tokens
+    # template lead (1 token: the joiner) + ceil(0.15 * the rest)
+    assert status["x"].recomputed == 1 + -(-(n_x - 1) * 15 // 100)
+    usage = r.usage()
+    assert usage["cached_prefix_tokens"] == 0  # exact prefix hits only
+    assert usage["segcache"]["blended_tokens"] == n_x
+    assert usage["segcache"]["recomputed_tokens"] == status["x"].recomputed
+    assert usage["segcache"]["computed_tokens"] == r.prompt_tokens - n_x + status["x"].recomputed
+    # y (before the blend point) is exact and was inserted; nothing after it was.
+    again = _chat(engine, "t", [SegmentInput("y", Y), SegmentInput("z", Z)])
+    assert again.segments[0].status == "hit"
+    engine.tree.check_integrity()
+    assert all(n.pins == 0 for r in engine.tree._roots.values() for n in _nodes(r))
+
+
+def _nodes(root):
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(node.children.values())
+
+
+def test_unmarked_segment_is_not_blended_unless_auto(tiny_engine_factory):
+    marked = tiny_engine_factory()
+    _chat(marked, "t", [SegmentInput("x", X)])
+    time.sleep(0.2)
+    assert marked.cache_stats("t")["standalone"]["entries"] == 0
+    r = _chat(marked, "t", [SegmentInput("y", Y), SegmentInput("x", X)])
+    assert [s.status for s in r.segments][:2] == ["miss", "miss"]
+
+    auto = tiny_engine_factory(CacheConfig(blend="auto"))
+    _chat(auto, "t", [SegmentInput("x", X)])
+    _wait_standalone(auto, "t", 1)
+    r = _chat(auto, "t", [SegmentInput("y", Y), SegmentInput("x", X)])
+    assert [s.status for s in r.segments][:2] == ["miss", "blended"]
+
+
+def test_blending_off_leaves_the_exact_prefix_path_unchanged(tiny_engine_factory):
+    on, off = tiny_engine_factory(), tiny_engine_factory(CacheConfig(blend="off"))
+    for engine in (on, off):
+        _chat(engine, "t", [anywhere("x", X)])
+    _wait_standalone(on, "t", 1)
+    time.sleep(0.2)
+    assert off.cache_stats("t")["standalone"]["entries"] == 0
+    r_off = _chat(off, "t", [SegmentInput("y", Y), anywhere("x", X)])
+    assert [s.status for s in r_off.segments][:2] == ["miss", "miss"]
+    assert r_off.usage()["segcache"]["blended_tokens"] == 0
+    # an exact prefix hit is the same with blending on or off
+    hit_on = _chat(on, "t", [anywhere("x", X), SegmentInput("z", Z)])
+    hit_off = _chat(off, "t", [anywhere("x", X), SegmentInput("z", Z)])
+    assert hit_on.segments[0].status == hit_off.segments[0].status == "hit"
+    assert hit_on.token_ids == hit_off.token_ids
+    assert hit_on.cached_tokens == hit_off.cached_tokens
+
+
+def test_standalone_entries_never_cross_tenants(tiny_engine_factory):
+    engine = tiny_engine_factory()
+    _chat(engine, "alice", [anywhere("x", X)])
+    _wait_standalone(engine, "alice", 1)
+    r = _chat(engine, "bob", [SegmentInput("y", Y), anywhere("x", X)])
+    assert [s.status for s in r.segments][:2] == ["miss", "miss"]
+    # purging alice drops her standalone entries too
+    engine.purge("alice")
+    assert engine.cache_stats("alice")["standalone"]["entries"] == 0
+
+
+def test_warm_computes_standalone_entries_inline(tiny_engine_factory):
+    engine = tiny_engine_factory()
+    engine.warm("t", [anywhere("x", X), SegmentInput("y", Y)])
+    stats = engine.cache_stats("t")["standalone"]
+    assert stats["entries"] == 1 and stats["bytes"] > 0
+    r = _chat(engine, "t", [SegmentInput("z", Z), anywhere("x", X)])
+    assert [s.status for s in r.segments][:2] == ["miss", "blended"]
+
+
+def test_blend_entries_share_the_byte_budget(tiny_engine_factory):
+    engine = tiny_engine_factory()
+    _chat(engine, "t", [anywhere("x", X)])
+    _wait_standalone(engine, "t", 1)
+    budget = engine.tree.resident_bytes + engine.radix.resident_bytes
+    small = tiny_engine_factory(CacheConfig(cache_bytes=budget // 2))
+    for content in (X, Y, Z):
+        _chat(small, "t", [anywhere("s", content)])
+        time.sleep(0.3)
+        assert small.tree.resident_bytes + small.radix.resident_bytes <= budget // 2
+    small.tree.check_integrity()
+
+
+# ---------------------------------------------------------------- real model
+@pytest.fixture(scope="module")
+def blend_engines(real_engine):
+    """Engines over the real float32 runtime with blend ratios 1.0 and 0.0."""
+    from segcache.engine.engine import Engine
+
+    made = {r: Engine(real_engine.runtime, real_engine.tokenizer, CacheConfig(blend_ratio=r), "real")
+            for r in (1.0, 0.0)}
+    yield made
+    for engine in made.values():
+        engine.close(drain=False)
+
+
+DOCS = {
+    "json": "The json module encodes Python objects as JSON text and decodes JSON text "
+            "into Python objects; dumps returns a string and loads parses one.",
+    "csv": "The csv module reads and writes tabular data in comma separated values format; "
+           "csv.reader iterates over rows and csv.writer writes them.",
+    "gzip": "The gzip module compresses and decompresses files in the gzip format; "
+            "gzip.open returns a file object like the built-in open.",
+}
+QUESTION = [{"role": "user", "content": "Which module parses comma separated values?"}]
+
+
+def _docs(order: list[str]) -> list[SegmentInput]:
+    return [SegmentInput(k, DOCS[k], reuse="anywhere") for k in order]
+
+
+def test_real_model_ratio_one_matches_a_cold_prefill(blend_engines, real_engine):
+    engine = blend_engines[1.0]
+    engine.warm("t", _docs(["json", "csv", "gzip"]))
+    moved = engine.chat(ChatRequest("t", QUESTION, _docs(["gzip", "json", "csv"]), GREEDY))
+    assert [s.status for s in moved.segments if s.kind == "segment"] == ["blended"] * 3
+    assert moved.recomputed_tokens == moved.blended_tokens  # ratio 1: everything recomputed
+    cold = real_engine.chat(ChatRequest("blend-cold", QUESTION, [SegmentInput(k, DOCS[k])
+                                        for k in ["gzip", "json", "csv"]], GREEDY))
+    real_engine.purge("blend-cold")
+    assert moved.token_ids == cold.token_ids
+    assert moved.text.strip()
+
+
+def test_real_model_zero_ratio_at_the_original_position_is_the_prefix_path(blend_engines,
+                                                                           real_engine):
+    """The first segment reused where it was computed (right behind the sink) with
+    no recomputation: the same greedy tokens as the exact prefix path."""
+    engine = blend_engines[0.0]
+    engine.warm("z", _docs(["csv"]))
+    engine.purge("z")  # drop the tree node and the entry; compute the entry alone again
+    engine.warm("z", _docs(["csv"]))
+    # keep only the standalone entry: drop the tree path so the walk misses
+    ns = engine.namespace("z")
+    engine.tree.purge(ns)
+    r = engine.chat(ChatRequest("z", QUESTION, _docs(["csv"]), GREEDY))
+    assert r.segments[0].status == "blended"
+    assert r.segments[0].recomputed == len(engine._sink)  # only its template lead
+    exact = real_engine.chat(ChatRequest("z-exact", QUESTION, [SegmentInput("csv", DOCS["csv"])],
+                                         GREEDY))
+    real_engine.purge("z-exact")
+    assert r.token_ids == exact.token_ids
+
+
+# ---------------------------------------------------------------- HTTP, real model
+def test_http_blend_usage_streaming_metrics_and_isolation(real_engine):
+    """Through uvicorn and the openai client: a marked segment sent again at
+    another position is blended; usage (JSON and the final SSE chunk), /v1/cache
+    and /metrics say so; another API key's tenant never gets it."""
+    import json as _json
+
+    import httpx
+    from openai import OpenAI
+
+    from segcache.config import ServerConfig
+    from segcache.engine.engine import Engine
+    from tests.server_harness import running_server
+
+    engine = Engine(real_engine.runtime, real_engine.tokenizer, CacheConfig(), "real")
+    keys = {"keys": {"key-a": "alice", "key-b": "bob"}}
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        _json.dump(keys, f)
+    try:
+        with running_server(engine, ServerConfig(api_keys_file=f.name)) as url:
+            alice = OpenAI(base_url=url + "/v1", api_key="key-a", max_retries=0)
+            bob = OpenAI(base_url=url + "/v1", api_key="key-b", max_retries=0)
+            docs = [{"id": k, "content": v, "reuse": "anywhere"} for k, v in DOCS.items()]
+            warm = httpx.post(url + "/v1/cache/warm", json={"segments": docs},
+                              headers={"Authorization": "Bearer key-a"}, timeout=120)
+            assert warm.status_code == 200, warm.text
+            moved = [docs[2], docs[0], docs[1]]
+
+            def ask(client, stream=False):
+                return client.chat.completions.create(
+                    model="m", messages=QUESTION, max_tokens=6, temperature=0, stream=stream,
+                    stream_options={"include_usage": True} if stream else None,
+                    extra_body={"segments": moved})
+
+            r = ask(alice)
+            ext = r.usage.model_extra
+            statuses = [s["status"] for s in ext["segcache"]["segments"] if s["kind"] == "segment"]
+            assert statuses == ["blended"] * 3
+            assert ext["cached_prefix_tokens"] == 0
+            blended = ext["segcache"]["blended_tokens"]
+            assert blended == sum(s["tokens"] for s in ext["segcache"]["segments"]
+                                  if s["status"] == "blended")
+            assert 0 < ext["segcache"]["recomputed_tokens"] < blended
+            chunks = list(ask(alice, stream=True))
+            final = [c for c in chunks if c.usage is not None][-1]
+            assert final.usage.model_extra["segcache"]["blended_tokens"] == blended
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert text == r.choices[0].message.content
+            rb = ask(bob)
+            assert rb.usage.model_extra["segcache"]["blended_tokens"] == 0
+            stats = httpx.get(url + "/v1/cache", headers={"Authorization": "Bearer key-a"}).json()
+            assert stats["standalone"]["entries"] == 3
+            metrics = httpx.get(url + "/metrics").text
+            line = next(x for x in metrics.splitlines()
+                        if x.startswith("segcache_blended_tokens_total"))
+            assert float(line.split()[-1]) == 2 * blended
+            bad = httpx.post(url + "/v1/chat/completions", headers={"Authorization": "Bearer key-a"},
+                             json={"model": "m", "messages": QUESTION,
+                                   "segments": [{"id": "x", "content": "y", "reuse": "everywhere"}]})
+            assert bad.status_code == 400 and "reuse" in bad.text
+    finally:
+        engine.close(drain=False)
+        Path(f.name).unlink()
