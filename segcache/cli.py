@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from segcache.config import (
-    DTYPES,
     BLEND_MODES,
+    DTYPES,
     CacheConfig,
     Config,
     ModelConfig,

@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 import torch
 
 from segcache.config import CacheConfig, Config, SchedulerConfig
+from segcache.engine.blend import Blending
 from segcache.engine.cache_control import CacheControl
 from segcache.engine.detok import TextStream
 from segcache.engine.prompt import Prompt, TokenMemo, build_prompt, resolve_segments, sink_ids
 from segcache.engine.sampling import Sampler
-from segcache.engine.blend import Blending
 from segcache.engine.scheduler import (
     BlendWork,
     Cancelled,

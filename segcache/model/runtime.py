@@ -30,11 +30,11 @@ from segcache.model.arch import ModelArch
 from segcache.model.batch import decode_batch
 from segcache.model.llama import LlamaModel, Weights
 from segcache.model.quant import (
+    MAX_GROUP,
     QUANT_VERSION,
     BlockKernels,
     BlockLinear,
     DecodeLayer,
-    MAX_GROUP,
     FusedDecoder,
     PackedLinear,
     load_blocks,
