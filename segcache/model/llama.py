@@ -191,11 +191,10 @@ class LlamaModel:
         n_new = ids.shape[0]
         x = F.embedding(ids, w.embed)  # [T, hidden]
         cos, sin = self.rope.at(positions, dtype)
-        # Decode and a prefill from slot 0 need no mask tensor (see _attention); a
-        # prefill continuing past KV (start > 0) is causal with an offset.
-        mask = causal_mask(start, n_new, self.device) if n_new > 1 and start > 0 else None
+        # No mask tensor: decode sees every slot, a prefill is causal from slot
+        # ``start`` (see _attention).
         for i, lw in enumerate(w.layers):
-            x = self._layer(lw, x, cos, sin, kv[i], start, mask)
+            x = self._layer(lw, x, cos, sin, kv[i], start, None)
         return self._head(w, x, logits_at)
 
     def _head(self, w: Weights, x: torch.Tensor, logits_at: torch.Tensor | None) -> torch.Tensor:
@@ -230,10 +229,9 @@ class LlamaModel:
         layer = min(layer, len(w.layers) - 1)  # past the last layer: a full prefill
         x = F.embedding(ids, w.embed)
         cos, sin = self.rope.at(positions, w.dtype)
-        mask = causal_mask(start, n_new, self.device) if n_new > 1 and start > 0 else None
         v_reused = kv[layer, 1, :, start:end].to(torch.float32, copy=True)  # [Hkv, T, D]
         for i in range(layer + 1):
-            x = self._layer(w.layers[i], x, cos, sin, kv[i], start, mask)
+            x = self._layer(w.layers[i], x, cos, sin, kv[i], start, None)
         deviation = (kv[layer, 1, :, start:end].float() - v_reused).square().sum((0, 2))  # [T]
         candidates = reused.nonzero().squeeze(1)
         n_pick = math.ceil(ratio * candidates.numel() - 1e-9)
@@ -272,30 +270,64 @@ class LlamaModel:
         keys, values = kv[0, :, :end], kv[1, :, :end]  # [Hkv, S, D]
         if keys.dtype != q.dtype:
             keys, values = keys.to(q.dtype), values.to(q.dtype)
-        attn = self._attention(q, keys, values, mask)  # [Hq, T, D]
+        attn = self._attention(q, keys, values, mask, start)  # [Hq, T, D]
         x = x + linear(attn.transpose(0, 1).reshape(n_new, a.q_dim), lw.o)
         h = F.rms_norm(x, (a.hidden_size,), lw.mlp_norm, a.rms_eps)
         gate, up = linear(h, lw.gate_up).chunk(2, -1)  # [T, inter] each
         return x + linear(F.silu(gate) * up, lw.down)
 
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                   mask: torch.Tensor | None) -> torch.Tensor:
-        """q [Hq, T, D], keys/values [Hkv, S, D] -> [Hq, T, D]. ``mask`` None means
-        T == 1 (decode: sees every slot) or S == T (prefill from slot 0: plain causal)."""
+                   mask: torch.Tensor | None, start: int = 0) -> torch.Tensor:
+        """q [Hq, T, D], keys/values [Hkv, S, D] -> [Hq, T, D]. ``mask`` [T, S] bool
+        (True = visible) or None: decode (T == 1) sees every slot, a prefill of
+        slots ``start..S-1`` is causal from ``start``."""
         a = self.arch
         group = a.n_heads // a.n_kv_heads
         n_new = q.shape[1]
-        if n_new == 1 and self.decode_attention is not None:
+        if n_new == 1 and mask is None and self.decode_attention is not None:
             return self.decode_attention(q, keys, values, self.scale)
-        if n_new == 1:
+        if n_new == 1 and mask is None:
             # Decode: fold the query heads that share a KV head into rows, so K/V are
             # read once per KV head instead of being repeated: q [Hkv, group, D].
             qg = q.reshape(a.n_kv_heads, group, a.head_dim)
             out = F.scaled_dot_product_attention(qg, keys, values, scale=self.scale)
             return out.view(a.n_heads, 1, a.head_dim)
+        if mask is None and start > 0:
+            if _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in _FLASH_DTYPES:
+                return self._attend_past_then_causal(q, keys, values, start)
+            mask = causal_mask(start, n_new, q.device)
         # is_causal (no mask tensor) takes the CPU flash kernel's fast path; it aligns
-        # the mask top-left, which is right only when S == T.
+        # the mask top-left, which is right only when S == T (start == 0).
         return F.scaled_dot_product_attention(
             q[None], keys[None], values[None], attn_mask=mask, is_causal=mask is None,
             scale=self.scale, enable_gqa=True,
         )[0]
+
+    def _attend_past_then_causal(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                                 start: int) -> torch.Tensor:
+        """A prefill continuing past KV, without a mask tensor: the new tokens over
+        the past slots (all visible; the query heads of a KV head folded into rows,
+        so K/V are not repeated) and over themselves (causal, square: the flash
+        kernel skips the upper triangle), merged by their log-sum-exp. A masked
+        SDPA computes every (new, slot) pair instead; this is 1.2x (a 256-token
+        chunk after 3.3k slots) to 2x (a long prefill after a short prefix) faster."""
+        a = self.arch
+        group = a.n_heads // a.n_kv_heads
+        n_new = q.shape[1]
+        qf = q.reshape(a.n_kv_heads, group * n_new, a.head_dim)
+        o1, l1 = _FLASH_CPU(qf[None], keys[None, :, :start], values[None, :, :start], scale=self.scale)
+        o1 = o1[0].reshape(a.n_heads, n_new, a.head_dim)
+        l1 = l1[0].reshape(a.n_heads, n_new)
+        kc = keys[:, start:].repeat_interleave(group, 0)
+        vc = values[:, start:].repeat_interleave(group, 0)
+        o2, l2 = _FLASH_CPU(q[None], kc[None], vc[None], is_causal=True, scale=self.scale)
+        o2, l2 = o2[0], l2[0]
+        l1, l2 = l1.double(), l2.double()
+        total = torch.logaddexp(l1, l2)
+        out = o1 * (l1 - total).exp()[..., None] + o2 * (l2 - total).exp()[..., None]
+        return out.to(q.dtype)
+
+
+# The CPU flash attention kernel with its log-sum-exp output (torch >= 2.3).
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_DTYPES = (torch.float32, torch.bfloat16)
