@@ -238,6 +238,10 @@ class LlamaModel:
         recompute = ~reused
         if n_pick > 0:
             recompute[candidates[deviation[candidates].topk(n_pick).indices]] = True
+        if bool(recompute.all()):  # every token: the plain prefill from here on
+            for i in range(layer + 1, len(w.layers)):
+                x = self._layer(w.layers[i], x, cos, sin, kv[i], start, None)
+            return self._head(w, x, None), recompute
         rows = recompute.nonzero().squeeze(1)
         x, cos, sin = x[rows], cos[rows], sin[rows]
         slots = start + rows
