@@ -347,3 +347,23 @@ def test_http_blend_usage_streaming_metrics_and_isolation(real_engine):
     finally:
         engine.close(drain=False)
         Path(f.name).unlink()
+
+
+def test_cancelled_blend_releases_every_pin(tiny_engine_factory):
+    engine = tiny_engine_factory()
+    engine.warm("t", [anywhere("x", X)])
+    calls = {"n": 0}
+
+    def cancelled() -> bool:  # the client goes away right after the first token
+        calls["n"] += 1
+        return calls["n"] > 1
+
+    req = ChatRequest("t", USER, [SegmentInput("y", Y), anywhere("x", X)],
+                      SamplingParams(max_tokens=20, temperature=0.0))
+    r = engine.chat(req, is_cancelled=cancelled)
+    assert r.finish_reason == "cancelled"
+    engine.tree.check_integrity()
+    assert all(n.pins == 0 for root in engine.tree._roots.values() for n in _nodes(root))
+    # the standalone entry is still there and serves the next request
+    again = _chat(engine, "t", [SegmentInput("z", Z), anywhere("x", X)])
+    assert [s.status for s in again.segments][:2] == ["miss", "blended"]
