@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.segcache-installed
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test test-fast lint bench-engine clean system-deps
+.PHONY: setup serve test test-fast lint bench-engine bench-blend clean system-deps
 
 setup: $(STAMP)
 
@@ -39,6 +39,9 @@ lint: setup
 
 bench-engine: setup
 	$(VENV)/bin/segcache bench engine
+
+bench-blend: setup  # CacheBlend quality against full prefill (real model, ~15 min on 2 cores)
+	$(VENV)/bin/python scripts/blend_eval.py --json bench-out/blend-eval.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
