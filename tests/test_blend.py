@@ -367,3 +367,23 @@ def test_cancelled_blend_releases_every_pin(tiny_engine_factory):
     # the standalone entry is still there and serves the next request
     again = _chat(engine, "t", [SegmentInput("z", Z), anywhere("x", X)])
     assert [s.status for s in again.segments][:2] == ["miss", "blended"]
+
+
+def test_a_queued_standalone_job_is_not_waited_for(tiny_engine_factory):
+    """A request must not wait for a standalone entry whose job is still queued
+    (it could be queued behind the request itself on a full engine): the segment
+    is then computed in place."""
+    import threading
+
+    engine = tiny_engine_factory()
+    ns_s = engine.standalone_namespace(engine.namespace("t"))
+    from segcache.kv.hashing import segment_digest
+
+    engine._inflight[("standalone:" + ns_s, segment_digest(X))] = 10**9  # no such job runs
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault(
+        "r", _chat(engine, "t", [SegmentInput("y", Y), anywhere("x", X)])))
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the request waited for a job that never runs"
+    assert [s.status for s in out["r"].segments][:2] == ["miss", "miss"]

@@ -70,7 +70,9 @@ class Blending:
             if not self._eligible(unit):
                 continue
             key = (_KEY_PREFIX + ns_s, unit.key.digest)
-            while key in self._inflight:
+            # Wait only for a job that is running: one still queued may sit behind
+            # this very request (a full engine would then never admit it).
+            while key in self._inflight and self.scheduler.is_running(self._inflight[key]):
                 yield WaitFor(key)
             found = self.tree.match(ns_s, [unit.key.digest])
             if found and found[0].n_tokens == len(unit.block):

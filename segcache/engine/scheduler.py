@@ -168,6 +168,10 @@ class Scheduler:
             self._cv.notify_all()
         return job
 
+    def is_running(self, job_id: int) -> bool:
+        """Whether job ``job_id`` has been admitted and not finished (engine thread)."""
+        return any(j.id == job_id for j in self._running)
+
     def load(self) -> dict[str, int]:
         with self._cv:
             return {"running": len(self._running), "waiting": len(self._waiting)}
