@@ -188,7 +188,6 @@ class LlamaModel:
         ``logits_at`` (default: the last row only). Mutates ``kv``.
         """
         dtype = w.dtype
-        n_new = ids.shape[0]
         x = F.embedding(ids, w.embed)  # [T, hidden]
         cos, sin = self.rope.at(positions, dtype)
         # No mask tensor: decode sees every slot, a prefill is causal from slot
