@@ -156,6 +156,11 @@ class GenerationResult:
         return sum(s.tokens for s in self.segments if s.status == "blended")
 
     @property
+    def computed_tokens(self) -> int:
+        """Prompt tokens that ran through every layer for this request."""
+        return self.prompt_tokens - self.cached_tokens - self.blended_tokens + self.recomputed_tokens
+
+    @property
     def recomputed_tokens(self) -> int:
         """Of ``blended_tokens``, those recomputed (all layers) for this context."""
         return sum(s.recomputed or 0 for s in self.segments if s.status == "blended")
@@ -171,9 +176,7 @@ class GenerationResult:
             "segcache": {
                 "chain": self.chain,
                 "prefix_chain": self.prefix_chain,
-                # tokens that ran through every layer for this request
-                "computed_tokens": (self.prompt_tokens - self.cached_tokens - self.blended_tokens
-                                    + self.recomputed_tokens),
+                "computed_tokens": self.computed_tokens,
                 "blended_tokens": self.blended_tokens,
                 "recomputed_tokens": self.recomputed_tokens,
                 "segments": [s.as_dict() for s in self.segments],

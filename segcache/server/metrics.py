@@ -73,8 +73,7 @@ class ServerMetrics:
     def observe_generation(self, result: GenerationResult, ttft_s: float, total_s: float) -> None:
         self.prompt_tokens.inc(result.prompt_tokens)
         self.cached_tokens.inc(result.cached_tokens)
-        self.computed_tokens.inc(result.prompt_tokens - result.cached_tokens
-                                 - result.blended_tokens + result.recomputed_tokens)
+        self.computed_tokens.inc(result.computed_tokens)
         self.blended_tokens.inc(result.blended_tokens)
         self.recomputed_tokens.inc(result.recomputed_tokens)
         self.completion_tokens.inc(result.completion_tokens)

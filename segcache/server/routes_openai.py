@@ -28,7 +28,7 @@ def request_record(kind: str, tenant: str, result: GenerationResult, ttft: float
         "chain": result.chain, "tools_count": result.tools_count,
         "schema_digest": result.tools_digest, "prompt_tokens": result.prompt_tokens,
         "cached_tokens": result.cached_tokens,
-        "computed_tokens": result.usage()["segcache"]["computed_tokens"],
+        "computed_tokens": result.computed_tokens,
         "blended_tokens": result.blended_tokens,
         "completion_tokens": result.completion_tokens, "ttft_s": round(ttft, 4),
         "total_s": round(total, 4), "status": result.finish_reason,
