@@ -379,8 +379,10 @@ class SegmentTree:
         """Counters and a JSON-able tree summary, for all namespaces or one.
 
         ``tree`` is a list of root summaries; each summary is
-        ``{digest, chain, tokens, bytes, hits, pins, children, omitted}``
-        where ``digest``/``chain`` are their first 16 hex digits, ``children`` is
+        ``{digest, chain, tokens, bytes, hits, pins, age_s, idle_s, expires_in_s,
+        children, omitted}`` where ``digest``/``chain`` are their first 16 hex
+        digits, ``age_s``/``idle_s`` are seconds since creation/last use on the
+        tree's clock, ``expires_in_s`` is None without a TTL, ``children`` is
         capped at ``max_children`` (most hit first) and ``max_depth``, and
         ``omitted`` counts the nodes of the subtree that were left out.
         """
@@ -404,7 +406,8 @@ class SegmentTree:
             removed.update(self._removed[root.namespace])
         for reason, name in _COUNTER_NAMES.items():
             out[name] = removed[reason]
-        out["tree"] = [_summarise(r, max_depth, max_children) for r in roots]
+        now = self._clock()
+        out["tree"] = [_summarise(r, now, max_depth, max_children) for r in roots]
         return out
 
     def check_integrity(self) -> None:
@@ -573,7 +576,7 @@ def _short(digest: str) -> str:
     return digest.removeprefix(PREFIX)[:16]
 
 
-def _summarise(node: SegmentNode, max_depth: int, max_children: int) -> dict[str, Any]:
+def _summarise(node: SegmentNode, now: float, max_depth: int, max_children: int) -> dict[str, Any]:
     """JSON-able summary of ``node``'s subtree, capped in depth and fan-out (recursive, bounded)."""
     out: dict[str, Any] = {
         "digest": _short(node.digest),
@@ -582,11 +585,14 @@ def _summarise(node: SegmentNode, max_depth: int, max_children: int) -> dict[str
         "bytes": node.nbytes,
         "hits": node.hits,
         "pins": node.pins,
+        "age_s": round(now - node.created, 3),
+        "idle_s": round(now - node.last_use, 3),
+        "expires_in_s": None if node.expires_at is None else round(node.expires_at - now, 3),
         "children": [],
         "omitted": 0,
     }
     kids = sorted(node.children.values(), key=lambda n: (-n.hits, -n.last_use, n.seq))
     shown = kids[:max_children] if max_depth > 0 else []
-    out["children"] = [_summarise(c, max_depth - 1, max_children) for c in shown]
+    out["children"] = [_summarise(c, now, max_depth - 1, max_children) for c in shown]
     out["omitted"] = sum(sum(1 for _ in _preorder(c)) for c in kids[len(shown) :])
     return out
