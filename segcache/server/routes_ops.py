@@ -1,9 +1,10 @@
-"""Operational routes: health, Prometheus metrics, the dashboard placeholder.
-Open without an API key; they show cache-wide numbers only."""
+"""Operational routes: health, Prometheus metrics, the live dashboard.
+Open without an API key; they show cache-wide numbers only (the dashboard page
+asks ``/v1/cache`` for the caller's own tenant tree, with the caller's key)."""
 
 from __future__ import annotations
 
-import html
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
@@ -11,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from segcache.server.dashboard import dashboard_numbers, dashboard_page
 from segcache.server.state import server_state
 
 router = APIRouter(tags=["ops"])
@@ -30,17 +32,11 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/dashboard", response_class=HTMLResponse)
 async def dashboard(request: Request) -> str:
-    """Placeholder until the live cache-tree page lands: cache-wide numbers."""
-    state = server_state(request)
-    stats = await run_in_threadpool(state.engine.metrics)
-    rows = "".join(
-        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-        for k, v in stats.items()
-    )
-    title = f"segcache: {html.escape(state.model_name)}"
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head>"
-        f"<body><h1>{title}</h1><table>{rows}</table>"
-        "<p>Per-tenant stats: <code>GET /v1/cache</code>. Metrics: "
-        "<a href='/metrics'>/metrics</a>.</p></body></html>"
-    )
+    """The live cache-tree page (self-contained HTML; it polls the JSON below)."""
+    return dashboard_page(server_state(request).model_name)
+
+
+@router.get("/dashboard/data")
+async def dashboard_data(request: Request) -> dict[str, Any]:
+    """Cache-wide numbers for the dashboard; nothing per tenant."""
+    return await run_in_threadpool(dashboard_numbers, server_state(request))
