@@ -28,10 +28,16 @@ $(STAMP): pyproject.toml Makefile
 serve: setup
 	$(VENV)/bin/segcache serve --port $(PORT)
 
-test: setup
+# Debian packages the tests need: Chromium renders the dashboard page in tests/test_dashboard.py.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+system-deps:
+	command -v chromium >/dev/null || \
+	  ($(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium)
+
+test: setup system-deps
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup system-deps
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
