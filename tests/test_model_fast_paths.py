@@ -104,7 +104,7 @@ def test_dense_weights_fall_back_to_lossy_q8_0():
     assert to_blocks(torch.randn(8, 40)) is None  # inputs not a multiple of 32
 
 
-@pytest.mark.parametrize("rows", [1, 3, 11])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 11, 16])  # every row-group size, 8 + 3, 8 + 8
 def test_block_matmul_matches_dense(kernels, rows):
     g = torch.Generator().manual_seed(rows)
     for w in (q4_1_matrix(72, 128, g), q8_0_matrix(72, 128, g)):

@@ -43,8 +43,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 BLOCK = 32
-# Bump when the block formats or the kernel arithmetic change (part of the model fingerprint).
+# Bump when the block formats change (names the block cache files; part of the fingerprint).
 QUANT_VERSION = "blocks1"
+# Bump when the kernels' arithmetic (summation order, exp) changes: part of the model
+# fingerprint, so KV computed by other kernels is never served.
+KERNEL_VERSION = "rows2"
 MAX_GROUP = 8  # query heads per KV head the attention kernel takes (MAXM in the C source)
 
 
@@ -170,83 +173,94 @@ static inline __m256 u8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_
 static inline __m256 i8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
 static inline __m256 load8_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 
-/* y[M,N] = x[M,K] @ W^T, W in Q4_1 blocks. */
-void q4_1_matmul(const float *x, int M, int K, const uint8_t *qs, const float *d,
-                 const float *m, float *y, int N, int nthreads) {
-    const int nb = K / 32;
-    float *xsum = (float *)malloc(sizeof(float) * (size_t)M * nb);
-    for (int i = 0; i < M; i++)
-        for (int b = 0; b < nb; b++) {
-            float s = 0.f;
-            for (int j = 0; j < 32; j++) s += x[(size_t)i * K + b * 32 + j];
-            xsum[(size_t)i * nb + b] = s;
-        }
+/* Several rows of x against one weight row: the block is dequantised once into float32
+   registers (w = d*q + m, or d*q for Q8_0: exactly the float32 matrix, d*q being exact)
+   and each of the R rows runs its own FMA chain, so the unpacking is shared and the
+   FMA units stay busy. R is a compile-time constant at every call (always_inline). */
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE void dot_rows(const float *x, int K, int nb, const uint8_t *q4, const int8_t *q8,
+                     const float *dr, const float *mr, float *y, int N, const int R) {
     const __m128i lowmask = _mm_set1_epi8(0x0F);
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int n = 0; n < N; n++) {
-        const uint8_t *qr = qs + (size_t)n * nb * 16;
-        const float *dr = d + (size_t)n * nb, *mr = m + (size_t)n * nb;
-        for (int i0 = 0; i0 < M; i0 += MAXM) {
-            const int mm = M - i0 < MAXM ? M - i0 : MAXM;
-            __m256 acc[MAXM];
-            for (int i = 0; i < mm; i++) acc[i] = _mm256_setzero_ps();
-            for (int b = 0; b < nb; b++) {
-                __m128i raw = _mm_loadu_si128((const __m128i *)(qr + b * 16));
-                __m128i lo = _mm_and_si128(raw, lowmask);
-                __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), lowmask);
-                __m256 w0 = u8x8(lo), w1 = u8x8(_mm_srli_si128(lo, 8));
-                __m256 w2 = u8x8(hi), w3 = u8x8(_mm_srli_si128(hi, 8));
-                __m256 db = _mm256_set1_ps(dr[b]);
-                for (int i = 0; i < mm; i++) {
-                    const float *xb = x + (size_t)(i0 + i) * K + b * 32;
-                    __m256 p = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
-                    __m256 p2 = _mm256_mul_ps(w2, _mm256_loadu_ps(xb + 16));
-                    p = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), p);
-                    p2 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), p2);
-                    acc[i] = _mm256_fmadd_ps(db, _mm256_add_ps(p, p2), acc[i]);
-                }
-            }
-            for (int i = 0; i < mm; i++) {
-                const float *xs = xsum + (size_t)(i0 + i) * nb;
-                float s = hsum8(acc[i]);
-                for (int b = 0; b < nb; b++) s += mr[b] * xs[b];
-                y[(size_t)(i0 + i) * N + n] = s;
+    __m256 acc[MAXM], acc2[MAXM];
+    for (int i = 0; i < R; i++) { acc[i] = _mm256_setzero_ps(); acc2[i] = _mm256_setzero_ps(); }
+    for (int b = 0; b < nb; b++) {
+        __m256 w0, w1, w2, w3;
+        const __m256 db = _mm256_set1_ps(dr[b]);
+        if (q4) {
+            const __m128i raw = _mm_loadu_si128((const __m128i *)(q4 + (size_t)b * 16));
+            const __m128i lo = _mm_and_si128(raw, lowmask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), lowmask);
+            const __m256 mb = _mm256_set1_ps(mr[b]);
+            w0 = _mm256_fmadd_ps(db, u8x8(lo), mb); w1 = _mm256_fmadd_ps(db, u8x8(_mm_srli_si128(lo, 8)), mb);
+            w2 = _mm256_fmadd_ps(db, u8x8(hi), mb); w3 = _mm256_fmadd_ps(db, u8x8(_mm_srli_si128(hi, 8)), mb);
+        } else {
+            const __m128i a = _mm_loadu_si128((const __m128i *)(q8 + (size_t)b * 32));
+            const __m128i c = _mm_loadu_si128((const __m128i *)(q8 + (size_t)b * 32 + 16));
+            w0 = _mm256_mul_ps(db, i8x8(a)); w1 = _mm256_mul_ps(db, i8x8(_mm_srli_si128(a, 8)));
+            w2 = _mm256_mul_ps(db, i8x8(c)); w3 = _mm256_mul_ps(db, i8x8(_mm_srli_si128(c, 8)));
+        }
+        for (int i = 0; i < R; i++) {
+            const float *xb = x + (size_t)i * K + (size_t)b * 32;
+            if (R <= 4) {  /* few rows: two chains per row hide the FMA latency */
+                acc[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), acc[i]);
+                acc2[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), acc2[i]);
+                acc[i] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), acc[i]);
+                acc2[i] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), acc2[i]);
+            } else {
+                acc[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), acc[i]);
+                acc[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), acc[i]);
+                acc[i] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), acc[i]);
+                acc[i] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), acc[i]);
             }
         }
     }
-    free(xsum);
+    if (R == 8) {  /* eight horizontal sums at once */
+        const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+        const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+        float r[8];
+        _mm256_storeu_ps(r, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+        for (int i = 0; i < 8; i++) y[(size_t)i * N] = r[i];
+    } else {
+        for (int i = 0; i < R; i++) y[(size_t)i * N] = hsum8(R <= 4 ? _mm256_add_ps(acc[i], acc2[i]) : acc[i]);
+    }
 }
 
-/* y[M,N] = x[M,K] @ W^T, W in Q8_0 blocks. */
-void q8_0_matmul(const float *x, int M, int K, const int8_t *qs, const float *d, float *y,
-                 int N, int nthreads) {
+/* y[M,N] = x[M,K] @ W^T for W in Q4_1 (q8 == NULL) or Q8_0 (q4 == NULL) blocks. */
+static void block_matmul(const float *x, int M, int K, const uint8_t *q4, const int8_t *q8,
+                         const float *d, const float *m, float *y, int N, int nthreads) {
     const int nb = K / 32;
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    /* dynamic: when another process takes a core mid-step, the other thread takes over the
+       remaining rows instead of the whole step waiting for a descheduled thread's static share */
+    #pragma omp parallel for schedule(dynamic, 16) num_threads(nthreads)
     for (int n = 0; n < N; n++) {
-        const int8_t *qr = qs + (size_t)n * K;
-        const float *dr = d + (size_t)n * nb;
+        const uint8_t *qr4 = q4 ? q4 + (size_t)n * nb * 16 : NULL;
+        const int8_t *qr8 = q8 ? q8 + (size_t)n * K : NULL;
+        const float *dr = d + (size_t)n * nb, *mr = m ? m + (size_t)n * nb : NULL;
         for (int i0 = 0; i0 < M; i0 += MAXM) {
-            const int mm = M - i0 < MAXM ? M - i0 : MAXM;
-            __m256 acc[MAXM];
-            for (int i = 0; i < mm; i++) acc[i] = _mm256_setzero_ps();
-            for (int b = 0; b < nb; b++) {
-                __m128i a = _mm_loadu_si128((const __m128i *)(qr + b * 32));
-                __m128i c = _mm_loadu_si128((const __m128i *)(qr + b * 32 + 16));
-                __m256 w0 = i8x8(a), w1 = i8x8(_mm_srli_si128(a, 8));
-                __m256 w2 = i8x8(c), w3 = i8x8(_mm_srli_si128(c, 8));
-                __m256 db = _mm256_set1_ps(dr[b]);
-                for (int i = 0; i < mm; i++) {
-                    const float *xb = x + (size_t)(i0 + i) * K + b * 32;
-                    __m256 p = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
-                    __m256 p2 = _mm256_mul_ps(w2, _mm256_loadu_ps(xb + 16));
-                    p = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), p);
-                    p2 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), p2);
-                    acc[i] = _mm256_fmadd_ps(db, _mm256_add_ps(p, p2), acc[i]);
-                }
+            const float *xi = x + (size_t)i0 * K;
+            float *yi = y + (size_t)i0 * N + n;
+            switch (M - i0 < MAXM ? M - i0 : MAXM) {
+                case 1: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, N, 1); break;
+                case 2: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, N, 2); break;
+                case 3: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, N, 3); break;
+                case 4: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, N, 4); break;
+                case 5: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, N, 5); break;
+                case 6: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, N, 6); break;
+                case 7: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, N, 7); break;
+                default: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, N, 8); break;
             }
-            for (int i = 0; i < mm; i++) y[(size_t)(i0 + i) * N + n] = hsum8(acc[i]);
         }
     }
+}
+
+void q4_1_matmul(const float *x, int M, int K, const uint8_t *qs, const float *d,
+                 const float *m, float *y, int N, int nthreads) {
+    block_matmul(x, M, K, qs, NULL, d, m, y, N, nthreads);
+}
+
+void q8_0_matmul(const float *x, int M, int K, const int8_t *qs, const float *d, float *y,
+                 int N, int nthreads) {
+    block_matmul(x, M, K, NULL, qs, d, NULL, y, N, nthreads);
 }
 
 """
@@ -264,7 +278,7 @@ void ATTEND_NAME(const float *q, const KV_T *k, const KV_T *v, long hstride, int
     const int chunk = (S + nchunk - 1) / nchunk;
     const int ntask = Hkv * nchunk;
     float *pm = (float *)malloc(sizeof(float) * (size_t)ntask * G * (D + 2));  /* per task: [G][D+2] */
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int t = 0; t < ntask; t++) {
         const int h = t / nchunk, c = t % nchunk;
         const int s0 = c * chunk, s1 = s0 + chunk < S ? s0 + chunk : S;
@@ -376,6 +390,37 @@ static void rope_row(float *x, int nh, int D, const float *c, const float *s) {
     }
 }
 
+/* exp(x) for 8 floats (Cephes' polynomial, as in avx_mathfun: within ~2 ulp of expf). */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.3762626647949f));
+    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* act[b] = silu(gate[b]) * up[b], gu[b] = [gate | up] of I each; I % 32 == 0 (down is in blocks). */
+static void silu_mul(const float *gu, float *act, int B, int I, int nt) {
+    const int nv = I / 8;
+    #pragma omp parallel for schedule(dynamic, 64) num_threads(nt)
+    for (int t = 0; t < B * nv; t++) {
+        const int b = t / nv, j = (t % nv) * 8;
+        const float *g = gu + (size_t)b * 2 * I + j;
+        const __m256 gv = _mm256_loadu_ps(g), uv = _mm256_loadu_ps(g + I);
+        const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
+        _mm256_storeu_ps(act + (size_t)b * I + j, _mm256_mul_ps(_mm256_div_ps(gv, den), uv));
+    }
+}
+
 /* kv[b]: that sequence's buffer [n_layers, 2, n_kv, capacity, head_dim]; kv_strides[b] its
    (layer, K/V, head) strides in elements; slots[b] where the new token's K/V go (it attends
    to slots 0..slots[b]); pos[b] its RoPE position. logits: [B, vocab]. */
@@ -422,11 +467,7 @@ void decode_step(const Net *net, int B, const int64_t *tokens, const int64_t *po
         for (size_t i = 0; i < (size_t)B * H; i++) x[i] += h[i];
         for (int b = 0; b < B; b++) rms_norm_row(x + (size_t)b * H, L->mlp_norm, H, net->eps, h + (size_t)b * H);
         mat_mul(&L->gate_up, h, B, gu, nt);
-        for (int b = 0; b < B; b++) {
-            const float *g = gu + (size_t)b * 2 * I, *u = g + I;
-            float *a = act + (size_t)b * I;
-            for (int i = 0; i < I; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
-        }
+        silu_mul(gu, act, B, I, nt);
         mat_mul(&L->down, act, B, h, nt);
         for (size_t i = 0; i < (size_t)B * H; i++) x[i] += h[i];
     }

@@ -30,6 +30,7 @@ from segcache.model.arch import ModelArch
 from segcache.model.batch import decode_batch
 from segcache.model.llama import LlamaModel, Weights
 from segcache.model.quant import (
+    KERNEL_VERSION,
     MAX_GROUP,
     QUANT_VERSION,
     BlockKernels,
@@ -256,6 +257,7 @@ def _fingerprint(arch: ModelArch, plan: PhasePlan, decode_scheme: str, source_di
         "tokenizer": tokenizer_digest,
         "dtypes": [str(plan.prefill), str(plan.decode), str(plan.kv)],
         "decode_weights": decode_scheme,
+        "kernels": KERNEL_VERSION if decode_scheme != "dense" else "",
         "kv_layout": KV_LAYOUT_VERSION,
         # which prefill lengths run on the decode weights changes the KV's numerics
         "small_prefill": SMALL_PREFILL_TOKENS if decode_scheme != "dense" else 0,
