@@ -18,6 +18,20 @@ def test_decode_rate_arithmetic():
     assert sweep.decode_rate([a, b]) == 5 / 2.0
 
 
+def test_steady_rate_counts_only_the_window_where_all_streams_decode():
+    a, b = sweep._Stream(), sweep._Stream()
+    a.times, a.tokens = [10.0, 10.5, 11.0, 11.5, 12.0], 5
+    b.times, b.tokens = [11.0, 11.5, 12.5], 3
+    # window (11.0, 12.0]: a at 11.5, 12.0; b at 11.5 -> 3 chunks of 1 token each in 1 s
+    assert sweep.steady_rate([a, b]) == 3.0
+    one = sweep._Stream()
+    one.times, one.tokens = [1.0, 1.25, 1.5], 6  # two tokens per chunk
+    assert sweep.steady_rate([one]) == 2 * 2 / 0.5
+    late = sweep._Stream()
+    late.times, late.tokens = [13.0, 14.0], 2  # starts after a has finished
+    assert sweep.steady_rate([a, late]) == 0.0
+
+
 def test_sweep_runs_against_a_server(tmp_path):
     out = tmp_path / "sweep.json"
     with running_server(FakeEngine()) as url:
@@ -29,4 +43,5 @@ def test_sweep_runs_against_a_server(tmp_path):
     data = json.loads(out.read_text())
     assert [r["streams"] for r in data["sweep"]] == [1, 2]
     assert all(r["tokens"] > 0 for r in data["sweep"])
+    assert all(r["steady_tok_s"] >= 0 for r in data["sweep"])
     assert data["prefill_interference"]["cold_ttft_s"] >= 0

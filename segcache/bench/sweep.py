@@ -3,8 +3,14 @@ and the inter-token gaps of running streams while a long cold prefill is admitte
 
 HTTP only (the ``openai`` client, streaming); works against any OpenAI-compatible
 server. Each stream asks for a long answer at temperature 0 with a distinct
-prompt (so nothing is shared), and decode throughput is completion tokens over
-the time from the first stream's first token to the last stream's last token.
+prompt (so nothing is shared). Two throughputs per stream count:
+
+- aggregate: completion tokens over the time from the first stream's first token
+  to the last stream's last token (the other streams' prefills fall inside it);
+- steady decode: tokens that arrive while *all* streams are decoding (after the
+  last stream's first token, until the first stream's last token) over that
+  window, i.e. the decode rate of N running streams. With one stream it is that
+  stream's rate after its first token.
 """
 
 from __future__ import annotations
@@ -73,6 +79,20 @@ def decode_rate(streams: list[_Stream]) -> float:
     return sum(s.tokens for s in streams) / span if span > 0 else 0.0
 
 
+def steady_rate(streams: list[_Stream]) -> float:
+    """Tokens/s while every stream is decoding; chunks are scaled to tokens by the
+    streams' own tokens-per-chunk. 0.0 when the streams never all ran at once."""
+    live = [s for s in streams if s.times]
+    if not live:
+        return 0.0
+    start, end = max(s.times[0] for s in live), min(s.times[-1] for s in live)
+    if end <= start:
+        return 0.0
+    chunks = sum(1 for s in live for t in s.times if start < t <= end)
+    per_chunk = sum(s.tokens for s in live) / sum(len(s.times) for s in live)
+    return chunks * per_chunk / (end - start)
+
+
 def gaps_during_prefill(client: OpenAI, model: str, n: int, max_tokens: int,
                         prefill_tokens: int) -> dict:
     """``n`` streams decode; once all have started, a cold prompt of about
@@ -105,14 +125,17 @@ def run(args: argparse.Namespace) -> int:
     for n in counts:
         streams = run_streams(client, args.model, n, args.max_tokens, offset=10 * n)
         rows.append({"streams": n, "tokens": sum(s.tokens for s in streams),
-                     "decode_tok_s": decode_rate(streams)})
+                     "decode_tok_s": decode_rate(streams), "steady_tok_s": steady_rate(streams)})
     base = rows[0]["decode_tok_s"] or 1.0
+    steady_base = rows[0]["steady_tok_s"] or 1.0
     table = Table(title=f"decode throughput, {args.url}")
-    for col in ("streams", "tokens", "aggregate tok/s", f"vs {counts[0]} stream(s)"):
+    for col in ("streams", "tokens", "aggregate tok/s", f"vs {counts[0]} stream(s)",
+                "steady decode tok/s", f"vs {counts[0]} stream(s) "):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(str(r["streams"]), str(r["tokens"]), f"{r['decode_tok_s']:.1f}",
-                      f"{r['decode_tok_s'] / base:.2f}x")
+                      f"{r['decode_tok_s'] / base:.2f}x", f"{r['steady_tok_s']:.1f}",
+                      f"{r['steady_tok_s'] / steady_base:.2f}x")
     console.print(table)
     result: dict = {"sweep": rows}
     if args.prefill_tokens:
