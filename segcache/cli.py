@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests queued beyond those; more get 429 (default: %(default)s)")
     serve.add_argument("--prefill-chunk", type=int, default=SchedulerConfig.prefill_chunk,
                        help="prefill chunk in tokens, interleaved with decode (default: %(default)s)")
+    serve.add_argument("--decode-pause-ms", type=float, default=SchedulerConfig.decode_pause_s * 1000,
+                       help="while requests decode, another request's prefill runs in slices of "
+                            "layers of about this long, so streams pause at most ~this much "
+                            "(same arithmetic; default: %(default)s)")
     serve.add_argument("--request-timeout", type=float, default=SchedulerConfig.request_timeout_s,
                        metavar="SECONDS", help="per-request limit, 504 beyond (default: %(default)s)")
     serve.add_argument("--max-request-bytes", type=_size, default=ServerConfig.max_request_bytes,
@@ -165,6 +169,7 @@ def _config(args: argparse.Namespace) -> Config:
         max_running=getattr(args, "max_running", SchedulerConfig.max_running),
         max_waiting=getattr(args, "max_waiting", SchedulerConfig.max_waiting),
         prefill_chunk=getattr(args, "prefill_chunk", SchedulerConfig.prefill_chunk),
+        decode_pause_s=getattr(args, "decode_pause_ms", SchedulerConfig.decode_pause_s * 1000) / 1000,
         request_timeout_s=getattr(args, "request_timeout", SchedulerConfig.request_timeout_s))
     return Config(model=model_config(args), cache=cache, scheduler=sched, server=server)
 

@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 from segcache.config import CacheConfig, SchedulerConfig
 from segcache.engine.types import ChatRequest, OverloadedError, SamplingParams, SegmentInput
@@ -133,3 +134,68 @@ def test_randomised_arrivals_finish_without_deadlock(tiny_engine_factory):
         assert engine.cache_stats(tenant)["pinned"] == 0
     engine.tree.check_integrity()
     assert engine.tree.resident_bytes + engine.radix.resident_bytes <= 400_000
+
+
+def test_sliced_prefill_is_bit_identical_to_one_prefill():
+    """forward_steps: the same operations as forward, a few layers at a time."""
+    from tests.tiny import tiny_runtime
+
+    rt = tiny_runtime()
+    ids, pos = torch.randint(0, 1000, (40,), generator=torch.Generator().manual_seed(3)), torch.arange(5, 45)
+    whole, sliced = rt.new_kv(64), rt.new_kv(64)
+    for kv in (whole, sliced):
+        kv.zero_()
+    with torch.inference_mode():
+        rt.prefill(ids[:5], torch.arange(5), whole, 0)
+        rt.prefill(ids[:5], torch.arange(5), sliced, 0)
+        want = rt.prefill(ids, pos, whole, 5)
+        steps = rt.prefill_steps(ids, pos, sliced, 5, 1)
+        done = []
+        while True:
+            try:
+                done.append(next(steps))
+            except StopIteration as end:
+                got = end.value
+                break
+    assert done == list(range(1, rt.arch.n_layers))
+    assert torch.equal(got, want) and torch.equal(sliced, whole)
+
+
+def _prompt_kv(engine, tenant):
+    """The KV of ``tenant``'s first unit (the prompt's message; below it sits the
+    kept reply, whose decode steps were batched with other streams on one engine)."""
+    (node,) = engine.tree.root(engine.namespace(tenant)).children.values()
+    return node.handle
+
+
+def test_long_prefill_runs_in_slices_while_streams_decode(tiny_engine_factory):
+    """With streams decoding, a chunk runs a few layers per tick with decode steps in
+    between; its KV and answer are bit-identical to an idle engine's."""
+    engine = tiny_engine_factory(scheduler=SchedulerConfig(prefill_chunk=64, decode_pause_s=1e-9))
+    calls: list[tuple[float | None, bool, int]] = []
+    runner = engine.scheduler.runner
+    orig = runner.prefill
+
+    def record(work, n, pause_s=None):
+        orig(work, n, pause_s)
+        calls.append((pause_s, work.slices is not None, engine.scheduler.steps))
+
+    runner.prefill = record
+    stream = threading.Thread(target=engine.chat, args=(ChatRequest(
+        "s", [{"role": "user", "content": "Count."}],
+        sampling=SamplingParams(max_tokens=1500, temperature=0.0)),))
+    stream.start()
+    while engine.scheduler.steps == 0:
+        time.sleep(0.001)
+    calls.clear()
+    long = ChatRequest("t", [{"role": "user", "content": "other " * 300}], sampling=GREEDY)
+    busy = engine.chat(long)
+    stream.join()
+    mid = [(p, steps) for p, mid_chunk, steps in calls if mid_chunk]
+    assert mid and all(p is not None for p, _ in mid)  # sliced only while decoding
+    assert len({steps for _, steps in mid}) == len(mid)  # a decode step between slices
+    idle = tiny_engine_factory(scheduler=SchedulerConfig(prefill_chunk=64, decode_pause_s=1e9))
+    alone = idle.chat(long)
+    assert alone.token_ids == busy.token_ids
+    assert torch.equal(_prompt_kv(engine, "t"), _prompt_kv(idle, "t"))
+    engine.tree.check_integrity()

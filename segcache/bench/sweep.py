@@ -105,7 +105,9 @@ def gaps_during_prefill(client: OpenAI, model: str, n: int, max_tokens: int,
         t.start()
     while not all(s.times for s in streams):
         time.sleep(0.01)
-    text = " ".join(f"Entry {i}: item {i} weighs {i * 13 % 101} grams." for i in range(prefill_tokens // 12))
+    # A fresh nonce in front: the prompt is cold however often the sweep runs.
+    text = f"Run {time.time_ns()}. " + " ".join(
+        f"Entry {i}: item {i} weighs {i * 13 % 101} grams." for i in range(prefill_tokens // 12))
     cold = _Stream()
     t0 = time.perf_counter()
     _run_stream(client, model, text, 1, cold)

@@ -27,6 +27,7 @@ touched under ``_lock`` (held by the engine thread during each step).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -78,8 +79,13 @@ class _Runner:
 
     def __init__(self, runtime: ModelRuntime) -> None:
         self.runtime = runtime
+        # Prefill speed (FLOP/s, moving average of measured chunks), to size slices;
+        # starts low (more, shorter slices) until the first chunks are measured.
+        self.flops_per_s = 30e9
 
-    def prefill(self, work: PrefillWork, n: int) -> None:
+    def prefill(self, work: PrefillWork, n: int, pause_s: float | None = None) -> None:
+        """The next chunk of ``n`` tokens of ``work``; with ``pause_s``, only its next
+        slice of layers, sized to take about ``pause_s`` at the measured speed."""
         if isinstance(work, BlendWork):
             with torch.inference_mode():
                 logits, work.recomputed = self.runtime.blend(
@@ -88,11 +94,48 @@ class _Runner:
                     work.reused, work.layer, work.ratio)
             work.done, work.logits = len(work.ids), logits[-1]
             return
-        a, b = work.done, min(work.done + n, len(work.ids))
-        ids = torch.tensor(work.ids[a:b], dtype=torch.long)
+        arch = self.runtime.arch
+        a = work.done
+        if work.slices is None:
+            b = min(a + n, len(work.ids))
+            per = arch.n_layers
+            if pause_s is not None:
+                est_s = arch.prefill_flops(b - a, work.start + a) / self.flops_per_s
+                per = math.ceil(arch.n_layers / max(1, math.ceil(est_s / pause_s)))
+            ids = torch.tensor(work.ids[a:b], dtype=torch.long)
+            positions = torch.arange(work.start + a, work.start + b)
+            if per >= arch.n_layers:  # the whole chunk now
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    logits = self.runtime.prefill(ids, positions, work.kv, work.start + a)
+                self._measure(work, b, arch.n_layers, t0)
+                self._chunk_done(work, b, logits)
+                return
+            work.slices = (b, self.runtime.prefill_steps(ids, positions, work.kv, work.start + a, per), 0)
+        b, steps, before = work.slices
+        t0 = time.perf_counter()
         with torch.inference_mode():
-            logits = self.runtime.prefill(ids, torch.arange(work.start + a, work.start + b),
-                                          work.kv, work.start + a)
+            try:
+                layer, logits = next(steps), None
+            except StopIteration as finished:
+                layer, logits = arch.n_layers, finished.value
+        self._measure(work, b, layer - before, t0)
+        if logits is None:
+            work.slices = (b, steps, layer)
+        else:
+            work.slices = None
+            self._chunk_done(work, b, logits)
+
+    def _measure(self, work: PrefillWork, b: int, layers: int, t0: float) -> None:
+        """Update the prefill speed from ``layers`` layers of the chunk ``done..b``."""
+        arch, a = self.runtime.arch, work.done
+        if b - a >= 64:  # smaller chunks measure overhead, not speed
+            flops = arch.prefill_flops(b - a, work.start + a) * layers / arch.n_layers
+            rate = flops / max(time.perf_counter() - t0, 1e-6)
+            self.flops_per_s += 0.3 * (rate - self.flops_per_s)
+
+    @staticmethod
+    def _chunk_done(work: PrefillWork, b: int, logits: torch.Tensor) -> None:
         work.done = b
         if work.remaining == 0:
             work.logits = logits[-1]

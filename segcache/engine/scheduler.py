@@ -15,7 +15,8 @@ One tick: admit waiting jobs, advance every job that is not waiting on work,
 run one batched decode step for all decoding jobs, then prefill chunks (one
 while others decode, so their streams keep moving; a few when idle), shortest
 job first. Chunk boundaries are fixed relative to each unit's start, so KV never
-depends on load. Cancellation and deadlines are checked every tick: a cancelled job gets
+depends on load. While others decode, a chunk that would take longer than
+``decode_pause_s`` runs a few layers per tick (same arithmetic, bit-identical KV). Cancellation and deadlines are checked every tick: a cancelled job gets
 ``_Cancelled`` thrown in (it returns a "cancelled" result and releases its
 pins); a job past its deadline is closed (its ``finally`` releases the pins)
 and fails with 504.
@@ -62,6 +63,8 @@ class PrefillWork:
     start: int
     done: int = 0
     logits: torch.Tensor | None = None  # [vocab] of the last token, once done
+    # the chunk being run a few layers at a time: (its end, its steps, layers done)
+    slices: tuple[int, Generator[int, None, torch.Tensor], int] | None = field(default=None, repr=False)
 
     @property
     def remaining(self) -> int:
@@ -111,7 +114,9 @@ class Job:
 
 
 class Scheduler:
-    """Owns the engine thread. ``runner`` provides ``prefill(PrefillWork, n)`` and
+    """Owns the engine thread. ``runner`` provides ``prefill(PrefillWork, n, pause_s)``
+    (the next chunk of ``n`` tokens, or the next slice of layers of it taking about
+    ``pause_s`` when that is not None) and
     ``decode(list[DecodeWork])``; ``inflight`` tells whether a WaitFor key is
     still being computed; ``estimate(job)`` gives the cached prefix used to order
     one tenant's waiting jobs; ``lock`` is held during every tick."""
@@ -235,7 +240,9 @@ class Scheduler:
             while chunks > 0 and job in self._running and isinstance(job.work, PrefillWork):
                 if self._check_cancel(job):
                     break
-                self.runner.prefill(job.work, self.cfg.prefill_chunk)
+                # While others decode, a long chunk runs in slices of layers (one per tick).
+                self.runner.prefill(job.work, self.cfg.prefill_chunk,
+                                    self.cfg.decode_pause_s if decoding else None)
                 chunks -= 1
                 if job.work.remaining == 0:
                     self._advance(job, resume=True)

@@ -40,6 +40,15 @@ class ModelArch:
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
 
+    def prefill_flops(self, n: int, start: int) -> float:
+        """Arithmetic (2 x multiply-adds) of prefilling ``n`` tokens after ``start``
+        cached ones: every projection, and attention of token i to its
+        ``start + i + 1`` slots (the LM head, once per chunk, left out)."""
+        d = self.hidden_size
+        linear = 2 * self.n_layers * d * (2 * self.q_dim + 2 * self.kv_dim + 3 * self.intermediate_size)
+        attention = 4 * self.n_layers * self.n_heads * self.head_dim
+        return n * linear + attention * (n * start + n * (n + 1) / 2)
+
     def kv_bytes_per_token(self, element_size: int) -> int:
         """Bytes of K and V for one token over all layers."""
         return self.n_layers * 2 * self.kv_dim * element_size

@@ -17,7 +17,7 @@ built from slots).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import torch
@@ -187,13 +187,29 @@ class LlamaModel:
         Returns logits [len(logits_at), vocab] in float32 for the row indices
         ``logits_at`` (default: the last row only). Mutates ``kv``.
         """
-        dtype = w.dtype
+        steps = self.forward_steps(w, ids, positions, kv, start, len(w.layers), logits_at)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def forward_steps(self, w: Weights, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
+                      start: int, layers_per_step: int, logits_at: torch.Tensor | None = None,
+                      ) -> Generator[int, None, torch.Tensor]:
+        """``forward`` a few layers at a time: yields the number of layers done after
+        every ``layers_per_step`` layers (but the last) and returns the logits. The
+        same operations in the same order as one ``forward``, so KV and logits are
+        bit-identical; the caller may run other work (on other KV) between steps."""
         x = F.embedding(ids, w.embed)  # [T, hidden]
-        cos, sin = self.rope.at(positions, dtype)
+        cos, sin = self.rope.at(positions, w.dtype)
         # No mask tensor: decode sees every slot, a prefill is causal from slot
         # ``start`` (see _attention).
+        n_layers = len(w.layers)
         for i, lw in enumerate(w.layers):
             x = self._layer(lw, x, cos, sin, kv[i], start, None)
+            if (i + 1) % layers_per_step == 0 and i + 1 < n_layers:
+                yield i + 1
         return self._head(w, x, logits_at)
 
     def _head(self, w: Weights, x: torch.Tensor, logits_at: torch.Tensor | None) -> torch.Tensor:

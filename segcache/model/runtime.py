@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,6 +162,15 @@ class ModelRuntime:
                 return self.decode(ids, positions, kv, start)
             return self._decode_model.forward(self._decode_w, ids, positions, kv, start, logits_at)
         return self.model.forward(self._prefill_w, ids, positions, kv, start, logits_at)
+
+    def prefill_steps(self, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor, start: int,
+                      layers_per_step: int) -> Generator[int, None, torch.Tensor]:
+        """``prefill`` (last-row logits) a few layers at a time (``LlamaModel.forward_steps``):
+        bit-identical to one ``prefill``. A few tokens (the block-weight path) run in one step."""
+        if self.decode_scheme != "dense" and ids.shape[0] <= SMALL_PREFILL_TOKENS:
+            return self.prefill(ids, positions, kv, start)
+        return (yield from self.model.forward_steps(self._prefill_w, ids, positions, kv, start,
+                                                    layers_per_step))
 
     def blend(self, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor, start: int,
               reused: torch.Tensor, layer: int, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
