@@ -387,3 +387,44 @@ def test_a_queued_standalone_job_is_not_waited_for(tiny_engine_factory):
     thread.join(60)
     assert not thread.is_alive(), "the request waited for a job that never runs"
     assert [s.status for s in out["r"].segments][:2] == ["miss", "miss"]
+
+
+def test_blend_runs_layer_by_layer_while_streams_decode(tiny_engine_factory):
+    """While another request decodes, a blend runs a layer per tick (decode steps in
+    between) and gives what it gives on an idle engine."""
+    import threading
+
+    from segcache.config import SchedulerConfig
+
+    def engine_with_entry(pause_s: float):
+        engine = tiny_engine_factory(scheduler=SchedulerConfig(decode_pause_s=pause_s))
+        engine.warm("t", [anywhere("x", X)])
+        return engine
+
+    idle = engine_with_entry(1e9)
+    want = _chat(idle, "t", [SegmentInput("y", Y), anywhere("x", X)])
+    busy = engine_with_entry(1e-9)
+    calls: list[tuple[bool, int]] = []
+    runner = busy.scheduler.runner
+    orig = runner.prefill
+
+    def record(work, n, pause_s=None):
+        orig(work, n, pause_s)
+        if type(work).__name__ == "BlendWork":
+            calls.append((work.slices is not None, busy.scheduler.steps))
+
+    runner.prefill = record
+    stream = threading.Thread(target=busy.chat, args=(ChatRequest(
+        "s", [{"role": "user", "content": "Count."}], sampling=SamplingParams(max_tokens=1500,
+                                                                            temperature=0.0)),))
+    stream.start()
+    while busy.scheduler.steps == 0:
+        time.sleep(0.001)
+    got = _chat(busy, "t", [SegmentInput("y", Y), anywhere("x", X)])
+    stream.join()
+    n_layers = busy.runtime.arch.n_layers
+    assert len(calls) == n_layers and [mid for mid, _ in calls] == [True] * (n_layers - 1) + [False]
+    assert len({steps for _, steps in calls}) == n_layers  # a decode step between layers
+    assert got.token_ids == want.token_ids
+    assert [s.as_dict() for s in got.segments] == [s.as_dict() for s in want.segments]
+    busy.tree.check_integrity()

@@ -87,12 +87,7 @@ class _Runner:
         """The next chunk of ``n`` tokens of ``work``; with ``pause_s``, only its next
         slice of layers, sized to take about ``pause_s`` at the measured speed."""
         if isinstance(work, BlendWork):
-            with torch.inference_mode():
-                logits, work.recomputed = self.runtime.blend(
-                    torch.tensor(work.ids, dtype=torch.long),
-                    torch.arange(work.start, work.start + len(work.ids)), work.kv, work.start,
-                    work.reused, work.layer, work.ratio)
-            work.done, work.logits = len(work.ids), logits[-1]
+            self._blend(work, pause_s)
             return
         arch = self.runtime.arch
         a = work.done
@@ -125,6 +120,30 @@ class _Runner:
         else:
             work.slices = None
             self._chunk_done(work, b, logits)
+
+    def _blend(self, work: BlendWork, pause_s: float | None) -> None:
+        """Run ``work`` layer by layer: to the end, or with ``pause_s`` until the next
+        layer would take it past ``pause_s`` (at least one layer per call)."""
+        if work.slices is None:
+            work.slices = (len(work.ids), self.runtime.blend_steps(
+                torch.tensor(work.ids, dtype=torch.long),
+                torch.arange(work.start, work.start + len(work.ids)), work.kv, work.start,
+                work.reused, work.layer, work.ratio), 0)
+        steps = work.slices[1]
+        t0 = last = time.perf_counter()
+        with torch.inference_mode():
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as finished:
+                    logits, work.recomputed = finished.value
+                    break
+                now = time.perf_counter()
+                if pause_s is not None and (now - t0) + (now - last) > pause_s:
+                    return
+                last = now
+        work.slices = None
+        work.done, work.logits = len(work.ids), logits[-1]
 
     def _measure(self, work: PrefillWork, b: int, layers: int, t0: float) -> None:
         """Update the prefill speed from ``layers`` layers of the chunk ``done..b``."""

@@ -5,8 +5,9 @@ plain Python and *yields* the model work it needs:
 
     PrefillWork(ids, kv, start)  -> the loop runs it in chunks across ticks, then
                                     sets ``.logits`` (last row) and resumes the job
-    BlendWork(...)               -> a PrefillWork run in one piece (selective
-                                    recomputation over reused KV, see engine.blend)
+    BlendWork(...)               -> a PrefillWork run as one computation (selective
+                                    recomputation over reused KV, see engine.blend),
+                                    a few layers per tick while others decode
     DecodeWork(token, kv, pos)   -> all pending decodes of a tick run as one batch
     WaitFor(key)                 -> another job is computing that unit; resume
                                     when it is no longer in flight (then it hits)
@@ -73,7 +74,8 @@ class PrefillWork:
 
 @dataclass(eq=False)
 class BlendWork(PrefillWork):
-    """A selective recomputation (CacheBlend) of ``ids``; runs in one piece."""
+    """A selective recomputation (CacheBlend) of ``ids``: one computation over all of
+    them (not chunked), run a few layers per tick while other requests decode."""
 
     reused: torch.Tensor | None = None  # [T] bool: K/V already placed in ``kv``
     layer: int = 1

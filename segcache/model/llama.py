@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -187,12 +188,7 @@ class LlamaModel:
         Returns logits [len(logits_at), vocab] in float32 for the row indices
         ``logits_at`` (default: the last row only). Mutates ``kv``.
         """
-        steps = self.forward_steps(w, ids, positions, kv, start, len(w.layers), logits_at)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
+        return _finish(self.forward_steps(w, ids, positions, kv, start, len(w.layers), logits_at))
 
     def forward_steps(self, w: Weights, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
                       start: int, layers_per_step: int, logits_at: torch.Tensor | None = None,
@@ -225,7 +221,15 @@ class LlamaModel:
 
     def blend(self, w: Weights, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
               start: int, reused: torch.Tensor, layer: int, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Selective recomputation (CacheBlend) of ``ids`` at slots ``start..start+T-1``.
+        """``blend_steps`` run to the end."""
+        return _finish(self.blend_steps(w, ids, positions, kv, start, reused, layer, ratio))
+
+    def blend_steps(self, w: Weights, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
+                    start: int, reused: torch.Tensor, layer: int, ratio: float,
+                    ) -> Generator[int, None, tuple[torch.Tensor, torch.Tensor]]:
+        """Selective recomputation (CacheBlend) of ``ids`` at slots ``start..start+T-1``,
+        yielding the number of layers done after each layer but the last (the caller
+        may run other work between layers; the result does not change).
 
         ``reused`` ([T] bool) marks the tokens whose K/V for every layer the caller
         has already written into ``kv`` (reused from another context, K rotated
@@ -245,8 +249,11 @@ class LlamaModel:
         x = F.embedding(ids, w.embed)
         cos, sin = self.rope.at(positions, w.dtype)
         v_reused = kv[layer, 1, :, start:end].to(torch.float32, copy=True)  # [Hkv, T, D]
+        n_layers = len(w.layers)
         for i in range(layer + 1):
             x = self._layer(w.layers[i], x, cos, sin, kv[i], start, None)
+            if i + 1 < n_layers:
+                yield i + 1
         deviation = (kv[layer, 1, :, start:end].float() - v_reused).square().sum((0, 2))  # [T]
         candidates = reused.nonzero().squeeze(1)
         n_pick = math.ceil(ratio * candidates.numel() - 1e-9)
@@ -254,15 +261,19 @@ class LlamaModel:
         if n_pick > 0:
             recompute[candidates[deviation[candidates].topk(n_pick).indices]] = True
         if bool(recompute.all()):  # every token: the plain prefill from here on
-            for i in range(layer + 1, len(w.layers)):
+            for i in range(layer + 1, n_layers):
                 x = self._layer(w.layers[i], x, cos, sin, kv[i], start, None)
+                if i + 1 < n_layers:
+                    yield i + 1
             return self._head(w, x, None), recompute
         rows = recompute.nonzero().squeeze(1)
         x, cos, sin = x[rows], cos[rows], sin[rows]
         slots = start + rows
         rest_mask = torch.arange(end, device=self.device)[None, :] <= slots[:, None]  # [R, S]
-        for i in range(layer + 1, len(w.layers)):
+        for i in range(layer + 1, n_layers):
             x = self._layer(w.layers[i], x, cos, sin, kv[i], start, rest_mask, slots)
+            if i + 1 < n_layers:
+                yield i + 1
         return self._head(w, x, None), recompute
 
     def _layer(self, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -345,6 +356,15 @@ class LlamaModel:
         total = torch.logaddexp(l1, l2)
         out = o1 * (l1 - total).exp()[..., None] + o2 * (l2 - total).exp()[..., None]
         return out.to(q.dtype)
+
+
+def _finish(steps: Generator[int, None, Any]) -> Any:
+    """Run a step generator (``forward_steps``, ``blend_steps``) to its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 # The CPU flash attention kernel with its log-sum-exp output (torch >= 2.3).

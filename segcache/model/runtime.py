@@ -178,6 +178,12 @@ class ModelRuntime:
         prefill weights. Returns (last logits [1, vocab], recomputed [T] bool)."""
         return self.model.blend(self._prefill_w, ids, positions, kv, start, reused, layer, ratio)
 
+    def blend_steps(self, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor, start: int,
+                    reused: torch.Tensor, layer: int, ratio: float,
+                    ) -> Generator[int, None, tuple[torch.Tensor, torch.Tensor]]:
+        """``blend`` one layer at a time (``LlamaModel.blend_steps``)."""
+        return self.model.blend_steps(self._prefill_w, ids, positions, kv, start, reused, layer, ratio)
+
     def unrope_keys(self, handle: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """A copy of KV ``handle`` [n_layers, 2, n_kv_heads, T, head_dim] whose keys,
         stored rotated for ``positions``, are un-rotated (position-independent)."""
