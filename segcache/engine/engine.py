@@ -74,6 +74,9 @@ Callback = Callable[[str], None]
 CancelCheck = Callable[[], bool]
 
 
+_NO_ROWS = torch.empty(0, dtype=torch.long)  # logits_at for a chunk whose logits nobody reads
+
+
 class _Runner:
     """Executes the scheduler's model work on the runtime."""
 
@@ -101,8 +104,10 @@ class _Runner:
             positions = torch.arange(work.start + a, work.start + b)
             if per >= arch.n_layers:  # the whole chunk now
                 t0 = time.perf_counter()
+                # Only the prompt's last row needs logits: no LM head for earlier chunks.
+                rows = None if b == len(work.ids) else _NO_ROWS
                 with torch.inference_mode():
-                    logits = self.runtime.prefill(ids, positions, work.kv, work.start + a)
+                    logits = self.runtime.prefill(ids, positions, work.kv, work.start + a, rows)
                 self._measure(work, b, arch.n_layers, t0)
                 self._chunk_done(work, b, logits)
                 return
