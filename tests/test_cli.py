@@ -64,3 +64,14 @@ def test_lint_command_exit_codes(tmp_path, capsys):
     assert "dynamic-prefix" in report.read_text()
     assert main(["lint", str(clean)]) == 0
     assert main(["lint", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_bench_flags_take_type_and_default_from_their_dataclasses():
+    from segcache.bench.metrics import Pricing
+    from segcache.bench.workloads import MultiAgentSizes, WorkloadOptions
+
+    args = build_parser().parse_args(["bench", "repo-docs", "--task-tokens", "300", "--cached-discount", "0.5"])
+    assert (args.task_tokens, args.cached_discount) == (300, 0.5)
+    assert args.global_tokens == MultiAgentSizes.global_tokens
+    assert args.code_tokens == WorkloadOptions.code_tokens
+    assert args.cache_write_premium == Pricing.cache_write_premium

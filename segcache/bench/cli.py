@@ -45,6 +45,16 @@ from segcache.bench.workloads import (
 )
 
 
+def add_field_options(group, defaults: type, helps: dict[str, str]) -> None:
+    """One ``--field-name`` option per entry of ``helps`` (field name -> help text), whose
+    default and type are those of the field's default in the dataclass ``defaults`` (int,
+    float or str fields); the dest is the field name, the help ends in "(default: ...)"."""
+    for name, text in helps.items():
+        default = getattr(defaults, name)
+        group.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
+                           help=f"{text} (default: %(default)s)")
+
+
 def add_workload_arguments(parser: argparse.ArgumentParser, workload: str | None = None) -> None:
     """Flags of a workload run; ``workload`` becomes ``args.workload`` when given."""
     if workload is not None:
@@ -62,18 +72,16 @@ def add_workload_arguments(parser: argparse.ArgumentParser, workload: str | None
     g.add_argument("--turns", type=int, default=None,
                    help="turns per agent (default: multi-agent 3, agent-loop 10, repo-docs and fan-out 1)")
     g.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (default: %(default)s)")
-    g.add_argument("--global-tokens", type=int, default=MultiAgentSizes.global_tokens,
-                   help="block A: global rules + tool schemas (default: %(default)s)")
-    g.add_argument("--agent-tokens", type=int, default=MultiAgentSizes.agent_tokens,
-                   help="blocks B/C: agent skills, project memory (default: %(default)s)")
-    g.add_argument("--task-tokens", type=int, default=MultiAgentSizes.task_tokens,
-                   help="blocks D/E: task context (default: %(default)s)")
-    g.add_argument("--agents", type=int, default=WorkloadOptions.agents,
-                   help="fan-out: agents sent at once (default: %(default)s)")
-    g.add_argument("--objects", type=int, default=WorkloadOptions.objects,
-                   help="repo-docs: functions documented (default: %(default)s)")
-    g.add_argument("--code-tokens", type=int, default=WorkloadOptions.code_tokens,
-                   help="repo-docs: most tokens of one code block (default: %(default)s)")
+    add_field_options(g, MultiAgentSizes, {
+        "global_tokens": "block A: global rules + tool schemas",
+        "agent_tokens": "blocks B/C: agent skills, project memory",
+        "task_tokens": "blocks D/E: task context",
+    })
+    add_field_options(g, WorkloadOptions, {
+        "agents": "fan-out: agents sent at once",
+        "objects": "repo-docs: functions documented",
+        "code_tokens": "repo-docs: most tokens of one code block",
+    })
     g.add_argument("--layout", choices=LAYOUTS, default=WorkloadOptions.layout,
                    help="repo-docs: repoagent = RepoAgent's template, a short fixed instruction then the "
                         "object's parts, so little is a shared prefix and the structure and code blocks "
@@ -104,10 +112,10 @@ def add_workload_arguments(parser: argparse.ArgumentParser, workload: str | None
     g.add_argument("--plot", metavar="DIR", default=None, help="PNG plots here (needs matplotlib)")
     g.add_argument("--price-input", type=float, default=Pricing.input_per_mtok,
                    help="$ per 1M input tokens (default: %(default)s)")
-    g.add_argument("--cached-discount", type=float, default=Pricing.cached_discount,
-                   help="fraction of the price cached tokens save (default: %(default)s)")
-    g.add_argument("--cache-write-premium", type=float, default=Pricing.cache_write_premium,
-                   help="extra fraction paid on computed (cache-written) tokens (default: %(default)s)")
+    add_field_options(g, Pricing, {
+        "cached_discount": "fraction of the price cached tokens save",
+        "cache_write_premium": "extra fraction paid on computed (cache-written) tokens",
+    })
 
 
 COMPARE_DESCRIPTION = """\
