@@ -16,26 +16,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from segcache.kv.radix import RadixMatch, RadixNode, RadixTree
+from tests.tree_helpers import FakeClock, Recorder
 
 NS, NS2 = "sha256:ns-a", "sha256:ns-b"
-
-
-class FakeClock:
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Recorder:
-    """on_remove callback that remembers (edge tokens, reason)."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[tuple[int, ...], str]] = []
-
-    def __call__(self, node: RadixNode, reason: str) -> None:
-        self.calls.append((node.token_ids, reason))
 
 
 def make_tree(budget: int = 1 << 20, bpt: int = 3) -> tuple[RadixTree, FakeClock, Recorder]:
@@ -193,7 +176,7 @@ def test_lru_eviction_order_with_a_fake_clock():
     removed = tree.evict_until(4)
     tree.check_integrity()
     assert [n.token_ids for n in removed] == [(2, 2), (3, 3)]
-    assert rec.calls == [((2, 2), "evict"), ((3, 3), "evict")]
+    assert rec.removals("token_ids") == [((2, 2), "evict"), ((3, 3), "evict")]
     assert tree.resident_bytes == 4
     assert tree.match_prefix(NS, [1, 1]).length == 2
     assert tree.stats()["evictions"] == 2
@@ -221,7 +204,7 @@ def test_parents_become_leaves_and_are_evicted_after_their_children():
 
     tree.evict_until(0)
     tree.check_integrity()
-    assert [t for t, _ in rec.calls] == [(3, 4), (5, 6), (1, 2), (7, 8)]
+    assert [t for t, _ in rec.removals("token_ids")] == [(3, 4), (5, 6), (1, 2), (7, 8)]
     assert len(tree) == 0 and tree.resident_bytes == 0
 
 
@@ -259,7 +242,7 @@ def test_purge_keeps_pinned_paths_until_unpinned():
     removed = tree.purge(NS)
     tree.check_integrity()
     assert sorted(n.token_ids for n in removed) == [(4,), (5,)]
-    assert {r for _, r in rec.calls} == {"purge"}
+    assert {r for _, r, _ in rec.calls} == {"purge"}
     tree.unpin(keep[-1:])
     tree.purge(NS)
     assert len(tree) == 0 and tree.stats()["purged"] == 4

@@ -17,31 +17,11 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from segcache.kv import SegmentNode, SegmentTree
 from segcache.kv.hashing import chain_digest, namespace_digest, segment_digest
+from tests.tree_helpers import FakeClock, Recorder
 
 NS = namespace_digest("tenant-a", "smollm2-135m")
 NS2 = namespace_digest("tenant-b", "smollm2-135m")
 SEG = {name: segment_digest(f"block {name} " * 8) for name in "ABCDEFGXYZ"}
-
-
-class FakeClock:
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Recorder:
-    """on_remove callback that remembers (node, reason, handle at call time)."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[SegmentNode, str, object]] = []
-
-    def __call__(self, node: SegmentNode, reason: str) -> None:
-        self.calls.append((node, reason, node.handle))
-
-    def reasons(self) -> list[tuple[str, str]]:
-        return [(node.digest, reason) for node, reason, _ in self.calls]
 
 
 def make_tree(budget: int = 1 << 20, **kwargs) -> tuple[SegmentTree, FakeClock, Recorder]:
@@ -152,7 +132,7 @@ def test_lru_evicts_least_recently_used_leaf_first():
     assert tree.evict_until() == [y]
     assert tree.resident_bytes == 20
     assert tree.evict_until(0) == [z, x]
-    assert rec.reasons() == [(SEG["Y"], "evict"), (SEG["Z"], "evict"), (SEG["X"], "evict")]
+    assert rec.removals("digest") == [(SEG["Y"], "evict"), (SEG["Z"], "evict"), (SEG["X"], "evict")]
     assert len(tree) == 0 and tree.resident_bytes == 0
 
 
@@ -208,7 +188,7 @@ def test_ttl_expiry_turns_hit_into_miss():
     assert tree.match(NS, [SEG["A"]]) == [a]
     clock.now = 24.0
     assert tree.match(NS, [SEG["A"], SEG["B"]]) == []
-    assert rec.reasons() == [(SEG["B"], "expire"), (SEG["A"], "expire")]
+    assert rec.removals("digest") == [(SEG["B"], "expire"), (SEG["A"], "expire")]
     assert len(tree) == 0 and tree.stats()["expirations"] == 2
 
 

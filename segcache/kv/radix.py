@@ -48,17 +48,16 @@ Contracts, in one place:
 
 from __future__ import annotations
 
-import heapq
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-REMOVE_REASONS = ("evict", "purge")
-_COUNTER_NAMES = {"evict": "evictions", "purge": "purged"}
+from segcache.kv.lru_tree import Clock, LruTree, TreeNode
 
-Clock = Callable[[], float]
+REMOVE_REASONS = ("evict", "purge")
+
 OnRemove = Callable[["RadixNode", str], None]
 SplitHandle = Callable[[object, int], tuple[object, object]]
 BytesOf = Callable[[object], int]
@@ -66,7 +65,7 @@ HandlesFor = Callable[[int, int], object]
 
 
 @dataclass(eq=False)
-class RadixNode:
+class RadixNode(TreeNode):
     """One edge of the radix tree and the KV of its tokens.
 
     ``token_ids`` labels the edge from ``parent``; ``start`` is the position
@@ -92,16 +91,6 @@ class RadixNode:
     children: dict[int, RadixNode] = field(default_factory=dict, repr=False)
 
     @property
-    def is_root(self) -> bool:
-        """True for the per-namespace root, which holds no KV."""
-        return self.parent is None
-
-    @property
-    def n_tokens(self) -> int:
-        """Number of tokens whose KV this node holds."""
-        return len(self.token_ids)
-
-    @property
     def end(self) -> int:
         """Position just past this node's last token (prefix length at this node)."""
         return self.start + len(self.token_ids)
@@ -122,7 +111,7 @@ class RadixMatch:
     handles: tuple[object, ...]
 
 
-class RadixTree:
+class RadixTree(LruTree[RadixNode]):
     """Token radix tree over opaque KV handles: one root per namespace, LRU leaves.
 
     ``budget_bytes`` bounds ``resident_bytes`` after ``evict_until``.
@@ -132,7 +121,11 @@ class RadixTree:
     then reject handles of the wrong length and ``check_integrity`` checks
     every node. ``clock`` returns seconds (monotonic); inject a fake one in
     tests. See the module docstring for the mutation, splitting, pinning and
-    removal contracts.
+    removal contracts. ``check_integrity`` adds to the checks of
+    ``LruTree``: child keys (first token of the edge), non-empty edges,
+    positions, handle sizes (``nbytes == bytes_of``; token count when
+    ``handle_len`` is known), the node set, and that a node's pins cover its
+    children's (so a pinned node's ancestors are pinned and present).
     """
 
     def __init__(
@@ -145,20 +138,11 @@ class RadixTree:
         on_remove: OnRemove | None = None,
         handle_len: Callable[[object], int] | None = None,
     ) -> None:
-        if budget_bytes < 0:
-            raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
-        self.budget_bytes = budget_bytes
+        super().__init__(budget_bytes, clock=clock, on_remove=on_remove)
         self._split_handle = split_handle
         self._bytes_of = bytes_of
         self._handle_len = handle_len
-        self._clock = clock
-        self._on_remove = on_remove
-        self._roots: dict[str, RadixNode] = {}
         self._nodes: set[RadixNode] = set()  # every non-root node in the tree
-        self._ns_bytes: dict[str, int] = {}
-        self._resident = 0
-        self._seq = 0
-        self._counters: dict[str, Counter[str]] = {}
 
     @classmethod
     def create_simulated(
@@ -280,65 +264,7 @@ class RadixTree:
             for n in _ancestry(node):
                 n.pins -= 1
 
-    # ---------------------------------------------------------------- removal
-
-    def evict_until(self, budget_bytes: int | None = None) -> list[RadixNode]:
-        """Evict least-recently-used unpinned leaves until ``resident_bytes <= budget``.
-
-        ``budget_bytes`` defaults to ``self.budget_bytes``. A parent becomes a
-        candidate once its children are gone. Stops early, leaving the tree
-        over budget, when only pinned paths remain. Returns removed nodes in
-        eviction order (reason "evict"). Raises ValueError if the budget < 0.
-        """
-        target = self.budget_bytes if budget_bytes is None else budget_bytes
-        if target < 0:
-            raise ValueError(f"budget_bytes must be >= 0, got {target}")
-        if self._resident <= target:
-            return []
-        heap = [(n.last_use, n.seq, n) for n in self._nodes if _evictable_leaf(n)]
-        heapq.heapify(heap)
-        removed: list[RadixNode] = []
-        while heap and self._resident > target:
-            _, _, node = heapq.heappop(heap)
-            parent = node.parent
-            self._unlink(node, "evict")
-            removed.append(node)
-            if parent is not None and _evictable_leaf(parent):
-                heapq.heappush(heap, (parent.last_use, parent.seq, parent))
-        return removed
-
-    def purge(self, namespace: str) -> list[RadixNode]:
-        """Remove every node of ``namespace`` that holds no pin (itself or below).
-
-        Pinned paths stay (call again after unpinning); the root stays.
-        Returns removed nodes, children before parents (reason "purge").
-        Unknown namespace: returns [].
-        """
-        root = self._roots.get(namespace)
-        if root is None:
-            return []
-        removed: list[RadixNode] = []
-        for node in reversed(list(_preorder(root))):
-            if not node.is_root and not node.children and node.pins == 0:
-                self._unlink(node, "purge")
-                removed.append(node)
-        return removed
-
     # ---------------------------------------------------------------- queries
-
-    @property
-    def resident_bytes(self) -> int:
-        """Sum of ``nbytes`` over all nodes."""
-        return self._resident
-
-    def namespace_bytes(self, namespace: str) -> int:
-        """Sum of ``nbytes`` over the nodes of ``namespace`` (0 if unknown)."""
-        return self._ns_bytes.get(namespace, 0)
-
-    @property
-    def namespaces(self) -> list[str]:
-        """Namespaces that have a root."""
-        return list(self._roots)
 
     def __len__(self) -> int:
         """Number of non-root nodes."""
@@ -350,71 +276,27 @@ class RadixTree:
         ``hits`` sums node hit counters (a split copies them to both halves);
         ``evictions``, ``purged`` and ``splits`` count events since start.
         """
-        if namespace is None:
-            names = list(self._roots)
-        else:
-            names = [namespace] if namespace in self._roots else []
-        nodes = [n for ns in names for n in _preorder(self._roots[ns]) if not n.is_root]
-        counters: Counter[str] = Counter()
-        for ns in names:
-            counters.update(self._counters[ns])
+        roots = self._roots_of(namespace)
+        events = self._events(roots)
         return {
-            "namespaces": len(names),
-            "nodes": len(nodes),
-            "bytes": sum(n.nbytes for n in nodes),
-            "tokens": sum(n.n_tokens for n in nodes),
-            "hits": sum(n.hits for n in nodes),
-            "pinned": sum(1 for n in nodes if n.pins > 0),
-            "evictions": counters["evict"],
-            "purged": counters["purge"],
-            "splits": counters["split"],
+            **self._census(roots),
+            "evictions": events["evict"],
+            "purged": events["purge"],
+            "splits": events["split"],
             "budget_bytes": self.budget_bytes,
         }
 
-    def check_integrity(self) -> None:
-        """Raise AssertionError naming the first broken invariant, else return None.
-
-        Checks parent/child links, child keys (first token of the edge),
-        non-empty edges, positions, handle sizes (``nbytes == bytes_of``;
-        token count when ``handle_len`` is known), byte accounting (total and
-        per namespace), the node set, and pins (>= 0, and a node's pins cover
-        its children's, so a pinned node's ancestors are pinned and present).
-        """
-        seen: set[RadixNode] = set()
-        ns_bytes: Counter[str] = Counter()
-        for ns, root in self._roots.items():
-            _check_root(ns, root)
-            for node in _preorder(root):
-                if not node.is_root:
-                    seen.add(node)
-                    self._check_node(ns, node)
-                    ns_bytes[ns] += node.nbytes
-                for key, child in node.children.items():
-                    _check_link(node, key, child)
-                kids_pins = sum(c.pins for c in node.children.values())
-                assert node.is_root or node.pins >= kids_pins, (
-                    f"node at {_where(node)} has {node.pins} pins < children's {kids_pins}"
-                )
-        assert seen == self._nodes, "the node set differs from the nodes reachable from roots"
-        assert self._resident == sum(ns_bytes.values()), "resident_bytes is wrong"
-        assert set(self._ns_bytes) == set(self._roots), "namespace byte keys differ from roots"
-        for ns, total in self._ns_bytes.items():
-            assert total == ns_bytes[ns], f"namespace_bytes wrong for {ns[:24]}"
-
     # ---------------------------------------------------------------- internals
 
-    def _root(self, namespace: str) -> RadixNode:
-        node = self._roots.get(namespace)
-        if node is not None:
-            return node
-        if not namespace:
-            raise ValueError("namespace must be a non-empty digest")
-        now = self._clock()
-        node = RadixNode(namespace, None, last_use=now, created=now)
-        self._roots[namespace] = node
-        self._ns_bytes[namespace] = 0
-        self._counters[namespace] = Counter()
-        return node
+    def _new_root(self, namespace: str, now: float) -> RadixNode:
+        return RadixNode(namespace, None, last_use=now, created=now)
+
+    def _detach(self, node: RadixNode) -> None:
+        del node.parent.children[node.token_ids[0]]
+        self._nodes.discard(node)
+
+    def _describe(self, node: RadixNode) -> str:
+        return f"node at {node.namespace[:16]}:{node.start}+{node.n_tokens}"
 
     def _walk(self, root: RadixNode, query: tuple[int, ...]) -> list[RadixNode]:
         """Cached path for the longest prefix of ``query``, splitting the last edge if needed."""
@@ -490,33 +372,33 @@ class RadixTree:
             got = self._handle_len(handle)
             raise ValueError(f"handle covers {got} tokens, expected {n_tokens}")
 
-    def _check_node(self, ns: str, node: RadixNode) -> None:
-        where = _where(node)
-        assert node.namespace == ns, f"node at {where} in wrong namespace"
-        assert node.pins >= 0, f"node at {where} has {node.pins} pins"
-        assert node.nbytes >= 0, f"node at {where} has negative nbytes"
-        assert node.nbytes == self._bytes_of(node.handle), f"node at {where}: nbytes != bytes_of"
+    def _check_root(self, namespace: str, root: RadixNode) -> None:
+        assert root.token_ids == () and root.start == 0, f"root {namespace[:24]} has tokens"
+
+    def _check_node(self, namespace: str, node: RadixNode) -> None:
+        super()._check_node(namespace, node)
+        what = self._describe(node)
+        assert node.nbytes == self._bytes_of(node.handle), f"{what}: nbytes != bytes_of"
         if self._handle_len is not None:
             got = self._handle_len(node.handle)
-            assert got == node.n_tokens, f"node at {where}: handle covers {got} tokens"
+            assert got == node.n_tokens, f"{what}: handle covers {got} tokens"
+        kids_pins = sum(c.pins for c in node.children.values())
+        assert node.pins >= kids_pins, f"{what} has {node.pins} pins < children's {kids_pins}"
+
+    def _check_link(self, parent: RadixNode, key: int, child: RadixNode) -> None:
+        what = self._describe(child)
+        assert child.token_ids, f"{what} has an empty edge"
+        assert key == child.token_ids[0], f"{what} stored under key {key}"
+        assert child.start == parent.end, f"{what} should start at {parent.end}"
+
+    def _check_index(self, reached: list[RadixNode]) -> None:
+        assert set(reached) == self._nodes, (
+            "the node set differs from the nodes reachable from roots"
+        )
 
     def _require_member(self, node: RadixNode) -> None:
         if node not in self._nodes:
-            raise ValueError(f"node at {_where(node)} is a root or not in this tree")
-
-    def _add_bytes(self, namespace: str, delta: int) -> None:
-        self._ns_bytes[namespace] += delta
-        self._resident += delta
-
-    def _unlink(self, node: RadixNode, reason: str) -> None:
-        """Remove one unpinned leaf and report it."""
-        assert node.parent is not None and not node.children and node.pins == 0
-        del node.parent.children[node.token_ids[0]]
-        self._nodes.discard(node)
-        self._add_bytes(node.namespace, -node.nbytes)
-        self._counters[node.namespace][reason] += 1
-        if self._on_remove is not None:
-            self._on_remove(node, reason)
+            raise ValueError(f"{self._describe(node)} is a root or not in this tree")
 
 
 def _common_len(edge: tuple[int, ...], query: tuple[int, ...], offset: int) -> int:
@@ -533,36 +415,3 @@ def _ancestry(node: RadixNode) -> Iterator[RadixNode]:
     while node.parent is not None:
         yield node
         node = node.parent
-
-
-def _evictable_leaf(node: RadixNode) -> bool:
-    return not node.is_root and not node.children and node.pins == 0
-
-
-def _preorder(node: RadixNode) -> Iterator[RadixNode]:
-    """``node`` then its descendants, parents before children (iterative: trees can be deep)."""
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        yield n
-        stack.extend(n.children.values())
-
-
-def _where(node: RadixNode) -> str:
-    return f"{node.namespace[:16]}:{node.start}+{node.n_tokens}"
-
-
-def _check_root(namespace: str, root: RadixNode) -> None:
-    assert root.parent is None, f"root {namespace[:24]} has a parent"
-    assert root.namespace == namespace, f"root {namespace[:24]} names another namespace"
-    assert root.token_ids == () and root.start == 0, f"root {namespace[:24]} has tokens"
-    assert root.nbytes == 0 and root.handle is None, f"root {namespace[:24]} holds KV"
-    assert root.pins == 0, f"root {namespace[:24]} is pinned"
-
-
-def _check_link(parent: RadixNode, key: int, child: RadixNode) -> None:
-    where = _where(child)
-    assert child.parent is parent, f"node at {where} does not point back to its parent"
-    assert child.token_ids, f"node at {where} has an empty edge"
-    assert key == child.token_ids[0], f"node at {where} stored under key {key}"
-    assert child.start == parent.end, f"node at {where} should start at {parent.end}"

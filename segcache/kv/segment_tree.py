@@ -33,14 +33,14 @@ Contracts, in one place:
 
 from __future__ import annotations
 
-import heapq
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from segcache.kv.hashing import PREFIX, chain_digest
+from segcache.kv.lru_tree import Clock, LruTree, TreeNode, preorder
 
 REMOVE_REASONS = ("evict", "expire", "purge", "replace")
 _COUNTER_NAMES = {
@@ -50,12 +50,11 @@ _COUNTER_NAMES = {
     "replace": "replacements",
 }
 
-Clock = Callable[[], float]
 OnRemove = Callable[["SegmentNode", str], None]
 
 
 @dataclass(eq=False)
-class SegmentNode:
+class SegmentNode(TreeNode):
     """One segment's KV, addressed by ``chain`` = H(parent.chain, digest).
 
     ``handle`` is the engine's opaque KV for ``token_ids`` only, shape
@@ -82,25 +81,17 @@ class SegmentNode:
     seq: int = 0  # creation order; breaks LRU ties deterministically
     children: dict[str, SegmentNode] = field(default_factory=dict, repr=False)
 
-    @property
-    def is_root(self) -> bool:
-        """True for the per-namespace root, which holds no KV."""
-        return self.parent is None
 
-    @property
-    def n_tokens(self) -> int:
-        """Number of tokens whose KV this node holds."""
-        return len(self.token_ids)
-
-
-class SegmentTree:
+class SegmentTree(LruTree[SegmentNode]):
     """Index of cached segment KV: one tree per namespace, LRU leaf eviction.
 
     ``budget_bytes`` bounds ``resident_bytes`` after ``evict_until``;
     ``tenant_quota_bytes`` (optional) bounds each namespace after
     ``enforce_quota``. ``clock`` returns seconds (monotonic); inject a fake
     one in tests. See the module docstring for the mutation, pinning and
-    removal contracts.
+    removal contracts. ``check_integrity`` adds to the checks of
+    ``LruTree``: child keys, depths, chain digests, the chain index and the
+    node count.
     """
 
     def __init__(
@@ -111,21 +102,12 @@ class SegmentTree:
         on_remove: OnRemove | None = None,
         tenant_quota_bytes: int | None = None,
     ) -> None:
-        if budget_bytes < 0:
-            raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
+        super().__init__(budget_bytes, clock=clock, on_remove=on_remove)
         if tenant_quota_bytes is not None and tenant_quota_bytes < 0:
             raise ValueError(f"tenant_quota_bytes must be >= 0, got {tenant_quota_bytes}")
-        self.budget_bytes = budget_bytes
         self.tenant_quota_bytes = tenant_quota_bytes
-        self._clock = clock
-        self._on_remove = on_remove
-        self._roots: dict[str, SegmentNode] = {}
         self._by_chain: dict[str, SegmentNode] = {}
-        self._ns_bytes: dict[str, int] = {}
-        self._resident = 0
         self._count = 0
-        self._seq = 0
-        self._removed: dict[str, Counter[str]] = {}
 
     @classmethod
     def create_simulated(
@@ -145,20 +127,7 @@ class SegmentTree:
 
     def root(self, namespace: str) -> SegmentNode:
         """The root of ``namespace``, created on first use. Raises ValueError on ""."""
-        node = self._roots.get(namespace)
-        if node is not None:
-            return node
-        if not namespace:
-            raise ValueError("namespace must be a non-empty digest")
-        if namespace in self._by_chain:
-            raise ValueError(f"namespace {namespace[:24]} collides with a node chain")
-        now = self._clock()
-        node = SegmentNode(namespace, namespace, namespace, None, last_use=now, created=now)
-        self._roots[namespace] = node
-        self._by_chain[namespace] = node
-        self._ns_bytes[namespace] = 0
-        self._removed[namespace] = Counter()
-        return node
+        return self._root(namespace)
 
     def match(self, namespace: str, digests: Sequence[str]) -> list[SegmentNode]:
         """Longest cached prefix of ``digests`` under ``namespace`` (root excluded).
@@ -291,19 +260,6 @@ class SegmentTree:
 
     # ---------------------------------------------------------------- removal
 
-    def evict_until(self, budget_bytes: int | None = None) -> list[SegmentNode]:
-        """Evict least-recently-used unpinned leaves until ``resident_bytes <= budget``.
-
-        ``budget_bytes`` defaults to ``self.budget_bytes``. A parent becomes a
-        candidate once its children are gone. Stops early, leaving the tree
-        over budget, when only pinned paths remain. Returns removed nodes in
-        eviction order (reason "evict").
-        """
-        target = self.budget_bytes if budget_bytes is None else budget_bytes
-        if target < 0:
-            raise ValueError(f"budget_bytes must be >= 0, got {target}")
-        return self._evict_lru(list(self._roots.values()), lambda: self._resident, target)
-
     def enforce_quota(self, namespace: str) -> list[SegmentNode]:
         """Evict LRU unpinned leaves of ``namespace`` until it fits ``tenant_quota_bytes``.
 
@@ -336,38 +292,7 @@ class SegmentTree:
                 stack.extend(node.children.values())
         return removed
 
-    def purge(self, namespace: str) -> list[SegmentNode]:
-        """Remove every unpinned node of ``namespace`` that has no pinned descendant.
-
-        Pinned nodes and their ancestors stay (call again after unpinning to
-        drop them); the root stays. Returns removed nodes, children before
-        parents (reason "purge"). Unknown namespace: returns [].
-        """
-        root = self._roots.get(namespace)
-        if root is None:
-            return []
-        removed: list[SegmentNode] = []
-        for node in reversed(list(_preorder(root))):
-            if not node.is_root and not node.children and node.pins == 0:
-                self._unlink(node, "purge")
-                removed.append(node)
-        return removed
-
     # ---------------------------------------------------------------- queries
-
-    @property
-    def resident_bytes(self) -> int:
-        """Sum of ``nbytes`` over all nodes."""
-        return self._resident
-
-    def namespace_bytes(self, namespace: str) -> int:
-        """Sum of ``nbytes`` over the nodes of ``namespace`` (0 if unknown)."""
-        return self._ns_bytes.get(namespace, 0)
-
-    @property
-    def namespaces(self) -> list[str]:
-        """Namespaces that have a root."""
-        return list(self._roots)
 
     def __len__(self) -> int:
         """Number of non-root nodes."""
@@ -386,59 +311,53 @@ class SegmentTree:
         capped at ``max_children`` (most hit first) and ``max_depth``, and
         ``omitted`` counts the nodes of the subtree that were left out.
         """
-        if namespace is None:
-            roots = list(self._roots.values())
-        else:
-            roots = [self._roots[namespace]] if namespace in self._roots else []
-        nodes = [n for r in roots for n in _preorder(r) if not n.is_root]
+        roots = self._roots_of(namespace)
         out: dict[str, Any] = {
-            "namespaces": len(roots),
-            "nodes": len(nodes),
-            "bytes": sum(n.nbytes for n in nodes),
-            "tokens": sum(n.n_tokens for n in nodes),
-            "hits": sum(n.hits for n in nodes),
-            "pinned": sum(1 for n in nodes if n.pins > 0),
+            **self._census(roots),
             "budget_bytes": self.budget_bytes,
             "tenant_quota_bytes": self.tenant_quota_bytes,
         }
-        removed: Counter[str] = Counter()
-        for root in roots:
-            removed.update(self._removed[root.namespace])
+        events = self._events(roots)
         for reason, name in _COUNTER_NAMES.items():
-            out[name] = removed[reason]
+            out[name] = events[reason]
         now = self._clock()
         out["tree"] = [_summarise(r, now, max_depth, max_children) for r in roots]
         return out
 
-    def check_integrity(self) -> None:
-        """Raise AssertionError naming the first broken invariant, else return None.
+    # ---------------------------------------------------------------- internals
 
-        Checks links, depths, chain digests, the chain index, byte accounting
-        (total and per namespace), node count and pin counts.
-        """
-        seen: dict[int, SegmentNode] = {}
-        ns_bytes: Counter[str] = Counter()
-        for ns, root in self._roots.items():
-            _check_root(ns, root)
-            for node in _preorder(root):
-                assert id(node) not in seen, f"node {node.digest[:24]} reachable twice"
-                seen[id(node)] = node
-                ns_bytes[ns] += node.nbytes
-                assert node.namespace == ns, f"node {node.digest[:24]} in wrong namespace"
-                assert node.pins >= 0, f"node {node.digest[:24]} has {node.pins} pins"
-                for key, child in node.children.items():
-                    _check_link(node, key, child)
+    def _new_root(self, namespace: str, now: float) -> SegmentNode:
+        if namespace in self._by_chain:
+            raise ValueError(f"namespace {namespace[:24]} collides with a node chain")
+        node = SegmentNode(namespace, namespace, namespace, None, last_use=now, created=now)
+        self._by_chain[namespace] = node
+        return node
+
+    def _detach(self, node: SegmentNode) -> None:
+        del node.parent.children[node.digest]
+        del self._by_chain[node.chain]
+        self._count -= 1
+
+    def _describe(self, node: SegmentNode) -> str:
+        return f"node {node.digest[:24]}"
+
+    def _check_root(self, namespace: str, root: SegmentNode) -> None:
+        assert root.digest == root.chain == namespace, "root digests != namespace"
+        assert root.depth == 0, f"root {namespace[:24]} has depth {root.depth}"
+
+    def _check_link(self, parent: SegmentNode, key: str, child: SegmentNode) -> None:
+        what = self._describe(child)
+        assert key == child.digest, f"{what} stored under key {key[:24]}"
+        assert child.depth == parent.depth + 1, f"{what} has depth {child.depth}"
+        assert child.chain == chain_digest(parent.chain, child.digest), f"{what} chain is wrong"
+
+    def _check_index(self, reached: list[SegmentNode]) -> None:
         index_ids = {id(n) for n in self._by_chain.values()}
-        assert index_ids == set(seen), "chain index differs from the set of nodes"
+        node_ids = {id(n) for n in reached} | {id(r) for r in self._roots.values()}
+        assert index_ids == node_ids, "chain index differs from the set of nodes"
         for chain, node in self._by_chain.items():
             assert node.chain == chain, f"index key {chain[:24]} maps to another chain"
-        assert self._count == len(seen) - len(self._roots), "node count is wrong"
-        assert self._resident == sum(ns_bytes.values()), "resident_bytes is wrong"
-        assert set(self._ns_bytes) == set(self._roots), "namespace byte keys differ from roots"
-        for ns, total in self._ns_bytes.items():
-            assert total == ns_bytes[ns], f"namespace_bytes wrong for {ns[:24]}"
-
-    # ---------------------------------------------------------------- internals
+        assert self._count == len(reached), "node count is wrong"
 
     def _require_member(self, node: SegmentNode) -> None:
         if self._by_chain.get(node.chain) is not node:
@@ -457,20 +376,16 @@ class SegmentTree:
 
     @staticmethod
     def _subtree_has_pins(node: SegmentNode) -> bool:
-        return any(n.pins > 0 for n in _preorder(node))
+        return any(n.pins > 0 for n in preorder(node))
 
     def _pinned_subtrees(self) -> set[int]:
         """ids of nodes whose subtree (self included) holds a pin, in one pass."""
         pinned: set[int] = set()
         for root in self._roots.values():
-            for node in reversed(list(_preorder(root))):
+            for node in reversed(list(preorder(root))):
                 if node.pins > 0 or any(id(c) in pinned for c in node.children.values()):
                     pinned.add(id(node))
         return pinned
-
-    def _add_bytes(self, namespace: str, delta: int) -> None:
-        self._ns_bytes[namespace] += delta
-        self._resident += delta
 
     def _add_child(self, parent: SegmentNode, digest: str) -> SegmentNode:
         chain = chain_digest(parent.chain, digest)
@@ -498,78 +413,17 @@ class SegmentTree:
         node.created = node.last_use = now
         node.hits = 0
 
-    def _unlink(self, node: SegmentNode, reason: str) -> None:
-        """Remove one unpinned leaf and report it."""
-        assert node.parent is not None and not node.children and node.pins == 0
-        del node.parent.children[node.digest]
-        del self._by_chain[node.chain]
-        self._add_bytes(node.namespace, -node.nbytes)
-        self._count -= 1
-        self._report(node, reason)
-
-    def _report(self, node: SegmentNode, reason: str) -> None:
-        self._removed[node.namespace][reason] += 1
-        if self._on_remove is not None:
-            self._on_remove(node, reason)
-
     def _remove_subtree(self, node: SegmentNode, reason: str) -> list[SegmentNode]:
         """Unlink ``node`` and all its descendants (none pinned), children first."""
-        removed = list(reversed(list(_preorder(node))))
+        removed = list(reversed(list(preorder(node))))
         for n in removed:
             self._unlink(n, reason)
-        return removed
-
-    def _evict_lru(
-        self, roots: list[SegmentNode], used: Callable[[], int], target: int
-    ) -> list[SegmentNode]:
-        if used() <= target:
-            return []
-        heap = [(n.last_use, n.seq, n) for r in roots for n in _preorder(r) if _evictable_leaf(n)]
-        heapq.heapify(heap)
-        removed: list[SegmentNode] = []
-        while heap and used() > target:
-            _, _, node = heapq.heappop(heap)
-            parent = node.parent
-            self._unlink(node, "evict")
-            removed.append(node)
-            if parent is not None and _evictable_leaf(parent):
-                heapq.heappush(heap, (parent.last_use, parent.seq, parent))
         return removed
 
 
 def _check_ttl(ttl_s: float | None) -> None:
     if ttl_s is not None and not ttl_s > 0:
         raise ValueError(f"ttl_s must be > 0 or None, got {ttl_s}")
-
-
-def _evictable_leaf(node: SegmentNode) -> bool:
-    return not node.is_root and not node.children and node.pins == 0
-
-
-def _preorder(node: SegmentNode) -> Iterator[SegmentNode]:
-    """``node`` then its descendants, parents before children (iterative: trees can be deep)."""
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        yield n
-        stack.extend(n.children.values())
-
-
-def _check_root(namespace: str, root: SegmentNode) -> None:
-    assert root.parent is None, f"root {namespace[:24]} has a parent"
-    assert root.namespace == root.digest == root.chain == namespace, "root digests != namespace"
-    assert root.depth == 0, f"root {namespace[:24]} has depth {root.depth}"
-    assert root.nbytes == 0 and root.handle is None, f"root {namespace[:24]} holds KV"
-    assert root.pins == 0, f"root {namespace[:24]} is pinned"
-
-
-def _check_link(parent: SegmentNode, key: str, child: SegmentNode) -> None:
-    name = child.digest[:24]
-    assert child.parent is parent, f"node {name} does not point back to its parent"
-    assert key == child.digest, f"node {name} stored under key {key[:24]}"
-    assert child.depth == parent.depth + 1, f"node {name} has depth {child.depth}"
-    assert child.chain == chain_digest(parent.chain, child.digest), f"node {name} chain is wrong"
-    assert child.nbytes >= 0, f"node {name} has negative nbytes"
 
 
 def _short(digest: str) -> str:
@@ -594,5 +448,5 @@ def _summarise(node: SegmentNode, now: float, max_depth: int, max_children: int)
     kids = sorted(node.children.values(), key=lambda n: (-n.hits, -n.last_use, n.seq))
     shown = kids[:max_children] if max_depth > 0 else []
     out["children"] = [_summarise(c, now, max_depth - 1, max_children) for c in shown]
-    out["omitted"] = sum(sum(1 for _ in _preorder(c)) for c in kids[len(shown) :])
+    out["omitted"] = sum(sum(1 for _ in preorder(c)) for c in kids[len(shown) :])
     return out
