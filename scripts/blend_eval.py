@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from segcache.bench.corpus import fit, stdlib_files
-from segcache.config import ModelConfig
+from segcache.config import CacheConfig, ModelConfig
 from segcache.engine.prompt import sink_ids
 from segcache.model.runtime import ModelRuntime
 from segcache.model.tokenizer import ChatTokenizer
@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc-chars", type=int, default=2000,
                    help="characters per document, ~500 tokens (default: %(default)s)")
     p.add_argument("--ratios", default="0,0.05,0.15,0.3,1.0", help="blend ratios (default: %(default)s)")
-    p.add_argument("--layer", type=int, default=1, help="blend layer c (default: %(default)s)")
+    p.add_argument("--layer", type=int, default=CacheConfig.blend_layer,
+                   help="blend layer c (default: the server's, %(default)s)")
     p.add_argument("--gen-tokens", type=int, default=32, help="greedy tokens (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)

@@ -15,6 +15,9 @@ from segcache.engine.types import ChatRequest, SamplingParams, SegmentInput
 from tests.tiny import tiny_runtime
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
+# The tiny model has 2 layers: c = 0 leaves layer 1 for the selective pass (a larger c
+# would be clamped to the last layer, computing every token everywhere).
+TINY = CacheConfig(blend_layer=0)
 USER = [{"role": "user", "content": "Summarise the rules above in one line."}]
 X = "Rule one: every function has a docstring that says what it returns. " * 6
 Y = "Rule two: tests name the behaviour they check, not the function. " * 5
@@ -126,7 +129,7 @@ def anywhere(seg_id: str, content: str) -> SegmentInput:
 
 
 def test_marked_segment_is_blended_at_a_new_position(tiny_engine_factory):
-    engine = tiny_engine_factory()
+    engine = tiny_engine_factory(TINY)
     first = _chat(engine, "t", [anywhere("x", X)])
     assert [s.status for s in first.segments] == ["miss", "miss"]
     _wait_standalone(engine, "t", 1)
@@ -157,14 +160,14 @@ def _nodes(root):
 
 
 def test_unmarked_segment_is_not_blended_unless_auto(tiny_engine_factory):
-    marked = tiny_engine_factory()
+    marked = tiny_engine_factory(TINY)
     _chat(marked, "t", [SegmentInput("x", X)])
     time.sleep(0.2)
     assert marked.cache_stats("t")["standalone"]["entries"] == 0
     r = _chat(marked, "t", [SegmentInput("y", Y), SegmentInput("x", X)])
     assert [s.status for s in r.segments][:2] == ["miss", "miss"]
 
-    auto = tiny_engine_factory(CacheConfig(blend="auto"))
+    auto = tiny_engine_factory(CacheConfig(blend="auto", blend_layer=0))
     _chat(auto, "t", [SegmentInput("x", X)])
     _wait_standalone(auto, "t", 1)
     r = _chat(auto, "t", [SegmentInput("y", Y), SegmentInput("x", X)])
@@ -172,7 +175,7 @@ def test_unmarked_segment_is_not_blended_unless_auto(tiny_engine_factory):
 
 
 def test_blending_off_leaves_the_exact_prefix_path_unchanged(tiny_engine_factory):
-    on, off = tiny_engine_factory(), tiny_engine_factory(CacheConfig(blend="off"))
+    on, off = tiny_engine_factory(TINY), tiny_engine_factory(CacheConfig(blend="off", blend_layer=0))
     for engine in (on, off):
         _chat(engine, "t", [anywhere("x", X)])
     _wait_standalone(on, "t", 1)
@@ -190,7 +193,7 @@ def test_blending_off_leaves_the_exact_prefix_path_unchanged(tiny_engine_factory
 
 
 def test_standalone_entries_never_cross_tenants(tiny_engine_factory):
-    engine = tiny_engine_factory()
+    engine = tiny_engine_factory(TINY)
     _chat(engine, "alice", [anywhere("x", X)])
     _wait_standalone(engine, "alice", 1)
     r = _chat(engine, "bob", [SegmentInput("y", Y), anywhere("x", X)])
@@ -201,7 +204,7 @@ def test_standalone_entries_never_cross_tenants(tiny_engine_factory):
 
 
 def test_warm_computes_standalone_entries_inline(tiny_engine_factory):
-    engine = tiny_engine_factory()
+    engine = tiny_engine_factory(TINY)
     engine.warm("t", [anywhere("x", X), SegmentInput("y", Y)])
     stats = engine.cache_stats("t")["standalone"]
     assert stats["entries"] == 1 and stats["bytes"] > 0
@@ -210,11 +213,11 @@ def test_warm_computes_standalone_entries_inline(tiny_engine_factory):
 
 
 def test_blend_entries_share_the_byte_budget(tiny_engine_factory):
-    engine = tiny_engine_factory()
+    engine = tiny_engine_factory(TINY)
     _chat(engine, "t", [anywhere("x", X)])
     _wait_standalone(engine, "t", 1)
     budget = engine.tree.resident_bytes + engine.radix.resident_bytes
-    small = tiny_engine_factory(CacheConfig(cache_bytes=budget // 2))
+    small = tiny_engine_factory(CacheConfig(cache_bytes=budget // 2, blend_layer=0))
     for content in (X, Y, Z):
         _chat(small, "t", [anywhere("s", content)])
         time.sleep(0.3)
@@ -350,7 +353,7 @@ def test_http_blend_usage_streaming_metrics_and_isolation(real_engine):
 
 
 def test_cancelled_blend_releases_every_pin(tiny_engine_factory):
-    engine = tiny_engine_factory()
+    engine = tiny_engine_factory(TINY)
     engine.warm("t", [anywhere("x", X)])
     calls = {"n": 0}
 
@@ -375,7 +378,7 @@ def test_a_queued_standalone_job_is_not_waited_for(tiny_engine_factory):
     is then computed in place."""
     import threading
 
-    engine = tiny_engine_factory()
+    engine = tiny_engine_factory(TINY)
     ns_s = engine.standalone_namespace(engine.namespace("t"))
     from segcache.kv.hashing import segment_digest
 
@@ -397,7 +400,7 @@ def test_blend_runs_layer_by_layer_while_streams_decode(tiny_engine_factory):
     from segcache.config import SchedulerConfig
 
     def engine_with_entry(pause_s: float):
-        engine = tiny_engine_factory(scheduler=SchedulerConfig(decode_pause_s=pause_s))
+        engine = tiny_engine_factory(TINY, scheduler=SchedulerConfig(decode_pause_s=pause_s))
         engine.warm("t", [anywhere("x", X)])
         return engine
 
