@@ -159,28 +159,20 @@ def causal_mask(start: int, n_new: int, device: str | torch.device = "cpu") -> t
 # Attention of one new token: (q [Hq, 1, D], keys [Hkv, S, D], values [Hkv, S, D],
 # scale) -> [Hq, 1, D], e.g. ``segcache.model.quant.BlockKernels.attend_decode``.
 DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
-# (q [Hq, T, D], keys, values [Hkv, start+T, D] as stored, start, scale) -> [Hq, T, D],
-# causal from ``start``, e.g. ``segcache.model.quant.BlockKernels.attend_prefill``.
-PrefillAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor]
-PREFILL_ATTENTION_TOKENS = 64  # the longest prefill ``prefill_attention`` takes
 
 
 class LlamaModel:
     """Stateless forward over a given weight set; call ``forward`` under ``torch.inference_mode``.
 
-    ``decode_attention`` (optional) replaces SDPA for single-token steps;
-    ``prefill_attention`` (optional) for short prefills after cached slots (the new
-    turn after a hit). Both read K/V in their stored dtype."""
+    ``decode_attention`` (optional) replaces SDPA for single-token steps."""
 
     def __init__(self, arch: ModelArch, device: str = "cpu",
-                 decode_attention: DecodeAttention | None = None,
-                 prefill_attention: PrefillAttention | None = None) -> None:
+                 decode_attention: DecodeAttention | None = None) -> None:
         self.arch = arch
         self.device = device
         self.rope = RopeTable(arch, device)
         self.scale = 1.0 / math.sqrt(arch.head_dim)
         self.decode_attention = decode_attention
-        self.prefill_attention = prefill_attention
 
     def new_kv(self, capacity: int, dtype: torch.dtype) -> torch.Tensor:
         a = self.arch
@@ -305,7 +297,9 @@ class LlamaModel:
         else:
             kv[0].index_copy_(1, slots, k.to(kv.dtype))
             kv[1].index_copy_(1, slots, v.to(kv.dtype))
-        keys, values = kv[0, :, :end], kv[1, :, :end]  # [Hkv, S, D], stored dtype
+        keys, values = kv[0, :, :end], kv[1, :, :end]  # [Hkv, S, D]
+        if keys.dtype != q.dtype:
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
         attn = self._attention(q, keys, values, mask, start)  # [Hq, T, D]
         x = x + linear(attn.transpose(0, 1).reshape(n_new, a.q_dim), lw.o)
         h = F.rms_norm(x, (a.hidden_size,), lw.mlp_norm, a.rms_eps)
@@ -322,11 +316,6 @@ class LlamaModel:
         n_new = q.shape[1]
         if n_new == 1 and mask is None and self.decode_attention is not None:
             return self.decode_attention(q, keys, values, self.scale)
-        if (mask is None and start > 0 and n_new <= PREFILL_ATTENTION_TOKENS
-                and self.prefill_attention is not None):
-            return self.prefill_attention(q, keys, values, start, self.scale)
-        if keys.dtype != q.dtype:
-            keys, values = keys.to(q.dtype), values.to(q.dtype)
         if n_new == 1 and mask is None:
             # Decode: fold the query heads that share a KV head into rows, so K/V are
             # read once per KV head instead of being repeated: q [Hkv, group, D].

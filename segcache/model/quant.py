@@ -47,7 +47,7 @@ BLOCK = 32
 QUANT_VERSION = "blocks1"
 # Bump when the kernels' arithmetic (summation order, exp) changes: part of the model
 # fingerprint, so KV computed by other kernels is never served.
-KERNEL_VERSION = "rows2+prefill-attn"
+KERNEL_VERSION = "rows2"
 MAX_GROUP = 8  # query heads per KV head the attention kernel takes (MAXM in the C source)
 
 
@@ -344,99 +344,11 @@ void ATTEND_NAME(const float *q, const KV_T *k, const KV_T *v, long hstride, int
 }
 """
 
-
-_PREFILL_ATTEND_C = r"""
-/* Attention of T new tokens (a short prefill after `start` cached slots): row (g, t)
-   of KV head h is query head h*G+g of token t and sees slots 0 .. start+t.
-   q, out [Hq, T, D] float32; K/V rows [S, D] per head (S = start+T), heads `hstride`
-   apart, float32 or float16 read as stored (no float32 copy of the past).
-   Tasks: (KV head, chunk of PCHUNK slots); per task the chunk's keys are transposed to
-   [D][PCHUNK] float32 so 8 scores come from D FMAs without horizontal sums; partial
-   softmax states per (task, row) are merged by log-sum-exp at the end. */
-#define PCHUNK 128
-void PREFILL_NAME(const float *q, const KV_T *k, const KV_T *v, long hstride, int Hkv, int G,
-                  int T, int start, int D, float scale, float *out, int nthreads) {
-    const int S = start + T, nv = D / 8, R = G * T;
-    const int nchunk = (S + PCHUNK - 1) / PCHUNK, ntask = Hkv * nchunk;
-    float *pm = (float *)malloc(sizeof(float) * (size_t)ntask * R * (D + 2));
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (int task = 0; task < ntask; task++) {
-        const int h = task / nchunk, c0 = (task % nchunk) * PCHUNK;
-        const int c1 = c0 + PCHUNK < S ? c0 + PCHUNK : S, n = c1 - c0;
-        float *part = pm + (size_t)task * R * (D + 2);
-        float *kt = (float *)malloc(sizeof(float) * ((size_t)D * PCHUNK + (size_t)PCHUNK * D + PCHUNK));
-        float *vc = kt + (size_t)D * PCHUNK, *sc = vc + (size_t)PCHUNK * D;
-        const KV_T *kh = k + (size_t)h * hstride + (size_t)c0 * D, *vh = v + (size_t)h * hstride + (size_t)c0 * D;
-        for (int j = 0; j < n; j++) {
-            float row[256];
-            for (int d = 0; d < nv; d++) _mm256_storeu_ps(row + d * 8, LOAD8(kh + (size_t)j * D + d * 8));
-            for (int d = 0; d < D; d++) kt[(size_t)d * PCHUNK + j] = row[d];
-            for (int d = 0; d < nv; d++) _mm256_storeu_ps(vc + (size_t)j * D + d * 8, LOAD8(vh + (size_t)j * D + d * 8));
-        }
-        for (int j = n; j < PCHUNK; j++)
-            for (int d = 0; d < D; d++) kt[(size_t)d * PCHUNK + j] = 0.f;
-        for (int g = 0; g < G; g++)
-            for (int t = 0; t < T; t++) {
-                float *st = part + (size_t)(g * T + t) * (D + 2);
-                const int vis = start + t + 1 - c0 < n ? start + t + 1 - c0 : n;  /* visible slots of the chunk */
-                if (vis <= 0) { st[0] = -INFINITY; continue; }
-                const float *qr = q + ((size_t)(h * G + g) * T + t) * D;
-                float mx = -INFINITY;
-                for (int j = 0; j < vis; j += 8) {
-                    __m256 acc = _mm256_setzero_ps();
-                    for (int d = 0; d < D; d++)
-                        acc = _mm256_fmadd_ps(_mm256_set1_ps(qr[d]), _mm256_loadu_ps(kt + (size_t)d * PCHUNK + j), acc);
-                    _mm256_storeu_ps(sc + j, _mm256_mul_ps(acc, _mm256_set1_ps(scale)));
-                }
-                for (int j = 0; j < vis; j++) mx = sc[j] > mx ? sc[j] : mx;
-                float l = 0.f;
-                __m256 o[32];
-                for (int d = 0; d < nv; d++) o[d] = _mm256_setzero_ps();
-                for (int j = 0; j < vis; j++) {
-                    const float pj = expf(sc[j] - mx);
-                    l += pj;
-                    const __m256 pv = _mm256_set1_ps(pj);
-                    const float *vr = vc + (size_t)j * D;
-                    for (int d = 0; d < nv; d++) o[d] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vr + d * 8), o[d]);
-                }
-                st[0] = mx;
-                st[1] = l;
-                for (int d = 0; d < nv; d++) _mm256_storeu_ps(st + 2 + d * 8, o[d]);
-            }
-        free(kt);
-    }
-    for (int h = 0; h < Hkv; h++)
-        for (int r = 0; r < R; r++) {
-            float mx = -INFINITY, l = 0.f;
-            for (int c = 0; c < nchunk; c++) {
-                const float m = pm[((size_t)(h * nchunk + c) * R + r) * (D + 2)];
-                mx = m > mx ? m : mx;
-            }
-            float *o = out + ((size_t)h * G * T + r) * D;  /* row r = g*T + t of head h*G+g */
-            for (int d = 0; d < D; d++) o[d] = 0.f;
-            for (int c = 0; c < nchunk; c++) {
-                const float *st = pm + ((size_t)(h * nchunk + c) * R + r) * (D + 2);
-                if (st[0] == -INFINITY) continue;
-                const float w = expf(st[0] - mx);
-                l += w * st[1];
-                for (int d = 0; d < D; d++) o[d] += w * st[2 + d];
-            }
-            for (int d = 0; d < D; d++) o[d] /= l;
-        }
-    free(pm);
-}
-"""
-
 # One attention function per KV dtype: (name, element type, load 8 elements as float32).
 _C_SOURCE += "".join(
     _ATTEND_C.replace("ATTEND_NAME", name).replace("KV_T", kv_t).replace("LOAD8", load8)
     for name, kv_t, load8 in (("attend_decode_f32", "float", "_mm256_loadu_ps"),
                               ("attend_decode_f16", "uint16_t", "load8_f16"))
-)
-_C_SOURCE += "".join(
-    _PREFILL_ATTEND_C.replace("PREFILL_NAME", name).replace("KV_T", kv_t).replace("LOAD8", load8)
-    for name, kv_t, load8 in (("attend_prefill_f32", "float", "_mm256_loadu_ps"),
-                              ("attend_prefill_f16", "uint16_t", "load8_f16"))
 )
 
 _DECODE_C = r"""
@@ -587,10 +499,6 @@ class BlockKernels:
         for fn in self._attend.values():
             fn.argtypes = [p, p, p, ctypes.c_long, i, i, i, i, ctypes.c_float, p, i]
             fn.restype = None
-        self._attend_prefill = {torch.float32: lib.attend_prefill_f32, torch.float16: lib.attend_prefill_f16}
-        for fn in self._attend_prefill.values():
-            fn.argtypes = [p, p, p, ctypes.c_long, i, i, i, i, i, ctypes.c_float, p, i]
-            fn.restype = None
 
     def matmul(self, x: torch.Tensor, w: BlockLinear) -> torch.Tensor:
         n, k = w.shape
@@ -619,25 +527,6 @@ class BlockKernels:
         out = torch.empty(hq, 1, dim, dtype=torch.float32)
         self._attend[keys.dtype](q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0), hkv, hq // hkv,
                      slots, dim, scale, out.data_ptr(), torch.get_num_threads())
-        return out
-
-    def attend_prefill(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
-                       scale: float) -> torch.Tensor:
-        """Attention of T new tokens after ``start`` cached slots, causal: q [Hq, T, D];
-        keys/values [Hkv, start+T, D] float32 or float16 as stored (rows contiguous,
-        heads equally strided) -> [Hq, T, D] float32. For short prefills (the new turn
-        after a hit): no float32 copy of the past, no mask."""
-        hq, t, dim = q.shape
-        hkv, slots, _ = keys.shape
-        if (keys.dtype not in self._attend_prefill or keys.stride() != values.stride()
-                or keys.stride(2) != 1 or keys.stride(1) != dim or dim % 8 or dim > 256
-                or hq % hkv or slots != start + t):
-            raise ValueError("attend_prefill: unsupported layout")
-        q = q.float().contiguous()
-        out = torch.empty(hq, t, dim, dtype=torch.float32)
-        self._attend_prefill[keys.dtype](q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0),
-                                         hkv, hq // hkv, t, start, dim, scale, out.data_ptr(),
-                                         torch.get_num_threads())
         return out
 
     def decoder(self, dims: dict[str, int], eps: float, scale: float, layers: list[DecodeLayer],

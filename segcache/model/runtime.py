@@ -117,8 +117,7 @@ class ModelRuntime:
             self._decode_w, self.decode_scheme = _block_weights(arch, state_dict, plan, kernels,
                                                                 self._prefill_w, block_cache)
             if plan.kv in (torch.float32, torch.float16):
-                self._decode_model = LlamaModel(arch, device, decode_attention=kernels.attend_decode,
-                                                prefill_attention=kernels.attend_prefill)
+                self._decode_model = LlamaModel(arch, device, decode_attention=kernels.attend_decode)
                 self.decode_scheme += "+attn"
                 self._fused = _fused_decoder(arch, self._decode_w, kernels, self._decode_model, plan.kv)
                 if self._fused is not None:
