@@ -92,7 +92,8 @@ class SchedulerConfig:
     max_waiting: int = 64
     # Prefill runs in chunks of exactly this many tokens from the start of each unit
     # (fixed, so a unit's KV is bit-identical however busy the server was: 256 costs
-    # ~3% of throughput against 512 on the 2-core host and keeps a chunk under ~0.7 s).
+    # ~3% of throughput against 512 on the 2-core host; early in a prompt a chunk takes
+    # ~0.5 s, late in a 4k one ~1.1 s, which decode_pause_s then slices).
     prefill_chunk: int = 256
     idle_prefill_chunks: int = 4  # chunks per step when no request is decoding (1 otherwise)
     # While requests decode, a chunk runs a few layers at a time, each slice sized (by
