@@ -37,6 +37,17 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GiB, 512MiB, 1000000)") from None
 
 
+def _positive(text: str) -> float:
+    """A number > 0 (milliseconds, seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, metavar="PATH",
@@ -100,11 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests queued beyond those; more get 429 (default: %(default)s)")
     serve.add_argument("--prefill-chunk", type=int, default=SchedulerConfig.prefill_chunk,
                        help="prefill chunk in tokens, interleaved with decode (default: %(default)s)")
-    serve.add_argument("--decode-pause-ms", type=float, default=SchedulerConfig.decode_pause_s * 1000,
+    serve.add_argument("--decode-pause-ms", type=_positive, default=SchedulerConfig.decode_pause_s * 1000,
                        help="while requests decode, another request's prefill runs in slices of "
                             "layers of about this long, so streams pause at most ~this much "
                             "(same arithmetic; default: %(default)s)")
-    serve.add_argument("--request-timeout", type=float, default=SchedulerConfig.request_timeout_s,
+    serve.add_argument("--request-timeout", type=_positive, default=SchedulerConfig.request_timeout_s,
                        metavar="SECONDS", help="per-request limit, 504 beyond (default: %(default)s)")
     serve.add_argument("--max-request-bytes", type=_size, default=ServerConfig.max_request_bytes,
                        help="largest request body (default: 8MiB)")

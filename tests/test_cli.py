@@ -33,6 +33,18 @@ def test_sizes_parse():
     assert _size("1000") == 1000
 
 
+def test_scheduler_flags_reach_the_config_and_bad_values_name_the_flag(capsys):
+    from segcache.cli import _config
+
+    args = build_parser().parse_args(["serve", "--decode-pause-ms", "250", "--prefill-chunk", "128"])
+    sched = _config(args).scheduler
+    assert sched.decode_pause_s == 0.25 and sched.prefill_chunk == 128
+    for flag, value in (("--decode-pause-ms", "0"), ("--decode-pause-ms", "-5"), ("--request-timeout", "x")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", flag, value])
+        assert flag in capsys.readouterr().err
+
+
 def test_missing_model_is_a_clear_error(tmp_path):
     from segcache.cli import main
 
