@@ -157,7 +157,7 @@ class Blending:
                 continue
             ids = sink + unit.block
             kv = self.runtime.new_kv(len(ids))
-            yield from self._prefill(ids, kv, 0)
+            yield from self._prefill(ids, kv, 0, logits=False)
             handle = self.runtime.unrope_keys(kv[:, :, :, len(sink):],
                                               torch.arange(len(sink), len(ids)))
             self.tree.insert(self.tree.root(ns_s), unit.key.digest, unit.block, handle,

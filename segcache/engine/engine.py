@@ -102,16 +102,17 @@ class _Runner:
                 per = math.ceil(arch.n_layers / max(1, math.ceil(est_s / pause_s)))
             ids = torch.tensor(work.ids[a:b], dtype=torch.long)
             positions = torch.arange(work.start + a, work.start + b)
+            # Only the last row of a prompt whose logits are wanted goes through the LM head.
+            rows = None if b == len(work.ids) and work.need_logits else _NO_ROWS
             if per >= arch.n_layers:  # the whole chunk now
                 t0 = time.perf_counter()
-                # Only the prompt's last row needs logits: no LM head for earlier chunks.
-                rows = None if b == len(work.ids) else _NO_ROWS
                 with torch.inference_mode():
                     logits = self.runtime.prefill(ids, positions, work.kv, work.start + a, rows)
                 self._measure(work, b, arch.n_layers, t0)
                 self._chunk_done(work, b, logits)
                 return
-            work.slices = (b, self.runtime.prefill_steps(ids, positions, work.kv, work.start + a, per), 0)
+            work.slices = (b, self.runtime.prefill_steps(ids, positions, work.kv, work.start + a, per,
+                                                         rows), 0)
         b, steps, before = work.slices
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -161,7 +162,7 @@ class _Runner:
     @staticmethod
     def _chunk_done(work: PrefillWork, b: int, logits: torch.Tensor) -> None:
         work.done = b
-        if work.remaining == 0:
+        if work.remaining == 0 and work.need_logits:
             work.logits = logits[-1]
 
     def decode(self, works: list[DecodeWork]) -> None:
@@ -408,7 +409,7 @@ class Engine(CacheControl, Blending):
                 continue
             self._inflight[key] = job.id
             try:
-                yield from self._prefill(unit.ids, run.kv, run.pos)
+                yield from self._prefill(unit.ids, run.kv, run.pos, logits=False)
                 node = self._insert(run, unit.key.digest, unit.ids, unit.key.ttl_s)
             finally:
                 del self._inflight[key]
@@ -461,9 +462,10 @@ class Engine(CacheControl, Blending):
 
     # ------------------------------------------------------------------ compute
     @staticmethod
-    def _prefill(ids: tuple[int, ...], kv: torch.Tensor, start: int):
-        """Yield the prefill of ``ids`` at slots ``start..``; returns the last logits [vocab]."""
-        work = PrefillWork(ids, kv, start)
+    def _prefill(ids: tuple[int, ...], kv: torch.Tensor, start: int, logits: bool = True):
+        """Yield the prefill of ``ids`` at slots ``start..``; returns the last logits
+        [vocab], or None without ``logits`` (KV only: no LM head)."""
+        work = PrefillWork(ids, kv, start, need_logits=logits)
         yield work
         return work.logits
 

@@ -64,6 +64,7 @@ class PrefillWork:
     start: int
     done: int = 0
     logits: torch.Tensor | None = None  # [vocab] of the last token, once done
+    need_logits: bool = True  # False: only the KV is wanted (no LM head)
     # the chunk being run a few layers at a time: (its end, its steps, layers done)
     slices: tuple[int, Generator[int, None, torch.Tensor], int] | None = field(default=None, repr=False)
 

@@ -164,19 +164,21 @@ class ModelRuntime:
         # the 2-core AMD host at 3.6k context: 6 tokens 136 -> 73 ms, 25 tokens 255 ->
         # 198 ms, 32 tokens 269-303 -> 233-249 ms; even at 48.
         if self.decode_scheme != "dense" and ids.shape[0] <= SMALL_PREFILL_TOKENS:
-            if ids.shape[0] == 1 and (logits_at is None or logits_at.tolist() == [0]):
-                return self.decode(ids, positions, kv, start)
+            if ids.shape[0] == 1 and (logits_at is None or logits_at.tolist() in ([0], [])):
+                # the fused step (its logits dropped when none are wanted: same KV either way)
+                return self.decode(ids, positions, kv, start)[:len(logits_at) if logits_at is not None else 1]
             return self._decode_model.forward(self._decode_w, ids, positions, kv, start, logits_at)
         return self.model.forward(self._prefill_w, ids, positions, kv, start, logits_at)
 
     def prefill_steps(self, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor, start: int,
-                      layers_per_step: int) -> Generator[int, None, torch.Tensor]:
-        """``prefill`` (last-row logits) a few layers at a time (``LlamaModel.forward_steps``):
-        bit-identical to one ``prefill``. A few tokens (the block-weight path) run in one step."""
+                      layers_per_step: int, logits_at: torch.Tensor | None = None,
+                      ) -> Generator[int, None, torch.Tensor]:
+        """``prefill`` a few layers at a time (``LlamaModel.forward_steps``): bit-identical
+        to one ``prefill``. A few tokens (the block-weight path) run in one step."""
         if self.decode_scheme != "dense" and ids.shape[0] <= SMALL_PREFILL_TOKENS:
-            return self.prefill(ids, positions, kv, start)
+            return self.prefill(ids, positions, kv, start, logits_at)
         return (yield from self.model.forward_steps(self._prefill_w, ids, positions, kv, start,
-                                                    layers_per_step))
+                                                    layers_per_step, logits_at))
 
     def blend(self, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor, start: int,
               reused: torch.Tensor, layer: int, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
