@@ -312,6 +312,15 @@ def test_fan_out_cli_runs_agents_at_once_and_table_compares(tmp_path, capsys):
     header, rows = report.results_rows({"a": report.load_json(seg), "b": report.load_json(cold)})
     ttft_sum = next(r for r in rows if r[0] == "TTFT sum s")
     assert ttft_sum[3].endswith("x") and 0.5 < float(ttft_sum[3][:-1]) < 2  # same fake delays
+    # a label may hold "="; a missing or broken file is a clear error, not a traceback
+    assert cli.main(["table", "--markdown", f"blend c=3={seg}"]) == 0
+    assert "| metric | blend c=3 |" in capsys.readouterr().out
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    for argv in (["table", f"x={tmp_path / 'missing.json'}"], ["compare", str(seg), str(broken)]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "cannot read" in err and "Traceback" not in err
 
 
 def test_workload_help_describes_every_workload(capsys):

@@ -173,7 +173,19 @@ def run(args: argparse.Namespace) -> int:
     return run_workload(args)
 
 
+def _unreadable(path: str, exc: Exception) -> int:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    print(f"segcache bench: cannot read {path}: {reason} (a --json file of segcache bench)",
+          file=sys.stderr)
+    return 2
+
+
 def run_compare(args: argparse.Namespace) -> int:
+    for path in (args.a, args.b):
+        try:
+            report.load_json(path)
+        except (OSError, ValueError) as exc:
+            return _unreadable(path, exc)
     report.compare(args.a, args.b)
     return 0
 
@@ -181,10 +193,13 @@ def run_compare(args: argparse.Namespace) -> int:
 def run_table(args: argparse.Namespace) -> int:
     results = {}
     for item in args.results:
-        label, sep, path = item.partition("=")
+        label, sep, path = item.rpartition("=")  # the label may hold "=", a path rarely does
         if not sep:
             label, path = item, item
-        results[label] = report.load_json(path)
+        try:
+            results[label] = report.load_json(path)
+        except (OSError, ValueError) as exc:
+            return _unreadable(path, exc)
     report.results_table(results, args.title, args.markdown)
     if args.plot:
         for path in report.plot_results(results, args.plot, args.title or "TTFT per request"):
