@@ -225,3 +225,19 @@ def test_tenant_quota_bounds_each_tenant(tiny_engine_factory):
     assert chat(engine, "a", AGENTS[2]).cached_tokens > 0
     assert chat(engine, "b", AGENTS[2]).cached_tokens > 0
     engine.tree.check_integrity()
+
+
+def test_request_kv_buffers_are_reused_without_changing_answers(tiny_engine_factory):
+    """A finished request's KV buffer serves the next one (no fresh, page-faulting
+    allocation); what was in it never leaks into the next answer."""
+    engine = tiny_engine_factory()
+    greedy = SamplingParams(max_tokens=6, temperature=0.0)
+    first = ChatRequest("t", [{"role": "user", "content": "alpha beta gamma " * 40}], [], greedy)
+    second = ChatRequest("u", [{"role": "user", "content": "Something shorter."}], [], greedy)
+    engine.chat(first)
+    (buffer,) = engine._kv_pool._free
+    ptr = buffer.data_ptr()
+    got = engine.chat(second)
+    assert [b.data_ptr() for b in engine._kv_pool._free] == [ptr]  # taken, used, given back
+    assert got.token_ids == tiny_engine_factory().chat(second).token_ids
+    engine.tree.check_integrity()

@@ -179,6 +179,38 @@ class _Runner:
                                                w.kv, w.pos)[-1]
 
 
+class _KVPool:
+    """Request KV buffers kept when a request ends and handed to a later one. A fresh
+    buffer of tens of MB is page-faulted in on first write (~30 ms of a warm turn at
+    3.6k tokens on the 2-core host, against ~8 ms to copy the cached KV into a mapped
+    one). Capacities are rounded up to ``ROUND`` tokens so buffers fit later
+    requests; a buffer more than twice the need is not used; at most ``max_bytes``
+    are kept, the oldest dropped first. Engine thread only."""
+
+    ROUND = 256
+
+    def __init__(self, new_kv: Callable[[int], torch.Tensor], max_bytes: int) -> None:
+        self._new = new_kv
+        self._max = max_bytes
+        self._free: list[torch.Tensor] = []
+
+    def take(self, capacity: int) -> torch.Tensor:
+        cap = -(-capacity // self.ROUND) * self.ROUND
+        fits = [i for i, kv in enumerate(self._free) if cap <= kv.shape[3] <= 2 * cap]
+        if not fits:
+            return self._new(cap)
+        return self._free.pop(min(fits, key=lambda i: self._free[i].shape[3]))
+
+    def give(self, kv: torch.Tensor) -> None:
+        """``kv`` must not be referenced anywhere else (node handles are clones)."""
+        self._free.append(kv)
+        while self._free and sum(_kv_bytes(b) for b in self._free) > self._max:
+            self._free.pop(0)
+
+
+KV_POOL_BYTES = 256 << 20  # ~3 buffers of 4k tokens for SmolLM2-135M
+
+
 def _split_kv(handle: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     # Clones, not views: a view would keep the whole original storage alive.
     return handle[:, :, :, :k].clone(), handle[:, :, :, k:].clone()
@@ -218,6 +250,7 @@ class Engine(CacheControl, Blending):
                                handle_len=lambda h: h.shape[3], clock=clock)
         self.registry = SegmentRegistry(clock)
         self.memo = TokenMemo(tokenizer)
+        self._kv_pool = _KVPool(runtime.new_kv, KV_POOL_BYTES)
         self._sink = sink_ids(tokenizer)  # what standalone segments are computed behind
         self._lock = threading.RLock()  # tree, radix, in-flight map: held by each engine step
         self._prompt_lock = threading.Lock()  # memo and registry: request threads only
@@ -286,6 +319,7 @@ class Engine(CacheControl, Blending):
                                   "cancelled", 0.0, t0)
         finally:
             self._release(run.pinned)
+            self._kv_pool.give(run.kv)
         return result
 
     def complete(self, tenant: str, prompt: str, sampling: SamplingParams,
@@ -348,6 +382,7 @@ class Engine(CacheControl, Blending):
                                                 self._missing_standalone(ns, units))
         finally:
             self._release(run.pinned)
+            self._kv_pool.give(run.kv)
         return WarmResult(len(run.usage), run.parent.chain, run.usage)
 
     # ------------------------------------------------------------------ prompt
@@ -380,7 +415,7 @@ class Engine(CacheControl, Blending):
                     + sum(len(u.ids) for u in prompt.units[len(matched):]) + len(prompt.tail))
         self._check_context(n_tokens, max_tokens)
         self.tree.pin(matched)
-        run = _Run(self.runtime.new_kv(max(n_tokens + max_tokens, 1)), self.tree.root(ns),
+        run = _Run(self._kv_pool.take(max(n_tokens + max_tokens, 1)), self.tree.root(ns),
                    pinned=list(matched))
         run.prefix_chain = run.parent.chain
         for node, unit in zip(matched, prompt.units, strict=False):
