@@ -173,20 +173,16 @@ def run(args: argparse.Namespace) -> int:
     return run_workload(args)
 
 
-def _unreadable(path: str, exc: Exception) -> int:
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    print(f"segcache bench: cannot read {path}: {reason} (a --json file of segcache bench)",
-          file=sys.stderr)
+def _unreadable(exc: report.UnreadableResult) -> int:
+    print(f"segcache bench: {exc} (a --json file of segcache bench)", file=sys.stderr)
     return 2
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    for path in (args.a, args.b):
-        try:
-            report.load_json(path)
-        except (OSError, ValueError) as exc:
-            return _unreadable(path, exc)
-    report.compare(args.a, args.b)
+    try:
+        report.compare(args.a, args.b)
+    except report.UnreadableResult as exc:
+        return _unreadable(exc)
     return 0
 
 
@@ -198,8 +194,8 @@ def run_table(args: argparse.Namespace) -> int:
             label, path = item, item
         try:
             results[label] = report.load_json(path)
-        except (OSError, ValueError) as exc:
-            return _unreadable(path, exc)
+        except report.UnreadableResult as exc:
+            return _unreadable(exc)
     report.results_table(results, args.title, args.markdown)
     if args.plot:
         for path in report.plot_results(results, args.plot, args.title or "TTFT per request"):

@@ -151,8 +151,17 @@ def write_json(path: str | Path, result: dict) -> None:
     Path(path).write_text(json.dumps(result, indent=2) + "\n")
 
 
+class UnreadableResult(ValueError):
+    """A result file that is missing or not JSON; the message names it."""
+
+
 def load_json(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UnreadableResult(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise UnreadableResult(f"cannot read {path}: {exc}") from None
 
 
 COMPARED = ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "ttft_sum_s", "itl_mean_s", "e2e_sum_s",

@@ -30,8 +30,9 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -115,11 +116,7 @@ class _Runner:
                                                          rows), 0)
         b, steps, before = work.slices
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            try:
-                layer, logits = next(steps), None
-            except StopIteration as finished:
-                layer, logits = arch.n_layers, finished.value
+        layer, logits = _step(steps, arch.n_layers)
         self._measure(work, b, layer - before, t0)
         if logits is None:
             work.slices = (b, steps, layer)
@@ -135,19 +132,14 @@ class _Runner:
                 torch.tensor(work.ids, dtype=torch.long),
                 torch.arange(work.start, work.start + len(work.ids)), work.kv, work.start,
                 work.reused, work.layer, work.ratio), 0)
-        steps = work.slices[1]
+        steps, n_layers = work.slices[1], self.runtime.arch.n_layers
         t0 = last = time.perf_counter()
-        with torch.inference_mode():
-            while True:
-                try:
-                    next(steps)
-                except StopIteration as finished:
-                    logits, work.recomputed = finished.value
-                    break
-                now = time.perf_counter()
-                if pause_s is not None and (now - t0) + (now - last) > pause_s:
-                    return
-                last = now
+        while (done := _step(steps, n_layers))[1] is None:
+            now = time.perf_counter()
+            if pause_s is not None and (now - t0) + (now - last) > pause_s:
+                return
+            last = now
+        logits, work.recomputed = done[1]
         work.slices = None
         work.done, work.logits = len(work.ids), logits[-1]
 
@@ -177,6 +169,16 @@ class _Runner:
             for w in works:
                 w.logits = self.runtime.decode(torch.tensor([w.token]), torch.tensor([w.pos]),
                                                w.kv, w.pos)[-1]
+
+
+def _step(steps: Generator[int, None, Any], n_layers: int) -> tuple[int, Any]:
+    """One step of a layer generator (``prefill_steps``, ``blend_steps``):
+    (layers done, None), or (n_layers, its result) once it has finished."""
+    with torch.inference_mode():
+        try:
+            return next(steps), None
+        except StopIteration as finished:
+            return n_layers, finished.value
 
 
 class _KVPool:

@@ -17,7 +17,8 @@ run one batched decode step for all decoding jobs, then prefill chunks (one
 while others decode, so their streams keep moving; a few when idle), shortest
 job first. Chunk boundaries are fixed relative to each unit's start, so KV never
 depends on load. While others decode, a chunk that would take longer than
-``decode_pause_s`` runs a few layers per tick (same arithmetic, bit-identical KV). Cancellation and deadlines are checked every tick: a cancelled job gets
+``decode_pause_s`` runs a few layers per tick (same arithmetic, bit-identical KV).
+Cancellation and deadlines are checked every tick: a cancelled job gets
 ``_Cancelled`` thrown in (it returns a "cancelled" result and releases its
 pins); a job past its deadline is closed (its ``finally`` releases the pins)
 and fails with 504.
