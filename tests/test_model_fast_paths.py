@@ -113,6 +113,26 @@ def test_block_matmul_matches_dense(kernels, rows):
         torch.testing.assert_close(got, x @ w.T, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [13, 18, 25, 32, 100])  # the GEMM: > 12 rows, outputs a multiple of 16
+def test_block_gemm_matches_dense(kernels, rows):
+    g = torch.Generator().manual_seed(rows)
+    for w in (q4_1_matrix(80, 160, g), q8_0_matrix(48, 96, g)):
+        x = torch.randn(rows, w.shape[1], generator=g)
+        got = kernels.matmul(x, to_blocks(w))
+        torch.testing.assert_close(got, x @ w.T, atol=1e-5, rtol=1e-5)
+
+
+def test_block_gemm_rows_do_not_depend_on_the_call(kernels):
+    """Every output of the GEMM is one FMA chain over k in order: a row gives the same
+    bits whether it is computed with 12 other rows or 40, at any position in the call."""
+    g = torch.Generator().manual_seed(3)
+    for w in (to_blocks(q4_1_matrix(64, 128, g)), to_blocks(q8_0_matrix(32, 64, g))):
+        x = torch.randn(41, w.shape[1], generator=g)
+        whole = kernels.matmul(x, w)
+        assert torch.equal(kernels.matmul(x[7:20], w), whole[7:20])  # 13 rows, another tiling
+        assert torch.equal(kernels.matmul(x[22:41], w), whole[22:41])
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("slots", [1, 7, 300])
 def test_decode_attention_matches_sdpa(kernels, kv_dtype, slots):
@@ -123,6 +143,32 @@ def test_decode_attention_matches_sdpa(kernels, kv_dtype, slots):
     want = F.scaled_dot_product_attention(q.view(2, 3, 16), keys.float(), values.float(), scale=0.25)
     got = kernels.attend_decode(q, keys, values, 0.25)
     torch.testing.assert_close(got, want.view(6, 1, 16), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("start", "new"), [(0, 2), (0, 40), (5, 3), (130, 7), (250, 140)])
+def test_prefill_attention_matches_causal_sdpa(kernels, kv_dtype, start, new):
+    """attend_prefill: new token t sees slots 0..start+t, over chunk boundaries (128 slots)."""
+    g = torch.Generator().manual_seed(start + new)
+    kv = torch.randn(2, 2, start + new + 9, 16, generator=g).to(kv_dtype)  # spare capacity: strided heads
+    keys, values = kv[0, :, :start + new], kv[1, :, :start + new]
+    q = torch.randn(6, new, 16, generator=g)
+    want = F.scaled_dot_product_attention(q[None], keys.float()[None], values.float()[None],
+                                          attn_mask=causal_mask(start, new, "cpu"), scale=0.25,
+                                          enable_gqa=True)[0]
+    got = kernels.attend_prefill(q, keys, values, start, 0.25)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_attention_rejects_a_layout_it_cannot_read(kernels):
+    q, kv = torch.randn(6, 3, 16), torch.randn(2, 2, 10, 16)
+    with pytest.raises(ValueError):
+        kernels.attend_prefill(q, kv[0, :, :9], kv[1, :, :9], 5, 0.25)  # 9 slots != 5 + 3
+    with pytest.raises(ValueError):
+        kernels.attend_prefill(q, kv[0, :, :8, :8], kv[1, :, :8, :8], 5, 0.25)  # K/V rows of 8, q of 16
+    kv8 = torch.randn(2, 2, 8, 8)
+    with pytest.raises(ValueError):
+        kernels.attend_prefill(q[..., :8], kv8[0], kv8[1], 5, 0.25)  # head_dim 8: not in tiles of 16
 
 
 # --- float32 reference: continuation is exact -------------------------------------------------
@@ -163,7 +209,7 @@ def test_auto_block_decode_matches_float32(sd, kernels):
     plan = plan_dtypes("auto", "cpu", block_kernels=True, bf16_gemm=False)
     assert plan == PhasePlan(torch.float32, torch.float32, torch.float16, "blocks")
     fast = ModelRuntime(ARCH, sd, plan, source_digest="tiny", kernels=kernels)
-    assert fast.decode_scheme.endswith(":q4_1+q8_0:exact+attn+fused")
+    assert fast.decode_scheme.endswith(":q4_1+q8_0:exact+attn+pattn256+fused")
     assert fast.fingerprint != ref.fingerprint
     ids = prompt(48)
     kv_ref, kv_fast = ref.new_kv(64), fast.new_kv(64)
@@ -214,7 +260,7 @@ def test_fused_decode_batch_equals_single_steps(sd, kernels):
         want = torch.cat([fast.decode(torch.tensor([t]), torch.tensor([n]), kv, n)
                           for t, n, kv in zip(tokens, lengths, kvs_one, strict=True)])
         got = fast.decode_batch(tokens, lengths, kvs_batch)
-    assert torch.equal(got, want)  # rows are independent in every kernel
+    assert torch.equal(got, want)  # batches of up to 4 rows share one arithmetic per row (dot_rows)
     for n, a, b in zip(lengths, kvs_one, kvs_batch, strict=True):
         assert torch.equal(a[:, :, :, :n + 1], b[:, :, :, :n + 1])
 

@@ -159,20 +159,29 @@ def causal_mask(start: int, n_new: int, device: str | torch.device = "cpu") -> t
 # Attention of one new token: (q [Hq, 1, D], keys [Hkv, S, D], values [Hkv, S, D],
 # scale) -> [Hq, 1, D], e.g. ``segcache.model.quant.BlockKernels.attend_decode``.
 DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+# Causal attention of T new tokens after ``start`` slots: (q [Hq, T, D], keys/values
+# [Hkv, start+T, D] as stored, start, scale) -> [Hq, T, D], e.g. ``BlockKernels.attend_prefill``.
+PrefillAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor]
 
 
 class LlamaModel:
     """Stateless forward over a given weight set; call ``forward`` under ``torch.inference_mode``.
 
-    ``decode_attention`` (optional) replaces SDPA for single-token steps."""
+    ``decode_attention`` (optional) replaces SDPA for single-token steps;
+    ``prefill_attention`` (optional) for causal prefills of 2 .. ``prefill_attention_tokens``
+    tokens (they read K/V as stored, so a float16 past is not copied to float32)."""
 
     def __init__(self, arch: ModelArch, device: str = "cpu",
-                 decode_attention: DecodeAttention | None = None) -> None:
+                 decode_attention: DecodeAttention | None = None,
+                 prefill_attention: PrefillAttention | None = None,
+                 prefill_attention_tokens: int = 0) -> None:
         self.arch = arch
         self.device = device
         self.rope = RopeTable(arch, device)
         self.scale = 1.0 / math.sqrt(arch.head_dim)
         self.decode_attention = decode_attention
+        self.prefill_attention = prefill_attention
+        self.prefill_attention_tokens = prefill_attention_tokens if prefill_attention is not None else 0
 
     def new_kv(self, capacity: int, dtype: torch.dtype) -> torch.Tensor:
         a = self.arch
@@ -297,9 +306,7 @@ class LlamaModel:
         else:
             kv[0].index_copy_(1, slots, k.to(kv.dtype))
             kv[1].index_copy_(1, slots, v.to(kv.dtype))
-        keys, values = kv[0, :, :end], kv[1, :, :end]  # [Hkv, S, D]
-        if keys.dtype != q.dtype:
-            keys, values = keys.to(q.dtype), values.to(q.dtype)
+        keys, values = kv[0, :, :end], kv[1, :, :end]  # [Hkv, S, D], in the KV dtype
         attn = self._attention(q, keys, values, mask, start)  # [Hq, T, D]
         x = x + linear(attn.transpose(0, 1).reshape(n_new, a.q_dim), lw.o)
         h = F.rms_norm(x, (a.hidden_size,), lw.mlp_norm, a.rms_eps)
@@ -310,12 +317,17 @@ class LlamaModel:
                    mask: torch.Tensor | None, start: int = 0) -> torch.Tensor:
         """q [Hq, T, D], keys/values [Hkv, S, D] -> [Hq, T, D]. ``mask`` [T, S] bool
         (True = visible) or None: decode (T == 1) sees every slot, a prefill of
-        slots ``start..S-1`` is causal from ``start``."""
+        slots ``start..S-1`` is causal from ``start``. Keys/values may be in another
+        dtype than q (float16 KV): the kernels read them as stored, SDPA gets a copy."""
         a = self.arch
         group = a.n_heads // a.n_kv_heads
         n_new = q.shape[1]
         if n_new == 1 and mask is None and self.decode_attention is not None:
             return self.decode_attention(q, keys, values, self.scale)
+        if mask is None and 1 < n_new <= self.prefill_attention_tokens:
+            return self.prefill_attention(q, keys, values, start, self.scale).to(q.dtype)
+        if keys.dtype != q.dtype:
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
         if n_new == 1 and mask is None:
             # Decode: fold the query heads that share a KV head into rows, so K/V are
             # read once per KV head instead of being repeated: q [Hkv, group, D].

@@ -52,6 +52,11 @@ KV_LAYOUT_VERSION = "kv1:[layers,2,kv_heads,tokens,head_dim]:k-after-rope"
 
 
 SMALL_PREFILL_TOKENS = 32
+# Prefills of up to this many tokens take the kernels' attention (``attend_prefill``: K/V
+# read as stored, register-tiled), longer ones SDPA over a float32 copy. Measured on the
+# 2-core AMD host, one layer, float16 KV: 25 tokens after 3,640 slots 2.95 -> 1.76 ms,
+# 5 after 3,660 1.16 -> 0.45 ms, 256 after 2,048 12.1 -> 11.4 ms, 256 after 256 3.3 -> 2.3 ms.
+PREFILL_ATTENTION_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -117,8 +122,12 @@ class ModelRuntime:
             self._decode_w, self.decode_scheme = _block_weights(arch, state_dict, plan, kernels,
                                                                 self._prefill_w, block_cache)
             if plan.kv in (torch.float32, torch.float16):
-                self._decode_model = LlamaModel(arch, device, decode_attention=kernels.attend_decode)
-                self.decode_scheme += "+attn"
+                tiles = arch.head_dim % 16 == 0  # attend_prefill's output tiles
+                self._decode_model = LlamaModel(
+                    arch, device, decode_attention=kernels.attend_decode,
+                    prefill_attention=kernels.attend_prefill if tiles else None,
+                    prefill_attention_tokens=PREFILL_ATTENTION_TOKENS)
+                self.decode_scheme += "+attn" + (f"+pattn{PREFILL_ATTENTION_TOKENS}" if tiles else "")
                 self._fused = _fused_decoder(arch, self._decode_w, kernels, self._decode_model, plan.kv)
                 if self._fused is not None:
                     self.decode_scheme += "+fused"
@@ -126,6 +135,14 @@ class ModelRuntime:
                 # A prefill needs the logits of one row: the block head reads 1/4 of the
                 # bytes of the float32 one (same weights; ~20 ms less per prefill here).
                 self._prefill_w = dataclasses.replace(self._prefill_w, lm_head=self._decode_w.lm_head)
+            if plan.prefill == torch.float32:
+                # float32 prefill runs on the block weights too: the kernels' register-tiled
+                # GEMM beats torch's float32 GEMM at every chunk size the engine uses (2-core
+                # AMD host, every projection of a layer: 25 rows 42.9 vs 72.2 ms x 30 layers,
+                # 256 rows 301 vs 342 ms) and reads 1/6 of the bytes; the dense float32
+                # projections are then not kept. A bfloat16 prefill (AMX hosts) stays dense.
+                self._prefill_w = self._decode_w
+                self.model = self._decode_model
         elif plan.decode == plan.prefill:
             self._decode_w = self._prefill_w
         else:
@@ -159,23 +176,27 @@ class ModelRuntime:
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor, start: int,
                 logits_at: torch.Tensor | None = None) -> torch.Tensor:
-        # A few tokens (the new turn after a cache hit) are bound by reading the
-        # weights, like decode: the block weights read 1/6 of the bytes. Measured on
-        # the 2-core AMD host at 3.6k context: 6 tokens 136 -> 73 ms, 25 tokens 255 ->
-        # 198 ms, 32 tokens 269-303 -> 233-249 ms; even at 48.
-        if self.decode_scheme != "dense" and ids.shape[0] <= SMALL_PREFILL_TOKENS:
+        if self._small_on_blocks(ids):
             if ids.shape[0] == 1 and (logits_at is None or logits_at.tolist() in ([0], [])):
                 # the fused step (its logits dropped when none are wanted: same KV either way)
                 return self.decode(ids, positions, kv, start)[:len(logits_at) if logits_at is not None else 1]
             return self._decode_model.forward(self._decode_w, ids, positions, kv, start, logits_at)
         return self.model.forward(self._prefill_w, ids, positions, kv, start, logits_at)
 
+    def _small_on_blocks(self, ids: torch.Tensor) -> bool:
+        """Whether a prefill of ``ids`` is a few tokens on the block weights (with a
+        dense bfloat16 prefill). A few tokens (the new turn after a cache hit) are
+        bound by reading the weights, like decode: the block weights read 1/6 of the
+        bytes. Measured on the 2-core AMD host at 3.6k context: 6 tokens 136 -> 73 ms,
+        25 tokens 255 -> 198 ms, 32 tokens 269-303 -> 233-249 ms; even at 48."""
+        return self.decode_scheme != "dense" and ids.shape[0] <= SMALL_PREFILL_TOKENS
+
     def prefill_steps(self, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor, start: int,
                       layers_per_step: int, logits_at: torch.Tensor | None = None,
                       ) -> Generator[int, None, torch.Tensor]:
         """``prefill`` a few layers at a time (``LlamaModel.forward_steps``): bit-identical
         to one ``prefill``. A few tokens (the block-weight path) run in one step."""
-        if self.decode_scheme != "dense" and ids.shape[0] <= SMALL_PREFILL_TOKENS:
+        if self._small_on_blocks(ids):
             return self.prefill(ids, positions, kv, start, logits_at)
         return (yield from self.model.forward_steps(self._prefill_w, ids, positions, kv, start,
                                                     layers_per_step, logits_at))
@@ -285,6 +306,7 @@ def _fingerprint(arch: ModelArch, plan: PhasePlan, decode_scheme: str, source_di
         "kv_layout": KV_LAYOUT_VERSION,
         # which prefill lengths run on the decode weights changes the KV's numerics
         "small_prefill": SMALL_PREFILL_TOKENS if decode_scheme != "dense" else 0,
+        "prefill_weights": "blocks" if decode_scheme != "dense" and plan.prefill == torch.float32 else "dense",
     }
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return "sha256:" + hashlib.sha256(blob).hexdigest()
