@@ -106,14 +106,15 @@ def test_dense_weights_fall_back_to_lossy_q8_0():
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 11, 16])  # every row-group size, 8 + 3, 8 + 8
 def test_block_matmul_matches_dense(kernels, rows):
+    """dot_rows: outputs not a multiple of 16 (72), or the decode's batches (gemm_rows=12)."""
     g = torch.Generator().manual_seed(rows)
-    for w in (q4_1_matrix(72, 128, g), q8_0_matrix(72, 128, g)):
+    for w in (q4_1_matrix(72, 128, g), q8_0_matrix(72, 128, g), q4_1_matrix(80, 128, g)):
         x = torch.randn(rows, 128, generator=g)
-        got = kernels.matmul(x, to_blocks(w))
+        got = kernels.matmul(x, to_blocks(w), gemm_rows=12)
         torch.testing.assert_close(got, x @ w.T, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [13, 18, 25, 32, 100])  # the GEMM: > 12 rows, outputs a multiple of 16
+@pytest.mark.parametrize("rows", [2, 5, 13, 18, 25, 32, 100])  # the GEMM: outputs a multiple of 16
 def test_block_gemm_matches_dense(kernels, rows):
     g = torch.Generator().manual_seed(rows)
     for w in (q4_1_matrix(80, 160, g), q8_0_matrix(48, 96, g)):
@@ -124,13 +125,14 @@ def test_block_gemm_matches_dense(kernels, rows):
 
 def test_block_gemm_rows_do_not_depend_on_the_call(kernels):
     """Every output of the GEMM is one FMA chain over k in order: a row gives the same
-    bits whether it is computed with 12 other rows or 40, at any position in the call."""
+    bits whether it is computed with 1 other row or 40, at any position in the call
+    (a prefill's rows: the KV of a prompt's tokens must not depend on its chunking)."""
     g = torch.Generator().manual_seed(3)
     for w in (to_blocks(q4_1_matrix(64, 128, g)), to_blocks(q8_0_matrix(32, 64, g))):
         x = torch.randn(41, w.shape[1], generator=g)
         whole = kernels.matmul(x, w)
-        assert torch.equal(kernels.matmul(x[7:20], w), whole[7:20])  # 13 rows, another tiling
-        assert torch.equal(kernels.matmul(x[22:41], w), whole[22:41])
+        for a, b in ((7, 20), (22, 41), (3, 5), (30, 35)):
+            assert torch.equal(kernels.matmul(x[a:b], w), whole[a:b]), (a, b)
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])

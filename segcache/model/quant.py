@@ -47,7 +47,7 @@ BLOCK = 32
 QUANT_VERSION = "blocks1"
 # Bump when the kernels' arithmetic (summation order, exp) changes: part of the model
 # fingerprint, so KV computed by other kernels is never served.
-KERNEL_VERSION = "rows2+gemm1+pattn1"
+KERNEL_VERSION = "rows2+gemm2+pattn1"
 MAX_GROUP = 8  # query heads per KV head the attention kernel takes (MAXM in the C source)
 
 
@@ -352,30 +352,24 @@ static void block_gemm(const float *x, int M, int K, const uint8_t *q4, const in
     }
 }
 
-/* Up to GEMM_ROWS rows: dot_rows (no buffer; faster there); more: the GEMM. Measured on the
-   2-core AMD host, every projection of a layer x 30: 8 rows 15.9 vs 22.8 ms, 12 rows 25.0 vs
-   25.1, 16 rows 32.9 vs 29.6, 25 rows 62.0 vs 42.5 (dot_rows vs GEMM). */
-#define GEMM_ROWS 12
+/* More than gemm_rows rows (and N a multiple of NP): the GEMM, else dot_rows. The decode step
+   passes DECODE_GEMM_ROWS, where the two cross over on the 2-core AMD host (every projection
+   of a layer x 30: 8 rows 15.9 vs 22.8 ms, 12 rows 25.0 vs 25.1, 16 rows 32.9 vs 29.6,
+   25 rows 62.0 vs 42.5, dot_rows vs GEMM); a prefill passes 1, so that a prompt row's result
+   never depends on how many rows its call has. */
+#define DECODE_GEMM_ROWS 12
 
 void q4_1_matmul(const float *x, int M, int K, const uint8_t *qs, const float *d,
-                 const float *m, float *y, int N, int nthreads) {
-    if (M > GEMM_ROWS && N % NP == 0) block_gemm(x, M, K, qs, NULL, d, m, y, N, nthreads);
+                 const float *m, float *y, int N, int gemm_rows, int nthreads) {
+    if (M > gemm_rows && N % NP == 0) block_gemm(x, M, K, qs, NULL, d, m, y, N, nthreads);
     else block_matmul(x, M, K, qs, NULL, d, m, y, N, nthreads);
 }
 
 void q8_0_matmul(const float *x, int M, int K, const int8_t *qs, const float *d, float *y,
-                 int N, int nthreads) {
-    if (M > GEMM_ROWS && N % NP == 0) block_gemm(x, M, K, NULL, qs, d, NULL, y, N, nthreads);
+                 int N, int gemm_rows, int nthreads) {
+    if (M > gemm_rows && N % NP == 0) block_gemm(x, M, K, NULL, qs, d, NULL, y, N, nthreads);
     else block_matmul(x, M, K, NULL, qs, d, NULL, y, N, nthreads);
 }
-
-/* Either kernel whatever M is (tests and measurements): gemm != 0 takes the GEMM. */
-void q4_1_matmul_with(int gemm, const float *x, int M, int K, const uint8_t *qs, const float *d,
-                      const float *m, float *y, int N, int nthreads) {
-    if (gemm) block_gemm(x, M, K, qs, NULL, d, m, y, N, nthreads);
-    else block_matmul(x, M, K, qs, NULL, d, m, y, N, nthreads);
-}
-
 """
 
 _ATTEND_C = r"""
@@ -479,8 +473,8 @@ typedef struct {
 } Net;
 
 static void mat_mul(const Mat *w, const float *x, int M, float *y, int nt) {
-    if (w->kind == 0) q4_1_matmul(x, M, w->k, (const uint8_t *)w->qs, w->d, w->m, y, w->n, nt);
-    else q8_0_matmul(x, M, w->k, (const int8_t *)w->qs, w->d, y, w->n, nt);
+    if (w->kind == 0) q4_1_matmul(x, M, w->k, (const uint8_t *)w->qs, w->d, w->m, y, w->n, DECODE_GEMM_ROWS, nt);
+    else q8_0_matmul(x, M, w->k, (const int8_t *)w->qs, w->d, y, w->n, DECODE_GEMM_ROWS, nt);
 }
 
 static void rms_norm_row(const float *x, const float *w, int n, float eps, float *y) {
@@ -701,10 +695,10 @@ class BlockKernels:
         self.path = path
         p, i = ctypes.c_void_p, ctypes.c_int
         self._q4_1 = lib.q4_1_matmul
-        self._q4_1.argtypes = [p, i, i, p, p, p, p, i, i]
+        self._q4_1.argtypes = [p, i, i, p, p, p, p, i, i, i]
         self._q4_1.restype = None
         self._q8_0 = lib.q8_0_matmul
-        self._q8_0.argtypes = [p, i, i, p, p, p, i, i]
+        self._q8_0.argtypes = [p, i, i, p, p, p, i, i, i]
         self._q8_0.restype = None
         self._lib = lib
         self._attend = {torch.float32: lib.attend_decode_f32, torch.float16: lib.attend_decode_f16}
@@ -716,16 +710,19 @@ class BlockKernels:
             fn.argtypes = [p, p, p, ctypes.c_long, i, i, i, i, i, ctypes.c_float, p, i]
             fn.restype = None
 
-    def matmul(self, x: torch.Tensor, w: BlockLinear) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, w: BlockLinear, gemm_rows: int = 1) -> torch.Tensor:
+        """``gemm_rows``: more rows than this take the GEMM (where the outputs are a multiple
+        of 16), whose rows do not depend on each other; the default, 1, is the prefill's."""
         n, k = w.shape
         x = x.float().contiguous().view(-1, k)
         y = torch.empty(x.shape[0], n, dtype=torch.float32)
         nt = torch.get_num_threads()
         if w.kind == "q4_1":
             self._q4_1(x.data_ptr(), x.shape[0], k, w.qs.data_ptr(), w.d.data_ptr(), w.m.data_ptr(),
-                       y.data_ptr(), n, nt)
+                       y.data_ptr(), n, gemm_rows, nt)
         else:
-            self._q8_0(x.data_ptr(), x.shape[0], k, w.qs.data_ptr(), w.d.data_ptr(), y.data_ptr(), n, nt)
+            self._q8_0(x.data_ptr(), x.shape[0], k, w.qs.data_ptr(), w.d.data_ptr(), y.data_ptr(), n,
+                       gemm_rows, nt)
         return y
 
 

@@ -115,6 +115,11 @@ class ModelRuntime:
         self._decode_model = self.model
         self._prefill_w = Weights.from_state_dict(arch, state_dict, plan.prefill, device)
         self.decode_scheme = "dense"
+        # Prefill calls of 2 .. this many tokens compute each row independently of the
+        # others in the call (the block GEMM; attend_prefill, slot chunks counted from
+        # slot 0): a unit's KV is the same bits alone or prefilled with what follows it.
+        # 0: no such guarantee (SDPA and torch's GEMM block by the call's shape).
+        self.independent_rows = 0
         # The whole decode step in one C call, where every projection is in blocks;
         # the torch forward over the same weights is the fallback (same arithmetic).
         self._fused: FusedDecoder | None = None
@@ -143,6 +148,8 @@ class ModelRuntime:
                 # projections are then not kept. A bfloat16 prefill (AMX hosts) stays dense.
                 self._prefill_w = self._decode_w
                 self.model = self._decode_model
+                if self.model.prefill_attention is not None:
+                    self.independent_rows = PREFILL_ATTENTION_TOKENS
         elif plan.decode == plan.prefill:
             self._decode_w = self._prefill_w
         else:
