@@ -211,7 +211,7 @@ def test_auto_block_decode_matches_float32(sd, kernels):
     plan = plan_dtypes("auto", "cpu", block_kernels=True, bf16_gemm=False)
     assert plan == PhasePlan(torch.float32, torch.float32, torch.float16, "blocks")
     fast = ModelRuntime(ARCH, sd, plan, source_digest="tiny", kernels=kernels)
-    assert fast.decode_scheme.endswith(":q4_1+q8_0:exact+attn+pattn256+fused")
+    assert fast.decode_scheme.endswith(":q4_1+q8_0:exact+attn+pattn256+fused+layers")
     assert fast.fingerprint != ref.fingerprint
     ids = prompt(48)
     kv_ref, kv_fast = ref.new_kv(64), fast.new_kv(64)
@@ -246,6 +246,42 @@ def test_fused_decode_step_matches_torch_forward(sd, kernels, kv_dtype):
     torch.testing.assert_close(kv_fused[:, :, :, :40].float(), kv_torch[:, :, :, :40].float(),
                                atol=2e-3, rtol=1e-3)  # one float16 step where rounding differs
     torch.testing.assert_close(one, whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize(("start", "new"), [(0, 2), (0, 40), (33, 7), (130, 256)])
+def test_fused_prefill_layers_match_torch_layers(sd, kernels, kv_dtype, start, new):
+    """Prefills of 2..256 tokens run their layers in one C call (``prefill_layers``)
+    per slice; against ``LlamaModel._layer`` over the same weights and attention."""
+    fast = ModelRuntime(ARCH, sd, PhasePlan(torch.float32, torch.float32, kv_dtype, "blocks"),
+                        source_digest="tiny", kernels=kernels)
+    model, calls = fast._decode_model, []
+    layers = model._fused_layers
+    model._fused_layers = lambda *a: calls.append(a[4:]) or layers(*a)
+    ids = prompt(start + new, seed=new)
+    kv_c, kv_torch = fast.new_kv(start + new + 2), fast.new_kv(start + new + 2)
+    with torch.inference_mode():
+        if start:
+            fast.prefill(ids[:start], torch.arange(start), kv_c, 0)
+            kv_torch[:, :, :, :start] = kv_c[:, :, :, :start]
+        calls.clear()
+        got = fast.prefill(ids[start:], torch.arange(start, start + new), kv_c, start, torch.arange(new))
+        sliced = fast.new_kv(start + new + 2)
+        sliced[:, :, :, :start] = kv_c[:, :, :, :start]
+        steps = fast.prefill_steps(ids[start:], torch.arange(start, start + new), sliced, start, 1)
+        while True:
+            try:
+                next(steps)
+            except StopIteration:
+                break
+        model._fused_w = None  # the torch layers
+        want = fast.prefill(ids[start:], torch.arange(start, start + new), kv_torch, start, torch.arange(new))
+    assert calls[0] == (0, ARCH.n_layers)  # one call for every layer
+    end = start + new  # (slots past it are uninitialised)
+    assert torch.equal(sliced[:, :, :, :end], kv_c[:, :, :, :end])  # a layer at a time: the same bits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    tol = 2e-3 if kv_dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(kv_c[:, :, :, :end].float(), kv_torch[:, :, :, :end].float(), atol=tol, rtol=tol)
 
 
 def test_fused_decode_batch_equals_single_steps(sd, kernels):

@@ -162,6 +162,8 @@ DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], to
 # Causal attention of T new tokens after ``start`` slots: (q [Hq, T, D], keys/values
 # [Hkv, start+T, D] as stored, start, scale) -> [Hq, T, D], e.g. ``BlockKernels.attend_prefill``.
 PrefillAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor]
+# Layers l0..l1-1 of a prefill: (x [T, hidden] float32, positions [T], kv, start, l0, l1) -> x.
+FusedLayers = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int], torch.Tensor]
 
 
 class LlamaModel:
@@ -182,6 +184,14 @@ class LlamaModel:
         self.decode_attention = decode_attention
         self.prefill_attention = prefill_attention
         self.prefill_attention_tokens = prefill_attention_tokens if prefill_attention is not None else 0
+        self._fused_layers: FusedLayers | None = None
+        self._fused_w: Weights | None = None
+
+    def use_fused_layers(self, layers: FusedLayers, w: Weights) -> None:
+        """Run prefills of 2 .. ``prefill_attention_tokens`` tokens over the weights ``w``
+        with ``layers`` (one call for a range of layers: the same arithmetic as ``_layer``
+        with ``prefill_attention``, e.g. ``quant.FusedDecoder.prefill_layers``)."""
+        self._fused_layers, self._fused_w = layers, w
 
     def new_kv(self, capacity: int, dtype: torch.dtype) -> torch.Tensor:
         a = self.arch
@@ -207,10 +217,19 @@ class LlamaModel:
         same operations in the same order as one ``forward``, so KV and logits are
         bit-identical; the caller may run other work (on other KV) between steps."""
         x = F.embedding(ids, w.embed)  # [T, hidden]
+        n_layers = len(w.layers)
+        if w is self._fused_w and 2 <= x.shape[0] <= self.prefill_attention_tokens:
+            x = x.float().contiguous()
+            done = 0
+            while done < n_layers:
+                x = self._fused_layers(x, positions, kv, start, done, min(n_layers, done + layers_per_step))
+                done = min(n_layers, done + layers_per_step)
+                if done < n_layers:
+                    yield done
+            return self._head(w, x, logits_at)
         cos, sin = self.rope.at(positions, w.dtype)
         # No mask tensor: decode sees every slot, a prefill is causal from slot
         # ``start`` (see _attention).
-        n_layers = len(w.layers)
         for i, lw in enumerate(w.layers):
             x = self._layer(lw, x, cos, sin, kv[i], start, None)
             if (i + 1) % layers_per_step == 0 and i + 1 < n_layers:

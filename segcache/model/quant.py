@@ -47,7 +47,7 @@ BLOCK = 32
 QUANT_VERSION = "blocks1"
 # Bump when the kernels' arithmetic (summation order, exp) changes: part of the model
 # fingerprint, so KV computed by other kernels is never served.
-KERNEL_VERSION = "rows2+gemm2+pattn1"
+KERNEL_VERSION = "rows2+gemm2+pattn1+layers1"
 MAX_GROUP = 8  # query heads per KV head the attention kernel takes (MAXM in the C source)
 
 
@@ -472,9 +472,13 @@ typedef struct {
     Mat head;
 } Net;
 
+static void mat_mul_rows(const Mat *w, const float *x, int M, float *y, int gemm_rows, int nt) {
+    if (w->kind == 0) q4_1_matmul(x, M, w->k, (const uint8_t *)w->qs, w->d, w->m, y, w->n, gemm_rows, nt);
+    else q8_0_matmul(x, M, w->k, (const int8_t *)w->qs, w->d, y, w->n, gemm_rows, nt);
+}
+
 static void mat_mul(const Mat *w, const float *x, int M, float *y, int nt) {
-    if (w->kind == 0) q4_1_matmul(x, M, w->k, (const uint8_t *)w->qs, w->d, w->m, y, w->n, DECODE_GEMM_ROWS, nt);
-    else q8_0_matmul(x, M, w->k, (const int8_t *)w->qs, w->d, y, w->n, DECODE_GEMM_ROWS, nt);
+    mat_mul_rows(w, x, M, y, DECODE_GEMM_ROWS, nt);
 }
 
 static void rms_norm_row(const float *x, const float *w, int n, float eps, float *y) {
@@ -636,14 +640,22 @@ void PREFILL_NAME(const float *q, const KV_T *k, const KV_T *v, long hstride, in
                     for (int j = 0; j < PC; j += 8) _mm256_store_ps(sr + j, _mm256_setzero_ps());
                     continue;
                 }
-                float mx = -INFINITY;
-                for (int j = 0; j < vis; j++) { sr[j] *= scale; mx = sr[j] > mx ? sr[j] : mx; }
+                const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), vvis = _mm256_set1_epi32(vis);
+                __m256 vmax = _mm256_set1_ps(-INFINITY);
+                for (int j = 0; j < vis; j += 8) {
+                    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(vvis, _mm256_add_epi32(_mm256_set1_epi32(j), lanes)));
+                    const __m256 sj = _mm256_mul_ps(_mm256_load_ps(sr + j), _mm256_set1_ps(scale));
+                    _mm256_store_ps(sr + j, sj);
+                    vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), sj, keep));
+                }
+                __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+                m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+                const float mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
                 const __m256 vmx = _mm256_set1_ps(mx);
                 __m256 lsum = _mm256_setzero_ps();
                 for (int j = 0; j < PC; j += 8) {
-                    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + j), vmx));
-                    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
-                        _mm256_set1_epi32(vis), _mm256_add_epi32(_mm256_set1_epi32(j), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));
+                    const __m256 e = exp8(_mm256_sub_ps(_mm256_load_ps(sr + j), vmx));
+                    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(vvis, _mm256_add_epi32(_mm256_set1_epi32(j), lanes)));
                     const __m256 p = _mm256_and_ps(e, keep);
                     _mm256_store_ps(sr + j, p);
                     lsum = _mm256_add_ps(lsum, p);
@@ -683,6 +695,74 @@ _C_SOURCE += "".join(
     for name, kv_t, load8 in (("attend_prefill_f32", "float", "_mm256_loadu_ps"),
                               ("attend_prefill_f16", "uint16_t", "load8_f16"))
 )
+
+_PREFILL_LAYERS_C = r"""
+/* Layers l0 .. l1-1 of a prefill of T >= 2 tokens of one sequence, at slots start ..
+   start+T-1 and RoPE positions pos[0..T-1], over the hidden states x [T, hidden] in place;
+   writes each token's K/V into kv (strides as decode_step's). The arithmetic of
+   LlamaModel._layer over the block weights with attend_prefill, without its ~20 torch ops
+   a layer: every row is computed independently of the others (the GEMM for every
+   projection, attend_prefill). */
+void prefill_layers(const Net *net, int T, float *x, const int64_t *pos, int start, void *kv,
+                    const int64_t *kv_strides, int l0, int l1, int nt) {
+    const int H = net->hidden, D = net->head_dim, Hq = net->n_heads, Hkv = net->n_kv;
+    const int qd = Hq * D, kvd = Hkv * D, nqkv = qd + 2 * kvd, I = net->inter, G = Hq / Hkv;
+    float *buf = (float *)malloc(sizeof(float) * (size_t)T * (H + nqkv + 3 * qd + 3 * I));
+    float *h = buf, *qkv = h + (size_t)T * H, *qh = qkv + (size_t)T * nqkv;  /* [T,H] [T,nqkv] [Hq,T,D] */
+    float *oh = qh + (size_t)T * qd, *att = oh + (size_t)T * qd;             /* [Hq,T,D] [T,qd] */
+    float *gu = att + (size_t)T * qd, *act = gu + (size_t)T * 2 * I;        /* [T,2I] [T,I] */
+    for (int l = l0; l < l1; l++) {
+        const Layer *L = net->layers + l;
+        const size_t kofs = (size_t)l * kv_strides[0], vofs = kofs + (size_t)kv_strides[1];
+        #pragma omp parallel for schedule(static) num_threads(nt) if (T >= 16)
+        for (int t = 0; t < T; t++) rms_norm_row(x + (size_t)t * H, L->attn_norm, H, net->eps, h + (size_t)t * H);
+        mat_mul_rows(&L->qkv, h, T, qkv, 1, nt);
+        #pragma omp parallel for schedule(static) num_threads(nt) if (T >= 16)
+        for (int t = 0; t < T; t++) {
+            float *r = qkv + (size_t)t * nqkv;
+            if (L->qkv_bias) for (int i = 0; i < nqkv; i++) r[i] += L->qkv_bias[i];
+            rope_row(r, Hq + Hkv, D, net->cos + (size_t)pos[t] * D, net->sin + (size_t)pos[t] * D);
+            for (int hh = 0; hh < Hq; hh++)
+                memcpy(qh + ((size_t)hh * T + t) * D, r + (size_t)hh * D, sizeof(float) * D);
+            const size_t slot = (size_t)(start + t) * D;
+            for (int hh = 0; hh < Hkv; hh++) {
+                const float *kr = r + qd + hh * D, *vr = r + qd + kvd + hh * D;
+                const size_t o = (size_t)hh * kv_strides[2] + slot;
+                if (net->kv_f16) {
+                    uint16_t *k16 = (uint16_t *)kv;
+                    for (int j = 0; j < D; j += 8) {
+                        _mm_storeu_si128((__m128i *)(k16 + kofs + o + j), _mm256_cvtps_ph(_mm256_loadu_ps(kr + j), 0));
+                        _mm_storeu_si128((__m128i *)(k16 + vofs + o + j), _mm256_cvtps_ph(_mm256_loadu_ps(vr + j), 0));
+                    }
+                } else {
+                    float *k32 = (float *)kv;
+                    memcpy(k32 + kofs + o, kr, sizeof(float) * D);
+                    memcpy(k32 + vofs + o, vr, sizeof(float) * D);
+                }
+            }
+        }
+        if (net->kv_f16)
+            attend_prefill_f16(qh, (const uint16_t *)kv + kofs, (const uint16_t *)kv + vofs, (long)kv_strides[2],
+                               Hkv, G, T, start, D, net->scale, oh, nt);
+        else
+            attend_prefill_f32(qh, (const float *)kv + kofs, (const float *)kv + vofs, (long)kv_strides[2],
+                               Hkv, G, T, start, D, net->scale, oh, nt);
+        for (int t = 0; t < T; t++)
+            for (int hh = 0; hh < Hq; hh++)
+                memcpy(att + (size_t)t * qd + (size_t)hh * D, oh + ((size_t)hh * T + t) * D, sizeof(float) * D);
+        mat_mul_rows(&L->o, att, T, h, 1, nt);
+        for (size_t i = 0; i < (size_t)T * H; i++) x[i] += h[i];
+        #pragma omp parallel for schedule(static) num_threads(nt) if (T >= 16)
+        for (int t = 0; t < T; t++) rms_norm_row(x + (size_t)t * H, L->mlp_norm, H, net->eps, h + (size_t)t * H);
+        mat_mul_rows(&L->gate_up, h, T, gu, 1, nt);
+        silu_mul(gu, act, T, I, nt);
+        mat_mul_rows(&L->down, act, T, h, 1, nt);
+        for (size_t i = 0; i < (size_t)T * H; i++) x[i] += h[i];
+    }
+    free(buf);
+}
+"""
+_C_SOURCE += _PREFILL_LAYERS_C
 
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 
@@ -833,6 +913,10 @@ class FusedDecoder:
         p = ctypes.c_void_p
         self._fn.argtypes = [p, ctypes.c_int, p, p, p, p, p, p, ctypes.c_int]
         self._fn.restype = None
+        self._prefill = lib.prefill_layers
+        i = ctypes.c_int
+        self._prefill.argtypes = [p, i, p, p, i, p, p, i, i, i]
+        self._prefill.restype = None
 
     def _ptr(self, t: torch.Tensor) -> int:
         t = t.float().contiguous()
@@ -844,6 +928,25 @@ class FusedDecoder:
         n, k = w.shape
         return _Mat(w.qs.data_ptr(), w.d.data_ptr(), w.m.data_ptr() if w.m is not None else None,
                     0 if w.kind == "q4_1" else 1, n, k)
+
+    def prefill_layers(self, x: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor, start: int,
+                       l0: int, l1: int) -> torch.Tensor:
+        """Layers ``l0..l1-1`` of a prefill of T >= 2 tokens at slots ``start..start+T-1``
+        over the hidden states ``x`` [T, hidden] float32 (updated in place and returned),
+        writing K/V into ``kv``: ``LlamaModel._layer`` over these weights with
+        ``attend_prefill``, in one C call."""
+        t = x.shape[0]
+        if (t < 2 or x.dtype != torch.float32 or not x.is_contiguous() or x.shape[1] != self._dims["hidden"]
+                or positions.shape != (t,) or not self.accepts(kv) or not 0 <= l0 <= l1 <= self._dims["n_layers"]
+                or start < 0 or start + t > kv.shape[3]):
+            raise ValueError("FusedDecoder.prefill_layers: unsupported arguments")
+        pos = positions.to(torch.int64).contiguous()
+        if int(pos.min()) < 0 or int(pos.max()) >= self.max_position:
+            raise IndexError("FusedDecoder.prefill_layers: position out of range")
+        strides = torch.tensor(kv.stride()[:3], dtype=torch.int64)
+        self._prefill(ctypes.byref(self._net), t, x.data_ptr(), pos.data_ptr(), start, kv.data_ptr(),
+                      strides.data_ptr(), l0, l1, torch.get_num_threads())
+        return x
 
     def accepts(self, kv: torch.Tensor) -> bool:
         """Whether ``kv`` has the layout the C step indexes (rows of head_dim contiguous)."""

@@ -136,6 +136,9 @@ class ModelRuntime:
                 self._fused = _fused_decoder(arch, self._decode_w, kernels, self._decode_model, plan.kv)
                 if self._fused is not None:
                     self.decode_scheme += "+fused"
+                    if tiles:  # prefills of 2..PREFILL_ATTENTION_TOKENS tokens: one C call per slice
+                        self._decode_model.use_fused_layers(self._fused.prefill_layers, self._decode_w)
+                        self.decode_scheme += "+layers"
             if isinstance(self._decode_w.lm_head, PackedLinear):
                 # A prefill needs the logits of one row: the block head reads 1/4 of the
                 # bytes of the float32 one (same weights; ~20 ms less per prefill here).
