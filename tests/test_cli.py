@@ -45,6 +45,17 @@ def test_scheduler_flags_reach_the_config_and_bad_values_name_the_flag(capsys):
         assert flag in capsys.readouterr().err
 
 
+def test_bench_engine_prefills_in_the_servers_chunks_by_default(capsys):
+    from segcache.config import SchedulerConfig
+
+    args = build_parser().parse_args(["bench", "engine"])
+    assert args.prefill_chunk == SchedulerConfig().prefill_chunk
+    assert build_parser().parse_args(["bench", "engine", "--prefill-chunk", "0"]).prefill_chunk == 0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "engine", "--prefill-chunk", "-1"])
+    assert "--prefill-chunk" in capsys.readouterr().err
+
+
 def test_missing_model_is_a_clear_error(tmp_path):
     from segcache.cli import main
 

@@ -3,7 +3,8 @@ to Hugging Face transformers' ``LlamaForCausalLM`` on the same weights, dtype an
 thread count, in the same process, so the ratio holds on whatever CPU runs it.
 
 Prefill: one sequence of N random token ids from an empty cache (median of
-``--repeats``). Decode: ``--decode-tokens`` single-token steps after a prefill of
+``--repeats``); segcache's in chunks of ``--prefill-chunk`` tokens, as the server
+prefills (``SchedulerConfig.prefill_chunk``), or in one call with 0. Decode: ``--decode-tokens`` single-token steps after a prefill of
 ``--decode-context`` tokens (each repeat restarts at the same position).
 Imports torch and transformers only inside ``run`` (the CLI imports this module
 to build its parser).
@@ -30,11 +31,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "CPU multiplies bfloat16 natively, else float32")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for both engines")
     parser.add_argument("--sizes", default="512,2048,4096", help="prefill lengths, comma-separated")
+    parser.add_argument("--prefill-chunk", type=_chunk, default=_server_chunk(),
+                        help="segcache prefills in chunks of this many tokens, as the server does "
+                             "(default: the server's); 0: the whole prompt in one call")
     parser.add_argument("--decode-context", type=int, default=2048, help="context before decoding")
     parser.add_argument("--decode-tokens", type=int, default=32, help="decode steps per repeat")
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure (median reported)")
     parser.add_argument("--no-reference", action="store_true", help="skip transformers")
     parser.add_argument("--json", type=Path, default=None, help="write the results here too")
+
+
+def _chunk(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: one call), got {value}")
+    return value
+
+
+def _server_chunk() -> int:
+    from segcache.config import SchedulerConfig
+
+    return SchedulerConfig().prefill_chunk
 
 
 def _seconds(fn: Callable[[], None]) -> float:
@@ -46,22 +63,33 @@ def _seconds(fn: Callable[[], None]) -> float:
 class _Segcache:
     name = "segcache"
 
-    def __init__(self, resolved, dtype: str, cache_dir: Path, threads: int) -> None:
+    def __init__(self, resolved, dtype: str, cache_dir: Path, threads: int, chunk: int = 0) -> None:
         from segcache.config import ModelConfig
         from segcache.model.runtime import ModelRuntime
 
         cfg = ModelConfig(path=str(resolved.source), dtype=dtype, cache_dir=cache_dir, threads=threads)
         self.rt = ModelRuntime.load(resolved, cfg)
+        self.chunk = chunk
         plan = self.rt.plan
-        self.describe = (f"prefill {_short(plan.prefill)}, decode {_short(plan.decode)} activations "
-                         f"with {self.rt.decode_scheme} weights, KV {_short(plan.kv)}")
+        self.describe = (f"prefill {_short(plan.prefill)}"
+                         f"{f' in {chunk}-token chunks' if chunk else ' in one call'}, decode "
+                         f"{_short(plan.decode)} activations with {self.rt.decode_scheme} weights, "
+                         f"KV {_short(plan.kv)}")
 
     def prefill(self, ids) -> Callable[[], None]:
         import torch
 
-        kv = self.rt.new_kv(len(ids))
-        pos = torch.arange(len(ids))
-        return lambda: self.rt.prefill(ids, pos, kv, 0)
+        n = len(ids)
+        kv = self.rt.new_kv(n)
+        step = self.chunk or n
+
+        def run() -> None:
+            for a in range(0, n, step):
+                b = min(n, a + step)
+                last = torch.tensor([b - a - 1]) if b == n else torch.empty(0, dtype=torch.long)
+                self.rt.prefill(ids[a:b], torch.arange(a, b), kv, a, last)
+
+        return run
 
     def decode(self, ids, steps: int) -> Callable[[], None]:
         import torch
@@ -167,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
 
     t0 = time.perf_counter()
-    engines = [_Segcache(resolved, args.dtype, cache_dir, args.threads)]
+    engines = [_Segcache(resolved, args.dtype, cache_dir, args.threads, args.prefill_chunk)]
     console.print(f"segcache: {engines[0].describe} (loaded in {time.perf_counter() - t0:.1f} s)")
     if not args.no_reference:
         ref_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
@@ -197,5 +225,6 @@ def run(args: argparse.Namespace) -> int:
             "model": resolved.name, "dtype": args.dtype, "threads": args.threads, "cpu": _cpu_name(),
             "torch": torch.__version__, "segcache": ours_desc, "reference": ref_desc,
             "repeats": args.repeats, "decode_tokens": args.decode_tokens, "tokens_per_s": results,
+            "prefill_chunk": args.prefill_chunk,
         }, indent=2))
     return 0
