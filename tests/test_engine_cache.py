@@ -235,9 +235,38 @@ def test_request_kv_buffers_are_reused_without_changing_answers(tiny_engine_fact
     first = ChatRequest("t", [{"role": "user", "content": "alpha beta gamma " * 40}], [], greedy)
     second = ChatRequest("u", [{"role": "user", "content": "Something shorter."}], [], greedy)
     engine.chat(first)
-    (buffer,) = engine._kv_pool._free
+    ((buffer, _held),) = engine._kv_pool._free
     ptr = buffer.data_ptr()
     got = engine.chat(second)
-    assert [b.data_ptr() for b in engine._kv_pool._free] == [ptr]  # taken, used, given back
+    assert [b.data_ptr() for b, _ in engine._kv_pool._free] == [ptr]  # taken, used, given back
     assert got.token_ids == tiny_engine_factory().chat(second).token_ids
     engine.tree.check_integrity()
+
+
+def test_a_kept_buffer_that_holds_the_matched_nodes_is_not_copied_into_again(tiny_engine_factory):
+    """The pool hands a request the buffer that already holds the longest run of its
+    matched nodes (same node objects, same handles), and _start copies only the rest;
+    answers are a cold engine's. After a purge nothing is trusted."""
+    engine = tiny_engine_factory()
+    taken: list[int] = []
+    take = engine._kv_pool.take
+
+    def spy(capacity, nodes=()):
+        kv, held = take(capacity, nodes)
+        taken.append(held)
+        return kv, held
+
+    engine._kv_pool.take = spy
+    q2 = [{"role": "user", "content": "And then?"}]
+    for agent in AGENTS:  # sequential: one buffer, handed from each request to the next
+        chat(engine, "t", agent)
+    assert taken == [0, 1, 1]  # A was in it already
+    for agent in AGENTS:
+        got = chat(engine, "t", agent, q2)
+        assert got.token_ids == chat(tiny_engine_factory(), "t", agent, q2).token_ids
+    assert taken[3:] == [2, 1, 1]  # after A+B+E: A+B of A+B+D; then A
+    again = chat(engine, "t", AGENTS[2], q2)  # the same request: its four units are held
+    assert taken[-1] == 4 and again.token_ids == got.token_ids
+    engine.purge("t")
+    chat(engine, "t", AGENTS[0])
+    assert taken[-1] == 0
