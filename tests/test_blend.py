@@ -151,6 +151,49 @@ def test_marked_segment_is_blended_at_a_new_position(tiny_engine_factory):
     assert all(n.pins == 0 for r in engine.tree._roots.values() for n in _nodes(r))
 
 
+def test_a_purge_drops_the_standalone_work_still_queued(tiny_engine_factory):
+    """A request's standalone blocks are computed by a background job after it answers;
+    a purge that comes first leaves the tenant's cache empty (the job inserts nothing),
+    so a client that purges before every request measures a cold server."""
+    from segcache.engine.scheduler import WaitFor
+
+    def gated(engine):
+        gate = ("test", "gate")
+        job = engine._standalone_job
+
+        def held(*args):
+            while gate in engine._inflight:
+                yield WaitFor(gate)
+            return (yield from job(*args))
+
+        with engine._lock:
+            engine._inflight[gate] = -1
+        engine._standalone_job = held
+        return lambda: engine._inflight.pop(gate)
+
+    def idle(engine):
+        end = time.monotonic() + 20
+        while engine.scheduler.load() != {"running": 0, "waiting": 0}:
+            assert time.monotonic() < end
+            time.sleep(0.02)
+
+    control = tiny_engine_factory(TINY)
+    release = gated(control)
+    _chat(control, "t", [anywhere("x", X)])
+    with control._lock:
+        release()
+    _wait_standalone(control, "t", 1)  # without a purge the job inserts its block
+    engine = tiny_engine_factory(TINY)
+    release = gated(engine)
+    _chat(engine, "t", [anywhere("x", X)])
+    engine.purge("t")
+    with engine._lock:
+        release()
+    idle(engine)
+    assert engine.cache_stats("t")["standalone"]["entries"] == 0
+    engine.tree.check_integrity()
+
+
 def _nodes(root):
     stack = [root]
     while stack:

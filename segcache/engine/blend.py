@@ -132,26 +132,31 @@ class Blending:
         if not units:
             return
         ns_s = self.standalone_namespace(ns)
+        purges = self._purges.get(ns_s, 0)
         job = self.scheduler.submit_background(
-            lambda job: self._standalone_job(job, ns_s, units), tenant)
+            lambda job: self._standalone_job(job, ns_s, units, purges), tenant)
         if job is not None:  # on the engine thread: marked before the job can start
             for unit in units:
                 self._inflight[(_KEY_PREFIX + ns_s, unit.key.digest)] = job.id
 
-    def _standalone_job(self, job: Job, ns_s: str, units: list[Unit]):
+    def _standalone_job(self, job: Job, ns_s: str, units: list[Unit], purges: int):
         try:
-            yield from self._compute_standalone(ns_s, units)
+            yield from self._compute_standalone(ns_s, units, purges)
         finally:
             for unit in units:
                 key = (_KEY_PREFIX + ns_s, unit.key.digest)
                 if self._inflight.get(key) == job.id:
                     del self._inflight[key]
 
-    def _compute_standalone(self, ns_s: str, units: list[Unit]):
+    def _compute_standalone(self, ns_s: str, units: list[Unit], purges: int | None = None):
         """Compute and insert each unit's block behind the sink (sink KV dropped,
-        keys stored before RoPE)."""
+        keys stored before RoPE). ``purges``: the namespace's purge count when a
+        background job was queued; once the tenant is purged after that, the job
+        inserts nothing (a purge leaves the tenant's cache empty)."""
         sink = self._sink
         for unit in units:
+            if purges is not None and self._purges.get(ns_s, 0) != purges:
+                return
             root = self.tree.root(ns_s)
             if unit.key.digest in root.children:
                 continue

@@ -43,8 +43,9 @@ class CacheControl:
         with self._prompt_lock:
             self.memo.forget(ns)
         with self._lock:
-            return (len(self.tree.purge(ns)) + len(self.tree.purge(self.standalone_namespace(ns)))
-                    + len(self.radix.purge(ns)))
+            ns_s = self.standalone_namespace(ns)
+            self._purges[ns_s] = self._purges.get(ns_s, 0) + 1  # queued background jobs insert nothing
+            return (len(self.tree.purge(ns)) + len(self.tree.purge(ns_s)) + len(self.radix.purge(ns)))
 
     def metrics(self) -> dict[str, Any]:
         with self._lock:

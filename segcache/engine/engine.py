@@ -292,6 +292,7 @@ class Engine(CacheControl, Blending):
         self._prompt_lock = threading.Lock()  # memo and registry: request threads only
         # (parent chain, digest) of every unit being computed -> the job computing it
         self._inflight: dict[tuple[str, str], int] = {}
+        self._purges: dict[str, int] = {}  # namespace -> purges so far (see _compute_standalone)
         self.scheduler = Scheduler(scheduler or SchedulerConfig(), _Runner(runtime),
                                    lambda key: key in self._inflight, self._lock, self._estimate)
 
