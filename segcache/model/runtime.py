@@ -151,7 +151,12 @@ class ModelRuntime:
                 # projections are then not kept. A bfloat16 prefill (AMX hosts) stays dense.
                 self._prefill_w = self._decode_w
                 self.model = self._decode_model
-                if self.model.prefill_attention is not None:
+                # Rows are independent where every chunk runs prefill_layers (all projections
+                # in blocks) and every projection takes the GEMM (outputs a multiple of 16;
+                # dot_rows groups rows by 8).
+                if self.model._fused_w is not None and all(
+                        p.shape[0] % 16 == 0 for lw in self._decode_w.layers
+                        for p in (lw.qkv, lw.o, lw.gate_up, lw.down)):
                     self.independent_rows = PREFILL_ATTENTION_TOKENS
         elif plan.decode == plan.prefill:
             self._decode_w = self._prefill_w
