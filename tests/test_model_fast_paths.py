@@ -135,6 +135,21 @@ def test_block_gemm_rows_do_not_depend_on_the_call(kernels):
             assert torch.equal(kernels.matmul(x[a:b], w), whole[a:b]), (a, b)
 
 
+def test_packed_panels_give_the_gemm_the_same_bits(kernels):
+    """Q4_1 weights packed per panel (no transpose when dequantised) against the
+    transposing dequantisation: the same values, so the same GEMM results."""
+    g = torch.Generator().manual_seed(5)
+    w = to_blocks(q4_1_matrix(48, 96, g))
+    x = torch.randn(20, 96, generator=g)
+    packed = kernels.matmul(x, w)
+    plain = torch.empty(20, 48)
+    kernels._q4_1(x.data_ptr(), 20, 96, w.qs.data_ptr(), w.d.data_ptr(), w.m.data_ptr(), None, None, None,
+                  plain.data_ptr(), 48, 1, 2)
+    assert torch.equal(packed, plain)
+    q, d, m = w.panels()
+    assert q.shape == (3, 96, 8) and d.shape == m.shape == (3, 3, 16)
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("slots", [1, 7, 300])
 def test_decode_attention_matches_sdpa(kernels, kv_dtype, slots):

@@ -36,7 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,7 +47,7 @@ BLOCK = 32
 QUANT_VERSION = "blocks1"
 # Bump when the kernels' arithmetic (summation order, exp) changes: part of the model
 # fingerprint, so KV computed by other kernels is never served.
-KERNEL_VERSION = "rows2+gemm2+pattn1+layers1"
+KERNEL_VERSION = "rows2+gemm3+pattn1+layers1"
 MAX_GROUP = 8  # query heads per KV head the attention kernel takes (MAXM in the C source)
 
 
@@ -60,6 +60,8 @@ class BlockLinear:
     d: torch.Tensor  # float32 [N, nb]
     m: torch.Tensor | None  # float32 [N, nb] (q4_1 only)
     exact: bool  # dequantize() equals the matrix it was made from, bit for bit
+    _panels: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False,
+                                                                            compare=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -68,6 +70,22 @@ class BlockLinear:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
+
+    def panels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q4_1 only, N a multiple of 16: the layout ``block_gemm`` dequantises without a
+        transpose (made once, then kept; ~the bytes of the blocks again). For panel p of
+        16 rows: q uint8 [N/16, K, 8], byte j of k = row j's q (low nibble) | row j+8's
+        (high); d and m float32 [N/16, nb, 16], a block's 16 rows contiguous."""
+        if self._panels is None:
+            n, k = self.shape
+            if self.kind != "q4_1" or n % 16:
+                raise ValueError("panels: Q4_1 with a multiple of 16 rows only")
+            b = self.qs.view(n, -1, 16)
+            q = torch.cat([b & 0x0F, b >> 4], -1).view(n // 16, 16, k)  # [P, 16, K]
+            packed = (q[:, :8] | (q[:, 8:] << 4)).transpose(1, 2).contiguous()  # [P, K, 8]
+            per_panel = [t.view(n // 16, 16, -1).transpose(1, 2).contiguous() for t in (self.d, self.m)]
+            self._panels = (packed, *per_panel)
+        return self._panels
 
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K], computed as GGUF does (``d*q + m`` in float32)."""
@@ -337,15 +355,37 @@ static void rows16(const float *a, int lda, int M, const float *b, int ldb, int 
     }
 }
 
+/* The same panel from Q4_1 weights packed per panel (BlockLinear.panels): for each k, 8
+   bytes hold rows j (low nibble) and j+8 (high nibble) of the panel, and each block's 16
+   scales and mins are contiguous, so a k is two conversions and two FMAs, no transpose.
+   The same values as dequant_panel, bit for bit. */
+static void dequant_panel_packed(int K, const uint8_t *pq, const float *pd, const float *pmin, float *wt) {
+    const __m128i lowmask = _mm_set1_epi8(0x0F);
+    for (int b = 0; b < K / 32; b++) {
+        const __m256 d0 = _mm256_loadu_ps(pd + b * 16), d1 = _mm256_loadu_ps(pd + b * 16 + 8);
+        const __m256 m0 = _mm256_loadu_ps(pmin + b * 16), m1 = _mm256_loadu_ps(pmin + b * 16 + 8);
+        for (int k = b * 32; k < b * 32 + 32; k++) {
+            const __m128i raw = _mm_loadl_epi64((const __m128i *)(pq + (size_t)k * 8));
+            const __m128i lo = _mm_and_si128(raw, lowmask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), lowmask);
+            _mm256_store_ps(wt + (size_t)k * NP, _mm256_fmadd_ps(d0, u8x8(lo), m0));
+            _mm256_store_ps(wt + (size_t)k * NP + 8, _mm256_fmadd_ps(d1, u8x8(hi), m1));
+        }
+    }
+}
+
+/* pq/pd/pm: the Q4_1 weights packed per panel, or NULL (then dequant_panel). */
 static void block_gemm(const float *x, int M, int K, const uint8_t *q4, const int8_t *q8,
-                       const float *d, const float *m, float *y, int N, int nthreads) {
+                       const float *d, const float *m, const uint8_t *pq, const float *pd,
+                       const float *pm, float *y, int N, int nthreads) {
     const int nb = K / 32, npanel = N / NP;
     #pragma omp parallel num_threads(nthreads)
     {
         float *wt = (float *)aligned_alloc(32, sizeof(float) * (size_t)K * NP);
         #pragma omp for schedule(dynamic, 1)
         for (int p = 0; p < npanel; p++) {
-            dequant_panel(K, nb, q4, q8, d, m, p * NP, wt);
+            if (pq) dequant_panel_packed(K, pq + (size_t)p * K * 8, pd + (size_t)p * nb * NP,
+                                         pm + (size_t)p * nb * NP, wt);
+            else dequant_panel(K, nb, q4, q8, d, m, p * NP, wt);
             rows16(x, K, M, wt, NP, K, y + (size_t)p * NP, N);
         }
         free(wt);
@@ -354,20 +394,21 @@ static void block_gemm(const float *x, int M, int K, const uint8_t *q4, const in
 
 /* More than gemm_rows rows (and N a multiple of NP): the GEMM, else dot_rows. The decode step
    passes DECODE_GEMM_ROWS, where the two cross over on the 2-core AMD host (every projection
-   of a layer x 30: 8 rows 15.9 vs 22.8 ms, 12 rows 25.0 vs 25.1, 16 rows 32.9 vs 29.6,
-   25 rows 62.0 vs 42.5, dot_rows vs GEMM); a prefill passes 1, so that a prompt row's result
-   never depends on how many rows its call has. */
-#define DECODE_GEMM_ROWS 12
+   of a layer x 30, dot_rows vs the GEMM on packed panels: 6 rows 13.9 vs 14.6 ms, 8 rows
+   18.1 vs 19.0, 12 rows 28.1 vs 20.9, 25 rows 67.1 vs 38.2); a prefill passes 1, so that a
+   prompt row's result never depends on how many rows its call has. */
+#define DECODE_GEMM_ROWS 8
 
 void q4_1_matmul(const float *x, int M, int K, const uint8_t *qs, const float *d,
-                 const float *m, float *y, int N, int gemm_rows, int nthreads) {
-    if (M > gemm_rows && N % NP == 0) block_gemm(x, M, K, qs, NULL, d, m, y, N, nthreads);
+                 const float *m, const uint8_t *pq, const float *pd, const float *pm,
+                 float *y, int N, int gemm_rows, int nthreads) {
+    if (M > gemm_rows && N % NP == 0) block_gemm(x, M, K, qs, NULL, d, m, pq, pd, pm, y, N, nthreads);
     else block_matmul(x, M, K, qs, NULL, d, m, y, N, nthreads);
 }
 
 void q8_0_matmul(const float *x, int M, int K, const int8_t *qs, const float *d, float *y,
                  int N, int gemm_rows, int nthreads) {
-    if (M > gemm_rows && N % NP == 0) block_gemm(x, M, K, NULL, qs, d, NULL, y, N, nthreads);
+    if (M > gemm_rows && N % NP == 0) block_gemm(x, M, K, NULL, qs, d, NULL, NULL, NULL, NULL, y, N, nthreads);
     else block_matmul(x, M, K, NULL, qs, d, NULL, y, N, nthreads);
 }
 """
@@ -462,7 +503,10 @@ _DECODE_C = r"""
 /* One decode step of a whole Llama model for B sequences, every projection in blocks:
    the same kernels and arithmetic as the torch path (LlamaModel.forward with
    PackedLinear weights and attend_decode), without a Python op between them. */
-typedef struct { const void *qs; const float *d; const float *m; int kind; int n; int k; } Mat;  /* kind 0 q4_1, 1 q8_0 */
+typedef struct {
+    const void *qs; const float *d; const float *m; int kind; int n; int k;  /* kind 0 q4_1, 1 q8_0 */
+    const uint8_t *pq; const float *pd; const float *pm;                       /* q4_1 panels, or NULL */
+} Mat;
 typedef struct { const float *attn_norm, *qkv_bias, *mlp_norm; Mat qkv, o, gate_up, down; } Layer;
 typedef struct {
     int n_layers, hidden, inter, n_heads, n_kv, head_dim, kv_f16;
@@ -473,7 +517,8 @@ typedef struct {
 } Net;
 
 static void mat_mul_rows(const Mat *w, const float *x, int M, float *y, int gemm_rows, int nt) {
-    if (w->kind == 0) q4_1_matmul(x, M, w->k, (const uint8_t *)w->qs, w->d, w->m, y, w->n, gemm_rows, nt);
+    if (w->kind == 0) q4_1_matmul(x, M, w->k, (const uint8_t *)w->qs, w->d, w->m, w->pq, w->pd, w->pm, y, w->n,
+                                  gemm_rows, nt);
     else q8_0_matmul(x, M, w->k, (const int8_t *)w->qs, w->d, y, w->n, gemm_rows, nt);
 }
 
@@ -775,7 +820,7 @@ class BlockKernels:
         self.path = path
         p, i = ctypes.c_void_p, ctypes.c_int
         self._q4_1 = lib.q4_1_matmul
-        self._q4_1.argtypes = [p, i, i, p, p, p, p, i, i, i]
+        self._q4_1.argtypes = [p, i, i, p, p, p, p, p, p, p, i, i, i]
         self._q4_1.restype = None
         self._q8_0 = lib.q8_0_matmul
         self._q8_0.argtypes = [p, i, i, p, p, p, i, i, i]
@@ -798,8 +843,9 @@ class BlockKernels:
         y = torch.empty(x.shape[0], n, dtype=torch.float32)
         nt = torch.get_num_threads()
         if w.kind == "q4_1":
+            pq, pd, pm = (t.data_ptr() for t in w.panels()) if n % 16 == 0 else (None, None, None)
             self._q4_1(x.data_ptr(), x.shape[0], k, w.qs.data_ptr(), w.d.data_ptr(), w.m.data_ptr(),
-                       y.data_ptr(), n, gemm_rows, nt)
+                       pq, pd, pm, y.data_ptr(), n, gemm_rows, nt)
         else:
             self._q8_0(x.data_ptr(), x.shape[0], k, w.qs.data_ptr(), w.d.data_ptr(), y.data_ptr(), n,
                        gemm_rows, nt)
@@ -851,7 +897,8 @@ class BlockKernels:
 
 class _Mat(ctypes.Structure):
     _fields_ = [("qs", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p),
-                ("kind", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int)]
+                ("kind", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int),
+                ("pq", ctypes.c_void_p), ("pd", ctypes.c_void_p), ("pm", ctypes.c_void_p)]
 
 
 class _Layer(ctypes.Structure):
@@ -926,8 +973,11 @@ class FusedDecoder:
     def _mat(self, w: BlockLinear) -> _Mat:
         self._keep += [t for t in (w.qs, w.d, w.m) if t is not None]
         n, k = w.shape
+        panels = w.panels() if w.kind == "q4_1" and n % 16 == 0 else (None, None, None)
+        self._keep += [t for t in panels if t is not None]
         return _Mat(w.qs.data_ptr(), w.d.data_ptr(), w.m.data_ptr() if w.m is not None else None,
-                    0 if w.kind == "q4_1" else 1, n, k)
+                    0 if w.kind == "q4_1" else 1, n, k,
+                    *(t.data_ptr() if t is not None else None for t in panels))
 
     def prefill_layers(self, x: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor, start: int,
                        l0: int, l1: int) -> torch.Tensor:
