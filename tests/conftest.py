@@ -39,6 +39,17 @@ def real_engine():
                               cache=CacheConfig()), progress=False)
 
 
+@pytest.fixture(scope="session")
+def kernels(tmp_path_factory):
+    """The block kernels (quant.py), built once per session in a temporary folder."""
+    from segcache.model.quant import load_kernels
+
+    k = load_kernels(tmp_path_factory.mktemp("kernels"))
+    if k is None:
+        pytest.skip("block kernels unavailable here (needs x86-64 Linux, AVX2 and a C compiler)")
+    return k
+
+
 @pytest.fixture
 def tiny_engine_factory(tokenizer):
     """Build an engine over the tiny random model with a given CacheConfig."""

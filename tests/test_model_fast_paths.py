@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from segcache.model.arch import ModelArch
 from segcache.model.llama import causal_mask
-from segcache.model.quant import load_kernels, quantize_q8_0, recover_q4_1, to_blocks
+from segcache.model.quant import quantize_q8_0, recover_q4_1, to_blocks
 from segcache.model.runtime import ModelRuntime, PhasePlan, plan_dtypes
 
 ARCH = ModelArch(vocab_size=160, hidden_size=64, intermediate_size=96, n_layers=2, n_heads=6,
@@ -59,14 +59,6 @@ def state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
         for name, (rows, cols) in shapes.items():
             sd[p + name + ".weight"] = q4_1_matrix(rows, cols, g)
     return sd
-
-
-@pytest.fixture(scope="module")
-def kernels(tmp_path_factory):
-    k = load_kernels(tmp_path_factory.mktemp("kernels"))
-    if k is None:
-        pytest.skip("block kernels unavailable here (needs x86-64 Linux, AVX2 and a C compiler)")
-    return k
 
 
 @pytest.fixture(scope="module")

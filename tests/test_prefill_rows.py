@@ -16,7 +16,6 @@ import torch
 from segcache.config import CacheConfig, ModelConfig
 from segcache.engine.engine import Engine
 from segcache.engine.types import ChatRequest, SamplingParams, SegmentInput
-from segcache.model.quant import load_kernels
 from segcache.model.runtime import PREFILL_ATTENTION_TOKENS, ModelRuntime, plan_dtypes
 from tests.tiny import TINY, tiny_state_dict
 
@@ -25,14 +24,6 @@ RULES = "Global rules: answer in English, cite files, never invent APIs. " * 10
 SKILL = "Backend agent: Python, SQL, migrations, pytest. " * 4
 Q1 = [{"role": "user", "content": "What does the auth module do?"}]
 Q2 = Q1 + [{"role": "user", "content": "And which tests cover it? Answer briefly."}]
-
-
-@pytest.fixture(scope="module")
-def kernels(tmp_path_factory):
-    k = load_kernels(tmp_path_factory.mktemp("kernels"))
-    if k is None:
-        pytest.skip("block kernels unavailable here (needs x86-64 Linux, AVX2 and a C compiler)")
-    return k
 
 
 def tiny_auto(kernels) -> ModelRuntime:
@@ -84,7 +75,21 @@ def _unit_kv(engine: Engine, tenant: str, result, depth: int) -> torch.Tensor:
     return node.handle
 
 
-def _turns_against_cold(make_engine) -> None:
+def _turns_against_cold(runtime: ModelRuntime, tokenizer) -> None:
+    engines: list[Engine] = []
+
+    def make_engine() -> Engine:
+        engines.append(Engine(runtime, tokenizer, CacheConfig(), "auto"))
+        return engines[-1]
+
+    try:
+        _turns_against_cold_with(make_engine)
+    finally:
+        for e in engines:
+            e.close(drain=False)
+
+
+def _turns_against_cold_with(make_engine) -> None:
     segments = [SegmentInput(id="rules", content=RULES), SegmentInput(id="skill", content=SKILL)]
     warm = make_engine()
     calls = _counting(warm)
@@ -106,17 +111,7 @@ def _turns_against_cold(make_engine) -> None:
 
 
 def test_warm_turn_is_one_prefill_and_cached_equals_cold_tiny(kernels, tokenizer):
-    engines: list[Engine] = []
-
-    def make() -> Engine:
-        engines.append(Engine(tiny_auto(kernels), tokenizer, CacheConfig(), "tiny"))
-        return engines[-1]
-
-    try:
-        _turns_against_cold(make)
-    finally:
-        for e in engines:
-            e.close(drain=False)
+    _turns_against_cold(tiny_auto(kernels), tokenizer)
 
 
 def test_without_independent_rows_the_unit_is_prefilled_alone(tiny_engine_factory):
@@ -136,14 +131,4 @@ def test_warm_turn_is_one_prefill_and_cached_equals_cold_real(tokenizer):
     rt = ModelRuntime.load(resolved, ModelConfig(dtype="auto", cache_dir=_cache_dir()))
     if rt.independent_rows == 0:
         pytest.skip("no block kernels here: the auto plan is the float32 one")
-    engines: list[Engine] = []
-
-    def make() -> Engine:
-        engines.append(Engine(rt, tokenizer, CacheConfig(), "real-auto"))
-        return engines[-1]
-
-    try:
-        _turns_against_cold(make)
-    finally:
-        for e in engines:
-            e.close(drain=False)
+    _turns_against_cold(rt, tokenizer)

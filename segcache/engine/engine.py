@@ -222,7 +222,8 @@ class _KVPool:
         fits = [i for i, (kv, _) in enumerate(self._free) if cap <= kv.shape[3] <= 2 * cap]
         if not fits:
             return self._new(cap), 0
-        common = {i: self._common(self._free[i][1], list(nodes)) for i in fits}
+        nodes = list(nodes)
+        common = {i: self._common(self._free[i][1], nodes) for i in fits}
         best = min(fits, key=lambda i: (-common[i], self._free[i][0].shape[3]))
         return self._free.pop(best)[0], common[best]
 

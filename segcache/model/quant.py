@@ -470,34 +470,49 @@ void ATTEND_NAME(const float *q, const KV_T *k, const KV_T *v, long hstride, int
             for (int j = 0; j < nv; j++) _mm256_storeu_ps(part + g * (D + 2) + 2 + j * 8, o[g][j]);
         free(sc);
     }
-    for (int h = 0; h < Hkv; h++)
-        for (int g = 0; g < G; g++) {
-            float mx = -INFINITY, l = 0.f;
-            for (int c = 0; c < nchunk; c++) {
-                float m = pm[((size_t)(h * nchunk + c) * G + g) * (D + 2)];
-                mx = m > mx ? m : mx;
-            }
-            float *o = out + (size_t)(h * G + g) * D;
-            for (int j = 0; j < D; j++) o[j] = 0.f;
-            for (int c = 0; c < nchunk; c++) {
-                const float *part = pm + ((size_t)(h * nchunk + c) * G + g) * (D + 2);
-                if (part[0] == -INFINITY) continue;
-                float w = expf(part[0] - mx);
-                l += w * part[1];
-                for (int j = 0; j < D; j++) o[j] += w * part[2 + j];
-            }
-            for (int j = 0; j < D; j++) o[j] /= l;
-        }
+    merge_states(pm, Hkv, nchunk, G, D, out, nthreads);
     free(pm);
 }
 """
 
-# One attention function per KV dtype: (name, element type, load 8 elements as float32).
-_C_SOURCE += "".join(
-    _ATTEND_C.replace("ATTEND_NAME", name).replace("KV_T", kv_t).replace("LOAD8", load8)
-    for name, kv_t, load8 in (("attend_decode_f32", "float", "_mm256_loadu_ps"),
-                              ("attend_decode_f16", "uint16_t", "load8_f16"))
-)
+_MERGE_C = r"""
+/* Merge the attention kernels' partial softmax states: pm[((h*nchunk + c)*R + r)*(D+2)]
+   holds (max, sum, output[D]) of row r of KV head h over slot chunk c (max -INFINITY: the
+   row saw no slot there); out[(h*R + r)*D] gets the normalised output. */
+static void merge_states(const float *pm, int Hkv, int nchunk, int R, int D, float *out, int nthreads) {
+    const int W = D + 2;
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (Hkv * R >= 64)
+    for (int hr = 0; hr < Hkv * R; hr++) {
+        const int h = hr / R, r = hr % R;
+        float mx = -INFINITY, l = 0.f;
+        for (int c = 0; c < nchunk; c++) {
+            const float m = pm[((size_t)(h * nchunk + c) * R + r) * W];
+            mx = m > mx ? m : mx;
+        }
+        float *o = out + ((size_t)h * R + r) * D;
+        for (int d = 0; d < D; d++) o[d] = 0.f;
+        for (int c = 0; c < nchunk; c++) {
+            const float *st = pm + ((size_t)(h * nchunk + c) * R + r) * W;
+            if (st[0] == -INFINITY) continue;
+            const float w = expf(st[0] - mx);
+            l += w * st[1];
+            for (int d = 0; d < D; d++) o[d] += w * st[2 + d];
+        }
+        for (int d = 0; d < D; d++) o[d] /= l;
+    }
+}
+"""
+
+
+def _per_kv_dtype(template: str, name: str, prefix: str) -> str:
+    """``template`` once per KV dtype: ``name`` -> prefix_f32 / prefix_f16, KV_T the element
+    type, LOAD8 the load of 8 elements as float32."""
+    return "".join(template.replace(name, f"{prefix}_{suffix}").replace("KV_T", kv_t).replace("LOAD8", load8)
+                   for suffix, kv_t, load8 in (("f32", "float", "_mm256_loadu_ps"),
+                                               ("f16", "uint16_t", "load8_f16")))
+
+
+_C_SOURCE += _MERGE_C + _per_kv_dtype(_ATTEND_C, "ATTEND_NAME", "attend_decode")
 
 _DECODE_C = r"""
 /* One decode step of a whole Llama model for B sequences, every projection in blocks:
@@ -647,7 +662,7 @@ _PREFILL_ATTEND_C = r"""
 #define PC 128
 void PREFILL_NAME(const float *q, const KV_T *k, const KV_T *v, long hstride, int Hkv, int G,
                   int T, int start, int D, float scale, float *out, int nthreads) {
-    const int S = start + T, R = G * T, W = D + 2;
+    const int S = start + T, R = G * T, W = D + 2;  /* W: a partial state (merge_states) */
     const int nchunk = (S + PC - 1) / PC, ntask = Hkv * nchunk;
     float *pm = (float *)malloc(sizeof(float) * (size_t)ntask * R * W);
     #pragma omp parallel num_threads(nthreads)
@@ -713,33 +728,11 @@ void PREFILL_NAME(const float *q, const KV_T *k, const KV_T *v, long hstride, in
         }
         free(kt);
     }
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int hr = 0; hr < Hkv * R; hr++) {
-        const int h = hr / R, r = hr % R;
-        float mx = -INFINITY, l = 0.f;
-        for (int c = 0; c < nchunk; c++) {
-            const float m = pm[((size_t)(h * nchunk + c) * R + r) * W];
-            mx = m > mx ? m : mx;
-        }
-        float *o = out + ((size_t)h * R + r) * D;
-        for (int d = 0; d < D; d++) o[d] = 0.f;
-        for (int c = 0; c < nchunk; c++) {
-            const float *st = pm + ((size_t)(h * nchunk + c) * R + r) * W;
-            if (st[0] == -INFINITY) continue;
-            const float w = expf(st[0] - mx);
-            l += w * st[1];
-            for (int d = 0; d < D; d++) o[d] += w * st[2 + d];
-        }
-        for (int d = 0; d < D; d++) o[d] /= l;
-    }
+    merge_states(pm, Hkv, nchunk, R, D, out, nthreads);
     free(pm);
 }
 """
-_C_SOURCE += "".join(
-    _PREFILL_ATTEND_C.replace("PREFILL_NAME", name).replace("KV_T", kv_t).replace("LOAD8", load8)
-    for name, kv_t, load8 in (("attend_prefill_f32", "float", "_mm256_loadu_ps"),
-                              ("attend_prefill_f16", "uint16_t", "load8_f16"))
-)
+_C_SOURCE += _per_kv_dtype(_PREFILL_ATTEND_C, "PREFILL_NAME", "attend_prefill")
 
 _PREFILL_LAYERS_C = r"""
 /* Layers l0 .. l1-1 of a prefill of T >= 2 tokens of one sequence, at slots start ..

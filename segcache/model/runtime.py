@@ -139,10 +139,6 @@ class ModelRuntime:
                     if tiles:  # prefills of 2..PREFILL_ATTENTION_TOKENS tokens: one C call per slice
                         self._decode_model.use_fused_layers(self._fused.prefill_layers, self._decode_w)
                         self.decode_scheme += "+layers"
-            if isinstance(self._decode_w.lm_head, PackedLinear):
-                # A prefill needs the logits of one row: the block head reads 1/4 of the
-                # bytes of the float32 one (same weights; ~20 ms less per prefill here).
-                self._prefill_w = dataclasses.replace(self._prefill_w, lm_head=self._decode_w.lm_head)
             if plan.prefill == torch.float32:
                 # float32 prefill runs on the block weights too: the kernels' register-tiled
                 # GEMM beats torch's float32 GEMM at every chunk size the engine uses (2-core
@@ -154,10 +150,14 @@ class ModelRuntime:
                 # Rows are independent where every chunk runs prefill_layers (all projections
                 # in blocks) and every projection takes the GEMM (outputs a multiple of 16;
                 # dot_rows groups rows by 8).
-                if self.model._fused_w is not None and all(
+                if "+layers" in self.decode_scheme and all(
                         p.shape[0] % 16 == 0 for lw in self._decode_w.layers
                         for p in (lw.qkv, lw.o, lw.gate_up, lw.down)):
                     self.independent_rows = PREFILL_ATTENTION_TOKENS
+            elif isinstance(self._decode_w.lm_head, PackedLinear):
+                # A (bfloat16) prefill needs the logits of one row: the block head reads 1/4
+                # of the bytes of the dense one (same weights; ~20 ms less per prefill here).
+                self._prefill_w = dataclasses.replace(self._prefill_w, lm_head=self._decode_w.lm_head)
         elif plan.decode == plan.prefill:
             self._decode_w = self._prefill_w
         else:
