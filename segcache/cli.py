@@ -190,6 +190,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from segcache.engine.types import ChatRequest, SamplingParams
 
     engine = Engine.load(_config(args))
+    print(f"segcache: execution plan: {engine.execution_plan}", file=sys.stderr)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
@@ -217,6 +218,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     engine = Engine.load(cfg)
+    print(f"segcache: execution plan: {engine.execution_plan}", file=sys.stderr)
     serve(engine, cfg.server, cfg.cache)
     return 0
 

@@ -51,6 +51,7 @@ class FakeEngine:
 
     def __init__(self, context_window: int = 4096, budget_bytes: int = 10**9) -> None:
         self.context_window = context_window
+        self.execution_plan = "fake: no model"
         self.budget_bytes = budget_bytes
         self.token_delay_s = 0.0
         self.fail_with: Exception | None = None

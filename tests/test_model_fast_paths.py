@@ -135,8 +135,9 @@ def test_packed_panels_give_the_gemm_the_same_bits(kernels):
     x = torch.randn(20, 96, generator=g)
     packed = kernels.matmul(x, w)
     plain = torch.empty(20, 48)
-    kernels._q4_1(x.data_ptr(), 20, 96, w.qs.data_ptr(), w.d.data_ptr(), w.m.data_ptr(), None, None, None,
-                  plain.data_ptr(), 48, 1, 2)
+    p, null = kernels.ptr, kernels.ffi.NULL
+    kernels.lib.q4_1_matmul(p("float *", x), 20, 96, p("uint8_t *", w.qs), p("float *", w.d),
+                            p("float *", w.m), null, null, null, p("float *", plain), 48, 1, 2)
     assert torch.equal(packed, plain)
     q, d, m = w.panels()
     assert q.shape == (3, 96, 8) and d.shape == m.shape == (3, 3, 16)

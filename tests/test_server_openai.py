@@ -164,7 +164,8 @@ def test_stop_and_length(client):
 def test_models_and_health(client, base_url):
     models = client.models.list()
     assert [m.id for m in models.data] == ["fake-model"]
-    assert httpx.get(base_url + "/health").json() == {"status": "ok"}
+    assert models.data[0].model_extra["execution_plan"] == "fake: no model"
+    assert httpx.get(base_url + "/health").json() == {"status": "ok", "plan": "fake: no model"}
 
 
 def test_served_model_name_override():

@@ -8,6 +8,12 @@ prefills (``SchedulerConfig.prefill_chunk``), or in one call with 0. Decode: ``-
 ``--decode-context`` tokens (each repeat restarts at the same position).
 Imports torch and transformers only inside ``run`` (the CLI imports this module
 to build its parser).
+
+``--contend N`` starts N busy processes (a pure-Python spin each, at normal priority) and
+measures every figure twice per repeat, quiet and with them running (resumed with SIGCONT,
+paused with SIGSTOP, so both conditions alternate within one run); the table then gives the
+contended rate as a share of the quiet one. On 2 cores a kernel whose parallel regions wait
+for every thread collapses here: one busy neighbour parks a worker in most regions.
 """
 
 from __future__ import annotations
@@ -15,7 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import signal
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-tokens", type=int, default=32, help="decode steps per repeat")
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure (median reported)")
     parser.add_argument("--no-reference", action="store_true", help="skip transformers")
+    parser.add_argument("--contend", type=int, default=0, metavar="N",
+                        help="also measure every figure with N busy processes beside it (quiet and "
+                             "contended alternate in each repeat); reports contended/quiet")
     parser.add_argument("--json", type=Path, default=None, help="write the results here too")
 
 
@@ -141,7 +153,49 @@ def _short(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _measure(engines: list, sizes: list[int], args, vocab: int) -> dict[str, dict[str, float]]:
+class Contenders:
+    """N busy processes (``python -c 'while True: pass'``), created stopped; ``running()``
+    lets them run for the length of a ``with`` block. Killed on ``close``."""
+
+    def __init__(self, n: int) -> None:
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+        self._signal(signal.SIGSTOP)
+
+    def _signal(self, sig: int) -> None:
+        for p in self.procs:
+            p.send_signal(sig)
+
+    def running(self):
+        outer = self
+
+        class _Running:
+            def __enter__(self):
+                outer._signal(signal.SIGCONT)
+                time.sleep(0.05)  # let the scheduler see them before timing starts
+
+            def __exit__(self, *exc):
+                outer._signal(signal.SIGSTOP)
+
+        return _Running()
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
+def _conditions(contenders: Contenders | None) -> list[tuple[str, object]]:
+    """(figure suffix, context manager) per condition measured in each repeat."""
+    import contextlib
+
+    quiet = ("", contextlib.nullcontext)
+    if contenders is None:
+        return [quiet]
+    return [quiet, (f"+contend{len(contenders.procs)}", contenders.running)]
+
+
+def _measure(engines: list, sizes: list[int], args, vocab: int,
+             contenders: Contenders | None = None) -> dict[str, dict[str, float]]:
     """tokens/s per engine and figure. The engines take turns within every repeat,
     so a load that drifts during the run (a shared host) weighs on both alike."""
     import torch
@@ -157,15 +211,19 @@ def _measure(engines: list, sizes: list[int], args, vocab: int) -> dict[str, dic
         for run in decodes:
             run()  # warm-up
         figures.append((f"decode@{args.decode_context}", args.decode_tokens, decodes))
+        conditions = _conditions(contenders)
         for key, tokens, runs in figures:
-            times: list[list[float]] = [[] for _ in engines]
+            times = {(suffix, i): [] for suffix, _ in conditions for i in range(len(engines))}
             for _ in range(args.repeats):
-                for i, run in enumerate(runs):
-                    times[i].append(_seconds(run))
-            for e, t in zip(engines, times, strict=True):
-                out[e.name][key] = tokens / statistics.median(t)
-            print("  " + key + ": " + ", ".join(f"{e.name} {out[e.name][key]:.1f} tok/s"
-                                               for e in engines), flush=True)
+                for suffix, condition in conditions:
+                    with condition():
+                        for i, run in enumerate(runs):
+                            times[suffix, i].append(_seconds(run))
+            for suffix, _ in conditions:
+                for i, e in enumerate(engines):
+                    out[e.name][key + suffix] = tokens / statistics.median(times[suffix, i])
+                print("  " + key + suffix + ": " + ", ".join(f"{e.name} {out[e.name][key + suffix]:.1f} tok/s"
+                                                            for e in engines), flush=True)
     return out
 
 
@@ -202,7 +260,12 @@ def run(args: argparse.Namespace) -> int:
             args.dtype, torch.bfloat16 if cpu_has_bf16_gemm() else torch.float32)
         engines.append(_Transformers(resolved.directory, ref_dtype))
         console.print(f"reference: {engines[1].describe}")
-    results = _measure(engines, sizes, args, vocab)
+    contenders = Contenders(args.contend) if args.contend > 0 else None
+    try:
+        results = _measure(engines, sizes, args, vocab, contenders)
+    finally:
+        if contenders is not None:
+            contenders.close()
     ours_desc = engines[0].describe
     ref_desc = engines[1].describe if len(engines) > 1 else None
 
@@ -213,11 +276,16 @@ def run(args: argparse.Namespace) -> int:
     if ref_desc:
         table.add_column("transformers tok/s", justify="right")
         table.add_column("ratio", justify="right")
+    if contenders is not None:
+        table.add_column("segcache contended / quiet", justify="right")
     for key, value in results["segcache"].items():
         row = [key.replace("@", " @"), f"{value:.1f}"]
         if ref_desc:
             other = results["transformers"][key]
             row += [f"{other:.1f}", f"{value / other:.2f}x"]
+        if contenders is not None:
+            quiet = results["segcache"].get(key.split("+contend")[0])
+            row.append(f"{value / quiet:.0%}" if "+contend" in key and quiet else "")
         table.add_row(*row)
     console.print(table)
     if args.json:
@@ -225,6 +293,6 @@ def run(args: argparse.Namespace) -> int:
             "model": resolved.name, "dtype": args.dtype, "threads": args.threads, "cpu": _cpu_name(),
             "torch": torch.__version__, "segcache": ours_desc, "reference": ref_desc,
             "repeats": args.repeats, "decode_tokens": args.decode_tokens, "tokens_per_s": results,
-            "prefill_chunk": args.prefill_chunk,
+            "prefill_chunk": args.prefill_chunk, "contend": args.contend,
         }, indent=2))
     return 0

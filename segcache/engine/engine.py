@@ -281,6 +281,7 @@ class Engine(CacheControl, Blending):
         self.model_name = model_name
         self.fingerprint = runtime.fingerprint
         self.context_window = runtime.arch.max_position
+        self.execution_plan = runtime.plan_summary()  # which code computes tokens (/health, /v1/models)
         self.tree = SegmentTree(cache.cache_bytes, clock=clock,
                                 tenant_quota_bytes=cache.tenant_quota_bytes)
         self.radix = RadixTree(cache.cache_bytes, split_handle=_split_kv, bytes_of=_kv_bytes,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from segcache.model.arch import ModelArch
 
 # A projection matrix [out, in]: a dense tensor, or a packed one called as
-# ``w(x)`` ([T, in] -> [T, out], float32), e.g. ``segcache.model.quant.PackedLinear``.
+# ``w(x)`` ([T, in] -> [T, out], float32), e.g. ``segcache.model.kernels.PackedLinear``.
 Linear = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 # (key naming the matrix, its float32 values [out, in]) -> the Linear the forward uses.
 PackFn = Callable[[str, torch.Tensor], Linear]
@@ -157,7 +157,7 @@ def causal_mask(start: int, n_new: int, device: str | torch.device = "cpu") -> t
 
 
 # Attention of one new token: (q [Hq, 1, D], keys [Hkv, S, D], values [Hkv, S, D],
-# scale) -> [Hq, 1, D], e.g. ``segcache.model.quant.BlockKernels.attend_decode``.
+# scale) -> [Hq, 1, D], e.g. ``segcache.model.kernels.BlockKernels.attend_decode``.
 DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 # Causal attention of T new tokens after ``start`` slots: (q [Hq, T, D], keys/values
 # [Hkv, start+T, D] as stored, start, scale) -> [Hq, T, D], e.g. ``BlockKernels.attend_prefill``.
@@ -190,7 +190,7 @@ class LlamaModel:
     def use_fused_layers(self, layers: FusedLayers, w: Weights) -> None:
         """Run prefills of 2 .. ``prefill_attention_tokens`` tokens over the weights ``w``
         with ``layers`` (one call for a range of layers: the same arithmetic as ``_layer``
-        with ``prefill_attention``, e.g. ``quant.FusedDecoder.prefill_layers``)."""
+        with ``prefill_attention``, e.g. ``kernels.FusedDecoder.prefill_layers``)."""
         self._fused_layers, self._fused_w = layers, w
 
     def new_kv(self, capacity: int, dtype: torch.dtype) -> torch.Tensor:

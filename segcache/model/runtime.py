@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,22 +31,21 @@ import torch
 from segcache.config import ModelConfig
 from segcache.model.arch import ModelArch
 from segcache.model.batch import decode_batch
-from segcache.model.llama import LlamaModel, Weights
-from segcache.model.quant import (
+from segcache.model.kernels import (
     KERNEL_VERSION,
     MAX_GROUP,
-    QUANT_VERSION,
     BlockKernels,
-    BlockLinear,
     DecodeLayer,
     FusedDecoder,
+    KernelProbe,
     PackedLinear,
-    load_blocks,
-    load_kernels,
-    save_blocks,
-    to_blocks,
+    probe_kernels,
 )
+from segcache.model.llama import LlamaModel, Weights
+from segcache.model.quant import QUANT_VERSION, BlockLinear, load_blocks, save_blocks, to_blocks
 from segcache.model.weights import ResolvedModel, load_arch, load_state_dict
+
+log = logging.getLogger("segcache.model")
 
 # Bump when the layout or meaning of stored KV changes: old KV can then never be served.
 KV_LAYOUT_VERSION = "kv1:[layers,2,kv_heads,tokens,head_dim]:k-after-rope"
@@ -64,7 +64,7 @@ class PhasePlan:
     prefill: torch.dtype  # compute dtype of prefill (weights and activations)
     decode: torch.dtype  # activation dtype of decode
     kv: torch.dtype
-    decode_weights: str = "dense"  # "dense" (in ``decode``) | "blocks" (quant.py kernels)
+    decode_weights: str = "dense"  # "dense" (in ``decode``) | "blocks" (the csrc/ kernels)
 
 
 def cpu_has_bf16_gemm() -> bool:
@@ -78,7 +78,7 @@ def cpu_has_bf16_gemm() -> bool:
 def plan_dtypes(dtype: str, device: str, block_kernels: bool = False,
                 bf16_gemm: bool | None = None) -> PhasePlan:
     """The per-phase plan for ``ModelConfig.dtype``. ``block_kernels``: the
-    quant.py kernels loaded on this machine; ``bf16_gemm`` defaults to asking the CPU."""
+    csrc/ kernels loaded on this machine; ``bf16_gemm`` defaults to asking the CPU."""
     if dtype == "float32":
         return PhasePlan(torch.float32, torch.float32, torch.float32)
     if dtype == "bfloat16":
@@ -107,7 +107,8 @@ class ModelRuntime:
         """``kernels``: required by a "blocks" plan. ``block_cache``: a file where the
         block form of the weights is kept between starts (packing takes seconds)."""
         if plan.decode_weights == "blocks" and kernels is None:
-            raise ValueError("plan.decode_weights='blocks' needs the block kernels (quant.load_kernels)")
+            raise ValueError("plan.decode_weights='blocks' needs the block kernels (kernels.probe_kernels)")
+        self.kernel_probe: KernelProbe | None = None  # set by load(): how the kernels were had
         self.arch = arch
         self.plan = plan
         self.device = device
@@ -170,16 +171,36 @@ class ModelRuntime:
             torch.set_num_threads(cfg.threads)
         arch = load_arch(resolved.directory)
         sd = load_state_dict(resolved.directory)
-        kernels = None
+        probe = KernelProbe(None, "not-used", f"--dtype {cfg.dtype} on {cfg.device} runs dense")
         if cfg.dtype == "auto" and cfg.device == "cpu":
-            kernels = load_kernels(Path(cfg.cache_dir) / "kernels")
+            probe = probe_kernels(Path(cfg.cache_dir) / "kernels")
+            if probe.status == "build-failed":
+                log.error("%s; serving on the dense torch path instead, at a fraction of the "
+                          "speed.\nCompiler output:\n%s", probe.reason, probe.log)
+        kernels = probe.kernels
         plan = plan_dtypes(cfg.dtype, cfg.device, block_kernels=kernels is not None)
         block_cache = None
         if resolved.source_digest.startswith("sha256:"):
             digest = resolved.source_digest.removeprefix("sha256:")[:24]
             block_cache = Path(cfg.cache_dir) / "blocks" / f"{digest}-{QUANT_VERSION}.safetensors"
-        return cls(arch, sd, plan, cfg.device, resolved.source_digest, tokenizer_digest, kernels,
-                   block_cache)
+        runtime = cls(arch, sd, plan, cfg.device, resolved.source_digest, tokenizer_digest, kernels,
+                      block_cache)
+        runtime.kernel_probe = probe
+        log.info("execution plan: %s", runtime.plan_summary())
+        return runtime
+
+    def plan_summary(self) -> str:
+        """One line naming which code computes prefill and decode, and why the kernels are
+        not used where they are not (shown at start-up, in /health and /v1/models)."""
+        kv = str(self.plan.kv).removeprefix("torch.")
+        if self.plan.decode_weights == "blocks":
+            prefill = "block kernels" if self._prefill_w is self._decode_w else (
+                f"dense {str(self.plan.prefill).removeprefix('torch.')}")
+            decode = "fused C step" if self._fused is not None else "torch over block weights"
+            return f"kernels: prefill {prefill}, decode {decode}, KV {kv} ({self.decode_scheme})"
+        probe = self.kernel_probe
+        why = f"; block kernels {probe.status}: {probe.reason}" if probe is not None else ""
+        return f"dense: {str(self.plan.prefill).removeprefix('torch.')} torch, KV {kv}{why}"
 
     @property
     def kv_dtype(self) -> torch.dtype:

@@ -78,6 +78,7 @@ async def models(request: Request) -> dict[str, Any]:
         "created": 0,
         "owned_by": "segcache",
         "context_window": state.engine.context_window,
+        "execution_plan": state.engine.execution_plan,
     }
     return {"object": "list", "data": [model]}
 

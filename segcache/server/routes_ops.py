@@ -19,8 +19,10 @@ router = APIRouter(tags=["ops"])
 
 
 @router.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+async def health(request: Request) -> dict[str, str]:
+    """Liveness, and the execution plan: which code computes tokens (a failed kernel build
+    shows here as a dense plan with the reason)."""
+    return {"status": "ok", "plan": server_state(request).engine.execution_plan}
 
 
 @router.get("/metrics")
