@@ -209,6 +209,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     resolved = resolve_model(args.model, args.cache_dir)
     print(f"model ready: {resolved.directory}")
+    from segcache.model.kernels import probe_kernels
+
+    probe = probe_kernels(Path(args.cache_dir or default_cache_dir()) / "kernels")
+    if probe.status == "build-failed":  # loud, but the dense path still serves
+        print(f"segcache: {probe.reason}\n{probe.log}", file=sys.stderr)
+    print(f"block kernels: {probe.status} ({probe.reason})")
     return 0
 
 

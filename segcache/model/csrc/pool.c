@@ -10,7 +10,14 @@
    A job's state is one 64-bit word, claim = gen:24 | ntasks:20 | next:20, so a worker's claim
    (compare-and-swap of the exact word it read) succeeds only in the job it read the task count
    and function of: a stale worker can never run a task of a later job. Workers spin briefly
-   (SPIN_NS) after a job, then sleep on a futex. */
+   (SPIN_NS) after a job, then sleep on a futex.
+
+   What claiming cannot avoid is a worker parked *while it holds a task*: the caller then waits
+   for the OS to run it again (milliseconds). When a job's caller waits longer than
+   STALL_NS for such a task, the pool runs jobs on the caller alone for SOLO_NS, then tries
+   its workers again: on a busy machine the kernels run at one thread's speed instead of
+   collapsing, and on a quiet one they never leave parallel mode. Which thread computes a task
+   never changes its result, so none of this changes a bit of the output. */
 #define _GNU_SOURCE
 #include <linux/futex.h>
 #include <pthread.h>
@@ -24,7 +31,9 @@
 #define IDX_BITS 20
 #define IDX_MASK ((1ull << IDX_BITS) - 1)
 #define GEN_SHIFT (2 * IDX_BITS)
-static long SPIN_NS = 100000;  /* a worker spins this long after its last job before it sleeps */
+#define SPIN_NS 100000      /* a worker spins this long after its last job before it sleeps */
+#define STALL_NS 500000     /* a wait this long for a claimed task means a parked worker */
+#define SOLO_NS 100000000   /* then this long on the caller alone before trying workers again */
 
 static struct {
     _Alignas(64) _Atomic uint64_t claim;  /* gen | ntasks | next task */
@@ -37,6 +46,8 @@ static struct {
     _Atomic int sleepers;
     int nworkers;                /* started, ids 1..nworkers */
     uint64_t gen;
+    uint64_t solo_until;         /* CLOCK_MONOTONIC ns: jobs before it run on the caller alone */
+    _Atomic uint64_t stalls;     /* jobs whose caller waited STALL_NS or more for a worker */
     pthread_mutex_t job_lock;    /* one job at a time; a second caller runs inline */
     pthread_mutex_t start_lock;
 } P = {.job_lock = PTHREAD_MUTEX_INITIALIZER, .start_lock = PTHREAD_MUTEX_INITIALIZER};
@@ -70,7 +81,6 @@ static void run_tasks(int worker) {
 }
 
 static void *worker_main(void *arg) {
-    if (getenv("SEG_SPIN_NS")) SPIN_NS = atol(getenv("SEG_SPIN_NS"));
     const int id = (int)(intptr_t)arg;
     uint32_t seen = atomic_load(&P.seq);
     for (;;) {
@@ -106,11 +116,20 @@ static void ensure_workers(int want) {
     pthread_mutex_unlock(&P.start_lock);
 }
 
+static void run_inline(int ntasks, seg_task_fn fn, void *ctx) {
+    for (int i = 0; i < ntasks; i++) fn(ctx, i, 0);
+}
+
 void seg_parallel_for(int ntasks, int nthreads, seg_task_fn fn, void *ctx) {
     if (ntasks <= 0) return;
     if (nthreads > SEG_POOL_MAX) nthreads = SEG_POOL_MAX;
     if (nthreads <= 1 || ntasks == 1 || (uint64_t)ntasks > IDX_MASK || pthread_mutex_trylock(&P.job_lock)) {
-        for (int i = 0; i < ntasks; i++) fn(ctx, i, 0);
+        run_inline(ntasks, fn, ctx);
+        return;
+    }
+    if (P.solo_until && now_ns() < P.solo_until) {
+        run_inline(ntasks, fn, ctx);
+        pthread_mutex_unlock(&P.job_lock);
         return;
     }
     ensure_workers(nthreads - 1);
@@ -124,11 +143,24 @@ void seg_parallel_for(int ntasks, int nthreads, seg_task_fn fn, void *ctx) {
     if (atomic_load(&P.sleepers) > 0) futex(&P.seq, FUTEX_WAKE_PRIVATE, nthreads - 1);
     run_tasks(0);
     /* every task is claimed; wait for the ones other workers are still running */
+    uint64_t wait_start = 0;
     for (int k = 0; atomic_load_explicit(&P.done, memory_order_acquire) < ntasks; k++) {
-        if (k < 4096) _mm_pause();
-        else sched_yield();  /* the worker holding the last task was parked: let it run */
+        if (k < 4096) { _mm_pause(); continue; }
+        if (!wait_start) wait_start = now_ns();
+        sched_yield();  /* the worker holding the task may be parked: let it run */
+    }
+    if (wait_start) {
+        const uint64_t t = now_ns();
+        if (t - wait_start >= STALL_NS) {
+            P.solo_until = t + SOLO_NS;
+            atomic_fetch_add(&P.stalls, 1);
+        }
     }
     pthread_mutex_unlock(&P.job_lock);
 }
 
 int seg_pool_workers(void) { return P.nworkers; }
+
+int seg_pool_solo(void) { return P.solo_until && now_ns() < P.solo_until; }
+
+uint64_t seg_pool_stalls(void) { return atomic_load(&P.stalls); }

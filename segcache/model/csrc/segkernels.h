@@ -62,5 +62,9 @@ void decode_step(const Net *net, int B, const int64_t *tokens, const int64_t *po
 void prefill_layers(const Net *net, int T, float *x, const int64_t *pos, int start, void *kv,
                     const int64_t *kv_strides, int l0, int l1, int nthreads);
 
-/* pool.c: the worker pool every kernel shares (threads started on first use). */
+/* pool.c: the worker pool every kernel shares (threads started on first use): how many
+   threads it started, whether it now runs on the caller alone (a worker was found parked
+   holding a task: the machine is busy), and how many times that happened. */
 int seg_pool_workers(void);
+int seg_pool_solo(void);
+uint64_t seg_pool_stalls(void);
