@@ -299,7 +299,8 @@ def test_a_full_disk_disables_the_tier_with_one_warning(tmp_path, tiny_fs, monke
     tier.check_integrity()
 
 
-def test_async_writes_land_and_a_purge_discards_a_write_in_flight(tmp_path):
+@pytest.mark.parametrize("blocked_at", ["queued", "temp file written"])
+def test_async_writes_land_and_a_purge_discards_a_write_queued_before_it(tmp_path, blocked_at):
     tier = DiskTier(tmp_path, 1 << 20)
     a, b = Node("tenant-a", "a"), Node("tenant-b", "b")
     assert tier.put_async(b.key, b.payload)
@@ -307,21 +308,27 @@ def test_async_writes_land_and_a_purge_discards_a_write_in_flight(tmp_path):
     assert tier.contains(b.key)
 
     entered, release = threading.Event(), threading.Event()
-    real = tier._write_file
+    name = "put" if blocked_at == "queued" else "_write_file"
+    real = getattr(tier, name)
 
-    def blocked(path, data):
-        real(path, data)
-        entered.set()
-        release.wait(10)
+    def blocked(*args):
+        if blocked_at == "queued":  # the writer has the job but has not touched the disk
+            entered.set()
+            release.wait(10)
+        result = real(*args)
+        if blocked_at != "queued":  # between the temp file and the rename
+            entered.set()
+            release.wait(10)
+        return result
 
-    tier._write_file = blocked
+    setattr(tier, name, blocked)
     assert tier.put_async(a.key, a.payload)
     assert entered.wait(10)
-    tier.delete_namespace(a.ns)  # while the write is between its temp file and the rename
+    tier.delete_namespace(a.ns)
     release.set()
     tier.flush()
     assert not tier.contains(a.key) and tier.get(a.expect) is None
     assert not list(tmp_path.glob(f"{a.key.ns_hex}/*"))
-    assert tier.contains(b.key)
+    assert tier.contains(b.key) and tier.stats().errors == 0 and not tier.stats().disabled
     tier.check_integrity()
     tier.close()
