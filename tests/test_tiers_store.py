@@ -132,3 +132,46 @@ def test_a_store_without_redis_still_works_and_redis_down_never_raises(tmp_path,
     assert store.stats()["redis"].errors >= 1 and store.stats()["redis"].disabled
     store.close()
     server.start()
+
+
+def test_a_slow_tier_makes_writes_drop_never_wait_or_pile_up(tmp_path):
+    node = Node("t", "a", n_tokens=64)
+    store = TieredStore([DiskTier(tmp_path / "d", 1 << 30)], LAYOUT, queue_bytes=3 * node.kv.nbytes)
+    gate = threading.Event()
+    real_write = store._write
+
+    def stalled(*args):
+        gate.wait(10)
+        real_write(*args)
+
+    store._write = stalled
+    nodes = [Node("t", f"seg {i}", n_tokens=64, seed=i) for i in range(6)]
+    queued = [store.demote(n.key, n.kv, n.tokens) for n in nodes]
+    # A write counts against the bound until it is done: three fit, the rest drop.
+    assert queued == [True] * 3 + [False] * 3
+    assert store.stats()["store"]["dropped"] == len(nodes) - sum(queued)
+    gate.set()
+    store.flush()
+    assert store.tiers[0].stats().entries == sum(queued)
+    store.close()
+
+
+def test_a_tier_queue_is_bounded_by_bytes(tmp_path):
+    node = Node("t", "a", n_tokens=64)
+    tier = DiskTier(tmp_path, 1 << 30, queue_bytes=2 * len(node.payload))
+    gate = threading.Event()
+    real_put = tier.put
+
+    def stalled(*args):
+        gate.wait(10)
+        return real_put(*args)
+
+    tier.put = stalled
+    results = [tier.put_async(n.key, n.payload)
+               for n in (Node("t", f"s{i}", n_tokens=64, seed=i) for i in range(5))]
+    assert results == [True] * 2 + [False] * 3
+    assert tier.stats().dropped == 5 - sum(results)
+    gate.set()
+    tier.flush()
+    assert tier.stats().entries == sum(results)
+    tier.close()

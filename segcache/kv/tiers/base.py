@@ -13,7 +13,7 @@ Contract of ``Tier`` (the methods a caller uses):
   disk, disables its writes, logs one warning and says why in ``stats()``).
   Returns True if the entry is now stored.
 - ``put_async(key, payload)``: hand the write to the tier's own writer thread
-  (bounded queue) and return at once; False, counted as ``dropped``, when the
+  (a queue bounded by count and bytes) and return at once; False, counted as ``dropped``, when the
   queue is full or the tier is disabled. The request path uses only this.
 - ``get(expect)``: the verified KV, or None (a miss). Blocks on I/O for at
   most the tier's timeout; never raises for I/O or a bad payload.
@@ -45,6 +45,40 @@ from segcache.kv.tiers.keys import CacheKey
 from segcache.kv.tiers.payload import Expected, KVData, PayloadRejected, decode
 
 log = logging.getLogger("segcache.kv.tiers")
+
+
+class WriteQueue:
+    """A FIFO of writes bounded by count and by bytes: a slow tier makes writes
+    drop (``offer`` returns False), never memory grow or the caller wait."""
+
+    def __init__(self, max_items: int, max_bytes: int) -> None:
+        self._q: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._items = self._bytes = 0
+        self.max_items, self.max_bytes = max_items, max_bytes
+
+    def offer(self, item: object, nbytes: int) -> bool:
+        with self._lock:
+            if self._items + 1 > self.max_items or self._bytes + nbytes > self.max_bytes:
+                return False
+            self._items, self._bytes = self._items + 1, self._bytes + nbytes
+        self._q.put((item, nbytes))
+        return True
+
+    def stop(self) -> None:
+        """Queue the sentinel (None) that ends the consumer, past the bounds."""
+        self._q.put((None, 0))
+
+    def take(self) -> tuple[object, int]:
+        return self._q.get()
+
+    def done(self, nbytes: int) -> None:
+        with self._lock:
+            self._items, self._bytes = self._items - 1, self._bytes - nbytes
+        self._q.task_done()
+
+    def join(self) -> None:
+        self._q.join()
 
 
 @dataclass
@@ -91,12 +125,12 @@ class Tier(ABC):
 
     name = "tier"
 
-    def __init__(self, queue_size: int = 64) -> None:
+    def __init__(self, queue_size: int = 64, queue_bytes: int = 256 << 20) -> None:
         self._lock = threading.RLock()
         self._gen: Counter[str] = Counter()  # namespace -> purges so far
         self._stats = TierStats(self.name)
         self._rejected: Counter[str] = Counter()
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._queue = WriteQueue(queue_size, queue_bytes)
         self._writer: threading.Thread | None = None
         self._closed = False
 
@@ -139,9 +173,7 @@ class Tier(ABC):
             self._count("dropped")
             return False
         self._start_writer()
-        try:
-            self._queue.put_nowait((key, payload, self.generation(key.namespace)))
-        except queue.Full:
+        if not self._queue.offer((key, payload, self.generation(key.namespace)), len(payload)):
             self._count("dropped")
             return False
         return True
@@ -178,7 +210,7 @@ class Tier(ABC):
             return
         self._closed = True
         if self._writer is not None:
-            self._queue.put(None)
+            self._queue.stop()
             self._writer.join()
 
     # ------------------------------------------------------- for the subclasses
@@ -224,7 +256,7 @@ class Tier(ABC):
 
     def _drain(self) -> None:
         while True:
-            item = self._queue.get()
+            item, nbytes = self._queue.take()
             try:
                 if item is None:
                     return
@@ -234,4 +266,4 @@ class Tier(ABC):
                 log.exception("%s tier: write failed", self.name)
                 self._count("errors")
             finally:
-                self._queue.task_done()
+                self._queue.done(nbytes)

@@ -64,10 +64,10 @@ class DiskTier(Tier):
     name = "disk"
 
     def __init__(self, root: str | os.PathLike, budget_bytes: int, *, queue_size: int = 64,
-                 fsync: bool = True) -> None:
+                 queue_bytes: int = 256 << 20, fsync: bool = True) -> None:
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
-        super().__init__(queue_size)
+        super().__init__(queue_size, queue_bytes)
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.budget_bytes = budget_bytes

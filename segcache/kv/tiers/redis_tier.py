@@ -51,10 +51,11 @@ class RedisTier(Tier):
 
     def __init__(self, url: str, ttl_s: float, chunk_bytes: int = 4 << 20, *,
                  timeout_s: float = 0.5, backoff_s: tuple[float, float] = (0.5, 30.0),
-                 queue_size: int = 64, prefix: str = DEFAULT_PREFIX) -> None:
+                 queue_size: int = 64, queue_bytes: int = 256 << 20,
+                 prefix: str = DEFAULT_PREFIX) -> None:
         if ttl_s <= 0 or chunk_bytes <= 0 or timeout_s <= 0:
             raise ValueError("ttl_s, chunk_bytes and timeout_s must be > 0")
-        super().__init__(queue_size)
+        super().__init__(queue_size, queue_bytes)
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self.chunk_bytes = chunk_bytes
         self.prefix = prefix

@@ -18,14 +18,13 @@ Thread-safe. Never raises for an I/O failure of a tier (see ``base``).
 
 from __future__ import annotations
 
-import queue
 import threading
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from segcache.kv.tiers.base import Tier, TierStats, log
+from segcache.kv.tiers.base import Tier, TierStats, WriteQueue, log
 from segcache.kv.tiers.keys import CacheKey
 from segcache.kv.tiers.payload import Expected, KVData, encode
 
@@ -43,7 +42,7 @@ class TieredStore:
     (written into every payload, required of every payload read)."""
 
     def __init__(self, tiers: Sequence[Tier], layout: str, *, queue_size: int = 256,
-                 loaders: int = 2) -> None:
+                 queue_bytes: int = 512 << 20, loaders: int = 2) -> None:
         names = [t.name for t in tiers]
         if len(set(names)) != len(names):
             raise ValueError(f"tier names must be distinct, got {names}")
@@ -52,7 +51,7 @@ class TieredStore:
         self._lock = threading.Lock()
         self._gen: Counter[str] = Counter()  # namespace -> purges so far
         self._counts: Counter[str] = Counter()  # demotions, publishes, promotions, dropped
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._queue = WriteQueue(queue_size, queue_bytes)  # KV waiting to be encoded
         self._encoder = threading.Thread(target=self._drain, name="segcache-tier-encoder", daemon=True)
         self._encoder.start()
         self._loaders = ThreadPoolExecutor(max(1, loaders), thread_name_prefix="segcache-tier-load")
@@ -71,9 +70,7 @@ class TieredStore:
             return False
         with self._lock:
             job = (key, kv, tokens_digest, every_tier, self._gen[key.namespace])
-            try:
-                self._queue.put_nowait(job)
-            except queue.Full:
+            if not self._queue.offer(job, kv.nbytes):
                 self._counts["dropped"] += 1
                 return False
             self._counts[what] += 1
@@ -81,7 +78,7 @@ class TieredStore:
 
     def _drain(self) -> None:
         while True:
-            job = self._queue.get()
+            job, nbytes = self._queue.take()
             try:
                 if job is None:
                     return
@@ -91,7 +88,7 @@ class TieredStore:
                 with self._lock:
                     self._counts["errors"] += 1
             finally:
-                self._queue.task_done()
+                self._queue.done(nbytes)
 
     def _write(self, key: CacheKey, kv: KVData, tokens_digest: str, every_tier: bool, gen: int) -> None:
         if every_tier:
@@ -154,7 +151,7 @@ class TieredStore:
         """Finish queued writes, stop the threads, close the tiers. Idempotent."""
         if not self._encoder.is_alive():
             return
-        self._queue.put(None)
+        self._queue.stop()
         self._encoder.join()
         self._loaders.shutdown(wait=True)
         for tier in self.tiers:
