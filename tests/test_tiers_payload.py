@@ -139,3 +139,17 @@ def test_the_tiers_import_no_torch():
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.replace("'", '"')) == []
+
+
+def test_fingerprint_with_engine_settings_names_another_namespace():
+    from segcache.kv.hashing import namespace_digest
+    from segcache.kv.tiers.keys import fingerprint_with
+
+    base = Node("t", "x").key.fingerprint
+    a = fingerprint_with(base, prefill_chunk=256)
+    assert a == fingerprint_with(base, prefill_chunk=256)
+    assert len({a, fingerprint_with(base, prefill_chunk=128), fingerprint_with(FP_OTHER, prefill_chunk=256),
+                fingerprint_with(base)}) == 4
+    assert namespace_digest("t", a) != namespace_digest("t", fingerprint_with(base, prefill_chunk=128))
+    with pytest.raises(ValueError):
+        fingerprint_with("not a digest", prefill_chunk=256)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 from segcache.kv.hashing import chain_digest, is_digest
@@ -48,3 +50,17 @@ class CacheKey:
 def hex_of(digest: str) -> str:
     """The 64 hex digits of a ``sha256:`` digest (a file or key name part)."""
     return digest.split(":", 1)[1]
+
+
+def fingerprint_with(model_fingerprint: str, **settings: object) -> str:
+    """``model_fingerprint`` extended with engine settings that change KV bits.
+
+    The runtime's fingerprint covers weights, dtypes, tokenizer + chat template,
+    kernel sources and KV layout; a setting decided above the model (the
+    scheduler's ``prefill_chunk``, where chunking changes float32 bits) is
+    added here. Same inputs, same digest; any change, another digest (and so
+    another namespace: no old entry can be named)."""
+    if not is_digest(model_fingerprint):
+        raise ValueError("model_fingerprint must be a sha256: digest")
+    blob = json.dumps({"model": model_fingerprint, "settings": settings}, sort_keys=True, default=str)
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
