@@ -9,12 +9,16 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import segcache.kv.tiers.payload as payload_mod
 from segcache.kv.tiers import DiskTier
@@ -332,3 +336,82 @@ def test_async_writes_land_and_a_purge_discards_a_write_queued_before_it(tmp_pat
     assert tier.contains(b.key) and tier.stats().errors == 0 and not tier.stats().disabled
     tier.check_integrity()
     tier.close()
+
+
+# ---------------------------------------------------------------- state machine
+
+_TENANTS = ("tenant-a", "tenant-b")
+_NODES = [Node(t, f"seg {i}", n_tokens=1 + (i * 5) % 17, seed=i) for t in _TENANTS for i in range(6)]
+
+
+class DiskMachine(RuleBasedStateMachine):
+    """put / get / delete / purge / corrupt / restart in any order: the index always
+    matches the files, the budget holds, and a hit is always the right node's KV."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = Path(tempfile.mkdtemp(prefix="segcache-disk-sm-"))
+        self.budget = 4 * len(_NODES[0].payload)  # some nodes alone are over it
+        self.tier = DiskTier(self.root, self.budget, fsync=False)
+        self.gone: set[str] = set(n.key.chain for n in _NODES)  # chains that must miss
+        self.corrupted: set[str] = set()  # chains whose file was damaged: never served
+
+    def teardown(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    @rule(i=st.integers(0, len(_NODES) - 1))
+    def put(self, i):
+        node = _NODES[i]
+        fits = len(node.payload) <= self.budget
+        assert self.tier.put(node.key, node.payload) == fits
+        assert self.tier.contains(node.key) == fits
+        if fits:
+            self.gone.discard(node.key.chain)
+            self.corrupted.discard(node.key.chain)
+
+    @rule(i=st.integers(0, len(_NODES) - 1))
+    def get(self, i):
+        node = _NODES[i]
+        hit = self.tier.get(node.expect)
+        if hit is not None:
+            assert node.key.chain not in self.gone and node.key.chain not in self.corrupted
+            assert (hit.kv.array() == node.array).all()
+        elif node.key.chain in self.corrupted:
+            self.corrupted.discard(node.key.chain)
+            self.gone.add(node.key.chain)
+        assert hit is not None or not self.tier.contains(node.key)
+
+    @rule(i=st.integers(0, len(_NODES) - 1))
+    def delete(self, i):
+        self.tier.delete(_NODES[i].key)
+        self.gone.add(_NODES[i].key.chain)
+
+    @rule(t=st.sampled_from(_TENANTS))
+    def purge(self, t):
+        nodes = [n for n in _NODES if n.key.namespace == Node(t, "x").ns]
+        self.tier.delete_namespace(nodes[0].ns)
+        self.gone |= {n.key.chain for n in nodes}
+
+    @rule(i=st.integers(0, len(_NODES) - 1))
+    def corrupt(self, i):
+        node = _NODES[i]
+        path = _file(self.tier, node)
+        if self.tier.contains(node.key) and path.exists():
+            data = bytearray(path.read_bytes())
+            data[-1] ^= 0x5A
+            path.write_bytes(bytes(data))
+            self.corrupted.add(node.key.chain)
+
+    @rule()
+    def restart(self):
+        self.tier = DiskTier(self.root, self.budget, fsync=False)
+
+    @invariant()
+    def index_matches_files_within_budget(self):
+        self.tier.check_integrity()
+        s = self.tier.stats()
+        assert s.bytes <= self.budget and not s.disabled and s.errors == 0
+
+
+DiskMachine.TestCase.settings = settings(max_examples=30, stateful_step_count=30, deadline=None)
+TestDiskMachine = DiskMachine.TestCase
