@@ -67,6 +67,16 @@ def test_a_corrupted_file_is_detected_deleted_counted_and_missed(tmp_path):
     assert tier.get(node.expect) is not None
 
 
+def test_a_file_deleted_behind_the_tiers_back_is_a_miss_and_leaves_the_index(tmp_path):
+    tier = DiskTier(tmp_path, 1 << 20)
+    node = Node("t", "doc")
+    tier.put(node.key, node.payload)
+    _file(tier, node).unlink()
+    assert tier.get(node.expect) is None and not tier.contains(node.key)
+    assert tier.stats().entries == 0 and tier.stats().errors == 0
+    tier.check_integrity()
+
+
 def test_a_truncated_file_is_detected_at_get_and_at_start(tmp_path):
     tier = DiskTier(tmp_path, 1 << 20)
     a, b = Node("t", "a", n_tokens=16), Node("t", "b", n_tokens=16, seed=1)

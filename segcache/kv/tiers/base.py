@@ -199,7 +199,7 @@ class Tier(ABC):
         s.bytes, s.entries = self._sizes()
         return s
 
-    def flush(self, timeout: float | None = None) -> None:
+    def flush(self) -> None:
         """Wait until every queued write has been done (tests, shutdown)."""
         if self._writer is not None:
             self._queue.join()

@@ -205,8 +205,10 @@ class DiskTier(Tier):
             _unlink(self._path(slot))
 
     def _forget(self, slot: Slot) -> None:
+        """Drop a slot whose file vanished (unless a write has just put it back)."""
         with self._lock:
-            self._bytes -= self._index.pop(slot, 0)
+            if not self._path(slot).exists():
+                self._bytes -= self._index.pop(slot, 0)
 
     def _remove(self, key: CacheKey) -> None:
         slot = (key.ns_hex, key.chain_hex)
