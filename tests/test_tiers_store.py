@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import threading
+import uuid
+from pathlib import Path
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from segcache.kv.tiers import DiskTier, TieredStore
 from segcache.kv.tiers.redis_tier import RedisTier
@@ -175,3 +182,95 @@ def test_a_tier_queue_is_bounded_by_bytes(tmp_path):
     tier.flush()
     assert tier.stats().entries == sum(results)
     tier.close()
+
+
+# ---------------------------------------------------------------- state machine
+
+_TENANTS = ("tenant-a", "tenant-b")
+_NODES = [Node(t, f"seg {i}", n_tokens=1 + (i * 7) % 13, seed=i) for t in _TENANTS for i in range(5)]
+_SHARED: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _machine_redis(tmp_path_factory):
+    srv = RedisServer(tmp_path_factory.mktemp("redis-sm"))
+    srv.start()
+    _SHARED["server"] = srv
+    yield
+    srv.stop()
+
+
+class StoreMachine(RuleBasedStateMachine):
+    """demote / publish / fetch (promote) / purge / disk restart in any order, disk + Redis:
+    a fetch serves exactly the node asked for or nothing, a purged tenant's entry never
+    comes back, and the disk index matches its files within budget."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = Path(tempfile.mkdtemp(prefix="segcache-store-sm-"))
+        self.prefix = f"sm-{uuid.uuid4().hex}"  # this run's keys in the shared redis-server
+        self.budget = 3 * len(_NODES[0].payload)
+        self.store = self._open()
+        self.gone = {n.key.chain for n in _NODES}  # may not be served
+        self.written: set[str] = set()  # published: on Redis whatever the disk evicts
+
+    def _open(self) -> TieredStore:
+        url = _SHARED["server"].url
+        return TieredStore([DiskTier(self.root, self.budget, fsync=False),
+                            RedisTier(url, ttl_s=600, chunk_bytes=1024, prefix=self.prefix)], LAYOUT)
+
+    def teardown(self) -> None:
+        self.store.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    @rule(i=st.integers(0, len(_NODES) - 1))
+    def demote(self, i):
+        node = _NODES[i]
+        self.store.demote(node.key, node.kv, node.tokens)
+        self.store.flush()
+        self.gone.discard(node.key.chain)
+
+    @rule(i=st.integers(0, len(_NODES) - 1))
+    def publish(self, i):
+        node = _NODES[i]
+        self.store.publish(node.key, node.kv, node.tokens)
+        self.store.flush()
+        self.gone.discard(node.key.chain)
+        self.written.add(node.key.chain)
+
+    @rule(i=st.integers(0, len(_NODES) - 1))
+    def fetch(self, i):
+        node = _NODES[i]
+        got = self.store.fetch(node.expect)
+        self.store.flush()
+        if got is None:
+            assert node.key.chain not in self.written or node.key.chain in self.gone
+            return
+        assert node.key.chain not in self.gone
+        assert (got.kv.array() == node.array).all()
+        if got.tier == "redis" and len(node.payload) <= self.budget:  # promoted to disk
+            assert self.store.tiers[0].contains(node.key)
+
+    @rule(t=st.sampled_from(_TENANTS))
+    def purge(self, t):
+        ns = Node(t, "x").ns
+        self.store.purge(ns)
+        dropped = {n.key.chain for n in _NODES if n.key.namespace == ns}
+        self.gone |= dropped
+        self.written -= dropped
+
+    @rule()
+    def restart_disk(self):
+        self.store.close()
+        self.store = self._open()
+
+    @invariant()
+    def disk_index_matches_files_within_budget(self):
+        disk = self.store.tiers[0]
+        disk.check_integrity()
+        assert disk.stats().bytes <= self.budget
+        assert sum(s.errors for s in self.store.stats().values() if hasattr(s, "errors")) == 0
+
+
+StoreMachine.TestCase.settings = settings(max_examples=20, stateful_step_count=25, deadline=None)
+TestStoreMachine = StoreMachine.TestCase
