@@ -28,11 +28,12 @@ $(STAMP): pyproject.toml Makefile
 serve: setup
 	$(VENV)/bin/segcache serve --port $(PORT)
 
-# Debian packages the tests need: Chromium renders the dashboard page in tests/test_dashboard.py.
+# Debian packages the tests need: Chromium renders the dashboard page in tests/test_dashboard.py;
+# redis-server (7.0) is the real Redis the Redis cache tier's tests start on free ports.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 system-deps:
-	command -v chromium >/dev/null || \
-	  ($(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium)
+	command -v chromium >/dev/null && command -v redis-server >/dev/null || \
+	  ($(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium redis-server)
 
 test: setup system-deps
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
