@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from segcache.kv.hashing import PREFIX, chain_digest
+from segcache.kv.integrity import require
 from segcache.kv.lru_tree import Clock, LruTree, TreeNode, preorder
 
 REMOVE_REASONS = ("evict", "expire", "purge", "replace")
@@ -342,22 +343,22 @@ class SegmentTree(LruTree[SegmentNode]):
         return f"node {node.digest[:24]}"
 
     def _check_root(self, namespace: str, root: SegmentNode) -> None:
-        assert root.digest == root.chain == namespace, "root digests != namespace"
-        assert root.depth == 0, f"root {namespace[:24]} has depth {root.depth}"
+        require(root.digest == root.chain == namespace, "root digests != namespace")
+        require(root.depth == 0, f"root {namespace[:24]} has depth {root.depth}")
 
     def _check_link(self, parent: SegmentNode, key: str, child: SegmentNode) -> None:
         what = self._describe(child)
-        assert key == child.digest, f"{what} stored under key {key[:24]}"
-        assert child.depth == parent.depth + 1, f"{what} has depth {child.depth}"
-        assert child.chain == chain_digest(parent.chain, child.digest), f"{what} chain is wrong"
+        require(key == child.digest, f"{what} stored under key {key[:24]}")
+        require(child.depth == parent.depth + 1, f"{what} has depth {child.depth}")
+        require(child.chain == chain_digest(parent.chain, child.digest), f"{what} chain is wrong")
 
     def _check_index(self, reached: list[SegmentNode]) -> None:
         index_ids = {id(n) for n in self._by_chain.values()}
         node_ids = {id(n) for n in reached} | {id(r) for r in self._roots.values()}
-        assert index_ids == node_ids, "chain index differs from the set of nodes"
+        require(index_ids == node_ids, "chain index differs from the set of nodes")
         for chain, node in self._by_chain.items():
-            assert node.chain == chain, f"index key {chain[:24]} maps to another chain"
-        assert self._count == len(reached), "node count is wrong"
+            require(node.chain == chain, f"index key {chain[:24]} maps to another chain")
+        require(self._count == len(reached), "node count is wrong")
 
     def _require_member(self, node: SegmentNode) -> None:
         if self._by_chain.get(node.chain) is not node:
