@@ -1,4 +1,8 @@
-"""Imports flow downward only (DESIGN.md 'Layers'); this walks every module's imports."""
+"""Imports flow downward only (DESIGN.md 'Layers'); this walks every module's imports.
+
+``layering_problems`` is the rule; it runs on the package itself and on planted
+violations in a temporary package, so a rule that stopped seeing violations fails.
+"""
 
 from __future__ import annotations
 
@@ -27,45 +31,101 @@ NO_TORCH = {"server", "router", "lint", "bench", "client"}
 TORCH_EXCEPTIONS: set[str] = set()
 
 
-def _layer(path: Path) -> str:
-    rel = path.relative_to(ROOT)
+def _layer(rel: Path) -> str:
+    """The layer of a module, from its path relative to the package ("root" for __init__)."""
     return rel.parts[0].removesuffix(".py") if rel.parts[0] != "__init__.py" else "root"
 
 
-def _imports(path: Path) -> list[str]:
+def _imports(path: Path, module: str) -> list[str]:
+    """Absolute names of the modules ``path`` (the module ``module``) imports,
+    relative imports resolved against ``module``."""
     tree = ast.parse(path.read_text(), str(path))
+    is_package = path.name == "__init__.py"
     names = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names += [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.append(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            base = module.split(".")
+            base = base[:len(base) - node.level + (1 if is_package else 0)]
+            if node.module:
+                names.append(".".join(base + [node.module]))
+            else:  # ``from . import x``: each name may be a module
+                names += [".".join(base + [a.name]) for a in node.names]
     return names
 
 
-def test_imports_flow_downward():
+def layering_problems(root: Path) -> list[str]:
+    """Every import in the package at ``root`` that breaks the layering rules:
+    an upward (or sideways) import between layers, a third-party import in a
+    stdlib-only layer, torch in a no-torch layer. One line per problem."""
+    package = root.name
     problems = []
-    for path in ROOT.rglob("*.py"):
-        layer = _layer(path)
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        layer = _layer(rel)
         if layer == "root":
             continue
-        for name in _imports(path):
-            top = name.split(".")[0]
-            if top == "segcache":
-                parts = name.split(".")
+        module = ".".join((package, *rel.with_suffix("").parts)).removesuffix(".__init__")
+        for name in _imports(path, module):
+            parts = name.split(".")
+            top = parts[0]
+            if top == package:
                 if len(parts) < 2:
                     continue
                 target = parts[1]
                 if target != layer and target not in ALLOWED.get(layer, set()):
-                    problems.append(f"{path.relative_to(ROOT)} imports {name} ({layer} -> {target})")
+                    problems.append(f"{rel} imports {name} ({layer} -> {target})")
             elif layer in STDLIB_ONLY and top not in sys.stdlib_module_names:
-                problems.append(f"{path.relative_to(ROOT)} imports third-party {name} (stdlib only)")
-            elif layer in NO_TORCH and top == "torch" and str(path.relative_to(ROOT)) not in TORCH_EXCEPTIONS:
-                problems.append(f"{path.relative_to(ROOT)} imports torch (layer {layer} must not)")
+                problems.append(f"{rel} imports third-party {name} (stdlib only)")
+            elif layer in NO_TORCH and top == "torch" and str(rel) not in TORCH_EXCEPTIONS:
+                problems.append(f"{rel} imports torch (layer {layer} must not)")
+    return problems
+
+
+def test_imports_flow_downward():
+    problems = layering_problems(ROOT)
     assert not problems, "\n".join(problems)
 
 
-def test_layer_check_catches_a_violation(tmp_path):
-    bad = tmp_path / "x.py"
-    bad.write_text("import torch\nfrom segcache.server import app\n")
-    assert _imports(bad) == ["torch", "segcache.server"]
+def _package(tmp_path: Path, files: dict[str, str]) -> Path:
+    root = tmp_path / "segcache"
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+CLEAN = {
+    "__init__.py": "",
+    "config.py": "import os\n",
+    "kv/__init__.py": "from segcache.kv.tree import Tree\n",
+    "kv/tree.py": "from segcache.config import GiB\nfrom . import hashing\n",
+    "kv/hashing.py": "import hashlib\n",
+    "model/llama.py": "import torch\nfrom ..config import ModelConfig\n",
+    "engine/engine.py": "import torch\nfrom segcache.kv import Tree\nfrom segcache.model import llama\n",
+    "server/app.py": "from segcache.engine import types\n",
+}
+
+
+def test_layer_rule_passes_a_clean_package(tmp_path):
+    assert layering_problems(_package(tmp_path, CLEAN)) == []
+
+
+def test_layer_rule_catches_planted_violations(tmp_path):
+    root = _package(tmp_path, {
+        **CLEAN,
+        "kv/tree.py": "from segcache.engine.engine import Engine\n",  # upward
+        "kv/hashing.py": "import xxhash\n",  # third-party in a stdlib-only layer
+        "model/llama.py": "import torch\nfrom ..engine import engine\n",  # upward, relative
+        "server/app.py": "import torch.nn\nfrom segcache.model import llama\n",  # torch; skips engine
+    })
+    assert layering_problems(root) == [
+        "kv/hashing.py imports third-party xxhash (stdlib only)",
+        "kv/tree.py imports segcache.engine.engine (kv -> engine)",
+        "model/llama.py imports segcache.engine (model -> engine)",
+        "server/app.py imports torch (layer server must not)",
+        "server/app.py imports segcache.model (server -> model)",
+    ]
