@@ -25,7 +25,8 @@ from segcache.config import DTYPES, default_cache_dir
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M)")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="converted weights and kernels")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="converted weights and kernels (env SEGCACHE_CACHE_DIR; default: ~/.cache/segcache)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="segcache dtype; the transformers side runs bfloat16 for 'auto' where the "
                              "CPU multiplies bfloat16 natively, else float32")
