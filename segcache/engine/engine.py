@@ -354,7 +354,7 @@ class Engine(CacheControl, Blending):
             if result.finish_reason != "cancelled":
                 self._schedule_standalone(ns, req.tenant, prompt)
         except Cancelled:
-            result = self._result(run, len(prompt.tail), TextStream(self.tokenizer.decode),
+            result = self._result(run, len(prompt.tail), TextStream(self.tokenizer.decode_stream()),
                                   "cancelled", 0.0, t0)
         finally:
             self._release(run.pinned)
@@ -392,7 +392,7 @@ class Engine(CacheControl, Blending):
                 self._keep_tokens(ns, run.kv, ids + tuple(result.token_ids))
             return result
         except Cancelled:
-            return self._result(run, len(ids) - run.pos, TextStream(self.tokenizer.decode),
+            return self._result(run, len(ids) - run.pos, TextStream(self.tokenizer.decode_stream()),
                                 "cancelled", 0.0, t0)
         finally:
             self.radix.unpin(match.nodes)
@@ -574,7 +574,7 @@ class Engine(CacheControl, Blending):
         if logits is None:
             logits = yield from self._prefill(tail, run.kv, run.pos)
         sampler = Sampler(sampling)
-        stream = TextStream(self.tokenizer.decode, sampling.stop)
+        stream = TextStream(self.tokenizer.decode_stream(), sampling.stop)
         pos, finish, ttft = run.pos + len(tail), "length", 0.0
         for _ in range(sampling.max_tokens):
             token = sampler.sample(logits)
