@@ -164,7 +164,7 @@ def test_sliced_prefill_is_bit_identical_to_one_prefill():
 def _prompt_kv(engine, tenant):
     """The KV of ``tenant``'s first unit (the prompt's message; below it sits the
     kept reply, whose decode steps were batched with other streams on one engine)."""
-    (node,) = engine.tree.root(engine.namespace(tenant)).children.values()
+    (node,) = [n for n in engine.tree.nodes(engine.namespace(tenant)) if n.depth == 1]
     return node.handle
 
 

@@ -129,3 +129,13 @@ def test_layer_rule_catches_planted_violations(tmp_path):
         "server/app.py imports torch (layer server must not)",
         "server/app.py imports segcache.model (server -> model)",
     ]
+
+
+def test_only_kv_walks_tree_links():
+    """Outside ``kv/`` the trees are read through ``peek``/``nodes``/``match``, never by
+    walking ``node.children`` (``lint/simulate.py`` has a trie of its own)."""
+    own_trie = {Path("lint/simulate.py")}
+    walkers = [str(p.relative_to(ROOT)) for p in sorted(ROOT.rglob("*.py"))
+               if p.relative_to(ROOT).parts[0] != "kv" and p.relative_to(ROOT) not in own_trie
+               and ".children" in p.read_text()]
+    assert walkers == []

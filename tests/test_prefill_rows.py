@@ -69,10 +69,9 @@ def _counting(engine: Engine) -> list[int]:
 
 def _unit_kv(engine: Engine, tenant: str, result, depth: int) -> torch.Tensor:
     """The cached KV of the ``depth``-th unit of ``result``'s prompt (1-based)."""
-    node = engine.tree.root(engine.namespace(tenant))
-    for unit in result.segments[:depth]:
-        node = node.children[unit.hash]
-    return node.handle
+    path = engine.tree.peek(engine.namespace(tenant), [unit.hash for unit in result.segments[:depth]])
+    assert len(path) == depth
+    return path[-1].handle
 
 
 def _turns_against_cold(runtime: ModelRuntime, tokenizer) -> None:

@@ -607,13 +607,7 @@ class Engine(CacheControl, Blending):
         if job.meta is None:
             return 0
         ns, prompt = job.meta
-        node, total = self.tree.root(ns), 0
-        for unit in prompt.units:
-            node = node.children.get(unit.key.digest)
-            if node is None:
-                break
-            total += node.n_tokens
-        return total
+        return sum(n.n_tokens for n in self.tree.peek(ns, [u.key.digest for u in prompt.units]))
 
     def _result(self, run: _Run, tail_len: int, stream: TextStream, finish: str, ttft: float,
                 t0: float) -> GenerationResult:

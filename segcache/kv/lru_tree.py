@@ -129,6 +129,12 @@ class LruTree(Generic[N]):
         """Namespaces that have a root."""
         return list(self._roots)
 
+    def nodes(self, namespace: str | None = None) -> list[N]:
+        """Every node (roots excluded) of all namespaces or of ``namespace``, parents
+        before children. Read-only: changes no counter, clock or link; the caller
+        must not mutate the nodes (use the tree's methods)."""
+        return [n for r in self._roots_of(namespace) for n in preorder(r) if not n.is_root]
+
     def check_integrity(self) -> None:
         """Raise ``IntegrityError`` naming the first broken invariant, else return None.
 

@@ -12,8 +12,8 @@ Contracts, in one place:
 - **Mutation.** ``match`` mutates (hit counters, ``last_use``, TTL refresh and
   removal of expired nodes it walks into); ``insert``, ``evict_until``,
   ``enforce_quota``, ``expire``, ``purge``, ``set_ttl``, ``pin`` and
-  ``unpin`` mutate; ``get_by_chain``, ``path_to``, ``stats``, byte counters
-  and ``check_integrity`` do not.
+  ``unpin`` mutate; ``peek``, ``nodes``, ``get_by_chain``, ``path_to``,
+  ``stats``, byte counters and ``check_integrity`` do not.
 - **Pinning.** A node used by a running request must be pinned between its
   ``match``/``insert`` and the end of the request. A pinned node is never
   evicted, expired or purged, and since only leaves are evicted and expiry and
@@ -159,6 +159,24 @@ class SegmentTree(LruTree[SegmentNode]):
             matched.append(child)
             node = child
         return matched
+
+    def peek(self, namespace: str, digests: Sequence[str]) -> list[SegmentNode]:
+        """What ``match`` would return now, without its effects: no hit counters,
+        ``last_use`` or TTL refresh, no removal, no root created. An expired,
+        unpinned node ends the prefix (it is a miss) but stays until a mutating
+        call removes it. For estimates and presence checks; pin a ``match``
+        result, not a peek, before using handles."""
+        node = self._roots.get(namespace)
+        if node is None:
+            return []
+        now = self._clock()
+        found: list[SegmentNode] = []
+        for digest in digests:
+            node = node.children.get(digest)
+            if node is None or self._is_expired(node, now):
+                break
+            found.append(node)
+        return found
 
     def get_by_chain(self, chain: str) -> SegmentNode | None:
         """The node (root included) whose chain digest is ``chain``, if cached."""
