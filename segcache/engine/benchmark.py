@@ -72,10 +72,11 @@ class _Segcache:
         self.rt = ModelRuntime.load(resolved, cfg)
         self.chunk = chunk
         plan = self.rt.plan
-        self.describe = (f"prefill {_short(plan.prefill)}"
+        weights = f"{self.rt.block_formats} block" if plan.uses_kernels else "dense"
+        self.describe = (f"plan {plan.name}: prefill {_short(plan.prefill_dtype)}"
                          f"{f' in {chunk}-token chunks' if chunk else ' in one call'}, decode "
-                         f"{_short(plan.decode)} activations with {self.rt.decode_scheme} weights, "
-                         f"KV {_short(plan.kv)}")
+                         f"{_short(plan.decode_dtype)} activations with {weights} weights "
+                         f"({plan.decode_route().value}), KV {_short(plan.kv_dtype)}")
 
     def prefill(self, ids) -> Callable[[], None]:
         import torch
@@ -185,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from segcache.model.runtime import cpu_has_bf16_gemm
+    from segcache.model.plan import cpu_has_bf16_gemm
     from segcache.model.weights import load_arch, resolve_model
 
     torch.set_num_threads(args.threads)
