@@ -257,7 +257,10 @@ def test_fused_decode_step_matches_torch_forward(sd, kernels, kv_dtype):
     over the same block weights (the torch-blocks route, its fallback): logits and the
     K/V it writes."""
     fast = ModelRuntime(ARCH, sd, block_plan(kv_dtype), source_digest="tiny", kernels=kernels)
-    slow = ModelRuntime(ARCH, sd, block_plan(kv_dtype, c_step=False, c_layers=False), kernels=kernels)
+    slow = ModelRuntime(ARCH, sd, block_plan(kv_dtype, c_step=False, c_layers=False),
+                        source_digest="tiny", kernels=kernels)
+    assert fast.fingerprint != slow.fingerprint  # other code, other KV namespace
+    assert "c-step" in fast.describe() and "torch-blocks" in slow.describe()
     assert fast.plan.decode_route() is fast.plan.prefill_route(1) is Route.C_STEP
     assert slow.plan.decode_route() is slow.plan.prefill_route(1) is Route.TORCH_BLOCKS
     ids = prompt(40)
