@@ -431,15 +431,19 @@ def test_fingerprint_names_the_plan(sd):
 
 
 @pytest.mark.slow
-def test_real_model_auto_greedy_equals_float32(tmp_path, real_model_dir):
-    from segcache.config import ModelConfig
-    from segcache.model.weights import ResolvedModel
+def test_real_model_auto_greedy_equals_float32(tmp_path, real_model_dir, kernels):
+    """Greedy tokens of the real model: float32, ``auto`` as this CPU chooses it, and
+    both kernel plans (float32 and bfloat16 prefill) selected explicitly."""
+    from segcache.model.weights import ResolvedModel, load_arch, load_state_dict
 
     resolved = ResolvedModel(real_model_dir, "real", real_model_dir, "sha256:test")
+    arch, sd = load_arch(real_model_dir), load_state_dict(real_model_dir)
     ids = prompt(24, seed=7) + 100  # any ids in the real vocab
+    runtimes = [ModelRuntime.load(resolved, ModelConfig(dtype=d, cache_dir=tmp_path)) for d in ("float32", "auto")]
+    runtimes += [ModelRuntime(arch, sd, auto_plan(bf16, arch), kernels=kernels) for bf16 in (False, True)]
+    assert {rt.plan.name for rt in runtimes[2:]} == {"kernels-float32", "kernels-bfloat16"}
     outs = []
-    for dtype in ("float32", "auto"):
-        rt = ModelRuntime.load(resolved, ModelConfig(dtype=dtype, cache_dir=tmp_path))
+    for rt in runtimes:
         kv = rt.new_kv(64)
         with torch.inference_mode():
             logits = rt.prefill(ids, torch.arange(24), kv, 0)
@@ -449,4 +453,4 @@ def test_real_model_auto_greedy_equals_float32(tmp_path, real_model_dir):
                 tokens.append(int(tok))
                 logits = rt.decode(tok, torch.tensor([t]), kv, t)
         outs.append(tokens)
-    assert outs[0] == outs[1]
+    assert outs[1:] == [outs[0]] * 3

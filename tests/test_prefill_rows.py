@@ -123,12 +123,14 @@ def test_without_independent_rows_the_unit_is_prefilled_alone(tiny_engine_factor
 
 
 @pytest.mark.slow
-def test_warm_turn_is_one_prefill_and_cached_equals_cold_real(tokenizer):
-    from segcache.model.weights import resolve_model
-    from tests.conftest import _cache_dir
+def test_warm_turn_is_one_prefill_and_cached_equals_cold_real(kernels, tokenizer, real_model_dir, tmp_path):
+    """The real model on the kernel plan with a float32 prefill (``auto`` on a CPU
+    without native bfloat16 GEMM), selected here whatever this CPU would choose."""
+    from segcache.model.weights import load_arch, load_state_dict
 
-    resolved = resolve_model(None, _cache_dir(), progress=False)
-    rt = ModelRuntime.load(resolved, ModelConfig(dtype="auto", cache_dir=_cache_dir()))
-    if rt.independent_rows == 0:
-        pytest.skip("no block kernels here: the auto plan is the float32 one")
+    arch = load_arch(real_model_dir)
+    plan = choose_plan(arch, ModelConfig(dtype="auto"), kernels=True, bf16_gemm=False)
+    rt = ModelRuntime(arch, load_state_dict(real_model_dir), plan, source_digest="real-f32-blocks",
+                      kernels=kernels, block_cache=tmp_path / "blocks.safetensors")
+    assert rt.independent_rows == PREFILL_ATTENTION_TOKENS
     _turns_against_cold(rt, tokenizer)
