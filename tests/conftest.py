@@ -3,16 +3,15 @@ converts it beforehand (`segcache prepare`), so tests never download anything.""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from segcache.config import CacheConfig, Config, ModelConfig, default_cache_dir
+from segcache.config import CacheConfig, Config, ModelConfig, read_environment
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("SEGCACHE_CACHE_DIR") or default_cache_dir())
+    return read_environment().cache_dir
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +48,7 @@ def kernels(tmp_path_factory):
     probe = probe_kernels(tmp_path_factory.mktemp("kernels"))
     if probe.kernels is None:
         message = f"block kernels {probe.status}: {probe.reason}\n{probe.log}"
-        if os.environ.get("CI"):
+        if read_environment().ci:
             pytest.fail(message)
         pytest.skip(message)
     return probe.kernels

@@ -148,7 +148,7 @@ def test_marked_segment_is_blended_at_a_new_position(tiny_engine_factory):
     again = _chat(engine, "t", [SegmentInput("y", Y), SegmentInput("z", Z)])
     assert again.segments[0].status == "hit"
     engine.tree.check_integrity()
-    assert all(n.pins == 0 for r in engine.tree._roots.values() for n in _nodes(r))
+    assert all(n.pins == 0 for n in engine.tree.nodes())
 
 
 def test_a_purge_drops_the_standalone_work_still_queued(tiny_engine_factory):
@@ -192,14 +192,6 @@ def test_a_purge_drops_the_standalone_work_still_queued(tiny_engine_factory):
     idle(engine)
     assert engine.cache_stats("t")["standalone"]["entries"] == 0
     engine.tree.check_integrity()
-
-
-def _nodes(root):
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        yield node
-        stack.extend(node.children.values())
 
 
 def test_unmarked_segment_is_not_blended_unless_auto(tiny_engine_factory):
@@ -409,7 +401,7 @@ def test_cancelled_blend_releases_every_pin(tiny_engine_factory):
     r = engine.chat(req, is_cancelled=cancelled)
     assert r.finish_reason == "cancelled"
     engine.tree.check_integrity()
-    assert all(n.pins == 0 for root in engine.tree._roots.values() for n in _nodes(root))
+    assert all(n.pins == 0 for n in engine.tree.nodes())
     # the standalone entry is still there and serves the next request
     again = _chat(engine, "t", [SegmentInput("z", Z), anywhere("x", X)])
     assert [s.status for s in again.segments][:2] == ["miss", "blended"]

@@ -164,7 +164,7 @@ def test_sliced_prefill_is_bit_identical_to_one_prefill():
 def _prompt_kv(engine, tenant):
     """The KV of ``tenant``'s first unit (the prompt's message; below it sits the
     kept reply, whose decode steps were batched with other streams on one engine)."""
-    (node,) = engine.tree.root(engine.namespace(tenant)).children.values()
+    (node,) = [n for n in engine.tree.nodes(engine.namespace(tenant)) if n.depth == 1]
     return node.handle
 
 
@@ -204,17 +204,22 @@ def test_long_prefill_runs_in_slices_while_streams_decode(tiny_engine_factory):
 def test_only_the_tail_goes_through_the_lm_head(tiny_engine_factory):
     """Units are prefilled for their KV only; the logits come from the tail's last row."""
     engine = tiny_engine_factory(scheduler=SchedulerConfig(prefill_chunk=64))
-    model = engine.runtime.model
-    orig = model._head
+    runtime = engine.runtime
     rows: list[int] = []
 
-    def counting(w, x, logits_at):
-        out = orig(w, x, logits_at)
-        if x.shape[0] > 1:  # a prefill chunk (a decode step has one row)
-            rows.append(out.shape[0])
-        return out
+    prefill, prefill_steps = runtime.prefill, runtime.prefill_steps
 
-    model._head = counting
+    def counted(*args, **kwargs):
+        logits = prefill(*args, **kwargs)
+        rows.append(logits.shape[0])  # rows of logits this call computed
+        return logits
+
+    def counted_steps(*args, **kwargs):
+        logits = yield from prefill_steps(*args, **kwargs)
+        rows.append(logits.shape[0])
+        return logits
+
+    runtime.prefill, runtime.prefill_steps = counted, counted_steps
     r = engine.chat(agent_request(3))  # A (~1k tokens, 64-token chunks), B, D, the message, the tail
     assert len(r.segments) >= 4 and r.completion_tokens > 0
     assert len(rows) > 5 and sum(rows) == 1  # many chunks, one row of logits

@@ -10,7 +10,6 @@ and fail under CI (``CI`` set): ``make test`` installs it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from segcache.config import ServerConfig
+from segcache.config import ServerConfig, read_environment
 from segcache.kv.hashing import segment_digest
 from segcache.kv.segment_tree import SegmentTree
 from tests.server_harness import running_server
@@ -38,7 +37,7 @@ def chromium() -> str:
     path = shutil.which("chromium")
     if path is None:
         msg = "Debian's chromium is not installed (`make system-deps` installs it)"
-        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        if read_environment().ci:
             pytest.fail(msg + "; CI must run the browser tests")
         pytest.skip(msg)
     return path

@@ -86,12 +86,13 @@ def test_model_fingerprint_change_never_serves_old_kv(tokenizer):
     import torch
 
     from segcache.engine.engine import Engine
-    from segcache.model.runtime import ModelRuntime, PhasePlan
+    from segcache.model.plan import ExecPlan
+    from segcache.model.runtime import ModelRuntime
     from tests.tiny import TINY, tiny_state_dict
 
     sd = tiny_state_dict()
-    f32 = ModelRuntime(TINY, sd, PhasePlan(torch.float32, torch.float32, torch.float32), source_digest="w")
-    bf16 = ModelRuntime(TINY, sd, PhasePlan(*(torch.bfloat16,) * 3), source_digest="w")
+    f32 = ModelRuntime(TINY, sd, ExecPlan.dense(torch.float32), source_digest="w")
+    bf16 = ModelRuntime(TINY, sd, ExecPlan.dense(torch.bfloat16), source_digest="w")
     assert f32.fingerprint != bf16.fingerprint
     engine = Engine(f32, tokenizer, CacheConfig(), "tiny")
     chat(engine, "t", AGENTS[0])

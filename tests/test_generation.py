@@ -42,7 +42,7 @@ def test_sampling_params_validated(bad):
 
 def test_text_stream_holds_back_stop_prefix():
     vocab = {1: "Hel", 2: "lo ", 3: "EN", 4: "D now"}
-    stream = TextStream(lambda ids: "".join(vocab[i] for i in ids), stop=("END",))
+    stream = TextStream(vocab.get, stop=("END",))
     out = [stream.push(i) for i in (1, 2, 3)]
     assert "".join(out) == "Hello "  # "EN" is held back: it may become "END"
     out.append(stream.push(4))
@@ -51,16 +51,55 @@ def test_text_stream_holds_back_stop_prefix():
 
 
 def test_text_stream_waits_for_complete_utf8():
-    pieces = {1: "caf", 2: "\ufffd", 3: "é"}
+    pieces = {1: "caf", 2: None, 3: "é"}  # 2: the first byte of "é", not final yet
 
-    def dec(ids):
-        s = "".join(pieces[i] for i in ids)
-        return s.replace("\ufffdé", "é")
-
-    stream = TextStream(dec)
+    stream = TextStream(pieces.get)
     assert stream.push(1) == "caf"
     assert stream.push(2) == ""
     assert stream.push(3) == "é"
+    assert stream.ids == [1, 2, 3] and stream.text == "café"
+
+
+MULTIBYTE = "naïve café → 日本語のテキスト 🎉👩‍💻 Ελληνικά done"
+
+
+def test_streamed_text_equals_one_shot_decode_on_the_real_tokenizer(tokenizer):
+    """Characters of 2, 3 and 4 UTF-8 bytes (and a ZWJ sequence) split across byte-level
+    tokens: the streamed pieces concatenate to exactly the one-shot decode, and no
+    piece holds half a character."""
+    ids = tokenizer.encode(MULTIBYTE)
+    assert len(ids) > len(MULTIBYTE.split())  # multibyte characters really span tokens
+    assert sum(1 for i in ids if "\ufffd" in tokenizer.decode([i])) >= 4
+    stream = TextStream(tokenizer.decode_stream())
+    pieces = [stream.push(i) for i in ids]
+    pieces.append(stream.flush())
+    assert "".join(pieces) == tokenizer.decode(ids) == MULTIBYTE
+    assert stream.text == MULTIBYTE
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_streamed_text_with_a_stop_string_on_the_real_tokenizer(tokenizer):
+    ids = tokenizer.encode(MULTIBYTE)
+    stream = TextStream(tokenizer.decode_stream(), stop=("のテ",))
+    out = ""
+    for i in ids:
+        out += stream.push(i)
+        if stream.stopped:
+            break
+    out += stream.flush()
+    assert out == stream.text == "naïve café → 日本語"
+
+
+def test_streamed_text_of_special_and_incomplete_tokens(tokenizer):
+    """Special tokens are skipped as in ``decode``; a reply that ends inside a character
+    keeps the complete text only."""
+    ids = tokenizer.encode("<|im_start|>é🎉<|im_end|>")
+    stream = TextStream(tokenizer.decode_stream())
+    streamed = "".join(stream.push(i) for i in ids) + stream.flush()
+    assert streamed == tokenizer.decode(ids) == "é🎉"
+    cut = tokenizer.encode("ok 🎉")[:-1]  # the emoji's last byte token missing
+    stream = TextStream(tokenizer.decode_stream())
+    assert "".join(stream.push(i) for i in cut) + stream.flush() == "ok"  # " " went with the emoji
 
 
 def test_generation_respects_max_tokens_and_streams(tiny_engine_factory):

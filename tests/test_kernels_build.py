@@ -4,7 +4,6 @@ worker pool gives the same bits whatever the thread count or the callers."""
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 import stat
@@ -13,6 +12,7 @@ import threading
 import pytest
 import torch
 
+from segcache.config import read_environment
 from segcache.model import kernels as K
 from segcache.model.quant import BlockLinear
 
@@ -55,7 +55,7 @@ def test_default_plan_is_the_kernel_plan_on_x86_64(real_model_dir, monkeypatch):
     """On x86-64 Linux with AVX2 (CI's machines) the default --dtype auto must run the
     block kernels: a CI that passed on the dense path would hide a broken build."""
     if platform.machine() != "x86_64" or K.unsupported_reason():
-        if os.environ.get("CI"):
+        if read_environment().ci:
             pytest.fail(f"CI machine cannot run the kernels: {K.unsupported_reason()}")
         pytest.skip(K.unsupported_reason() or platform.machine())
     from segcache.config import ModelConfig

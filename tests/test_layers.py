@@ -1,4 +1,8 @@
-"""Imports flow downward only (DESIGN.md 'Layers'); this walks every module's imports."""
+"""Imports flow downward only (DESIGN.md 'Layers'); this walks every module's imports.
+
+``layering_problems`` is the rule; it runs on the package itself and on planted
+violations in a temporary package, so a rule that stopped seeing violations fails.
+"""
 
 from __future__ import annotations
 
@@ -22,65 +26,130 @@ ALLOWED = {
     "cli": {"config", "kv", "model", "engine", "server", "router", "lint", "bench"},
 }
 STDLIB_ONLY = {"config", "kv"}
-# Packages of a stdlib-only layer that may use these third-party libraries (never torch):
-# the cache tiers write safetensors payloads from numpy buffers and talk to Redis.
+# Packages of a stdlib-only layer that may use these libraries (never torch): the cache tiers
+# encode payloads with safetensors/numpy and talk to Redis.
 THIRD_PARTY_OK = {"kv/tiers": {"numpy", "safetensors", "redis"}}
 NO_TORCH = {"server", "router", "lint", "bench", "client"}
 # Modules of a no-torch layer that may use torch because they measure the engine itself.
 TORCH_EXCEPTIONS: set[str] = set()
 
 
-def _layer(path: Path) -> str:
-    rel = path.relative_to(ROOT)
+def _layer(rel: Path) -> str:
+    """The layer of a module, from its path relative to the package ("root" for __init__)."""
     return rel.parts[0].removesuffix(".py") if rel.parts[0] != "__init__.py" else "root"
 
 
-def _imports(path: Path) -> list[str]:
+def _imports(path: Path, module: str) -> list[str]:
+    """Absolute names of the modules ``path`` (the module ``module``) imports,
+    relative imports resolved against ``module``."""
     tree = ast.parse(path.read_text(), str(path))
+    is_package = path.name == "__init__.py"
     names = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names += [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.append(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            base = module.split(".")
+            base = base[:len(base) - node.level + (1 if is_package else 0)]
+            if node.module:
+                names.append(".".join(base + [node.module]))
+            else:  # ``from . import x``: each name may be a module
+                names += [".".join(base + [a.name]) for a in node.names]
     return names
 
 
-def _third_party_ok(path: Path) -> set[str]:
-    rel = path.relative_to(ROOT).as_posix()
-    return set().union(*(libs for pkg, libs in THIRD_PARTY_OK.items() if rel.startswith(pkg + "/")))
+def _third_party_ok(rel: Path) -> set[str]:
+    return set().union(*(libs for pkg, libs in THIRD_PARTY_OK.items() if rel.as_posix().startswith(pkg + "/")))
 
 
-def test_imports_flow_downward():
+def test_only_the_tiers_package_gets_third_party_libraries_and_never_torch():
+    assert _third_party_ok(Path("kv/tiers/disk.py")) == {"numpy", "safetensors", "redis"}
+    assert _third_party_ok(Path("kv/segment_tree.py")) == set()
+    assert _third_party_ok(Path("kv/tiers_elsewhere.py")) == set()
+
+
+def layering_problems(root: Path) -> list[str]:
+    """Every import in the package at ``root`` that breaks the layering rules:
+    an upward (or sideways) import between layers, a third-party import in a
+    stdlib-only layer, torch in a no-torch layer. One line per problem."""
+    package = root.name
     problems = []
-    for path in ROOT.rglob("*.py"):
-        layer = _layer(path)
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        layer = _layer(rel)
         if layer == "root":
             continue
-        for name in _imports(path):
-            top = name.split(".")[0]
-            if top == "segcache":
-                parts = name.split(".")
+        module = ".".join((package, *rel.with_suffix("").parts)).removesuffix(".__init__")
+        for name in _imports(path, module):
+            parts = name.split(".")
+            top = parts[0]
+            if top == package:
                 if len(parts) < 2:
                     continue
                 target = parts[1]
                 if target != layer and target not in ALLOWED.get(layer, set()):
-                    problems.append(f"{path.relative_to(ROOT)} imports {name} ({layer} -> {target})")
+                    problems.append(f"{rel} imports {name} ({layer} -> {target})")
             elif (layer in STDLIB_ONLY and top not in sys.stdlib_module_names
-                  and top not in _third_party_ok(path)):
-                problems.append(f"{path.relative_to(ROOT)} imports third-party {name} (stdlib only)")
-            elif layer in NO_TORCH and top == "torch" and str(path.relative_to(ROOT)) not in TORCH_EXCEPTIONS:
-                problems.append(f"{path.relative_to(ROOT)} imports torch (layer {layer} must not)")
+                  and top not in _third_party_ok(rel)):
+                problems.append(f"{rel} imports third-party {name} (stdlib only)")
+            elif layer in NO_TORCH and top == "torch" and str(rel) not in TORCH_EXCEPTIONS:
+                problems.append(f"{rel} imports torch (layer {layer} must not)")
+    return problems
+
+
+def test_imports_flow_downward():
+    problems = layering_problems(ROOT)
     assert not problems, "\n".join(problems)
 
 
-def test_layer_check_catches_a_violation(tmp_path):
-    bad = tmp_path / "x.py"
-    bad.write_text("import torch\nfrom segcache.server import app\n")
-    assert _imports(bad) == ["torch", "segcache.server"]
+def _package(tmp_path: Path, files: dict[str, str]) -> Path:
+    root = tmp_path / "segcache"
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
 
 
-def test_only_the_tiers_package_gets_third_party_libraries_and_never_torch():
-    assert _third_party_ok(ROOT / "kv" / "tiers" / "disk.py") == {"numpy", "safetensors", "redis"}
-    assert _third_party_ok(ROOT / "kv" / "segment_tree.py") == set()
-    assert _third_party_ok(ROOT / "kv" / "tiers_elsewhere.py") == set()
+CLEAN = {
+    "__init__.py": "",
+    "config.py": "import os\n",
+    "kv/__init__.py": "from segcache.kv.tree import Tree\n",
+    "kv/tree.py": "from segcache.config import GiB\nfrom . import hashing\n",
+    "kv/hashing.py": "import hashlib\n",
+    "model/llama.py": "import torch\nfrom ..config import ModelConfig\n",
+    "engine/engine.py": "import torch\nfrom segcache.kv import Tree\nfrom segcache.model import llama\n",
+    "server/app.py": "from segcache.engine import types\n",
+}
+
+
+def test_layer_rule_passes_a_clean_package(tmp_path):
+    assert layering_problems(_package(tmp_path, CLEAN)) == []
+
+
+def test_layer_rule_catches_planted_violations(tmp_path):
+    root = _package(tmp_path, {
+        **CLEAN,
+        "kv/tree.py": "from segcache.engine.engine import Engine\n",  # upward
+        "kv/hashing.py": "import xxhash\n",  # third-party in a stdlib-only layer
+        "model/llama.py": "import torch\nfrom ..engine import engine\n",  # upward, relative
+        "server/app.py": "import torch.nn\nfrom segcache.model import llama\n",  # torch; skips engine
+    })
+    assert layering_problems(root) == [
+        "kv/hashing.py imports third-party xxhash (stdlib only)",
+        "kv/tree.py imports segcache.engine.engine (kv -> engine)",
+        "model/llama.py imports segcache.engine (model -> engine)",
+        "server/app.py imports torch (layer server must not)",
+        "server/app.py imports segcache.model (server -> model)",
+    ]
+
+
+def test_only_kv_walks_tree_links():
+    """Outside ``kv/`` the trees are read through ``peek``/``nodes``/``match``, never by
+    walking ``node.children`` (``lint/simulate.py`` has a trie of its own)."""
+    own_trie = {Path("lint/simulate.py")}
+    walkers = [str(p.relative_to(ROOT)) for p in sorted(ROOT.rglob("*.py"))
+               if p.relative_to(ROOT).parts[0] != "kv" and p.relative_to(ROOT) not in own_trie
+               and ".children" in p.read_text()]
+    assert walkers == []

@@ -59,9 +59,20 @@ def test_kv_continuation_tiny():
 def test_qkv_bias_and_untied_head_load():
     from dataclasses import replace
 
+    from segcache.model.plan import ExecPlan
+    from segcache.model.runtime import ModelRuntime
+    from tests.tiny import tiny_state_dict
+
     arch = replace(TINY, qkv_bias=True, tie_embeddings=False)
     rt = tiny_runtime(arch=arch)
-    assert rt._prefill_w.layers[0].qkv_bias is not None
+    sd = tiny_state_dict(arch, qkv_bias=True)
+    zero_bias = {k: torch.zeros_like(v) if k.endswith("_proj.bias") else v for k, v in sd.items()}
+    without = ModelRuntime(arch, zero_bias, ExecPlan.dense(torch.float32))
+    ids = torch.arange(10, 16)
+    with torch.inference_mode():
+        a = rt.prefill(ids, torch.arange(6), rt.new_kv(8), 0)
+        b = without.prefill(ids, torch.arange(6), without.new_kv(8), 0)
+    assert (a - b).abs().max() > 1e-3  # the bias is loaded and added
     _continuation_case(rt, arch.vocab_size, 9, 4, 2)
 
 

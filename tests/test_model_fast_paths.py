@@ -12,14 +12,18 @@ the same weights as float32. Tolerances, on logits of magnitude ~1:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from segcache.config import ModelConfig
 from segcache.model.arch import ModelArch
 from segcache.model.llama import causal_mask
+from segcache.model.plan import PREFILL_ATTENTION_TOKENS, ExecPlan, Route, choose_plan
 from segcache.model.quant import quantize_q8_0, recover_q4_1, to_blocks
-from segcache.model.runtime import ModelRuntime, PhasePlan, plan_dtypes
+from segcache.model.runtime import ModelRuntime
 
 ARCH = ModelArch(vocab_size=160, hidden_size=64, intermediate_size=96, n_layers=2, n_heads=6,
                  n_kv_heads=2, head_dim=16, max_position=512, tie_embeddings=True)
@@ -67,7 +71,21 @@ def sd():
 
 
 def reference(sd) -> ModelRuntime:
-    return ModelRuntime(ARCH, sd, plan_dtypes("float32", "cpu"), source_digest="tiny")
+    return ModelRuntime(ARCH, sd, ExecPlan.dense(torch.float32), source_digest="tiny")
+
+
+def auto_plan(bf16_gemm: bool = False, arch: ModelArch = ARCH) -> ExecPlan:
+    """The default plan on a CPU with the kernels (float32 prefill unless ``bf16_gemm``)."""
+    return choose_plan(arch, ModelConfig(dtype="auto"), kernels=True, bf16_gemm=bf16_gemm)
+
+
+def block_plan(kv_dtype: torch.dtype, c_step: bool = True, c_layers: bool = True) -> ExecPlan:
+    """The float32 block plan with ``kv_dtype`` KV, with or without the one-call C step
+    and the C prefill layers (without them, the torch layer over the same weights)."""
+    plan = replace(auto_plan(), kv_dtype=kv_dtype)
+    if not c_layers:
+        plan = replace(plan, c_layers_tokens=0, independent_rows=0)
+    return plan if c_step else replace(plan, c_step=False)
 
 
 def prompt(n: int, seed: int = 1) -> torch.Tensor:
@@ -216,10 +234,11 @@ def test_causal_mask_with_offset():
 
 def test_auto_block_decode_matches_float32(sd, kernels):
     ref = reference(sd)
-    plan = plan_dtypes("auto", "cpu", block_kernels=True, bf16_gemm=False)
-    assert plan == PhasePlan(torch.float32, torch.float32, torch.float16, "blocks")
+    plan = auto_plan()
+    assert (plan.prefill_dtype, plan.decode_dtype, plan.kv_dtype) == (torch.float32, torch.float32, torch.float16)
+    assert plan.decode_weights == plan.prefill_weights == "blocks"
     fast = ModelRuntime(ARCH, sd, plan, source_digest="tiny", kernels=kernels)
-    assert fast.decode_scheme.endswith(":q4_1+q8_0:exact+attn+pattn256+fused+layers")
+    assert fast.block_formats.endswith(":q4_1+q8_0:exact")
     assert fast.fingerprint != ref.fingerprint
     ids = prompt(48)
     kv_ref, kv_fast = ref.new_kv(64), fast.new_kv(64)
@@ -235,11 +254,16 @@ def test_auto_block_decode_matches_float32(sd, kernels):
 
 @pytest.mark.parametrize("kv_dtype", [torch.float16, torch.float32])
 def test_fused_decode_step_matches_torch_forward(sd, kernels, kv_dtype):
-    """The C step (``ModelRuntime.decode``) against ``LlamaModel.forward`` over the
-    same block weights (its fallback): logits and the K/V it writes."""
-    fast = ModelRuntime(ARCH, sd, PhasePlan(torch.float32, torch.float32, kv_dtype, "blocks"),
+    """The C step (``ModelRuntime.decode`` on the c-step route) against the torch layer
+    over the same block weights (the torch-blocks route, its fallback): logits and the
+    K/V it writes."""
+    fast = ModelRuntime(ARCH, sd, block_plan(kv_dtype), source_digest="tiny", kernels=kernels)
+    slow = ModelRuntime(ARCH, sd, block_plan(kv_dtype, c_step=False, c_layers=False),
                         source_digest="tiny", kernels=kernels)
-    assert fast._fused is not None
+    assert fast.fingerprint != slow.fingerprint  # other code, other KV namespace
+    assert "c-step" in fast.describe() and "torch-blocks" in slow.describe()
+    assert fast.plan.decode_route() is fast.plan.prefill_route(1) is Route.C_STEP
+    assert slow.plan.decode_route() is slow.plan.prefill_route(1) is Route.TORCH_BLOCKS
     ids = prompt(40)
     kv_fused, kv_torch = fast.new_kv(48), fast.new_kv(48)
     with torch.inference_mode():
@@ -247,10 +271,10 @@ def test_fused_decode_step_matches_torch_forward(sd, kernels, kv_dtype):
         kv_torch[:, :, :, :30] = kv_fused[:, :, :, :30]
         for t in range(30, 40):
             got = fast.decode(ids[t:t + 1], torch.tensor([t]), kv_fused, t)
-            want = fast._decode_model.forward(fast._decode_w, ids[t:t + 1], torch.tensor([t]), kv_torch, t)
+            want = slow.decode(ids[t:t + 1], torch.tensor([t]), kv_torch, t)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         one = fast.prefill(ids[:1], torch.arange(1), fast.new_kv(4), 0)  # a 1-token prefill takes the step
-        whole = fast._decode_model.forward(fast._decode_w, ids[:1], torch.arange(1), fast.new_kv(4), 0)
+        whole = slow.prefill(ids[:1], torch.arange(1), fast.new_kv(4), 0)
     torch.testing.assert_close(kv_fused[:, :, :, :40].float(), kv_torch[:, :, :, :40].float(),
                                atol=2e-3, rtol=1e-3)  # one float16 step where rounding differs
     torch.testing.assert_close(one, whole, atol=1e-5, rtol=1e-5)
@@ -260,31 +284,31 @@ def test_fused_decode_step_matches_torch_forward(sd, kernels, kv_dtype):
 @pytest.mark.parametrize(("start", "new"), [(0, 2), (0, 40), (33, 7), (130, 256)])
 def test_fused_prefill_layers_match_torch_layers(sd, kernels, kv_dtype, start, new):
     """Prefills of 2..256 tokens run their layers in one C call (``prefill_layers``)
-    per slice; against ``LlamaModel._layer`` over the same weights and attention."""
-    fast = ModelRuntime(ARCH, sd, PhasePlan(torch.float32, torch.float32, kv_dtype, "blocks"),
-                        source_digest="tiny", kernels=kernels)
-    model, calls = fast._decode_model, []
-    layers = model._fused_layers
-    model._fused_layers = lambda *a: calls.append(a[4:]) or layers(*a)
+    per slice (the c-layers route); against the torch layer over the same weights and
+    attention (the torch-blocks route)."""
+    fast = ModelRuntime(ARCH, sd, block_plan(kv_dtype), source_digest="tiny", kernels=kernels)
+    slow = ModelRuntime(ARCH, sd, block_plan(kv_dtype, c_layers=False), kernels=kernels)
+    assert fast.plan.prefill_route(new) is Route.C_LAYERS
+    assert slow.plan.prefill_route(new) is Route.TORCH_BLOCKS
     ids = prompt(start + new, seed=new)
     kv_c, kv_torch = fast.new_kv(start + new + 2), fast.new_kv(start + new + 2)
     with torch.inference_mode():
         if start:
             fast.prefill(ids[:start], torch.arange(start), kv_c, 0)
             kv_torch[:, :, :, :start] = kv_c[:, :, :, :start]
-        calls.clear()
         got = fast.prefill(ids[start:], torch.arange(start, start + new), kv_c, start, torch.arange(new))
         sliced = fast.new_kv(start + new + 2)
         sliced[:, :, :, :start] = kv_c[:, :, :, :start]
         steps = fast.prefill_steps(ids[start:], torch.arange(start, start + new), sliced, start, 1)
+        done = []
         while True:
             try:
-                next(steps)
+                done.append(next(steps))
             except StopIteration:
                 break
-        model._fused_w = None  # the torch layers
-        want = fast.prefill(ids[start:], torch.arange(start, start + new), kv_torch, start, torch.arange(new))
-    assert calls[0] == (0, ARCH.n_layers)  # one call for every layer
+        want = slow.prefill(ids[start:], torch.arange(start, start + new), kv_torch, start, torch.arange(new))
+    # a layer per step, but a short prefill (a few tokens cost little) in one step
+    assert done == ([] if new <= fast.plan.small_prefill_tokens else list(range(1, ARCH.n_layers)))
     end = start + new  # (slots past it are uninitialised)
     assert torch.equal(sliced[:, :, :, :end], kv_c[:, :, :, :end])  # a layer at a time: the same bits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -293,8 +317,8 @@ def test_fused_prefill_layers_match_torch_layers(sd, kernels, kv_dtype, start, n
 
 
 def test_fused_decode_batch_equals_single_steps(sd, kernels):
-    fast = ModelRuntime(ARCH, sd, plan_dtypes("auto", "cpu", block_kernels=True, bf16_gemm=False),
-                        source_digest="tiny", kernels=kernels)
+    fast = ModelRuntime(ARCH, sd, auto_plan(), source_digest="tiny", kernels=kernels)
+    assert fast.plan.batch_decode_route() is Route.C_STEP
     lengths = [5, 17, 30]
     kvs_one, kvs_batch = [fast.new_kv(40) for _ in lengths], [fast.new_kv(40) for _ in lengths]
     ids = prompt(40)
@@ -312,8 +336,7 @@ def test_fused_decode_batch_equals_single_steps(sd, kernels):
 
 
 def test_fused_decode_rejects_out_of_range(sd, kernels):
-    fast = ModelRuntime(ARCH, sd, plan_dtypes("auto", "cpu", block_kernels=True, bf16_gemm=False),
-                        source_digest="tiny", kernels=kernels)
+    fast = ModelRuntime(ARCH, sd, auto_plan(), source_digest="tiny", kernels=kernels)
     kv = fast.new_kv(8)
     with torch.inference_mode(), pytest.raises(IndexError):
         fast.decode(torch.tensor([0]), torch.tensor([8]), kv, 8)  # slot 8 of a capacity-8 buffer
@@ -321,8 +344,11 @@ def test_fused_decode_rejects_out_of_range(sd, kernels):
 
 def test_bf16_prefill_plan_matches_float32(sd, kernels):
     ref = reference(sd)
-    plan = plan_dtypes("auto", "cpu", block_kernels=True, bf16_gemm=True)
-    assert plan.prefill == torch.bfloat16 and plan.kv == torch.float16
+    plan = auto_plan(bf16_gemm=True)
+    assert plan.prefill_dtype == torch.bfloat16 and plan.kv_dtype == torch.float16
+    assert plan.prefill_weights == "dense" and plan.block_head
+    assert [plan.prefill_route(n) for n in (1, 24, 33, 300)] == [
+        Route.C_STEP, Route.C_LAYERS, Route.TORCH_DENSE, Route.TORCH_DENSE]
     fast = ModelRuntime(ARCH, sd, plan, source_digest="tiny", kernels=kernels)
     ids = prompt(40)
     with torch.inference_mode():
@@ -338,24 +364,87 @@ def test_bf16_prefill_plan_matches_float32(sd, kernels):
 
 
 def test_plans():
-    assert plan_dtypes("float32", "cpu", block_kernels=True) == PhasePlan(*[torch.float32] * 3)
-    assert plan_dtypes("bfloat16", "cpu", block_kernels=True) == PhasePlan(*[torch.bfloat16] * 3)
-    no_kernels = plan_dtypes("auto", "cpu", block_kernels=False, bf16_gemm=False)
-    assert no_kernels == PhasePlan(*[torch.float32] * 3)
-    with pytest.raises(ValueError):
-        ModelRuntime(ARCH, state_dict(), PhasePlan(torch.float32, torch.float32, torch.float16, "blocks"))
+    def plan(dtype, device="cpu", kernels=True, bf16_gemm=False):
+        return choose_plan(ARCH, ModelConfig(dtype=dtype, device=device), kernels, bf16_gemm)
+
+    assert plan("float32") == ExecPlan.dense(torch.float32)
+    assert plan("bfloat16") == ExecPlan.dense(torch.bfloat16)
+    assert plan("auto", device="cuda") == ExecPlan.dense(torch.bfloat16)
+    assert plan("auto", kernels=False) == ExecPlan.dense(torch.float32)
+    assert plan("auto", kernels=False, bf16_gemm=True) == ExecPlan.dense(torch.bfloat16)
+    assert plan("auto").uses_kernels and not plan("float32").uses_kernels
+    assert plan("auto").name == "kernels-float32" and plan("float32").name == "dense-float32"
+    with pytest.raises(ValueError):  # a block plan needs the kernels
+        ModelRuntime(ARCH, state_dict(), plan("auto"))
+
+
+def test_routes_of_the_float32_kernel_plan():
+    """The table in ``segcache.model.plan``'s docstring, for the default CPU plan."""
+    p = auto_plan()
+    assert p.decode_route() is p.batch_decode_route() is Route.C_STEP
+    assert p.prefill_route(1) is Route.C_STEP
+    assert {p.prefill_route(n) for n in (2, 32, 33, PREFILL_ATTENTION_TOKENS)} == {Route.C_LAYERS}
+    assert p.prefill_route(PREFILL_ATTENTION_TOKENS + 1) is Route.TORCH_BLOCKS
+    assert p.blend_route() is Route.TORCH_BLOCKS
+    assert p.independent_rows == PREFILL_ATTENTION_TOKENS
+    dense = ExecPlan.dense(torch.float32)
+    assert {dense.decode_route(), dense.prefill_route(1), dense.prefill_route(300), dense.blend_route()} == {
+        Route.TORCH_DENSE}
+    assert dense.independent_rows == 0
+
+
+def test_the_architecture_rules_kernels_out():
+    """Where a kernel cannot take the shapes, the plan takes the next route down."""
+    odd_head = replace(ARCH, n_heads=4, head_dim=24)  # head_dim 24: not in tiles of 16, q_dim 96
+    p = auto_plan(arch=odd_head)
+    assert p.c_step and p.c_layers_tokens == 0 and p.kernel_prefill_tokens == 0 and p.independent_rows == 0
+    assert p.prefill_route(20) is Route.TORCH_BLOCKS and p.prefill_route(1) is Route.C_STEP
+    unpacked = replace(ARCH, intermediate_size=72)  # the down projection's inputs: not in blocks of 32
+    p = auto_plan(arch=unpacked)
+    assert not p.c_step and p.decode_route() is Route.TORCH_BLOCKS and p.independent_rows == 0
+    big_group = replace(ARCH, n_heads=18, n_kv_heads=2, head_dim=16)  # 9 query heads per KV head
+    assert not auto_plan(arch=big_group).c_step
+
+
+def test_plans_that_no_code_runs_are_rejected():
+    f32, f16 = torch.float32, torch.float16
+    with pytest.raises(ValueError):  # dense weights in two dtypes
+        ExecPlan(f32, torch.bfloat16, f32)
+    with pytest.raises(ValueError):  # a kernel on dense weights
+        ExecPlan(f32, f32, f32, c_step=True)
+    with pytest.raises(ValueError):  # the C prefill layers without the C step
+        replace(auto_plan(), c_step=False)
+    with pytest.raises(ValueError):  # independent rows beyond the C prefill layers
+        replace(auto_plan(), c_layers_tokens=0)
+    with pytest.raises(ValueError):  # a bfloat16 prefill on the float32 block kernels
+        replace(auto_plan(), prefill_dtype=torch.bfloat16)
+    with pytest.raises(ValueError):  # the kernels' attention over bfloat16 KV
+        replace(auto_plan(), kv_dtype=torch.bfloat16)
+    assert replace(auto_plan(), kv_dtype=f16).kv_dtype == f16
+
+
+def test_fingerprint_names_the_plan(sd):
+    """Plans that compute different numbers give different fingerprints; the same plan the same."""
+    a = ModelRuntime(ARCH, sd, ExecPlan.dense(torch.float32), source_digest="w")
+    b = ModelRuntime(ARCH, sd, ExecPlan.dense(torch.float32), source_digest="w")
+    c = ModelRuntime(ARCH, sd, ExecPlan.dense(torch.bfloat16), source_digest="w")
+    assert a.fingerprint == b.fingerprint != c.fingerprint
 
 
 @pytest.mark.slow
-def test_real_model_auto_greedy_equals_float32(tmp_path, real_model_dir):
-    from segcache.config import ModelConfig
-    from segcache.model.weights import ResolvedModel
+def test_real_model_auto_greedy_equals_float32(tmp_path, real_model_dir, kernels):
+    """Greedy tokens of the real model: float32, ``auto`` as this CPU chooses it, and
+    both kernel plans (float32 and bfloat16 prefill) selected explicitly."""
+    from segcache.model.weights import ResolvedModel, load_arch, load_state_dict
 
     resolved = ResolvedModel(real_model_dir, "real", real_model_dir, "sha256:test")
+    arch, sd = load_arch(real_model_dir), load_state_dict(real_model_dir)
     ids = prompt(24, seed=7) + 100  # any ids in the real vocab
+    runtimes = [ModelRuntime.load(resolved, ModelConfig(dtype=d, cache_dir=tmp_path)) for d in ("float32", "auto")]
+    runtimes += [ModelRuntime(arch, sd, auto_plan(bf16, arch), kernels=kernels) for bf16 in (False, True)]
+    assert {rt.plan.name for rt in runtimes[2:]} == {"kernels-float32", "kernels-bfloat16"}
     outs = []
-    for dtype in ("float32", "auto"):
-        rt = ModelRuntime.load(resolved, ModelConfig(dtype=dtype, cache_dir=tmp_path))
+    for rt in runtimes:
         kv = rt.new_kv(64)
         with torch.inference_mode():
             logits = rt.prefill(ids, torch.arange(24), kv, 0)
@@ -365,4 +454,4 @@ def test_real_model_auto_greedy_equals_float32(tmp_path, real_model_dir):
                 tokens.append(int(tok))
                 logits = rt.decode(tok, torch.tensor([t]), kv, t)
         outs.append(tokens)
-    assert outs[0] == outs[1]
+    assert outs[1:] == [outs[0]] * 3

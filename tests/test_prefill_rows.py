@@ -16,7 +16,8 @@ import torch
 from segcache.config import CacheConfig, ModelConfig
 from segcache.engine.engine import Engine
 from segcache.engine.types import ChatRequest, SamplingParams, SegmentInput
-from segcache.model.runtime import PREFILL_ATTENTION_TOKENS, ModelRuntime, plan_dtypes
+from segcache.model.plan import PREFILL_ATTENTION_TOKENS, choose_plan
+from segcache.model.runtime import ModelRuntime
 from tests.tiny import TINY, tiny_state_dict
 
 GREEDY = SamplingParams(max_tokens=5, temperature=0.0)
@@ -27,7 +28,7 @@ Q2 = Q1 + [{"role": "user", "content": "And which tests cover it? Answer briefly
 
 
 def tiny_auto(kernels) -> ModelRuntime:
-    plan = plan_dtypes("auto", "cpu", block_kernels=True, bf16_gemm=False)
+    plan = choose_plan(TINY, ModelConfig(dtype="auto"), kernels=True, bf16_gemm=False)
     return ModelRuntime(TINY, tiny_state_dict(TINY), plan, source_digest="tiny-auto", kernels=kernels)
 
 
@@ -69,10 +70,9 @@ def _counting(engine: Engine) -> list[int]:
 
 def _unit_kv(engine: Engine, tenant: str, result, depth: int) -> torch.Tensor:
     """The cached KV of the ``depth``-th unit of ``result``'s prompt (1-based)."""
-    node = engine.tree.root(engine.namespace(tenant))
-    for unit in result.segments[:depth]:
-        node = node.children[unit.hash]
-    return node.handle
+    path = engine.tree.peek(engine.namespace(tenant), [unit.hash for unit in result.segments[:depth]])
+    assert len(path) == depth
+    return path[-1].handle
 
 
 def _turns_against_cold(runtime: ModelRuntime, tokenizer) -> None:
@@ -123,12 +123,14 @@ def test_without_independent_rows_the_unit_is_prefilled_alone(tiny_engine_factor
 
 
 @pytest.mark.slow
-def test_warm_turn_is_one_prefill_and_cached_equals_cold_real(tokenizer):
-    from segcache.model.weights import resolve_model
-    from tests.conftest import _cache_dir
+def test_warm_turn_is_one_prefill_and_cached_equals_cold_real(kernels, tokenizer, real_model_dir, tmp_path):
+    """The real model on the kernel plan with a float32 prefill (``auto`` on a CPU
+    without native bfloat16 GEMM), selected here whatever this CPU would choose."""
+    from segcache.model.weights import load_arch, load_state_dict
 
-    resolved = resolve_model(None, _cache_dir(), progress=False)
-    rt = ModelRuntime.load(resolved, ModelConfig(dtype="auto", cache_dir=_cache_dir()))
-    if rt.independent_rows == 0:
-        pytest.skip("no block kernels here: the auto plan is the float32 one")
+    arch = load_arch(real_model_dir)
+    plan = choose_plan(arch, ModelConfig(dtype="auto"), kernels=True, bf16_gemm=False)
+    rt = ModelRuntime(arch, load_state_dict(real_model_dir), plan, source_digest="real-f32-blocks",
+                      kernels=kernels, block_cache=tmp_path / "blocks.safetensors")
+    assert rt.independent_rows == PREFILL_ATTENTION_TOKENS
     _turns_against_cold(rt, tokenizer)

@@ -330,6 +330,32 @@ def test_stats_counts_and_tree_summary_is_capped_json():
     assert tree.stats(NS2)["nodes"] == 1 and tree.stats(NS2)["evictions"] == 0
 
 
+def test_peek_sees_what_match_would_without_its_effects():
+    tree, clock, rec = make_tree()
+    a, b = add_path(tree, NS, "AB")
+    add(tree, a, "C", ttl_s=1.0)
+    before = [(n.hits, n.last_use, n.expires_at) for n in (a, b)]
+    clock.now = 5.0
+    assert tree.peek(NS, [SEG[n] for n in "ABD"]) == [a, b]
+    assert tree.peek(NS, [SEG["B"]]) == []  # a prefix from the root, like match
+    assert tree.peek(NS, [SEG["A"], SEG["C"]]) == [a]  # C expired: a miss ...
+    assert len(tree) == 3 and rec.removals("digest") == []  # ... but not removed by a peek
+    assert [(n.hits, n.last_use, n.expires_at) for n in (a, b)] == before
+    assert tree.peek(NS2, [SEG["A"]]) == [] and NS2 not in tree.namespaces  # no root created
+    assert tree.match(NS, [SEG["A"], SEG["C"]]) == [a] and a.hits == 1  # match: effects
+    assert rec.removals("digest") == [(SEG["C"], "expire")]
+    tree.check_integrity()
+
+
+def test_nodes_lists_every_node_read_only():
+    tree, _, _ = make_tree()
+    a, b = add_path(tree, NS, "AB")
+    (c,) = add_path(tree, NS2, "C")
+    assert tree.nodes(NS) == [a, b] and tree.nodes(NS2) == [c]
+    assert sorted(n.digest for n in tree.nodes()) == sorted(SEG[n] for n in "ABC")
+    assert tree.nodes("sha256:unknown") == [] and a.hits == 0
+
+
 def test_check_integrity_catches_broken_invariants():
     tree, _, _ = make_tree()
     a, b = add_path(tree, NS, "AB")

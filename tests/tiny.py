@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from segcache.model.arch import ModelArch
-from segcache.model.runtime import ModelRuntime, PhasePlan
+from segcache.model.plan import ExecPlan
+from segcache.model.runtime import ModelRuntime
 
 TINY = ModelArch(vocab_size=49152, hidden_size=64, intermediate_size=128, n_layers=2, n_heads=4,
                  n_kv_heads=2, head_dim=16, max_position=2048, rope_theta=10000.0,
@@ -38,6 +39,6 @@ def tiny_state_dict(arch: ModelArch = TINY, seed: int = 0, qkv_bias: bool = Fals
 
 
 def tiny_runtime(dtype: torch.dtype = torch.float32, arch: ModelArch = TINY, seed: int = 0) -> ModelRuntime:
-    plan = PhasePlan(dtype, dtype, dtype)
+    plan = ExecPlan.dense(dtype)
     return ModelRuntime(arch, tiny_state_dict(arch, seed, arch.qkv_bias), plan, "cpu",
                         source_digest=f"tiny-{seed}")

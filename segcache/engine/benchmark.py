@@ -34,7 +34,8 @@ from segcache.config import DTYPES, default_cache_dir
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M)")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="converted weights and kernels")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="converted weights and kernels (env SEGCACHE_CACHE_DIR; default: ~/.cache/segcache)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="segcache dtype; the transformers side runs bfloat16 for 'auto' where the "
                              "CPU multiplies bfloat16 natively, else float32")
@@ -83,10 +84,11 @@ class _Segcache:
         self.rt = ModelRuntime.load(resolved, cfg)
         self.chunk = chunk
         plan = self.rt.plan
-        self.describe = (f"prefill {_short(plan.prefill)}"
+        weights = f"{self.rt.block_formats} block" if plan.uses_kernels else "dense"
+        self.describe = (f"plan {plan.name}: prefill {_short(plan.prefill_dtype)}"
                          f"{f' in {chunk}-token chunks' if chunk else ' in one call'}, decode "
-                         f"{_short(plan.decode)} activations with {self.rt.decode_scheme} weights, "
-                         f"KV {_short(plan.kv)}")
+                         f"{_short(plan.decode_dtype)} activations with {weights} weights "
+                         f"({plan.decode_route().value}), KV {_short(plan.kv_dtype)}")
 
     def prefill(self, ids) -> Callable[[], None]:
         import torch
@@ -242,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from segcache.model.runtime import cpu_has_bf16_gemm
+    from segcache.model.plan import cpu_has_bf16_gemm
     from segcache.model.weights import load_arch, resolve_model
 
     torch.set_num_threads(args.threads)

@@ -117,10 +117,9 @@ class Blending:
         if not eligible:
             return []
         ns_s = self.standalone_namespace(ns)
-        root = self.tree.root(ns_s)
         out: dict[str, Unit] = {}
         for unit in eligible:
-            if (unit.key.digest not in root.children
+            if (not self.tree.peek(ns_s, [unit.key.digest])
                     and (_KEY_PREFIX + ns_s, unit.key.digest) not in self._inflight):
                 out.setdefault(unit.key.digest, unit)
         return list(out.values())
@@ -157,8 +156,7 @@ class Blending:
         for unit in units:
             if purges is not None and self._purges.get(ns_s, 0) != purges:
                 return
-            root = self.tree.root(ns_s)
-            if unit.key.digest in root.children:
+            if self.tree.peek(ns_s, [unit.key.digest]):
                 continue
             ids = sink + unit.block
             kv = self.runtime.new_kv(len(ids))

@@ -281,7 +281,7 @@ class Engine(CacheControl, Blending):
         self.model_name = model_name
         self.fingerprint = runtime.fingerprint
         self.context_window = runtime.arch.max_position
-        self.execution_plan = runtime.plan_summary()  # which code computes tokens (/health, /v1/models)
+        self.execution_plan = runtime.describe()  # which code computes tokens (/health, /v1/models)
         self.tree = SegmentTree(cache.cache_bytes, clock=clock,
                                 tenant_quota_bytes=cache.tenant_quota_bytes)
         self.radix = RadixTree(cache.cache_bytes, split_handle=_split_kv, bytes_of=_kv_bytes,
@@ -355,7 +355,7 @@ class Engine(CacheControl, Blending):
             if result.finish_reason != "cancelled":
                 self._schedule_standalone(ns, req.tenant, prompt)
         except Cancelled:
-            result = self._result(run, len(prompt.tail), TextStream(self.tokenizer.decode),
+            result = self._result(run, len(prompt.tail), TextStream(self.tokenizer.decode_stream()),
                                   "cancelled", 0.0, t0)
         finally:
             self._release(run.pinned)
@@ -393,7 +393,7 @@ class Engine(CacheControl, Blending):
                 self._keep_tokens(ns, run.kv, ids + tuple(result.token_ids))
             return result
         except Cancelled:
-            return self._result(run, len(ids) - run.pos, TextStream(self.tokenizer.decode),
+            return self._result(run, len(ids) - run.pos, TextStream(self.tokenizer.decode_stream()),
                                 "cancelled", 0.0, t0)
         finally:
             self.radix.unpin(match.nodes)
@@ -575,7 +575,7 @@ class Engine(CacheControl, Blending):
         if logits is None:
             logits = yield from self._prefill(tail, run.kv, run.pos)
         sampler = Sampler(sampling)
-        stream = TextStream(self.tokenizer.decode, sampling.stop)
+        stream = TextStream(self.tokenizer.decode_stream(), sampling.stop)
         pos, finish, ttft = run.pos + len(tail), "length", 0.0
         for _ in range(sampling.max_tokens):
             token = sampler.sample(logits)
@@ -608,13 +608,7 @@ class Engine(CacheControl, Blending):
         if job.meta is None:
             return 0
         ns, prompt = job.meta
-        node, total = self.tree.root(ns), 0
-        for unit in prompt.units:
-            node = node.children.get(unit.key.digest)
-            if node is None:
-                break
-            total += node.n_tokens
-        return total
+        return sum(n.n_tokens for n in self.tree.peek(ns, [u.key.digest for u in prompt.units]))
 
     def _result(self, run: _Run, tail_len: int, stream: TextStream, finish: str, ttft: float,
                 t0: float) -> GenerationResult:

@@ -18,6 +18,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
+from segcache.kv.integrity import require
+
 Clock = Callable[[], float]
 
 
@@ -127,8 +129,14 @@ class LruTree(Generic[N]):
         """Namespaces that have a root."""
         return list(self._roots)
 
+    def nodes(self, namespace: str | None = None) -> list[N]:
+        """Every node (roots excluded) of all namespaces or of ``namespace``, parents
+        before children. Read-only: changes no counter, clock or link; the caller
+        must not mutate the nodes (use the tree's methods)."""
+        return [n for r in self._roots_of(namespace) for n in preorder(r) if not n.is_root]
+
     def check_integrity(self) -> None:
-        """Raise AssertionError naming the first broken invariant, else return None.
+        """Raise ``IntegrityError`` naming the first broken invariant, else return None.
 
         Checks parent/child back links, that roots hold nothing, each node's
         namespace, ``pins >= 0`` and ``nbytes >= 0``, that no node is reached
@@ -146,14 +154,14 @@ class LruTree(Generic[N]):
                     self._check_node(ns, node)
                 for key, child in node.children.items():
                     what = self._describe(child)
-                    assert child.parent is node, f"{what} does not point back to its parent"
+                    require(child.parent is node, f"{what} does not point back to its parent")
                     self._check_link(node, key, child)
-        assert len({id(n) for n in reached}) == len(reached), "a node is reachable twice"
+        require(len({id(n) for n in reached}) == len(reached), "a node is reachable twice")
         self._check_index(reached)
-        assert self._resident == sum(ns_bytes.values()), "resident_bytes is wrong"
-        assert set(self._ns_bytes) == set(self._roots), "namespace byte keys differ from roots"
+        require(self._resident == sum(ns_bytes.values()), "resident_bytes is wrong")
+        require(set(self._ns_bytes) == set(self._roots), "namespace byte keys differ from roots")
         for ns, total in self._ns_bytes.items():
-            assert total == ns_bytes[ns], f"namespace_bytes wrong for {ns[:24]}"
+            require(total == ns_bytes[ns], f"namespace_bytes wrong for {ns[:24]}")
 
     # ------------------------------------------------------ for the subclasses
 
@@ -175,9 +183,9 @@ class LruTree(Generic[N]):
     def _check_node(self, namespace: str, node: N) -> None:
         """Invariants of one non-root node (namespace, pins, nbytes); extend with super()."""
         what = self._describe(node)
-        assert node.namespace == namespace, f"{what} in wrong namespace"
-        assert node.pins >= 0, f"{what} has {node.pins} pins"
-        assert node.nbytes >= 0, f"{what} has negative nbytes"
+        require(node.namespace == namespace, f"{what} in wrong namespace")
+        require(node.pins >= 0, f"{what} has {node.pins} pins")
+        require(node.nbytes >= 0, f"{what} has negative nbytes")
 
     def _check_link(self, parent: N, key: Any, child: N) -> None:
         """Subclass invariants of the edge ``parent.children[key] is child``."""
@@ -204,7 +212,8 @@ class LruTree(Generic[N]):
 
     def _unlink(self, node: N, reason: str) -> None:
         """Remove one unpinned leaf and report it."""
-        assert node.parent is not None and not node.children and node.pins == 0
+        require(node.parent is not None and not node.children and node.pins == 0,
+                f"{self._describe(node)} is not an unpinned leaf")
         self._detach(node)
         self._add_bytes(node.namespace, -node.nbytes)
         self._report(node, reason)
@@ -257,10 +266,10 @@ class LruTree(Generic[N]):
 
     def _check_bare_root(self, namespace: str, root: N) -> None:
         name = namespace[:24]
-        assert root.parent is None, f"root {name} has a parent"
-        assert root.namespace == namespace, f"root {name} names another namespace"
-        assert root.nbytes == 0 and root.handle is None, f"root {name} holds KV"
-        assert root.pins == 0, f"root {name} is pinned"
+        require(root.parent is None, f"root {name} has a parent")
+        require(root.namespace == namespace, f"root {name} names another namespace")
+        require(root.nbytes == 0 and root.handle is None, f"root {name} holds KV")
+        require(root.pins == 0, f"root {name} is pinned")
         self._check_root(namespace, root)
 
 

@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from segcache.kv.integrity import require
 from segcache.kv.lru_tree import Clock, LruTree, TreeNode
 
 REMOVE_REASONS = ("evict", "purge")
@@ -315,7 +316,8 @@ class RadixTree(LruTree[RadixNode]):
 
     def _split(self, node: RadixNode, k: int) -> RadixNode:
         """Cut ``node`` after ``k`` tokens; return the new upper node (see module docstring)."""
-        assert node.parent is not None and 0 < k < node.n_tokens
+        require(node.parent is not None and 0 < k < node.n_tokens,
+                f"cannot split {self._describe(node)} after {k} tokens")
         first, rest = self._split_handle(node.handle, k)
         self._check_handle(first, k)
         self._check_handle(rest, node.n_tokens - k)
@@ -373,28 +375,26 @@ class RadixTree(LruTree[RadixNode]):
             raise ValueError(f"handle covers {got} tokens, expected {n_tokens}")
 
     def _check_root(self, namespace: str, root: RadixNode) -> None:
-        assert root.token_ids == () and root.start == 0, f"root {namespace[:24]} has tokens"
+        require(root.token_ids == () and root.start == 0, f"root {namespace[:24]} has tokens")
 
     def _check_node(self, namespace: str, node: RadixNode) -> None:
         super()._check_node(namespace, node)
         what = self._describe(node)
-        assert node.nbytes == self._bytes_of(node.handle), f"{what}: nbytes != bytes_of"
+        require(node.nbytes == self._bytes_of(node.handle), f"{what}: nbytes != bytes_of")
         if self._handle_len is not None:
             got = self._handle_len(node.handle)
-            assert got == node.n_tokens, f"{what}: handle covers {got} tokens"
+            require(got == node.n_tokens, f"{what}: handle covers {got} tokens")
         kids_pins = sum(c.pins for c in node.children.values())
-        assert node.pins >= kids_pins, f"{what} has {node.pins} pins < children's {kids_pins}"
+        require(node.pins >= kids_pins, f"{what} has {node.pins} pins < children's {kids_pins}")
 
     def _check_link(self, parent: RadixNode, key: int, child: RadixNode) -> None:
         what = self._describe(child)
-        assert child.token_ids, f"{what} has an empty edge"
-        assert key == child.token_ids[0], f"{what} stored under key {key}"
-        assert child.start == parent.end, f"{what} should start at {parent.end}"
+        require(child.token_ids, f"{what} has an empty edge")
+        require(key == child.token_ids[0], f"{what} stored under key {key}")
+        require(child.start == parent.end, f"{what} should start at {parent.end}")
 
     def _check_index(self, reached: list[RadixNode]) -> None:
-        assert set(reached) == self._nodes, (
-            "the node set differs from the nodes reachable from roots"
-        )
+        require(set(reached) == self._nodes, "the node set differs from the nodes reachable from roots")
 
     def _require_member(self, node: RadixNode) -> None:
         if node not in self._nodes:

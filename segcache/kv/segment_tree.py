@@ -12,8 +12,8 @@ Contracts, in one place:
 - **Mutation.** ``match`` mutates (hit counters, ``last_use``, TTL refresh and
   removal of expired nodes it walks into); ``insert``, ``evict_until``,
   ``enforce_quota``, ``expire``, ``purge``, ``set_ttl``, ``pin`` and
-  ``unpin`` mutate; ``get_by_chain``, ``path_to``, ``stats``, byte counters
-  and ``check_integrity`` do not.
+  ``unpin`` mutate; ``peek``, ``nodes``, ``get_by_chain``, ``path_to``,
+  ``stats``, byte counters and ``check_integrity`` do not.
 - **Pinning.** A node used by a running request must be pinned between its
   ``match``/``insert`` and the end of the request. A pinned node is never
   evicted, expired or purged, and since only leaves are evicted and expiry and
@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from segcache.kv.hashing import PREFIX, chain_digest
+from segcache.kv.integrity import require
 from segcache.kv.lru_tree import Clock, LruTree, TreeNode, preorder
 
 REMOVE_REASONS = ("evict", "expire", "purge", "replace")
@@ -158,6 +159,24 @@ class SegmentTree(LruTree[SegmentNode]):
             matched.append(child)
             node = child
         return matched
+
+    def peek(self, namespace: str, digests: Sequence[str]) -> list[SegmentNode]:
+        """What ``match`` would return now, without its effects: no hit counters,
+        ``last_use`` or TTL refresh, no removal, no root created. An expired,
+        unpinned node ends the prefix (it is a miss) but stays until a mutating
+        call removes it. For estimates and presence checks; pin a ``match``
+        result, not a peek, before using handles."""
+        node = self._roots.get(namespace)
+        if node is None:
+            return []
+        now = self._clock()
+        found: list[SegmentNode] = []
+        for digest in digests:
+            node = node.children.get(digest)
+            if node is None or self._is_expired(node, now):
+                break
+            found.append(node)
+        return found
 
     def get_by_chain(self, chain: str) -> SegmentNode | None:
         """The node (root included) whose chain digest is ``chain``, if cached."""
@@ -342,22 +361,22 @@ class SegmentTree(LruTree[SegmentNode]):
         return f"node {node.digest[:24]}"
 
     def _check_root(self, namespace: str, root: SegmentNode) -> None:
-        assert root.digest == root.chain == namespace, "root digests != namespace"
-        assert root.depth == 0, f"root {namespace[:24]} has depth {root.depth}"
+        require(root.digest == root.chain == namespace, "root digests != namespace")
+        require(root.depth == 0, f"root {namespace[:24]} has depth {root.depth}")
 
     def _check_link(self, parent: SegmentNode, key: str, child: SegmentNode) -> None:
         what = self._describe(child)
-        assert key == child.digest, f"{what} stored under key {key[:24]}"
-        assert child.depth == parent.depth + 1, f"{what} has depth {child.depth}"
-        assert child.chain == chain_digest(parent.chain, child.digest), f"{what} chain is wrong"
+        require(key == child.digest, f"{what} stored under key {key[:24]}")
+        require(child.depth == parent.depth + 1, f"{what} has depth {child.depth}")
+        require(child.chain == chain_digest(parent.chain, child.digest), f"{what} chain is wrong")
 
     def _check_index(self, reached: list[SegmentNode]) -> None:
         index_ids = {id(n) for n in self._by_chain.values()}
         node_ids = {id(n) for n in reached} | {id(r) for r in self._roots.values()}
-        assert index_ids == node_ids, "chain index differs from the set of nodes"
+        require(index_ids == node_ids, "chain index differs from the set of nodes")
         for chain, node in self._by_chain.items():
-            assert node.chain == chain, f"index key {chain[:24]} maps to another chain"
-        assert self._count == len(reached), "node count is wrong"
+            require(node.chain == chain, f"index key {chain[:24]} maps to another chain")
+        require(self._count == len(reached), "node count is wrong")
 
     def _require_member(self, node: SegmentNode) -> None:
         if self._by_chain.get(node.chain) is not node:

@@ -9,7 +9,6 @@ weights (``<cache dir>/models/<name>/tokenizer.json``).
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -18,22 +17,17 @@ from segcache.config import default_cache_dir
 APPROX_CHARS_PER_TOKEN = 4
 
 
-def cache_dir() -> Path:
-    """The segcache cache directory: ``$SEGCACHE_CACHE_DIR`` or the config default."""
-    env = os.environ.get("SEGCACHE_CACHE_DIR")
-    return Path(env) if env else default_cache_dir()
-
-
-def find_tokenizer(path: str | Path | None = None) -> Path | None:
+def find_tokenizer(path: str | Path | None = None, cache_dir: Path | None = None) -> Path | None:
     """A ``tokenizer.json``: ``path`` itself, or inside ``path`` if it is a
-    directory, or else the newest one under ``<cache dir>/models/*/``."""
+    directory, or else the newest one under ``<cache_dir>/models/*/`` (default:
+    ``config.default_cache_dir()``)."""
     if path is not None:
         p = Path(path).expanduser()
         candidate = p / "tokenizer.json" if p.is_dir() else p
         if not candidate.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {candidate}")
         return candidate
-    found = sorted((cache_dir() / "models").glob("*/tokenizer.json"),
+    found = sorted(((cache_dir or default_cache_dir()) / "models").glob("*/tokenizer.json"),
                    key=lambda f: f.stat().st_mtime, reverse=True)
     return found[0] if found else None
 

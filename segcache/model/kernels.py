@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from segcache.config import read_environment
 from segcache.model.quant import BlockLinear
 
 log = logging.getLogger("segcache.kernels")
@@ -74,7 +75,7 @@ def unsupported_reason() -> str | None:
 
 
 def _compiler_id() -> str:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = read_environment().cc or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise KernelBuildError("no C compiler found (install gcc, or set CC)")
     try:

@@ -11,7 +11,10 @@ Shapes used throughout (one sequence):
     k, v:     [n_kv_heads, T, head_dim]
     kv buffer [n_layers, 2, n_kv_heads, capacity, head_dim]   (2 = K, V)
 K is stored after RoPE. Slot order must equal position order (the causal mask is
-built from slots).
+built from slots). ``decode_batch`` runs one token of each of B sequences, each
+with its own KV buffer: then T = B rows of different sequences, and attention
+runs per row over its own buffer. The layer is written once (``_project_qkv``,
+then attention, then ``_output_and_mlp``) and shared by every call.
 """
 
 from __future__ import annotations
@@ -162,8 +165,6 @@ DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], to
 # Causal attention of T new tokens after ``start`` slots: (q [Hq, T, D], keys/values
 # [Hkv, start+T, D] as stored, start, scale) -> [Hq, T, D], e.g. ``BlockKernels.attend_prefill``.
 PrefillAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor]
-# Layers l0..l1-1 of a prefill: (x [T, hidden] float32, positions [T], kv, start, l0, l1) -> x.
-FusedLayers = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int], torch.Tensor]
 
 
 class LlamaModel:
@@ -184,14 +185,6 @@ class LlamaModel:
         self.decode_attention = decode_attention
         self.prefill_attention = prefill_attention
         self.prefill_attention_tokens = prefill_attention_tokens if prefill_attention is not None else 0
-        self._fused_layers: FusedLayers | None = None
-        self._fused_w: Weights | None = None
-
-    def use_fused_layers(self, layers: FusedLayers, w: Weights) -> None:
-        """Run prefills of 2 .. ``prefill_attention_tokens`` tokens over the weights ``w``
-        with ``layers`` (one call for a range of layers: the same arithmetic as ``_layer``
-        with ``prefill_attention``, e.g. ``kernels.FusedDecoder.prefill_layers``)."""
-        self._fused_layers, self._fused_w = layers, w
 
     def new_kv(self, capacity: int, dtype: torch.dtype) -> torch.Tensor:
         a = self.arch
@@ -207,7 +200,7 @@ class LlamaModel:
         Returns logits [len(logits_at), vocab] in float32 for the row indices
         ``logits_at`` (default: the last row only). Mutates ``kv``.
         """
-        return _finish(self.forward_steps(w, ids, positions, kv, start, len(w.layers), logits_at))
+        return finish(self.forward_steps(w, ids, positions, kv, start, len(w.layers), logits_at))
 
     def forward_steps(self, w: Weights, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
                       start: int, layers_per_step: int, logits_at: torch.Tensor | None = None,
@@ -218,15 +211,6 @@ class LlamaModel:
         bit-identical; the caller may run other work (on other KV) between steps."""
         x = F.embedding(ids, w.embed)  # [T, hidden]
         n_layers = len(w.layers)
-        if w is self._fused_w and 2 <= x.shape[0] <= self.prefill_attention_tokens:
-            x = x.float().contiguous()
-            done = 0
-            while done < n_layers:
-                x = self._fused_layers(x, positions, kv, start, done, min(n_layers, done + layers_per_step))
-                done = min(n_layers, done + layers_per_step)
-                if done < n_layers:
-                    yield done
-            return self._head(w, x, logits_at)
         cos, sin = self.rope.at(positions, w.dtype)
         # No mask tensor: decode sees every slot, a prefill is causal from slot
         # ``start`` (see _attention).
@@ -234,9 +218,33 @@ class LlamaModel:
             x = self._layer(lw, x, cos, sin, kv[i], start, None)
             if (i + 1) % layers_per_step == 0 and i + 1 < n_layers:
                 yield i + 1
-        return self._head(w, x, logits_at)
+        return self.head(w, x, logits_at)
 
-    def _head(self, w: Weights, x: torch.Tensor, logits_at: torch.Tensor | None) -> torch.Tensor:
+    def decode_batch(self, w: Weights, tokens: list[int], positions: list[int],
+                     kvs: list[torch.Tensor]) -> torch.Tensor:
+        """One decode step for B sequences at once: token ``tokens[b]`` at position
+        ``positions[b]`` (also its slot) of sequence ``b``, whose KV buffer is
+        ``kvs[b]`` [n_layers, 2, n_kv_heads, capacity_b, head_dim]. The projections
+        run once for all B rows (on the CPU decode is bound by reading the weights,
+        so B rows cost little more than one); attention runs per sequence over its
+        own slots ``0..positions[b]``. Returns float32 logits [B, vocab]; mutates ``kvs``."""
+        x = F.embedding(torch.tensor(tokens), w.embed)  # [B, hidden]
+        cos, sin = self.rope.at(torch.tensor(positions), w.dtype)  # [B, D]: row b at its position
+        for i, lw in enumerate(w.layers):
+            q, k, v = self._project_qkv(lw, x, cos, sin)  # [Hq, B, D], [Hkv, B, D] x 2
+            outs = []
+            for b, pos in enumerate(positions):
+                kv = kvs[b][i]
+                kv[0, :, pos] = k[:, b]
+                kv[1, :, pos] = v[:, b]
+                keys, values = kv[0, :, :pos + 1], kv[1, :, :pos + 1]  # [Hkv, S_b, D]
+                outs.append(self._attention(q[:, b:b + 1], keys, values, None))  # [Hq, 1, D]
+            x = self._output_and_mlp(lw, x, torch.cat(outs, 1))  # attention [Hq, B, D]
+        return self.head(w, x, torch.arange(len(tokens), device=self.device))
+
+    def head(self, w: Weights, x: torch.Tensor, logits_at: torch.Tensor | None) -> torch.Tensor:
+        """Final norm and LM head for rows ``logits_at`` of ``x`` [T, hidden] (default:
+        the last row): float32 logits [R, vocab]."""
         rows = logits_at if logits_at is not None else torch.tensor([x.shape[0] - 1], device=self.device)
         h = F.rms_norm(x[rows], (x.shape[-1],), w.norm, self.arch.rms_eps)
         return linear(h, w.lm_head).float()  # [R, vocab]
@@ -250,7 +258,7 @@ class LlamaModel:
     def blend(self, w: Weights, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
               start: int, reused: torch.Tensor, layer: int, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``blend_steps`` run to the end."""
-        return _finish(self.blend_steps(w, ids, positions, kv, start, reused, layer, ratio))
+        return finish(self.blend_steps(w, ids, positions, kv, start, reused, layer, ratio))
 
     def blend_steps(self, w: Weights, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
                     start: int, reused: torch.Tensor, layer: int, ratio: float,
@@ -293,7 +301,7 @@ class LlamaModel:
                 x = self._layer(w.layers[i], x, cos, sin, kv[i], start, None)
                 if i + 1 < n_layers:
                     yield i + 1
-            return self._head(w, x, None), recompute
+            return self.head(w, x, None), recompute
         rows = recompute.nonzero().squeeze(1)
         x, cos, sin = x[rows], cos[rows], sin[rows]
         slots = start + rows
@@ -302,23 +310,16 @@ class LlamaModel:
             x = self._layer(w.layers[i], x, cos, sin, kv[i], start, rest_mask, slots)
             if i + 1 < n_layers:
                 yield i + 1
-        return self._head(w, x, None), recompute
+        return self.head(w, x, None), recompute
 
     def _layer(self, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                kv: torch.Tensor, start: int, mask: torch.Tensor | None,
                slots: torch.Tensor | None = None) -> torch.Tensor:
         """One decoder layer for the rows of ``x``: at slots ``start..start+T-1``, or at
         the increasing ``slots`` ([T] long, the last one the highest slot to attend to)."""
-        a = self.arch
         n_new = x.shape[0]
         end = start + n_new if slots is None else int(slots[-1]) + 1
-        h = F.rms_norm(x, (a.hidden_size,), lw.attn_norm, a.rms_eps)
-        qkv = linear(h, lw.qkv, lw.qkv_bias)  # [T, q_dim + 2*kv_dim]
-        qk, v = qkv.split([a.q_dim + a.kv_dim, a.kv_dim], -1)
-        # One RoPE over the query and key heads together (half the ops of two calls).
-        qk = apply_rope(qk.view(n_new, a.n_heads + a.n_kv_heads, a.head_dim).transpose(0, 1), cos, sin)
-        q, k = qk[:a.n_heads], qk[a.n_heads:]  # [Hq, T, D], [Hkv, T, D]
-        v = v.view(n_new, a.n_kv_heads, a.head_dim).transpose(0, 1)
+        q, k, v = self._project_qkv(lw, x, cos, sin)  # [Hq, T, D], [Hkv, T, D] x 2
         if slots is None:
             kv[0, :, start:end] = k
             kv[1, :, start:end] = v
@@ -327,7 +328,27 @@ class LlamaModel:
             kv[1].index_copy_(1, slots, v.to(kv.dtype))
         keys, values = kv[0, :, :end], kv[1, :, :end]  # [Hkv, S, D], in the KV dtype
         attn = self._attention(q, keys, values, mask, start)  # [Hq, T, D]
-        x = x + linear(attn.transpose(0, 1).reshape(n_new, a.q_dim), lw.o)
+        return self._output_and_mlp(lw, x, attn)
+
+    def _project_qkv(self, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The attention inputs of rows ``x`` [T, hidden] (cos/sin [T, D] at their positions):
+        q [Hq, T, D] and k [Hkv, T, D] after RoPE, v [Hkv, T, D]."""
+        a = self.arch
+        n_new = x.shape[0]
+        h = F.rms_norm(x, (a.hidden_size,), lw.attn_norm, a.rms_eps)
+        qkv = linear(h, lw.qkv, lw.qkv_bias)  # [T, q_dim + 2*kv_dim]
+        qk, v = qkv.split([a.q_dim + a.kv_dim, a.kv_dim], -1)
+        # One RoPE over the query and key heads together (half the ops of two calls).
+        qk = apply_rope(qk.view(n_new, a.n_heads + a.n_kv_heads, a.head_dim).transpose(0, 1), cos, sin)
+        v = v.view(n_new, a.n_kv_heads, a.head_dim).transpose(0, 1)
+        return qk[:a.n_heads], qk[a.n_heads:], v
+
+    def _output_and_mlp(self, lw: LayerWeights, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer for rows ``x`` [T, hidden] given their attention output
+        ``attn`` [Hq, T, D]: output projection and MLP, each with its residual."""
+        a = self.arch
+        x = x + linear(attn.transpose(0, 1).reshape(x.shape[0], a.q_dim), lw.o)
         h = F.rms_norm(x, (a.hidden_size,), lw.mlp_norm, a.rms_eps)
         gate, up = linear(h, lw.gate_up).chunk(2, -1)  # [T, inter] each
         return x + linear(F.silu(gate) * up, lw.down)
@@ -389,7 +410,7 @@ class LlamaModel:
         return out.to(q.dtype)
 
 
-def _finish(steps: Generator[int, None, Any]) -> Any:
+def finish(steps: Generator[int, None, Any]) -> Any:
     """Run a step generator (``forward_steps``, ``blend_steps``) to its return value."""
     while True:
         try:

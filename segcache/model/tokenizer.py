@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -68,6 +69,17 @@ class ChatTokenizer:
 
     def decode(self, ids: list[int] | tuple[int, ...]) -> str:
         return self._fast.decode(list(ids), skip_special_tokens=True)
+
+    def decode_stream(self) -> Callable[[int], str | None]:
+        """A new incremental decoder for one reply: call it with each token id in
+        turn; it returns the text that id made final, or None while a multi-byte
+        character is incomplete. The returns concatenate to ``decode`` of all the
+        ids, and each call decodes a short window of ids, not the whole reply
+        (the ``tokenizers`` library's ``DecodeStream``)."""
+        from tokenizers.decoders import DecodeStream
+
+        stream, fast = DecodeStream(skip_special_tokens=True), self._fast
+        return lambda token_id: stream.step(fast, token_id)
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """The template applied to ``messages`` as plain text."""
