@@ -66,13 +66,14 @@ def test_default_plan_is_the_kernel_plan_on_x86_64(real_model_dir, monkeypatch):
     rt = ModelRuntime.load(resolve_model(None, _cache_dir(), progress=False),
                            ModelConfig(dtype="auto", cache_dir=_cache_dir()))
     assert rt.kernel_probe.status == "loaded", rt.kernel_probe
-    assert rt.plan_summary().startswith("kernels:") and "fused C step" in rt.plan_summary()
+    assert rt.plan.uses_kernels and rt.plan.name.startswith("kernels-"), rt.describe()
+    assert rt.describe().startswith("plan kernels-") and "c-step" in rt.describe()
     # the fingerprint follows the kernel version (derived from csrc/)
     from segcache.model import runtime as runtime_mod
 
-    same = runtime_mod._fingerprint(rt.arch, rt.plan, rt.decode_scheme, "w", "t")
+    same = runtime_mod._fingerprint(rt.arch, rt.plan, rt.block_formats, "w", "t")
     monkeypatch.setattr(runtime_mod, "KERNEL_VERSION", "csrc-other")
-    assert runtime_mod._fingerprint(rt.arch, rt.plan, rt.decode_scheme, "w", "t") != same
+    assert runtime_mod._fingerprint(rt.arch, rt.plan, rt.block_formats, "w", "t") != same
 
 
 def _q4_1(n: int, k: int, g: torch.Generator) -> BlockLinear:
