@@ -121,8 +121,10 @@ class ServerConfig:
     port: int = 8000
     api_keys_file: Path | None = None
     max_request_bytes: int = 8 * MiB
-    model_name: str | None = None
+    model_name: str | None = None  # the name responses carry (default: the model's own)
+    model_aliases: tuple[str, ...] = ()  # other names requests may use for it
     request_log: Path | None = None  # JSONL of chat requests, for `segcache lint`
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed (CORS); "*" any; none: off
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

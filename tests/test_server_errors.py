@@ -205,11 +205,11 @@ def test_unknown_route_and_method(base_url):
 def test_openai_client_sees_messages(base_url):
     client = OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.BadRequestError) as exc:
-        client.chat.completions.create(model="m", messages=USER, n=2)
+        client.chat.completions.create(model="fake-model", messages=USER, n=2)
     assert "n=2 is not supported" in exc.value.message
     with pytest.raises(openai.ConflictError):
         client.chat.completions.create(
-            model="m",
+            model="fake-model",
             messages=USER,
             extra_body={"segments": [{"id": "g", "hash": segment_digest("?")}]},
         )

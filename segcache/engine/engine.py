@@ -28,6 +28,7 @@ touched under ``_lock`` (held by the engine thread during each step).
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 import weakref
@@ -271,6 +272,15 @@ class _Run:
             self.held_tokens += n
 
 
+_QUANT_SUFFIX = re.compile(r"[.-](?:I?Q\d[\w]*|F16|F32|BF16)$", re.I)
+
+
+def model_id(file_stem: str) -> str:
+    """The model's name without a GGUF quantisation suffix: ``SmolLM2-135M-Instruct.Q4_1``
+    -> ``SmolLM2-135M-Instruct`` (one name for the default model everywhere)."""
+    return _QUANT_SUFFIX.sub("", file_stem) or file_stem
+
+
 class Engine(CacheControl, Blending):
     def __init__(self, runtime: ModelRuntime, tokenizer: ChatTokenizer, cache: CacheConfig,
                  model_name: str, scheduler: SchedulerConfig | None = None,
@@ -308,7 +318,7 @@ class Engine(CacheControl, Blending):
         arch = load_arch(resolved.directory)
         tokenizer = ChatTokenizer.load(resolved.directory, arch.eos_token_ids)
         runtime = ModelRuntime.load(resolved, cfg.model, tokenizer_digest=tokenizer.digest)
-        return cls(runtime, tokenizer, cfg.cache, cfg.server.model_name or resolved.name,
+        return cls(runtime, tokenizer, cfg.cache, cfg.server.model_name or model_id(resolved.name),
                    cfg.scheduler)
 
     def namespace(self, tenant: str) -> str:
@@ -320,6 +330,7 @@ class Engine(CacheControl, Blending):
         """Generate a reply for ``req``; raises EngineError subclasses for bad input
         (before any compute) and OverloadedError (429) when the queue is full."""
         t0 = time.perf_counter()
+        self._check_sampling(req.sampling)
         ns = self.namespace(req.tenant)
         with self._prompt_lock:
             prompt = self._build_prompt(req.tenant, ns, req.messages, req.segments, req.tools, True)
@@ -370,6 +381,7 @@ class Engine(CacheControl, Blending):
         ids = tuple(self.tokenizer.encode(prompt))
         if not ids:
             raise EngineError("prompt must not be empty", "prompt")
+        self._check_sampling(sampling)
         self._check_context(len(ids), sampling.max_tokens)
         ns = self.namespace(tenant)
         return self.scheduler.submit(
@@ -435,6 +447,13 @@ class Engine(CacheControl, Blending):
             return build_prompt(self.tokenizer, self.memo, resolved, messages, tools, generation_prompt)
         except TemplateError as exc:
             raise EngineError(str(exc), "messages") from exc
+
+    def _check_sampling(self, sampling: SamplingParams) -> None:
+        vocab = self.runtime.arch.vocab_size
+        bad = [t for t, _ in sampling.logit_bias if t >= vocab]
+        if bad:
+            raise EngineError(f"Invalid key in 'logit_bias': {bad[0]} is not a token id of this "
+                              f"model (its ids are 0..{vocab - 1})", "logit_bias")
 
     def _check_context(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens + max_tokens > self.context_window:
@@ -577,7 +596,7 @@ class Engine(CacheControl, Blending):
         stream = TextStream(self.tokenizer.decode, sampling.stop)
         pos, finish, ttft = run.pos + len(tail), "length", 0.0
         for _ in range(sampling.max_tokens):
-            token = sampler.sample(logits)
+            token = sampler.sample(sampler.adjust(logits))
             ttft = ttft or time.perf_counter() - t0
             if token in self.tokenizer.eos_ids:
                 finish = "stop"

@@ -2,17 +2,19 @@
 and their translation into engine requests. No torch here.
 
 Validation is strict (``"5"`` is not a number, ``1.5`` is not an integer), as
-OpenAI's API is. Fields that OpenAI defines but segcache does not implement
-are accepted and ignored (``frequency_penalty``, ``presence_penalty``,
-``logit_bias``, ``response_format``, ``user``, ``metadata``, ...) so existing
-clients keep working; ``tools`` are declared to the model in a canonical
-system-prompt block (see ``segcache.kv.autoseg``) and calls in its output come
-back as ``tool_calls``; the few whose absence
-would silently change the answer (``n`` > 1, ``logprobs``, ``echo``,
-image content) are refused with a 400 that names them.
+OpenAI's API is, and follows OpenAI's rules where they go beyond types
+(``tool_choice`` needs ``tools`` and must name one of them, ``logit_bias`` keys
+are token ids, assistant tool-call ``arguments`` are JSON). Fields that OpenAI
+defines but segcache does not implement are accepted and ignored
+(``frequency_penalty``, ``presence_penalty``, ``user``, ``metadata``, ...) so
+existing clients keep working; ``tools`` are declared to the model in a
+canonical system-prompt block (see ``segcache.kv.autoseg``) and calls in its
+output come back as ``tool_calls``; the few whose absence would silently
+change the answer (``echo``, ``suffix``, image content) are refused with a 400
+that names them.
 
-``model`` is optional and never checked: like llama.cpp's server, any name is
-served by the one loaded model, and responses carry the served model's name.
+``model`` is optional (absent means the served model); a name the server does
+not serve is a 404, checked by the routes (they know the served names).
 
 ``max_tokens`` defaults to 256 when a request gives neither ``max_tokens`` nor
 ``max_completion_tokens``.
@@ -20,6 +22,7 @@ served by the one loaded model, and responses carry the served model's name.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -78,24 +81,38 @@ class ContentPart(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # As OpenAI: "developer" is the new name of "system", "function" the old one of "tool".
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
 
     def to_engine(self, index: int) -> dict[str, Any]:
-        """A plain dict for the chat template; ``developer`` is OpenAI's new name
-        for ``system``."""
-        msg: dict[str, Any] = {
-            "role": "system" if self.role == "developer" else self.role,
-            "content": self._text(index),
-        }
+        """A plain dict for the chat template, with OpenAI's role aliases resolved."""
+        role = {"developer": "system", "function": "tool"}.get(self.role, self.role)
+        msg: dict[str, Any] = {"role": role, "content": self._text(index)}
         for key in ("name", "tool_calls", "tool_call_id"):
             value = getattr(self, key)
             if value is not None:
                 msg[key] = value
+        self._check_call_arguments(index)
         return msg
+
+    def _check_call_arguments(self, index: int) -> None:
+        """OpenAI requires each call's ``arguments`` to be a JSON document in a string."""
+        for j, call in enumerate(self.tool_calls or []):
+            fn = call.get("function")
+            args = fn.get("arguments") if isinstance(fn, dict) else None
+            if not isinstance(args, str):
+                continue
+            try:
+                json.loads(args)
+            except ValueError as exc:
+                where = f"messages[{index}].tool_calls[{j}].function.arguments"
+                raise APIError(f"Invalid '{where}': not valid JSON ({exc}); send the "
+                               "arguments the model produced, a JSON object as a string",
+                               param=where) from exc
 
     def _text(self, index: int) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -130,6 +147,7 @@ class _GenerationRequest(_Schema):
     stream_options: StreamOptions | None = None
     n: int | None = None  # null and absent mean 1
     user: str | None = None
+    logit_bias: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
         if self.n not in (None, 1):
@@ -149,6 +167,7 @@ class _GenerationRequest(_Schema):
             top_k=self.top_k or 0,
             seed=self.seed,
             stop=tuple(stop),
+            logit_bias=parse_logit_bias(self.logit_bias),
         )
 
     @property
@@ -174,11 +193,12 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     segments: list[Segment] = Field(default_factory=list, description="segcache extension")
-    tools: list[Tool] | None = None
+    tools: list[Tool] | None = Field(default=None, min_length=1)
     tool_choice: str | dict[str, Any] | None = None
 
     def to_engine(self, tenant: str, max_segments: int) -> ChatRequest:
         self.check_supported()
+        tool_choice = check_tool_choice(self.tool_choice, self.tools)
         if self.logprobs:
             raise APIError("logprobs are not supported", param="logprobs")
         check_segment_count(self.segments, max_segments)
@@ -189,7 +209,7 @@ class ChatCompletionRequest(_GenerationRequest):
             segments=[s.to_engine(i) for i, s in enumerate(self.segments)],
             sampling=self.sampling(self.max_tokens if max_tokens is None else max_tokens),
             tools=[t.as_dict(i) for i, t in enumerate(self.tools or [])],
-            tool_choice=self.tool_choice,
+            tool_choice=tool_choice,
         )
 
 
@@ -239,3 +259,63 @@ def check_segment_count(segments: list[Segment], max_segments: int) -> None:
             "per request (merge adjacent segments that always travel together)",
             param="segments",
         )
+
+
+TOOL_CHOICES = ("none", "auto", "required")
+
+
+def check_tool_choice(choice: str | dict[str, Any] | None,
+                      tools: list[Tool] | None) -> str | dict[str, Any] | None:
+    """OpenAI's rules: a ``tool_choice`` needs ``tools``; a string is one of
+    ``TOOL_CHOICES``; an object is ``{"type": "function", "function": {"name": N}}``
+    with N one of the tools. Returns the choice as the engine takes it."""
+    if choice is None:
+        return None
+    if not tools:
+        raise APIError("Invalid value for 'tool_choice': 'tool_choice' is only allowed when "
+                       "'tools' are specified", param="tool_choice")
+    if isinstance(choice, str):
+        if choice not in TOOL_CHOICES:
+            raise APIError(f"Invalid value for 'tool_choice': {choice!r}. Supported values are: "
+                           "'none', 'auto', 'required', or an object naming a function",
+                           param="tool_choice")
+        return choice
+    if choice.get("type") != "function":
+        raise APIError("Invalid 'tool_choice': an object needs \"type\": \"function\" and "
+                       "\"function\": {\"name\": ...}", param="tool_choice.type")
+    fn = choice.get("function")
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str) or not name:
+        raise APIError("Invalid 'tool_choice': missing 'function.name', the function to call",
+                       param="tool_choice.function.name")
+    names = [t.function.get("name") for t in tools]
+    if name not in names:
+        raise APIError(f"Invalid 'tool_choice': function {name!r} is not one of 'tools' "
+                       f"({', '.join(map(str, names))})", param="tool_choice.function.name")
+    return {"type": "function", "function": {"name": name}}
+
+
+LOGIT_BIAS_LIMIT = 100.0
+
+
+def parse_logit_bias(bias: dict[str, Any] | None) -> tuple[tuple[int, float], ...]:
+    """``{"123": -100}`` -> ((123, -100.0),). Keys are token ids written as integers,
+    values numbers in [-100, 100] (OpenAI's range); the engine checks the ids
+    against the vocabulary."""
+    out = []
+    for key, value in (bias or {}).items():
+        if not key.strip().lstrip("-").isdigit():
+            raise APIError(f"Invalid key in 'logit_bias': {key!r}; keys are token ids "
+                           "(integers written as strings)", param="logit_bias")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise APIError(f"Invalid value in 'logit_bias' for {key!r}: {value!r}; values "
+                           "are numbers from -100 to 100", param="logit_bias")
+        if not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
+            raise APIError(f"Invalid value in 'logit_bias' for {key!r}: {value}; values "
+                           "are numbers from -100 to 100", param="logit_bias")
+        token = int(key)
+        if token < 0:
+            raise APIError(f"Invalid key in 'logit_bias': {key!r}; token ids are >= 0",
+                           param="logit_bias")
+        out.append((token, float(value)))
+    return tuple(sorted(out))

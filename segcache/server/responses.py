@@ -33,10 +33,12 @@ class ChatShaper:
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
-    def __init__(self, model: str, include_usage: bool = False) -> None:
+    def __init__(self, model: str, system_fingerprint: str | None = None,
+                 include_usage: bool = False) -> None:
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
+        self.system_fingerprint = system_fingerprint
         self.include_usage = include_usage
 
     def response(self, result: GenerationResult) -> dict[str, Any]:
@@ -81,6 +83,7 @@ class ChatShaper:
             "object": obj,
             "created": self.created,
             "model": self.model,
+            "system_fingerprint": self.system_fingerprint,
             "choices": choices,
             **extra,
         }
@@ -92,8 +95,9 @@ class CompletionShaper(ChatShaper):
     object = "text_completion"
     chunk_object = "text_completion"
 
-    def __init__(self, model: str, include_usage: bool = False) -> None:
-        super().__init__(model, include_usage)
+    def __init__(self, model: str, system_fingerprint: str | None = None,
+                 include_usage: bool = False) -> None:
+        super().__init__(model, system_fingerprint, include_usage)
         self.id = f"cmpl-{uuid.uuid4().hex}"
 
     def response(self, result: GenerationResult) -> dict[str, Any]:

@@ -42,12 +42,13 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, tenant: str = Depends(require_tenant)
 ) -> Any:
     state = server_state(request)
+    state.check_model(body.model)
     chat = body.to_engine(tenant, state.cache_cfg.max_segments)
 
     def call(on_text, is_cancelled) -> GenerationResult:
         return state.engine.chat(chat, on_text=on_text, is_cancelled=is_cancelled)
 
-    shaper = ChatShaper(state.model_name, body.include_usage)
+    shaper = ChatShaper(state.model_name, state.system_fingerprint, body.include_usage)
     log_body = body.model_dump(exclude_none=True) if state.request_log is not None else None
     return await generate(request, state, call, shaper, bool(body.stream), tenant, log_body)
 
@@ -57,6 +58,7 @@ async def completions(
     body: CompletionRequest, request: Request, tenant: str = Depends(require_tenant)
 ) -> Any:
     state = server_state(request)
+    state.check_model(body.model)
     prompt = body.prompt_text()
     sampling = body.sampling(body.max_tokens)
 
@@ -65,21 +67,31 @@ async def completions(
             tenant, prompt, sampling, on_text=on_text, is_cancelled=is_cancelled
         )
 
-    shaper = CompletionShaper(state.model_name, body.include_usage)
+    shaper = CompletionShaper(state.model_name, state.system_fingerprint, body.include_usage)
     return await generate(request, state, call, shaper, bool(body.stream), tenant)
 
 
-@router.get("/models", dependencies=[Depends(require_tenant)])
-async def models(request: Request) -> dict[str, Any]:
-    state = server_state(request)
-    model = {
-        "id": state.model_name,
+def model_card(state: ServerState, name: str) -> dict[str, Any]:
+    return {
+        "id": name,
         "object": "model",
         "created": 0,
         "owned_by": "segcache",
         "context_window": state.engine.context_window,
     }
-    return {"object": "list", "data": [model]}
+
+
+@router.get("/models", dependencies=[Depends(require_tenant)])
+async def models(request: Request) -> dict[str, Any]:
+    state = server_state(request)
+    return {"object": "list", "data": [model_card(state, n) for n in state.served_names]}
+
+
+@router.get("/models/{model_id:path}", dependencies=[Depends(require_tenant)])
+async def model(model_id: str, request: Request) -> dict[str, Any]:
+    state = server_state(request)
+    state.check_model(model_id)
+    return model_card(state, model_id)
 
 
 async def generate(
