@@ -96,7 +96,7 @@ class EngineRun:
             self._post(("done", result))
 
     def _on_text(self, delta: str) -> None:
-        if delta:
+        if delta or getattr(delta, "logprobs", None):  # a TextDelta may carry only logprobs
             self._post(("text", delta))
 
     def _post(self, event: tuple[str, Any]) -> None:

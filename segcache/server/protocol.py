@@ -150,14 +150,12 @@ class _GenerationRequest(_Schema):
     logit_bias: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
-        if self.n not in (None, 1):
-            raise APIError(f"n={self.n} is not supported; only n=1", param="n")
         if self.stream_options is not None and not self.stream:  # as OpenAI does
             raise APIError(
                 "'stream_options' is only allowed when 'stream' is true", param="stream_options"
             )
 
-    def sampling(self, max_tokens: int | None) -> SamplingParams:
+    def sampling(self, max_tokens: int | None, logprobs: int | None = None) -> SamplingParams:
         """Raises EngineError (400) for out-of-range values."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(
@@ -168,6 +166,8 @@ class _GenerationRequest(_Schema):
             seed=self.seed,
             stop=tuple(stop),
             logit_bias=parse_logit_bias(self.logit_bias),
+            logprobs=logprobs,
+            n=1 if self.n is None else self.n,
         )
 
     @property
@@ -192,6 +192,9 @@ class ChatCompletionRequest(_GenerationRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     segments: list[Segment] = Field(default_factory=list, description="segcache extension")
     tools: list[Tool] | None = Field(default=None, min_length=1)
     tool_choice: str | dict[str, Any] | None = None
@@ -199,43 +202,65 @@ class ChatCompletionRequest(_GenerationRequest):
     def to_engine(self, tenant: str, max_segments: int) -> ChatRequest:
         self.check_supported()
         tool_choice = check_tool_choice(self.tool_choice, self.tools)
-        if self.logprobs:
-            raise APIError("logprobs are not supported", param="logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError("Invalid 'top_logprobs': it needs 'logprobs' set to true",
+                           param="top_logprobs")
         check_segment_count(self.segments, max_segments)
         max_tokens = self.max_completion_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return ChatRequest(
             tenant=tenant,
             messages=[m.to_engine(i) for i, m in enumerate(self.messages)],
             segments=[s.to_engine(i) for i, s in enumerate(self.segments)],
-            sampling=self.sampling(self.max_tokens if max_tokens is None else max_tokens),
+            sampling=self.sampling(self.max_tokens if max_tokens is None else max_tokens,
+                                   logprobs),
             tools=[t.as_dict(i) for i, t in enumerate(self.tools or [])],
             tool_choice=tool_choice,
+            parallel_tool_calls=self.parallel_tool_calls is not False,
+            response_format=check_response_format(self.response_format),
         )
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = False
+    suffix: str | None = None
     logprobs: int | None = None
     best_of: int | None = None
 
-    def prompt_text(self) -> str:
+    def prompt_input(self) -> str | list[int]:
+        """The one prompt, as text or token ids."""
         self.check_supported()
         if self.echo:
-            raise APIError("echo is not supported", param="echo")
-        if self.logprobs:
-            raise APIError("logprobs are not supported", param="logprobs")
+            raise APIError("echo is not supported: the response holds the completion only "
+                           "(prepend the prompt yourself)", param="echo")
+        if self.suffix:
+            raise APIError("suffix is not supported: this model has no fill-in-the-middle "
+                           "format; put all the text in 'prompt'", param="suffix")
         if self.best_of not in (None, 1):
-            raise APIError(f"best_of={self.best_of} is not supported; only 1", param="best_of")
+            raise APIError(f"best_of={self.best_of} is not supported; only 1 (use 'n' for "
+                           "several completions)", param="best_of")
         if isinstance(self.prompt, str):
             return self.prompt
+        if self.prompt and isinstance(self.prompt[0], int):
+            return list(self.prompt)
         if len(self.prompt) != 1:
             raise APIError(
-                f"prompt is a list of {len(self.prompt)} strings; send exactly one prompt "
-                "per request",
+                f"prompt is a list of {len(self.prompt)} prompts; send exactly one prompt "
+                "per request (or use 'n' for several completions of one prompt)",
                 param="prompt",
             )
         return self.prompt[0]
+
+    def completion_sampling(self) -> SamplingParams:
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise APIError(f"Invalid 'logprobs': {self.logprobs}; it is the number of most "
+                           f"likely tokens to return, 0 to {MAX_COMPLETION_LOGPROBS}",
+                           param="logprobs")
+        return self.sampling(self.max_tokens, self.logprobs)
+
+
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 
 
 class WarmRequest(_Schema):
@@ -319,3 +344,34 @@ def parse_logit_bias(bias: dict[str, Any] | None) -> tuple[tuple[int, float], ..
                            param="logit_bias")
         out.append((token, float(value)))
     return tuple(sorted(out))
+
+
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def check_response_format(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
+    """OpenAI's shapes: {"type": "text"} (None for the engine), {"type": "json_object"},
+    {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}.
+    Whether the schema can be enforced is the engine's check."""
+    if fmt is None or fmt.get("type") == "text":
+        return None
+    kind = fmt.get("type")
+    if kind not in RESPONSE_FORMATS:
+        raise APIError(f"Invalid value for 'response_format.type': {kind!r}. Supported values "
+                       "are: 'text', 'json_object' and 'json_schema'", param="response_format.type")
+    if kind == "json_object":
+        return {"type": "json_object"}
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise APIError("Missing required parameter: 'response_format.json_schema' (an object "
+                       "with 'name' and 'schema')", param="response_format.json_schema")
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise APIError("Missing required parameter: 'response_format.json_schema.name'",
+                       param="response_format.json_schema.name")
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict):
+        raise APIError("Invalid 'response_format.json_schema.schema': expected a JSON Schema "
+                       "object", param="response_format.json_schema.schema")
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema,
+                                                    "strict": spec.get("strict") is True}}

@@ -48,7 +48,8 @@ async def chat_completions(
     def call(on_text, is_cancelled) -> GenerationResult:
         return state.engine.chat(chat, on_text=on_text, is_cancelled=is_cancelled)
 
-    shaper = ChatShaper(state.model_name, state.system_fingerprint, body.include_usage)
+    shaper = ChatShaper(state.model_name, state.system_fingerprint, body.include_usage,
+                        chat.sampling.n, chat.sampling.logprobs is not None)
     log_body = body.model_dump(exclude_none=True) if state.request_log is not None else None
     return await generate(request, state, call, shaper, bool(body.stream), tenant, log_body)
 
@@ -59,15 +60,16 @@ async def completions(
 ) -> Any:
     state = server_state(request)
     state.check_model(body.model)
-    prompt = body.prompt_text()
-    sampling = body.sampling(body.max_tokens)
+    prompt = body.prompt_input()
+    sampling = body.completion_sampling()
 
     def call(on_text, is_cancelled) -> GenerationResult:
         return state.engine.complete(
             tenant, prompt, sampling, on_text=on_text, is_cancelled=is_cancelled
         )
 
-    shaper = CompletionShaper(state.model_name, state.system_fingerprint, body.include_usage)
+    shaper = CompletionShaper(state.model_name, state.system_fingerprint, body.include_usage,
+                              sampling.n, sampling.logprobs is not None)
     return await generate(request, state, call, shaper, bool(body.stream), tenant)
 
 
