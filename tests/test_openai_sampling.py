@@ -145,6 +145,12 @@ def test_n_choices_share_one_prompt_computation(tiny):
             if c["finish_reason"]:
                 finishes[c["index"]] = c["finish_reason"]
     assert [parts[i] for i in range(3)] == texts and set(finishes) == {0, 1, 2}
+    # every choice's reply is kept: the next turn after choice 2 reuses it
+    turn = {"messages": [*body["messages"], {"role": "assistant", "content": texts[2]},
+                         {"role": "user", "content": "more"}], "max_tokens": 2}
+    nxt = httpx.post(url + CHAT, json=turn).json()["usage"]
+    assert nxt["prompt_tokens_details"]["cached_tokens"] >= usage["prompt_tokens"] + 5
+    engine.tree.check_integrity()
 
 
 def test_greedy_choices_equal_the_single_choice(tiny):

@@ -378,6 +378,7 @@ class Engine(CacheControl, Blending):
             self._shape_reply(result, parse_calls)
             if not run.blended:  # a blended reply's KV is approximate
                 self._keep_replies(run, prompt.tail, result, seqs)
+            self._give_back(seqs)
             if result.finish_reason != "cancelled":
                 self._schedule_standalone(ns, req.tenant, prompt)
         except Cancelled:
@@ -422,6 +423,7 @@ class Engine(CacheControl, Blending):
                                                      job.is_cancelled)
             if result.finish_reason != "cancelled" and not seqs[0].stream.stopped:
                 self._keep_tokens(ns, run.kv, ids + tuple(result.token_ids))
+            self._give_back(seqs)
             return result
         except Cancelled:
             return self._cancelled(run, len(ids) - run.pos, t0)
@@ -628,10 +630,17 @@ class Engine(CacheControl, Blending):
         start = run.pos + len(tail)
         seqs = [self._sequence(i, run, start, sampling, constraint) for i in range(sampling.n)]
         decoder = Decoder(self.tokenizer.eos_ids, self._describe, on_text, t0)
-        yield from decoder.run(seqs, logits, sampling.max_tokens, is_cancelled)
+        try:
+            yield from decoder.run(seqs, logits, sampling.max_tokens, is_cancelled)
+        except BaseException:
+            self._give_back(seqs)
+            raise
+        return self._result(run, len(tail), seqs, t0), seqs
+
+    def _give_back(self, seqs: list[Sequence]) -> None:
+        """The other choices' buffers to the pool (choice 0 decodes in the run's)."""
         for seq in seqs[1:]:
             self._kv_pool.give(seq.kv)
-        return self._result(run, len(tail), seqs, t0), seqs
 
     def _sequence(self, index: int, run: _Run, start: int, sampling: SamplingParams,
                   constraint: Constraint | None) -> Sequence:
