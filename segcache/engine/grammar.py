@@ -29,6 +29,17 @@ from segcache.engine.types import ChatRequest, EngineError
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
+# Fixed JSON layout (as ``json.dumps`` writes it): with free whitespace a model can
+# loop on newlines and spaces without ever finishing the value.
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _json(schema: dict[str, Any]) -> str:
+    """``%json {...}`` for a Lark rule, with segcache's layout unless the schema sets its own."""
+    layout = {**JSON_LAYOUT, **(schema.get("x-guidance") or {})}
+    return "%json " + json.dumps({**schema, "x-guidance": layout})
+
+
 def _lark_string(text: str) -> str:
     return json.dumps(text)  # a JSON string literal is a valid Lark string literal
 
@@ -49,7 +60,7 @@ def _call_schema(tools: list[dict[str, Any]], strict_only: bool) -> dict[str, An
 
 
 def _calls_rule(schema: dict[str, Any], parallel: bool) -> str:
-    call = f"{_lark_string(OPEN + chr(10))} %json {json.dumps(schema)} {_lark_string(chr(10) + CLOSE)}"
+    call = f"{_lark_string(OPEN + chr(10))} {_json(schema)} {_lark_string(chr(10) + CLOSE)}"
     return f"calls: call\ncall: {call}\n" if not parallel else \
         f"calls: call ({_lark_string(chr(10))} call)*\ncall: {call}\n"
 
@@ -82,7 +93,7 @@ def grammar_for(req: ChatRequest) -> str | None:
     if forced:
         return "start: calls\n" + "".join(rules)
     if answer is not None:
-        rules.append(f"answer: %json {json.dumps(answer)}\n")
+        rules.append(f"answer: {_json(answer)}\n")
     else:  # free text that does not start a call: a call has to follow its schema
         rules.append(f"answer: TEXT\nTEXT: /(?s:.+)/ & ~/(?s:.*{OPEN}.*)/\n")
     return ("start: calls | answer\n" if tools else "start: answer\n") + "".join(rules)
