@@ -9,7 +9,9 @@ masks that sequence's logits row and tells it the token chosen. Masks change
 only the choice of the next token: the KV cache, and so every cached segment,
 is the same as for an unconstrained request.
 
-Tool calls use the format the tools block teaches the model
+``tool_choice`` naming a function allows exactly one call of it; ``"required"``
+one or more (one with ``parallel_tool_calls: false``). Tool calls use the format
+the tools block teaches the model
 (``segcache.kv.autoseg``): ``<tool_call>\\n{"name": N, "arguments": {...}}\\n</tool_call>``.
 """
 
@@ -87,9 +89,9 @@ def grammar_for(req: ChatRequest) -> str | None:
     if not forced and answer is None and not strict:
         return None
     rules = []
-    if tools:
-        rules.append(_calls_rule(_call_schema(tools, strict_only=not forced),
-                                 req.parallel_tool_calls))
+    if tools:  # a named function is called once (as vLLM does), others as allowed
+        parallel = req.parallel_tool_calls and not isinstance(choice, dict)
+        rules.append(_calls_rule(_call_schema(tools, strict_only=not forced), parallel))
     if forced:
         return "start: calls\n" + "".join(rules)
     if answer is not None:
