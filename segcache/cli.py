@@ -166,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_arguments(bench_sub.add_parser(
         "sweep", help="decode tok/s at 1/2/4/8 concurrent streams; stream gaps during a cold prefill",
         description=sweep.__doc__))
+    from segcache.bench import constrained
+
+    constrained.add_arguments(bench_sub.add_parser(
+        "constrained", help="decode tok/s with a JSON-schema response_format against without "
+                            "(1 and 8 streams, same run)", description=constrained.__doc__))
     return parser
 
 
@@ -254,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
                 from segcache.bench import sweep
 
                 return sweep.run(args)
+            if args.bench_command == "constrained":
+                from segcache.bench import constrained
+
+                return constrained.run(args)
             if args.bench_command:
                 from segcache.bench import cli as bench_cli
 
