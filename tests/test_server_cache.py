@@ -87,7 +87,7 @@ def test_metrics_move(base_url, client, engine):
     segs = {"segments": [{"id": "a", "content": "one two three four"}]}
     for _ in range(2):
         client.chat.completions.create(model="fake-model", messages=USER, extra_body=segs)
-    httpx.post(base_url + "/v1/chat/completions", json={"messages": USER, "n": 2})
+    httpx.post(base_url + "/v1/chat/completions", json={"messages": USER, "n": 0})
     engine.evictions = 3
     m = scrape(base_url)
     route = "route=/v1/chat/completions"
