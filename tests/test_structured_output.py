@@ -326,3 +326,22 @@ def test_forced_tool_call_on_the_real_model(real_client):
     calls = [tc for c in stream if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
     assert [c.function.name for c in calls] == ["get_weather"]
     assert calls[0].id.startswith("call_") and calls[0].id != call.id
+
+
+def test_a_grammar_in_error_lets_the_sequence_end(property_engine):
+    """If the matcher ever allowed nothing (an error state), EOS is allowed: the
+    request ends instead of sampling from an all -inf row."""
+    import torch
+
+    from segcache.engine.grammar import Constraint, grammar_for
+
+    req = ChatRequest("t", USER, response_format=schema_format(PERSON))
+    grammars = property_engine.grammars
+    c = Constraint(grammars.compile(grammar_for(req), "response_format"),
+                   property_engine.tokenizer.eos_ids)
+    logits = torch.zeros(property_engine.runtime.arch.vocab_size)
+    assert torch.isfinite(c.mask(logits)).sum() == 1  # '{' only
+    c.advance(property_engine.tokenizer.encode("}")[0])  # not allowed: error state
+    assert c.failed
+    masked = c.mask(logits)
+    assert set(torch.nonzero(torch.isfinite(masked)).flatten().tolist()) == set(c.eos_ids)

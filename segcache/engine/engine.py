@@ -357,7 +357,7 @@ class Engine(CacheControl, Blending):
             return None
         forced = req.tool_choice == "required" or isinstance(req.tool_choice, dict)
         param = "response_format" if req.response_format and not forced else "tools"
-        return Constraint(self.grammars.compile(lark, param))
+        return Constraint(self.grammars.compile(lark, param), self.tokenizer.eos_ids)
 
     def _chat_job(self, job: Job, ns: str, prompt: Prompt, req: ChatRequest,
                   on_text: Callback | None, t0: float, constraint: Constraint | None):

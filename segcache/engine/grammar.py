@@ -136,20 +136,23 @@ class Constraint:
     """One sequence's grammar state. ``mask`` the logits before choosing a token,
     then ``advance`` with the token chosen (EOS included: it ends the grammar)."""
 
-    def __init__(self, matcher: llguidance.LLMatcher) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, eos_ids: frozenset[int]) -> None:
         self.matcher = matcher
+        self.eos_ids = eos_ids
 
     def copy(self) -> Constraint:
-        return Constraint(self.matcher.deep_copy())
+        return Constraint(self.matcher.deep_copy(), self.eos_ids)
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits`` [vocab] with every token the grammar forbids at -inf."""
+        """``logits`` [vocab] with every token the grammar forbids at -inf. A grammar
+        that allows nothing (an error state) allows EOS: the sequence ends."""
         allowed = torch.frombuffer(bytearray(self.matcher.compute_logit_bias()), dtype=torch.uint8)
         n = min(len(allowed), logits.shape[-1])
-        out = torch.full_like(logits, float("-inf"))
-        keep = allowed[:n] > 0
-        out[:n] = torch.where(keep, logits[:n], out[:n])
-        return out
+        keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        keep[:n] = allowed[:n] > 0
+        if not keep.any():
+            keep[list(self.eos_ids)] = True
+        return logits.masked_fill(~keep, float("-inf"))
 
     def advance(self, token: int) -> None:
         self.matcher.consume_token(token)
