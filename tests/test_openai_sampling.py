@@ -168,6 +168,28 @@ def test_greedy_choices_equal_the_single_choice(tiny):
     assert r.usage.completion_tokens == 8
 
 
+def test_a_list_of_prompts_is_one_response(tiny):
+    engine, url = tiny
+    prompts = ["one two", "The sea is"]
+    body = {"prompt": prompts, "max_tokens": 3, "temperature": 0, "n": 2}
+    r = httpx.post(url + "/v1/completions", json=body).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
+    singles = [httpx.post(url + "/v1/completions",
+                          json={**body, "prompt": p, "n": 1}).json() for p in prompts]
+    texts = [c["text"] for c in r["choices"]]
+    assert texts == [singles[0]["choices"][0]["text"]] * 2 + [singles[1]["choices"][0]["text"]] * 2
+    assert r["usage"]["prompt_tokens"] == sum(s["usage"]["prompt_tokens"] for s in singles)
+    assert r["usage"]["completion_tokens"] == 12
+    parts = ["", "", "", ""]
+    for chunk in stream_events(url, "/v1/completions", body):
+        for c in chunk["choices"]:
+            parts[c["index"]] += c["text"]
+    assert parts == texts
+    as_ids = {**body, "prompt": [engine.tokenizer.encode(p) for p in prompts]}
+    assert [c["text"] for c in httpx.post(url + "/v1/completions", json=as_ids).json()["choices"]] \
+        == texts
+
+
 @pytest.mark.slow
 def test_logprobs_and_n_on_the_real_model(real_engine):
     from segcache.config import CacheConfig

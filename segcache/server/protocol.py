@@ -228,8 +228,8 @@ class CompletionRequest(_GenerationRequest):
     logprobs: int | None = None
     best_of: int | None = None
 
-    def prompt_input(self) -> str | list[int]:
-        """The one prompt, as text or token ids."""
+    def prompt_inputs(self) -> list[str | list[int]]:
+        """The prompts, each text or token ids (OpenAI's four shapes of ``prompt``)."""
         self.check_supported()
         if self.echo:
             raise APIError("echo is not supported: the response holds the completion only "
@@ -241,16 +241,13 @@ class CompletionRequest(_GenerationRequest):
             raise APIError(f"best_of={self.best_of} is not supported; only 1 (use 'n' for "
                            "several completions)", param="best_of")
         if isinstance(self.prompt, str):
-            return self.prompt
+            return [self.prompt]
         if self.prompt and isinstance(self.prompt[0], int):
-            return list(self.prompt)
-        if len(self.prompt) != 1:
-            raise APIError(
-                f"prompt is a list of {len(self.prompt)} prompts; send exactly one prompt "
-                "per request (or use 'n' for several completions of one prompt)",
-                param="prompt",
-            )
-        return self.prompt[0]
+            return [list(self.prompt)]
+        if not 1 <= len(self.prompt) <= MAX_PROMPTS:
+            raise APIError(f"prompt is a list of {len(self.prompt)} prompts; send 1 to "
+                           f"{MAX_PROMPTS}", param="prompt")
+        return list(self.prompt)
 
     def completion_sampling(self) -> SamplingParams:
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
@@ -261,6 +258,7 @@ class CompletionRequest(_GenerationRequest):
 
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
+MAX_PROMPTS = 16  # prompts in one /v1/completions request (run one after another)
 
 
 class WarmRequest(_Schema):

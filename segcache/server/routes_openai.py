@@ -11,7 +11,12 @@ from starlette.responses import Response
 
 from segcache.engine.types import GenerationResult
 from segcache.server.auth import require_tenant
-from segcache.server.generation import EngineCall, EngineRun, cancel_on_disconnect
+from segcache.server.generation import (
+    EngineCall,
+    EngineRun,
+    cancel_on_disconnect,
+    complete_prompts,
+)
 from segcache.server.protocol import ChatCompletionRequest, CompletionRequest
 from segcache.server.responses import ChatShaper, CompletionShaper, SSEResponse, sse_stream
 from segcache.server.state import ServerState, server_state
@@ -60,16 +65,11 @@ async def completions(
 ) -> Any:
     state = server_state(request)
     state.check_model(body.model)
-    prompt = body.prompt_input()
+    prompts = body.prompt_inputs()
     sampling = body.completion_sampling()
-
-    def call(on_text, is_cancelled) -> GenerationResult:
-        return state.engine.complete(
-            tenant, prompt, sampling, on_text=on_text, is_cancelled=is_cancelled
-        )
-
+    call = complete_prompts(state.engine, tenant, prompts, sampling)
     shaper = CompletionShaper(state.model_name, state.system_fingerprint, body.include_usage,
-                              sampling.n, sampling.logprobs is not None)
+                              len(prompts) * sampling.n, sampling.logprobs is not None)
     return await generate(request, state, call, shaper, bool(body.stream), tenant)
 
 
