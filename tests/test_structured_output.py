@@ -345,3 +345,33 @@ def test_a_grammar_in_error_lets_the_sequence_end(property_engine):
     assert c.failed
     masked = c.mask(logits)
     assert set(torch.nonzero(torch.isfinite(masked)).flatten().tolist()) == set(c.eos_ids)
+
+
+@pytest.mark.parametrize(("extra", "accepted", "refused"), [
+    # auto without parallel calls: one call, or text that holds no call
+    ({"parallel_tool_calls": False},
+     ["plain words", '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'],
+     ['<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n'
+      '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',
+      'text first <tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',
+      '<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>']),
+    # auto with a JSON answer format: a call, or the JSON answer
+    ({"response_format": {"type": "json_object"}},
+     ['{"a": 1}', '<tool_call>\n{"name": "get_time", "arguments": {"zone": "x"}}\n</tool_call>'],
+     ["plain words", '[1, 2]']),
+    # a strict tool under auto: its arguments follow its schema
+    ({"tools": [{"type": "function", "function": {**CLOCK["function"], "strict": True}}]},
+     ['<tool_call>\n{"name": "get_time", "arguments": {"zone": "utc"}}\n</tool_call>', "hello"],
+     ['<tool_call>\n{"name": "get_time", "arguments": {"zone": 5}}\n</tool_call>']),
+])
+def test_auto_grammars(property_engine, extra, accepted, refused):
+    from segcache.engine.grammar import grammar_for
+
+    req = ChatRequest("t", USER, **{"tools": [CLOCK], **extra})
+    lark = grammar_for(req)
+    tok = property_engine.tokenizer
+    for text, ok in [(t, True) for t in accepted] + [(t, False) for t in refused]:
+        matcher = property_engine.grammars.compile(lark, "tools")
+        consumed = matcher.consume_tokens(tok.encode(text)) and matcher.is_accepting()
+        assert consumed == ok, (text, matcher.get_error())
+    assert grammar_for(ChatRequest("t", USER, tools=[CLOCK])) is None  # plain auto: free

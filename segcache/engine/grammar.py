@@ -78,7 +78,8 @@ def _answer_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | N
 
 def grammar_for(req: ChatRequest) -> str | None:
     """The Lark grammar constraining ``req``'s reply, or None when it is free text
-    (no response_format, and tools, if any, chosen freely without strict schemas)."""
+    (no response_format, and tools, if any, chosen freely: no strict schema, and
+    parallel calls allowed)."""
     answer = _answer_schema(req.response_format)
     choice = req.tool_choice
     tools = req.tools if choice != "none" else []
@@ -86,7 +87,8 @@ def grammar_for(req: ChatRequest) -> str | None:
         tools = [t for t in tools if t["function"]["name"] == choice["function"]["name"]]
     forced = choice == "required" or isinstance(choice, dict)
     strict = any(t.get("function", {}).get("strict") for t in tools)
-    if not forced and answer is None and not strict:
+    single = bool(tools) and not req.parallel_tool_calls
+    if not forced and answer is None and not strict and not single:
         return None
     rules = []
     if tools:  # a named function is called once (as vLLM does), others as allowed
