@@ -56,6 +56,33 @@ def test_chat_logprobs_shape_and_greedy_consistency(tiny):
     assert plain["choices"][0]["logprobs"] is None
 
 
+def test_logprobs_stop_where_a_stop_string_cuts_the_text(tiny):
+    """A stop string that starts inside a token: the reply ends before it, and the
+    logprobs are those of the tokens that start inside the reply."""
+    _, url = tiny
+    body = {"messages": USER, "max_tokens": 8, "temperature": 0, "logprobs": True,
+            "logit_bias": {"198": -100}}  # "\n", the tiny model's favourite, is too short
+    full = httpx.post(url + CHAT, json=body).json()["choices"][0]["logprobs"]["content"]
+    tokens = [e["token"] for e in full]
+    assert len(tokens[1]) >= 2
+    stop_at = "".join(tokens).find(tokens[1][1:] + tokens[2])
+    starts = [len("".join(tokens[:i])) for i in range(len(tokens))]
+    want = [t for t, at in zip(tokens, starts, strict=True) if at < stop_at]
+    for stream in (False, True):
+        stop = {**body, "stop": [tokens[1][1:] + tokens[2]]}
+        if stream:
+            entries, text = [], ""
+            for chunk in stream_events(url, CHAT, stop):
+                c = chunk["choices"][0]
+                text += c["delta"].get("content") or ""
+                entries += (c["logprobs"] or {}).get("content", [])
+        else:
+            choice = httpx.post(url + CHAT, json=stop).json()["choices"][0]
+            entries, text = choice["logprobs"]["content"], choice["message"]["content"]
+        assert text == "".join(tokens)[:stop_at]
+        assert [e["token"] for e in entries] == want
+
+
 def test_logprobs_come_from_the_models_logits(tiny):
     """A token-id prompt to /v1/completions: the first token's logprobs equal
     log_softmax of the runtime's own logits for that prompt."""

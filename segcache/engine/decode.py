@@ -96,7 +96,10 @@ class Decoder:
             entry = self._logprob(logits, token, s.sampler.params.logprobs or 0)
             s.logprobs.append(entry)
             s._pending.append(entry)
-        self._send(s, s.stream.push(token))
+        delta = s.stream.push(token)
+        if s.stream.stopped and s.logprobs is not None:
+            _drop_stop_tokens(s)
+        self._send(s, delta)
         if s.stream.stopped or (s.constraint is not None and s.constraint.failed):
             s.finish = "stop"
         s.token = token
@@ -121,3 +124,17 @@ class Decoder:
     def _entry(self, token: int, logprob: float, top: tuple[TokenLogprob, ...] = ()) -> TokenLogprob:
         text, raw = self.describe(token)
         return TokenLogprob(token, text, tuple(raw), max(logprob, -9999.0), top)
+
+
+def _drop_stop_tokens(s: Sequence) -> None:
+    """After a stop string: keep the logprobs of the tokens that start inside the
+    returned text (the stop string's own tokens are not part of the reply)."""
+    keep, at = 0, 0
+    for e in s.logprobs:
+        if at >= len(s.stream.text):
+            break
+        at += len(e.token)
+        keep += 1
+    dropped = len(s.logprobs) - keep
+    del s.logprobs[keep:]
+    s._pending = s._pending[:max(0, len(s._pending) - dropped)]
