@@ -2,14 +2,16 @@
 
 Request path (``chat``), in KV slots of one buffer:
 
-    resolve + tokenize + lay out units   errors raised here, before any compute
+    resolve + tokenize + lay out units   errors raised here, before any compute (and a
+                                          response_format / forced tool call compiled)
     walk the tenant's tree                matched = units[0:h]            -> pinned
     copy matched KV into the buffer       slots [0, p_h)
     prefill missing units one by one      slots [p_h, p_n), a node inserted (pinned) after each
     prefill the tail                      slots [p_n, P)  (always >= 1 token: fresh logits)
-    decode                                slots [P, P + completion)
+    decode                                slots [P, P + completion); choices 1..n-1 in
+                                          copies of slots [0, P) (``engine.decode``)
     keep the reply                        tail + generated ids -> a node keyed by the reply
-                                          message's digest (only for a clean finish)
+                                          message's digest (only for a clean finish), per choice
     unpin everything                      on success, error and cancellation alike
 
 Units are explicit segments, the tools block and each message (see
