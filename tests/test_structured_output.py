@@ -5,6 +5,7 @@ the mask makes them valid); the real model answers through the openai client."""
 from __future__ import annotations
 
 import json
+import os
 
 import httpx
 import jsonschema
@@ -268,7 +269,9 @@ def property_engine(tokenizer):
     engine.close(drain=False)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# SEGCACHE_SCHEMA_EXAMPLES=500 for a longer fuzzing run
+@settings(max_examples=int(os.environ.get("SEGCACHE_SCHEMA_EXAMPLES", "25")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(schema=SCHEMAS, seed=st.integers(0, 2**31))
 def test_random_schemas_always_yield_valid_instances(property_engine, schema, seed):
     req = ChatRequest("prop", [{"role": "user", "content": "Some JSON."}],
