@@ -244,3 +244,21 @@ def test_logprobs_and_n_on_the_real_model(real_engine):
             assert single.usage.prompt_tokens == r.usage.prompt_tokens
     finally:
         engine.close(drain=False)
+
+
+def test_streamed_logprobs_with_tools_offered(tiny):
+    """Tools in the request (calls are parsed, text before a call streams): the
+    streamed text still carries its tokens' logprobs."""
+    _, url = tiny
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    body = {"messages": USER, "max_tokens": 6, "temperature": 0, "logprobs": True,
+            "tools": [tool], "logit_bias": {"198": -100}}
+    whole = httpx.post(url + CHAT, json=body).json()["choices"][0]
+    assert not whole["message"].get("tool_calls")
+    entries, text = [], ""
+    for chunk in stream_events(url, CHAT, body):
+        c = chunk["choices"][0]
+        text += c["delta"].get("content") or ""
+        entries += (c["logprobs"] or {}).get("content", [])
+    assert text == whole["message"]["content"]
+    assert entries == whole["logprobs"]["content"]

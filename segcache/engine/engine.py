@@ -715,8 +715,18 @@ class Engine(CacheControl, Blending):
 
 class _ChoiceFilter(ToolCallFilter):
     """A ``ToolCallFilter`` for choice ``index``: its text goes on as ``TextDelta``s of
-    that choice (without logprobs: a streamed reply that may hold calls carries none)."""
+    that choice, with the logprobs of the tokens received so far (those of a call's
+    tokens stay in the final result only)."""
 
     def __init__(self, on_text: Callback, index: int) -> None:
-        super().__init__(lambda text: on_text(TextDelta(text, index)))
+        self._logprobs: tuple = ()
+        super().__init__(lambda text: on_text(TextDelta(text, index, self._take())))
+
+    def __call__(self, delta: str) -> None:
+        self._logprobs += getattr(delta, "logprobs", ())
+        super().__call__(delta)
+
+    def _take(self) -> tuple:
+        taken, self._logprobs = self._logprobs, ()
+        return taken
 
