@@ -10,6 +10,7 @@ never sent).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,6 +19,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from segcache.engine.types import EngineError
+
+log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -56,7 +59,8 @@ def error_body(
 ) -> dict[str, Any]:
     return {
         "error": {
-            "message": message,
+            # A message may quote the request; keep it encodable (lone surrogates escaped).
+            "message": message.encode("utf-8", "backslashreplace").decode("utf-8"),
             "type": type or error_type(status),
             "param": param,
             "code": code,
@@ -92,7 +96,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(engine_error_body(exc), status_code=exc.status, headers=headers)
 
     async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = describe_validation_errors(exc.errors())
+        try:
+            message, param = describe_validation_errors(exc.errors())
+        except Exception:  # describing must never turn a 400 into a 500
+            log.exception("could not describe validation errors")
+            message, param = "Invalid request body", None
         return error_response(message, 400, param=param)
 
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

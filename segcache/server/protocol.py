@@ -16,22 +16,73 @@ served by the one loaded model, and responses carry the served model's name.
 
 ``max_tokens`` defaults to 256 when a request gives neither ``max_tokens`` nor
 ``max_completion_tokens``.
+
+Every request body is checked as a whole before its fields are (``_Body``): text
+anywhere in it (messages, segments, prompts, tools, names, stop strings) must be
+valid Unicode (no lone UTF-16 surrogates, which JSON's ``\\ud800`` escapes can
+carry but UTF-8 cannot encode) and nested at most ``MAX_NESTING`` levels deep, so
+no text reaches the tokenizer, the digests or the template that they cannot take.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from segcache.engine.types import ChatRequest, SamplingParams, SegmentInput
 from segcache.server.errors import APIError
 
 DEFAULT_MAX_TOKENS = 256
+MAX_NESTING = 64  # JSON levels; deeper bodies are refused before anything walks them
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a 64-bit generator seed can hold
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _Schema(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+
+def check_text(value: Any) -> None:
+    """Raise APIError (400, ``param`` = the field) for the first string in ``value``
+    (any JSON value, keys included) holding a lone surrogate, or for nesting deeper
+    than ``MAX_NESTING``. Iterative: a hostile body cannot exhaust the stack."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise APIError(f"'{path}' is nested more than {MAX_NESTING} levels deep",
+                           param=path or None)
+        if isinstance(item, str):
+            if not item.isascii() and (bad := _SURROGATE.search(item)):
+                raise APIError(
+                    f"Invalid '{path or 'body'}': text contains a lone UTF-16 surrogate "
+                    f"(\\u{ord(bad.group()):04x} at character {bad.start()}), which is not valid "
+                    "Unicode; send UTF-8 text or a \\ud83d\\ude00-style surrogate pair",
+                    param=path or None)
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                where = f"{path}.{key}" if path else str(key)
+                stack.append((key, where, depth + 1))
+                if isinstance(sub, _NESTED):
+                    stack.append((sub, where, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((sub, f"{path}[{i}]", depth + 1) for i, sub in enumerate(item)
+                         if isinstance(sub, _NESTED))
+
+
+_NESTED = (str, dict, list)  # what check_text has to look into
+
+
+class _Body(_Schema):
+    """A whole request body: its text is checked before any field is parsed."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        check_text(data)  # APIError passes through pydantic to the error handler
+        return data
 
 
 class StreamOptions(_Schema):
@@ -75,13 +126,30 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    name: str
+    arguments: str = Field(description="the call's arguments as a JSON string")
+
+
+class ToolCall(BaseModel):
+    """One of an assistant message's ``tool_calls`` (as OpenAI returned it)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
     def to_engine(self, index: int) -> dict[str, Any]:
@@ -91,10 +159,12 @@ class Message(BaseModel):
             "role": "system" if self.role == "developer" else self.role,
             "content": self._text(index),
         }
-        for key in ("name", "tool_calls", "tool_call_id"):
+        for key in ("name", "tool_call_id"):
             value = getattr(self, key)
             if value is not None:
                 msg[key] = value
+        if self.tool_calls is not None:
+            msg["tool_calls"] = [c.model_dump(exclude_none=True) for c in self.tool_calls]
         return msg
 
     def _text(self, index: int) -> str:
@@ -116,7 +186,7 @@ class Message(BaseModel):
         return "".join(pieces)
 
 
-class _GenerationRequest(_Schema):
+class _GenerationRequest(_Body):
     """Fields shared by chat and text completions."""
 
     model: str | None = None
@@ -124,7 +194,8 @@ class _GenerationRequest(_Schema):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = Field(default=None, description="segcache extension; 0 = off")
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX,
+                             description="64-bit: -2**63 .. 2**64-1")
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -218,7 +289,7 @@ class CompletionRequest(_GenerationRequest):
         return self.prompt[0]
 
 
-class WarmRequest(_Schema):
+class WarmRequest(_Body):
     model: str | None = None
     segments: list[Segment] = Field(min_length=1)
 
@@ -227,7 +298,7 @@ class WarmRequest(_Schema):
         return [s.to_engine(i) for i, s in enumerate(self.segments)]
 
 
-class PutSegmentRequest(_Schema):
+class PutSegmentRequest(_Body):
     content: str
     ttl: float | None = Field(default=None, gt=0, description="seconds until the segment expires")
 
