@@ -367,7 +367,9 @@ class Engine(CacheControl, Blending):
         """Plain-text completion (no chat template), reusing the longest prefix of
         any earlier prompt or reply of this tenant through the radix tail."""
         t0 = time.perf_counter()
-        ids = tuple(self.tokenizer.encode(prompt))
+        # The raw prompt is the caller's alone (no template, no other party's turn), so
+        # special tokens written in it are recognised, as a hand-built chat prompt needs.
+        ids = tuple(self.tokenizer.encode(prompt, special=True))
         if not ids:
             raise EngineError("prompt must not be empty", "prompt")
         self._check_context(len(ids), sampling.max_tokens)
