@@ -92,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default time-to-live of cached segments (default: none, LRU only)")
     serve.add_argument("--tenant-quota-bytes", type=_size, default=None,
                        help="per-tenant KV byte quota (default: none)")
+    serve.add_argument("--tenant-registry-bytes", type=_size, default=CacheConfig.tenant_registry_bytes,
+                       help="per-tenant bound on named segments (PUT /v1/segments), 413 beyond "
+                            "(default: 32MiB)")
+    serve.add_argument("--tenant-registry-entries", type=int,
+                       default=CacheConfig.tenant_registry_entries,
+                       help="per-tenant count of named segments (default: %(default)s)")
+    serve.add_argument("--memo-bytes", type=_size, default=CacheConfig.memo_bytes,
+                       help="memory for remembered token ids of contents, all tenants; a quarter "
+                            "per tenant (default: 64MiB)")
     serve.add_argument("--max-segments", type=int, default=CacheConfig.max_segments,
                        help="most segments in one request (default: %(default)s)")
     serve.add_argument("--blend", choices=BLEND_MODES, default=CacheConfig.blend,
@@ -175,7 +184,13 @@ def _config(args: argparse.Namespace) -> Config:
                         max_segments=getattr(args, "max_segments", CacheConfig.max_segments),
                         blend=getattr(args, "blend", CacheConfig.blend),
                         blend_ratio=getattr(args, "blend_ratio", CacheConfig.blend_ratio),
-                        blend_layer=getattr(args, "blend_layer", CacheConfig.blend_layer))
+                        blend_layer=getattr(args, "blend_layer", CacheConfig.blend_layer),
+                        tenant_registry_bytes=getattr(args, "tenant_registry_bytes",
+                                                      CacheConfig.tenant_registry_bytes),
+                        tenant_registry_entries=getattr(args, "tenant_registry_entries",
+                                                        CacheConfig.tenant_registry_entries),
+                        memo_bytes=getattr(args, "memo_bytes", CacheConfig.memo_bytes),
+                        tenant_memo_bytes=getattr(args, "memo_bytes", CacheConfig.memo_bytes) // 4)
     sched = SchedulerConfig(
         max_running=getattr(args, "max_running", SchedulerConfig.max_running),
         max_waiting=getattr(args, "max_waiting", SchedulerConfig.max_waiting),

@@ -65,6 +65,14 @@ class CacheConfig:
     # 3, not the paper's 1: on SmolLM2-135M (30 layers) it measured better on every
     # quality figure at a TTFT still ~3x below a full prefill (BENCHMARKS.md).
     blend_layer: int = 3
+    # State beside the KV that grows with input, bounded in bytes per tenant and in all
+    # (purged with the tenant's cache): token ids of contents sent (a memo, so repeated
+    # segments are not re-tokenized) and the named segment registry.
+    memo_bytes: int = 64 * MiB
+    tenant_memo_bytes: int = 16 * MiB  # a quarter of memo_bytes
+    registry_bytes: int = 256 * MiB
+    tenant_registry_bytes: int = 32 * MiB
+    tenant_registry_entries: int = 1024
 
     def __post_init__(self) -> None:
         if self.blend not in BLEND_MODES:
@@ -81,6 +89,10 @@ class CacheConfig:
             raise ValueError("tenant_quota_bytes must be >= 0")
         if self.max_segments < 1:
             raise ValueError("max_segments must be >= 1")
+        for name in ("memo_bytes", "tenant_memo_bytes", "registry_bytes", "tenant_registry_bytes",
+                     "tenant_registry_entries"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from segcache.engine.types import EngineError, NotFoundError
+from segcache.engine.types import EngineError, NotFoundError, QuotaExceededError
 from segcache.kv.hashing import segment_digest
-from segcache.kv.registry import RegistryEntry
+from segcache.kv.registry import RegistryEntry, RegistryFull
 
 
 class CacheControl:
@@ -38,10 +38,12 @@ class CacheControl:
             return stats
 
     def purge(self, tenant: str) -> int:
-        """Drop this tenant's cached KV (pinned nodes of running requests stay)."""
+        """Drop everything this tenant's earlier requests left: cached KV (pinned nodes
+        of running requests stay), standalone copies, token ids and registered names."""
         ns = self.namespace(tenant)
         with self._prompt_lock:
             self.memo.forget(ns)
+            self.registry.purge(tenant)
         with self._lock:
             ns_s = self.standalone_namespace(ns)
             self._purges[ns_s] = self._purges.get(ns_s, 0) + 1  # queued background jobs insert nothing
@@ -61,10 +63,11 @@ class CacheControl:
         with self._prompt_lock:
             try:
                 entry = self.registry.put(tenant, name, content, digest, ttl_s)
+            except RegistryFull as exc:
+                raise QuotaExceededError(str(exc), "content") from exc
             except ValueError as exc:
                 raise EngineError(str(exc), "name") from exc
-            ids = self.memo.ids_for(content, digest)
-            self.memo.remember(self.namespace(tenant), digest)
+            ids = self.memo.ids_for(self.namespace(tenant), content, digest)
         return self._segment_info(entry, len(ids))
 
     def get_segment(self, tenant: str, name: str) -> dict:
@@ -72,7 +75,7 @@ class CacheControl:
             entry = self.registry.get(tenant, name)
             if entry is None:
                 raise NotFoundError(f"no segment is registered under the name {name!r}", "name")
-            ids = self.memo.ids_for(entry.content, entry.digest)
+            ids = self.memo.ids_for(self.namespace(tenant), entry.content, entry.digest)
         return self._segment_info(entry, len(ids))
 
     def delete_segment(self, tenant: str, name: str) -> None:

@@ -285,8 +285,10 @@ class Engine(CacheControl, Blending):
                                 tenant_quota_bytes=cache.tenant_quota_bytes)
         self.radix = RadixTree(cache.cache_bytes, split_handle=_split_kv, bytes_of=_kv_bytes,
                                handle_len=lambda h: h.shape[3], clock=clock)
-        self.registry = SegmentRegistry(clock)
-        self.memo = TokenMemo(tokenizer)
+        self.registry = SegmentRegistry(clock, cache.registry_bytes, cache.tenant_registry_bytes,
+                                        cache.tenant_registry_entries)
+        self.memo = TokenMemo(tokenizer, cache.memo_bytes, cache.tenant_memo_bytes,
+                              max_tokens=runtime.arch.max_position)
         self._kv_pool = _KVPool(runtime.new_kv, KV_POOL_BYTES)
         self._sink = sink_ids(tokenizer)  # what standalone segments are computed behind
         self._lock = threading.RLock()  # tree, radix, in-flight map: held by each engine step
@@ -434,7 +436,8 @@ class Engine(CacheControl, Blending):
                               f"{self.cache_cfg.max_segments})", "segments")
         resolved = resolve_segments(segments, tenant, ns, self.memo, self.registry)
         try:
-            return build_prompt(self.tokenizer, self.memo, resolved, messages, tools, generation_prompt)
+            return build_prompt(self.tokenizer, self.memo, ns, resolved, messages, tools,
+                                generation_prompt)
         except TemplateError as exc:
             raise EngineError(str(exc), "messages") from exc
 
