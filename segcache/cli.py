@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests decoding/prefilling at once (default: %(default)s)")
     serve.add_argument("--max-waiting", type=int, default=SchedulerConfig.max_waiting,
                        help="requests queued beyond those; more get 429 (default: %(default)s)")
+    serve.add_argument("--tenant-max-waiting", type=int, default=None,
+                       help="most queued requests of one tenant; more get 429 (default: three "
+                            "quarters of --max-waiting)")
     serve.add_argument("--prefill-chunk", type=int, default=SchedulerConfig.prefill_chunk,
                        help="prefill chunk in tokens, interleaved with decode (default: %(default)s)")
     serve.add_argument("--decode-pause-ms", type=_positive, default=SchedulerConfig.decode_pause_s * 1000,
@@ -194,6 +197,7 @@ def _config(args: argparse.Namespace) -> Config:
     sched = SchedulerConfig(
         max_running=getattr(args, "max_running", SchedulerConfig.max_running),
         max_waiting=getattr(args, "max_waiting", SchedulerConfig.max_waiting),
+        tenant_max_waiting=getattr(args, "tenant_max_waiting", None),
         prefill_chunk=getattr(args, "prefill_chunk", SchedulerConfig.prefill_chunk),
         decode_pause_s=getattr(args, "decode_pause_ms", SchedulerConfig.decode_pause_s * 1000) / 1000,
         request_timeout_s=getattr(args, "request_timeout", SchedulerConfig.request_timeout_s))

@@ -114,6 +114,9 @@ class SchedulerConfig:
     # slicing bounds the streams' pause without changing the chunk's arithmetic.
     decode_pause_s: float = 0.5
     max_wait_s: float = 10.0  # a waiting request older than this is admitted first
+    # Most places one tenant may hold in the waiting queue (None: three quarters of
+    # max_waiting), so one tenant's flood leaves room for the others.
+    tenant_max_waiting: int | None = None
     request_timeout_s: float = 600.0
     retry_after_s: int = 2
 
@@ -123,6 +126,15 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_wait_s <= 0 or self.request_timeout_s <= 0 or self.decode_pause_s <= 0:
             raise ValueError("max_wait_s, request_timeout_s and decode_pause_s must be > 0")
+        if self.tenant_max_waiting is not None and self.tenant_max_waiting < 1:
+            raise ValueError("tenant_max_waiting must be >= 1")
+
+    @property
+    def tenant_limit(self) -> int:
+        """Places one tenant may hold in the waiting queue."""
+        if self.tenant_max_waiting is not None:
+            return self.tenant_max_waiting
+        return max(1, -(-3 * self.max_waiting // 4))
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,11 @@ it yields the model work it needs (prefill of a unit, one decode step, or a wait
 for a unit another request is computing right now) and the scheduler batches and
 interleaves that work across requests. The public methods block the calling
 thread until their request is done; the tree, radix, registry and memo are only
-touched under ``_lock`` (held by the engine thread during each step).
+touched under ``_lock`` (held by the engine thread during each step). Prompts are
+built (tokenized) in the request's own thread under no engine-wide lock (the memo
+and registry lock themselves briefly), after the scheduler reserved the request a
+place in its queue: a full queue or a tenant past its share is refused before any
+tokenizing, and so is text too long for the context window by its length alone.
 """
 
 from __future__ import annotations
@@ -238,6 +242,16 @@ class _KVPool:
 KV_POOL_BYTES = 256 << 20  # ~3 buffers of 4k tokens for SmolLM2-135M
 
 
+def _chat_chars(req: ChatRequest) -> int:
+    """Characters of text a chat request brings (contents, tool calls, tools)."""
+    n = sum(len(s.content or "") for s in req.segments)
+    for m in req.messages:
+        content = m.get("content")
+        n += len(content) if isinstance(content, str) else 0
+        n += sum(len(str(c)) for c in m.get("tool_calls") or ())
+    return n + sum(len(str(t)) for t in req.tools)
+
+
 def _split_kv(handle: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     # Clones, not views: a view would keep the whole original storage alive.
     return handle[:, :, :, :k].clone(), handle[:, :, :, k:].clone()
@@ -292,7 +306,6 @@ class Engine(CacheControl, Blending):
         self._kv_pool = _KVPool(runtime.new_kv, KV_POOL_BYTES)
         self._sink = sink_ids(tokenizer)  # what standalone segments are computed behind
         self._lock = threading.RLock()  # tree, radix, in-flight map: held by each engine step
-        self._prompt_lock = threading.Lock()  # memo and registry: request threads only
         # (parent chain, digest) of every unit being computed -> the job computing it
         self._inflight: dict[tuple[str, str], int] = {}
         self._purges: dict[str, int] = {}  # namespace -> purges so far (see _compute_standalone)
@@ -323,11 +336,12 @@ class Engine(CacheControl, Blending):
         (before any compute) and OverloadedError (429) when the queue is full."""
         t0 = time.perf_counter()
         ns = self.namespace(req.tenant)
-        with self._prompt_lock:
+        with self.scheduler.reserve(req.tenant) as place:
+            self._check_text_size(_chat_chars(req), "messages")
             prompt = self._build_prompt(req.tenant, ns, req.messages, req.segments, req.tools, True)
-        result = self.scheduler.submit(
-            lambda job: self._chat_job(job, ns, prompt, req, on_text, t0), req.tenant,
-            is_cancelled, meta=(ns, prompt))
+            result = self.scheduler.submit(
+                lambda job: self._chat_job(job, ns, prompt, req, on_text, t0), req.tenant,
+                is_cancelled, meta=(ns, prompt), place=place)
         result.tools_count = len(req.tools)
         if req.tools:
             result.tools_digest = next((u.hash for u in result.segments if u.kind == "tools"), None)
@@ -369,15 +383,18 @@ class Engine(CacheControl, Blending):
         """Plain-text completion (no chat template), reusing the longest prefix of
         any earlier prompt or reply of this tenant through the radix tail."""
         t0 = time.perf_counter()
-        # The raw prompt is the caller's alone (no template, no other party's turn), so
-        # special tokens written in it are recognised, as a hand-built chat prompt needs.
-        ids = tuple(self.tokenizer.encode(prompt, special=True))
-        if not ids:
-            raise EngineError("prompt must not be empty", "prompt")
-        self._check_context(len(ids), sampling.max_tokens)
-        ns = self.namespace(tenant)
-        return self.scheduler.submit(
-            lambda job: self._complete_job(job, ns, ids, sampling, on_text, t0), tenant, is_cancelled)
+        with self.scheduler.reserve(tenant) as place:
+            self._check_text_size(len(prompt), "prompt")
+            # The raw prompt is the caller's alone (no template, no other party's turn), so
+            # special tokens written in it are recognised, as a hand-built chat prompt needs.
+            ids = tuple(self.tokenizer.encode(prompt, special=True))
+            if not ids:
+                raise EngineError("prompt must not be empty", "prompt")
+            self._check_context(len(ids), sampling.max_tokens)
+            ns = self.namespace(tenant)
+            return self.scheduler.submit(
+                lambda job: self._complete_job(job, ns, ids, sampling, on_text, t0), tenant,
+                is_cancelled, place=place)
 
     def _complete_job(self, job: Job, ns: str, ids: tuple[int, ...], sampling: SamplingParams,
                       on_text: Callback | None, t0: float):
@@ -411,11 +428,12 @@ class Engine(CacheControl, Blending):
         if not segments:
             raise EngineError("segments must not be empty", "segments")
         ns = self.namespace(tenant)
-        with self._prompt_lock:
+        with self.scheduler.reserve(tenant) as place:
+            self._check_text_size(sum(len(s.content or "") for s in segments), "segments")
             prompt = self._build_prompt(tenant, ns, [], segments, [], False)
-        units = Prompt(prompt.units, ())
-        return self.scheduler.submit(lambda job: self._warm_job(job, ns, units), tenant,
-                                     meta=(ns, units))
+            units = Prompt(prompt.units, ())
+            return self.scheduler.submit(lambda job: self._warm_job(job, ns, units), tenant,
+                                         meta=(ns, units), place=place)
 
     def _warm_job(self, job: Job, ns: str, units: Prompt):
         run = self._start(ns, units, 0)
@@ -440,6 +458,17 @@ class Engine(CacheControl, Blending):
                                 generation_prompt)
         except TemplateError as exc:
             raise EngineError(str(exc), "messages") from exc
+
+    def _check_text_size(self, n_chars: int, param: str) -> None:
+        """Refuse text that cannot fit the context window, from its length alone (no
+        token covers more than ``tokenizer.max_token_chars`` characters), before
+        anything tokenizes it."""
+        at_least = n_chars // self.tokenizer.max_token_chars
+        if at_least > self.context_window:
+            raise ContextOverflowError(
+                f"the request holds {n_chars} characters of text: at least {at_least} tokens, "
+                f"over the model's context window of {self.context_window} tokens; send less "
+                "text", param)
 
     def _check_context(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens + max_tokens > self.context_window:

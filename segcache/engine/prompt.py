@@ -12,6 +12,7 @@ No torch here.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -80,7 +81,8 @@ class TokenMemo:
     Bounded in bytes (``ids_bytes``): at most ``tenant_max_bytes`` per namespace and
     ``max_bytes`` in all, least recently used out first; contents longer than
     ``max_tokens`` (the context window: they will be refused) are not kept; ``forget``
-    frees a namespace's entries. Not thread-safe: the engine serialises calls."""
+    frees a namespace's entries. Thread-safe, and tokenization runs outside its lock
+    (one request's long content never holds up another's)."""
 
     def __init__(self, tokenizer: ChatTokenizer, max_bytes: int = 64 << 20,
                  tenant_max_bytes: int = 32 << 20, max_tokens: int | None = None) -> None:
@@ -92,28 +94,33 @@ class TokenMemo:
         self._tenant: dict[str, OrderedDict[str, None]] = {}  # namespace -> its digests, LRU
         self._tenant_bytes: dict[str, int] = {}
         self.bytes = 0
+        self._lock = threading.Lock()
 
     def ids_for(self, namespace: str, content: str, digest: str) -> tuple[int, ...]:
         """The ids of ``content`` (tokenized as plain text), remembered for ``namespace``."""
         ids = self.known_ids(namespace, digest)
         if ids is None:
             ids = tuple(self.tokenizer.encode(content))
-            self._add(namespace, digest, ids)
+            with self._lock:
+                if (namespace, digest) not in self._lru:
+                    self._add(namespace, digest, ids)
         return ids
 
     def known_ids(self, namespace: str, digest: str) -> tuple[int, ...] | None:
-        ids = self._lru.get((namespace, digest))
-        if ids is not None:
-            self._lru.move_to_end((namespace, digest))
-            self._tenant[namespace].move_to_end(digest)
-        return ids
+        with self._lock:
+            ids = self._lru.get((namespace, digest))
+            if ids is not None:
+                self._lru.move_to_end((namespace, digest))
+                self._tenant[namespace].move_to_end(digest)
+            return ids
 
     def tenant_bytes(self, namespace: str) -> int:
         return self._tenant_bytes.get(namespace, 0)
 
     def forget(self, namespace: str) -> None:
-        for digest in list(self._tenant.get(namespace, ())):
-            self._drop(namespace, digest)
+        with self._lock:
+            for digest in list(self._tenant.get(namespace, ())):
+                self._drop(namespace, digest)
 
     def _add(self, namespace: str, digest: str, ids: tuple[int, ...]) -> None:
         size = ids_bytes(len(ids))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ class SegmentRegistry:
     dropped on access (and before a put is refused for space). A put past
     ``tenant_max_bytes`` / ``tenant_max_entries`` for its tenant, or ``max_bytes``
     in all, raises RegistryFull: entries are the client's to delete, never evicted.
-    Not thread-safe: the engine serialises calls."""
+    Thread-safe (one short lock per call)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, max_bytes: int = 256 << 20,
                  tenant_max_bytes: int = 32 << 20, tenant_max_entries: int = 1024) -> None:
@@ -47,6 +48,7 @@ class SegmentRegistry:
         self.tenant_max_entries = tenant_max_entries
         self._tenant_bytes: dict[str, int] = {}
         self.bytes = 0
+        self._lock = threading.RLock()
 
     def now(self) -> float:
         return self._clock()
@@ -58,19 +60,20 @@ class SegmentRegistry:
     def put(self, tenant: str, name: str, content: str, digest: str,
             ttl_s: float | None = None) -> RegistryEntry:
         """Create or replace ``name``. Raises ValueError for a bad name or ttl."""
-        if not self.valid_name(name):
-            raise ValueError(f"invalid segment name {name!r}: use 1-128 of A-Z a-z 0-9 . _ : -, "
-                             "starting with a letter or digit")
-        if ttl_s is not None and ttl_s <= 0:
-            raise ValueError("ttl must be > 0 seconds")
-        self._check_room(tenant, name, entry_bytes(content))
-        now = self._clock()
-        entry = RegistryEntry(name, content, digest, now, None if ttl_s is None else now + ttl_s)
-        self._remove(tenant, name)
-        self._entries.setdefault(tenant, {})[name] = entry
-        self._tenant_bytes[tenant] = self.tenant_bytes(tenant) + entry_bytes(content)
-        self.bytes += entry_bytes(content)
-        return entry
+        with self._lock:
+            if not self.valid_name(name):
+                raise ValueError(f"invalid segment name {name!r}: use 1-128 of A-Z a-z 0-9 . _ : -, "
+                                 "starting with a letter or digit")
+            if ttl_s is not None and ttl_s <= 0:
+                raise ValueError("ttl must be > 0 seconds")
+            self._check_room(tenant, name, entry_bytes(content))
+            now = self._clock()
+            entry = RegistryEntry(name, content, digest, now, None if ttl_s is None else now + ttl_s)
+            self._remove(tenant, name)
+            self._entries.setdefault(tenant, {})[name] = entry
+            self._tenant_bytes[tenant] = self.tenant_bytes(tenant) + entry_bytes(content)
+            self.bytes += entry_bytes(content)
+            return entry
 
     def tenant_bytes(self, tenant: str) -> int:
         return self._tenant_bytes.get(tenant, 0)
@@ -103,24 +106,28 @@ class SegmentRegistry:
             del self._entries[tenant], self._tenant_bytes[tenant]
 
     def get(self, tenant: str, name: str) -> RegistryEntry | None:
-        entry = self._entries.get(tenant, {}).get(name)
-        if entry is not None and entry.expires_at is not None and entry.expires_at <= self._clock():
-            self._remove(tenant, name)
-            return None
-        return entry
+        with self._lock:
+            entry = self._entries.get(tenant, {}).get(name)
+            if entry is not None and entry.expires_at is not None and entry.expires_at <= self._clock():
+                self._remove(tenant, name)
+                return None
+            return entry
 
     def delete(self, tenant: str, name: str) -> bool:
         """True if something was deleted (an expired entry counts as absent)."""
-        if self.get(tenant, name) is None:
-            return False
-        self._remove(tenant, name)
-        return True
+        with self._lock:
+            if self.get(tenant, name) is None:
+                return False
+            self._remove(tenant, name)
+            return True
 
     def names(self, tenant: str) -> list[str]:
-        return sorted(n for n in list(self._entries.get(tenant, {})) if self.get(tenant, n))
+        with self._lock:
+            return sorted(n for n in list(self._entries.get(tenant, {})) if self.get(tenant, n))
 
     def purge(self, tenant: str) -> int:
-        names = list(self._entries.get(tenant, {}))
-        for name in names:
-            self._remove(tenant, name)
-        return len(names)
+        with self._lock:
+            names = list(self._entries.get(tenant, {}))
+            for name in names:
+                self._remove(tenant, name)
+            return len(names)

@@ -24,6 +24,7 @@ from typing import Any, Literal
 SEGMENT_JOINER = "\n\n"
 _SENTINEL = "\ue000segcache:{kind}:{index}\ue001"
 _SENTINEL_RE = re.compile("\ue000segcache:(seg|msg):(\\d+)\ue001")
+_GIL_FREE_CHARS = 8192  # longer texts are tokenized with the GIL released
 # Bump when the rule for tokenizing contents changes (it is part of the digest).
 CONTENT_TOKENIZATION = "\ncontents: plain text, special tokens inert (v2)"
 
@@ -65,6 +66,10 @@ class ChatTokenizer:
                 + CONTENT_TOKENIZATION).encode()
         self.digest = "sha256:" + hashlib.sha256(blob).hexdigest()
         self.vocab_size = len(hf_tokenizer)
+        # No token covers more characters than its vocabulary string has (byte-level
+        # BPE: one character per byte), so a text of n characters has at least
+        # n / max_token_chars tokens: enough to refuse a huge text before tokenizing it.
+        self.max_token_chars = max(len(t) for t in self._fast.get_vocab(with_added_tokens=True))
 
     @classmethod
     def load(cls, directory: Path, eos_ids: tuple[int, ...] = ()) -> ChatTokenizer:
@@ -78,7 +83,11 @@ class ChatTokenizer:
         template's own text and raw completion prompts; else they are plain text."""
         if not text:
             return []
-        return (self._fast if special else self._plain).encode(text, add_special_tokens=False).ids
+        tok = self._fast if special else self._plain
+        if len(text) < _GIL_FREE_CHARS:
+            return tok.encode(text, add_special_tokens=False).ids
+        # encode_batch tokenizes without the GIL: a long text holds up no other thread.
+        return tok.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: list[int] | tuple[int, ...]) -> str:
         return self._fast.decode(list(ids), skip_special_tokens=True)
