@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-log", type=Path, default=None, metavar="FILE",
                        help="append every chat request as a JSON line, the input of "
                             "'segcache lint' (default: off)")
+    serve.add_argument("--metrics-key", default=os.environ.get("SEGCACHE_METRICS_KEY"),
+                       help="admin key for /metrics (also: 'admin_keys' in the API keys file); "
+                            "with API keys configured, /metrics needs one (default: "
+                            "$SEGCACHE_METRICS_KEY)")
     serve.add_argument("--served-model-name", default=None, help="model id shown by /v1/models")
     serve.add_argument("--cache-bytes", type=_size, default=CacheConfig.cache_bytes,
                        help="KV cache budget, e.g. 2GiB (default: 2GiB)")
@@ -180,7 +184,8 @@ def _config(args: argparse.Namespace) -> Config:
                           api_keys_file=getattr(args, "api_keys", None),
                           max_request_bytes=getattr(args, "max_request_bytes", ServerConfig.max_request_bytes),
                           model_name=getattr(args, "served_model_name", None),
-                          request_log=getattr(args, "request_log", None))
+                          request_log=getattr(args, "request_log", None),
+                          metrics_key=getattr(args, "metrics_key", None))
     cache = CacheConfig(cache_bytes=getattr(args, "cache_bytes", CacheConfig.cache_bytes),
                         default_ttl_s=getattr(args, "cache_ttl", None),
                         tenant_quota_bytes=getattr(args, "tenant_quota_bytes", None),

@@ -147,6 +147,7 @@ class ServerConfig:
     max_request_bytes: int = 8 * MiB
     model_name: str | None = None
     request_log: Path | None = None  # JSONL of chat requests, for `segcache lint`
+    metrics_key: str | None = None  # an admin key for /metrics (besides the keys file's)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 import segcache
 from segcache.config import CacheConfig, ServerConfig
 from segcache.server import routes_cache, routes_openai, routes_ops
-from segcache.server.auth import load_api_keys
+from segcache.server.auth import load_admin_keys, load_api_keys
 from segcache.server.errors import install_error_handlers
 from segcache.server.metrics import ServerMetrics
 from segcache.server.middleware import BodyLimit, RequestAccounting
@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 def create_app(engine: Any, cfg: ServerConfig, cache_cfg: CacheConfig) -> FastAPI:
     """An app serving ``engine``. Raises ValueError if the API keys file is unusable."""
     api_keys = load_api_keys(cfg.api_keys_file) if cfg.api_keys_file is not None else None
+    admin_keys = load_admin_keys(cfg.api_keys_file) if cfg.api_keys_file is not None else frozenset()
+    if cfg.metrics_key:
+        admin_keys |= {cfg.metrics_key}
     app = FastAPI(
         title="segcache",
         version=segcache.__version__,
@@ -44,6 +47,7 @@ def create_app(engine: Any, cfg: ServerConfig, cache_cfg: CacheConfig) -> FastAP
         api_keys=api_keys,
         model_name=cfg.model_name or engine.model_name,
         request_log=RequestLog(cfg.request_log) if cfg.request_log is not None else None,
+        admin_keys=admin_keys,
     )
     install_error_handlers(app)
     routers = [routes_openai.router, routes_cache.router, routes_ops.router]
