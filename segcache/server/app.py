@@ -9,6 +9,7 @@ threads.
 from __future__ import annotations
 
 import logging
+import signal
 from typing import Any
 
 import uvicorn
@@ -68,10 +69,18 @@ def serve(engine: Any, cfg: ServerConfig, cache_cfg: CacheConfig) -> None:
     name = app.state.server.model_name
     auth = f"API keys from {cfg.api_keys_file}" if cfg.api_keys_file else "no auth"
     log.info("segcache serving %s at http://%s:%d/v1 (%s)", name, cfg.host, cfg.port, auth)
+    # uvicorn stops accepting on SIGINT/SIGTERM, waits for running requests, then
+    # raises the signal again under the handler it found: this one, so that a drained
+    # shutdown on SIGTERM ends with exit status 0 rather than death by the signal.
+    previous = signal.signal(signal.SIGTERM, _drained)
     try:
-        # uvicorn stops accepting on SIGINT/SIGTERM and waits for running requests.
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
     finally:
         close = getattr(engine, "close", None)
         if close is not None:
             close(drain=True)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _drained(signum: int, frame: Any) -> None:
+    log.info("stopped on signal %d after draining", signum)
