@@ -22,6 +22,7 @@ from segcache.server.auth import load_admin_keys, load_api_keys
 from segcache.server.errors import install_error_handlers
 from segcache.server.metrics import ServerMetrics
 from segcache.server.middleware import BodyLimit, RequestAccounting
+from segcache.server.openapi import install_openapi
 from segcache.server.request_log import RequestLog
 from segcache.server.state import ServerState
 
@@ -51,6 +52,7 @@ def create_app(engine: Any, cfg: ServerConfig, cache_cfg: CacheConfig) -> FastAP
         admin_keys=admin_keys,
     )
     install_error_handlers(app)
+    install_openapi(app, getattr(engine, "context_window", None))
     routers = [routes_openai.router, routes_cache.router, routes_ops.router]
     for router in routers:
         app.include_router(router)

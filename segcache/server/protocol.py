@@ -1,7 +1,8 @@
 """Request schemas of the HTTP API (OpenAI's shapes plus segcache's extensions)
 and their translation into engine requests. No torch here.
 
-Validation is strict (``"5"`` is not a number, ``1.5`` is not an integer), as
+Validation is strict (``"5"`` is not a number, ``1.5`` is not an integer; ``2.0``,
+JSON's spelling of 2 as well, is), as
 OpenAI's API is. Fields that OpenAI defines but segcache does not implement
 are accepted and ignored (``frequency_penalty``, ``presence_penalty``,
 ``logit_bias``, ``response_format``, ``user``, ``metadata``, ...) so existing
@@ -82,6 +83,9 @@ class _Body(_Schema):
     @classmethod
     def _valid_text(cls, data: Any) -> Any:
         check_text(data)  # APIError passes through pydantic to the error handler
+        if isinstance(data, dict):  # JSON's 2.0 is the integer 2 (number fields take ints)
+            data = {k: int(v) if isinstance(v, float) and v.is_integer() else v
+                    for k, v in data.items()}
         return data
 
 
