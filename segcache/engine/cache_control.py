@@ -37,15 +37,23 @@ class CacheControl:
             return stats
 
     def purge(self, tenant: str) -> int:
-        """Drop everything this tenant's earlier requests left: cached KV (pinned nodes
-        of running requests stay), standalone copies, token ids and registered names."""
-        ns = self.namespace(tenant)
-        self.memo.forget(ns)
+        """Drop everything this tenant's earlier requests left: cached KV, standalone
+        copies, token ids and registered names. The tenant moves to a new namespace,
+        so nothing from before is reachable once this returns, whatever requests or
+        background jobs are still running: what they hold or insert later stays in
+        the retired namespace, swept when they end (``_sweep_retired``)."""
         self.registry.purge(tenant)
         with self._lock:
+            ns = self.namespace(tenant)
             ns_s = self.standalone_namespace(ns)
-            self._purges[ns_s] = self._purges.get(ns_s, 0) + 1  # queued background jobs insert nothing
-            return (len(self.tree.purge(ns)) + len(self.tree.purge(ns_s)) + len(self.radix.purge(ns)))
+            self._purges[ns_s] = self._purges.get(ns_s, 0) + 1  # queued background jobs skip work
+            self._generation[tenant] = self._generation.get(tenant, 0) + 1
+            removed = (len(self.tree.purge(ns)) + len(self.tree.purge(ns_s))
+                       + len(self.radix.purge(ns)))
+            self._retired |= {ns, ns_s}
+            self._sweep_retired()
+        self.memo.forget(ns)
+        return removed
 
     def metrics(self) -> dict[str, Any]:
         with self._lock:

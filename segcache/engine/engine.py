@@ -309,6 +309,10 @@ class Engine(CacheControl, Blending):
         # (parent chain, digest) of every unit being computed -> the job computing it
         self._inflight: dict[tuple[str, str], int] = {}
         self._purges: dict[str, int] = {}  # namespace -> purges so far (see _compute_standalone)
+        # A purge moves the tenant to a new namespace (its generation); the old ones are
+        # retired: unreachable, and swept of whatever jobs still running insert there.
+        self._generation: dict[str, int] = {}
+        self._retired: set[str] = set()
         self.scheduler = Scheduler(scheduler or SchedulerConfig(), _Runner(runtime),
                                    lambda key: key in self._inflight, self._lock, self._estimate)
 
@@ -327,7 +331,10 @@ class Engine(CacheControl, Blending):
                    cfg.scheduler)
 
     def namespace(self, tenant: str) -> str:
-        return namespace_digest(tenant, self.fingerprint)
+        """The root of the tenant's cache: its id, the model fingerprint and how many
+        times it was purged (so nothing from before a purge is ever reachable)."""
+        generation = self._generation.get(tenant, 0)
+        return namespace_digest(tenant, self.fingerprint + (f"#{generation}" if generation else ""))
 
     # ------------------------------------------------------------------ requests
     def chat(self, req: ChatRequest, on_text: Callback | None = None,
@@ -418,6 +425,7 @@ class Engine(CacheControl, Blending):
         finally:
             self.radix.unpin(match.nodes)
             self._enforce_budget(ns)
+            self._sweep_retired()
 
     def _keep_tokens(self, ns: str, kv: torch.Tensor, ids: tuple[int, ...]) -> None:
         """Insert ``ids`` (whose KV is in ``kv`` slots [0, len)) into the radix tail."""
@@ -588,6 +596,17 @@ class Engine(CacheControl, Blending):
         nodes.clear()
         if ns is not None:
             self._enforce_budget(ns)
+        self._sweep_retired()
+
+    def _sweep_retired(self) -> None:
+        """Drop what jobs that outlived a purge left in retired namespaces (engine
+        thread, or under ``_lock``); a namespace stays retired while a pin holds a node."""
+        for ns in list(self._retired):
+            self.tree.purge(ns)
+            self.radix.purge(ns)
+            self.memo.forget(ns)
+            if not self.tree.namespace_bytes(ns) and not self.radix.namespace_bytes(ns):
+                self._retired.discard(ns)
 
     # ------------------------------------------------------------------ compute
     @staticmethod
