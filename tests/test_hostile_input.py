@@ -159,3 +159,10 @@ def test_tool_call_arguments_nested_past_the_json_limit_are_served(base_url):
         json.loads(call["function"]["arguments"])
     r = send(base_url, "POST", CHAT, json.dumps(body))
     assert r.status_code == 200, r.text
+
+
+def test_a_lone_surrogate_in_a_key_is_400_with_an_encodable_param(base_url):
+    r = send(base_url, "POST", WARM, lone('{"segments": [{"id": "s", "content": "x"}], '
+                                          '"model": {"@": null}}'))
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "model.\\ud800"

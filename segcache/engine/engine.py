@@ -345,9 +345,11 @@ class Engine(CacheControl, Blending):
         ns = self.namespace(req.tenant)
         with self.scheduler.reserve(req.tenant) as place:
             self._check_text_size(_chat_chars(req), "messages")
-            prompt = self._build_prompt(req.tenant, ns, req.messages, req.segments, req.tools, True)
+            pending: dict[str, tuple[int, ...]] = {}
+            prompt = self._build_prompt(req.tenant, ns, req.messages, req.segments, req.tools, True,
+                                        pending)
             result = self.scheduler.submit(
-                lambda job: self._chat_job(job, ns, prompt, req, on_text, t0), req.tenant,
+                lambda job: self._chat_job(job, ns, prompt, req, on_text, t0, pending), req.tenant,
                 is_cancelled, meta=(ns, prompt), place=place)
         result.tools_count = len(req.tools)
         if req.tools:
@@ -355,10 +357,11 @@ class Engine(CacheControl, Blending):
         return result
 
     def _chat_job(self, job: Job, ns: str, prompt: Prompt, req: ChatRequest,
-                  on_text: Callback | None, t0: float):
+                  on_text: Callback | None, t0: float, pending: dict[str, tuple[int, ...]]):
         parse_calls = bool(req.tools) and req.tool_choice != "none"
         tool_filter = ToolCallFilter(on_text) if parse_calls and on_text is not None else None
         run = self._start(ns, prompt, req.sampling.max_tokens)
+        self.memo.commit(ns, pending)
         try:
             plan = yield from self._blend_plan(job, run, prompt)
             yield from self._prefill_units(job, run, prompt, None if plan is None else plan.at,
@@ -438,13 +441,15 @@ class Engine(CacheControl, Blending):
         ns = self.namespace(tenant)
         with self.scheduler.reserve(tenant) as place:
             self._check_text_size(sum(len(s.content or "") for s in segments), "segments")
-            prompt = self._build_prompt(tenant, ns, [], segments, [], False)
+            pending: dict[str, tuple[int, ...]] = {}
+            prompt = self._build_prompt(tenant, ns, [], segments, [], False, pending)
             units = Prompt(prompt.units, ())
-            return self.scheduler.submit(lambda job: self._warm_job(job, ns, units), tenant,
+            return self.scheduler.submit(lambda job: self._warm_job(job, ns, units, pending), tenant,
                                          meta=(ns, units), place=place)
 
-    def _warm_job(self, job: Job, ns: str, units: Prompt):
+    def _warm_job(self, job: Job, ns: str, units: Prompt, pending: dict[str, tuple[int, ...]]):
         run = self._start(ns, units, 0)
+        self.memo.commit(ns, pending)
         try:
             yield from self._prefill_units(job, run, units)
             yield from self._compute_standalone(self.standalone_namespace(ns),
@@ -456,14 +461,17 @@ class Engine(CacheControl, Blending):
 
     # ------------------------------------------------------------------ prompt
     def _build_prompt(self, tenant: str, ns: str, messages: list[dict], segments: list[SegmentInput],
-                      tools: list[dict], generation_prompt: bool) -> Prompt:
+                      tools: list[dict], generation_prompt: bool,
+                      pending: dict[str, tuple[int, ...]] | None = None) -> Prompt:
+        """``pending``: new token ids go there, for the memo once the request is
+        admitted (``_start`` succeeded), so a refused request leaves nothing."""
         if len(segments) > self.cache_cfg.max_segments:
             raise EngineError(f"too many segments: {len(segments)} (the limit is "
                               f"{self.cache_cfg.max_segments})", "segments")
-        resolved = resolve_segments(segments, tenant, ns, self.memo, self.registry)
+        resolved = resolve_segments(segments, tenant, ns, self.memo, self.registry, pending)
         try:
             return build_prompt(self.tokenizer, self.memo, ns, resolved, messages, tools,
-                                generation_prompt)
+                                generation_prompt, pending)
         except TemplateError as exc:
             raise EngineError(str(exc), "messages") from exc
 

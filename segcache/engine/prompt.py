@@ -96,15 +96,27 @@ class TokenMemo:
         self.bytes = 0
         self._lock = threading.Lock()
 
-    def ids_for(self, namespace: str, content: str, digest: str) -> tuple[int, ...]:
-        """The ids of ``content`` (tokenized as plain text), remembered for ``namespace``."""
+    def ids_for(self, namespace: str, content: str, digest: str,
+                pending: dict[str, tuple[int, ...]] | None = None) -> tuple[int, ...]:
+        """The ids of ``content`` (tokenized as plain text), remembered for ``namespace``;
+        with ``pending``, new ids are kept there until ``commit`` (a request that is
+        then refused leaves nothing behind)."""
         ids = self.known_ids(namespace, digest)
+        if ids is None and pending is not None:
+            ids = pending.get(digest)
         if ids is None:
             ids = tuple(self.tokenizer.encode(content))
-            with self._lock:
+            if pending is not None:
+                pending[digest] = ids
+            else:
+                self.commit(namespace, {digest: ids})
+        return ids
+
+    def commit(self, namespace: str, pending: dict[str, tuple[int, ...]]) -> None:
+        with self._lock:
+            for digest, ids in pending.items():
                 if (namespace, digest) not in self._lru:
                     self._add(namespace, digest, ids)
-        return ids
 
     def known_ids(self, namespace: str, digest: str) -> tuple[int, ...] | None:
         with self._lock:
@@ -149,7 +161,8 @@ class TokenMemo:
 
 
 def resolve_segments(segments: list[SegmentInput], tenant: str, namespace: str, memo: TokenMemo,
-                     registry: SegmentRegistry) -> list[ResolvedSegment]:
+                     registry: SegmentRegistry,
+                     pending: dict[str, tuple[int, ...]] | None = None) -> list[ResolvedSegment]:
     """Check and tokenize every segment before any compute. Raises 400 for a hash
     that does not match, 404 for an unknown registry name, 409 for a hash-only
     segment this tenant never sent."""
@@ -172,7 +185,8 @@ def resolve_segments(segments: list[SegmentInput], tenant: str, namespace: str, 
             if seg.hash is not None and seg.hash != digest:
                 raise SegmentMismatchError(f"segment {seg.id!r}: hash {seg.hash} does not match the "
                                            f"sha256 of its content ({digest})", f"{where}.hash")
-            out.append(ResolvedSegment(seg.id, digest, memo.ids_for(namespace, content, digest),
+            out.append(ResolvedSegment(seg.id, digest,
+                                       memo.ids_for(namespace, content, digest, pending),
                                        seg.ttl_s, seg.reuse == "anywhere"))
             continue
         if seg.hash is None:
@@ -203,7 +217,8 @@ def group_units(parts: list[PromptPart], lead: list[UnitKey], messages: list[Uni
 
 def build_prompt(tokenizer: ChatTokenizer, memo: TokenMemo, namespace: str,
                  segments: list[ResolvedSegment], messages: list[dict[str, Any]],
-                 tools: list[dict[str, Any]], generation_prompt: bool) -> Prompt:
+                 tools: list[dict[str, Any]], generation_prompt: bool,
+                 pending: dict[str, tuple[int, ...]] | None = None) -> Prompt:
     """The unit layout of a chat request. Raises TemplateError if the template
     cannot render it segment-aligned."""
     lead = [UnitKey(s.id, "segment", s.digest, s.ttl_s, s.anywhere) for s in segments]
@@ -212,7 +227,7 @@ def build_prompt(tokenizer: ChatTokenizer, memo: TokenMemo, namespace: str,
         block = tools_block(tools)
         digest = segment_digest(block)
         lead.append(UnitKey("tools", "tools", digest))
-        lead_ids.append(list(memo.ids_for(namespace, block, digest)))
+        lead_ids.append(list(memo.ids_for(namespace, block, digest, pending)))
     render = []
     keys = []
     for i, m in enumerate(messages):

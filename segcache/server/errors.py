@@ -60,13 +60,17 @@ def error_body(
 ) -> dict[str, Any]:
     return {
         "error": {
-            # A message may quote the request; keep it encodable (lone surrogates escaped).
-            "message": message.encode("utf-8", "backslashreplace").decode("utf-8"),
+            # Message and param may quote the request: kept encodable (lone surrogates escaped).
+            "message": _encodable(message),
             "type": type or error_type(status),
-            "param": param,
+            "param": None if param is None else _encodable(param),
             "code": code,
         }
     }
+
+
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_response(
