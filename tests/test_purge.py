@@ -130,3 +130,26 @@ def test_repeat_cold_over_http_with_background_jobs_never_blends(tiny_engine_fac
             assert usage["segcache"]["blended_tokens"] == 0
             assert usage["prompt_tokens_details"]["cached_tokens"] == 0
     idle(engine)
+
+
+@pytest.mark.slow
+def test_real_model_purge_with_a_blend_job_in_flight(real_engine):
+    """On the real model: a chat whose marked segments are computed standalone in the
+    background, a purge right after its answer (the job queued or running), and the
+    next request sees nothing: no hit, no blend."""
+    from segcache.engine.engine import Engine
+
+    engine = Engine(real_engine.runtime, real_engine.tokenizer, CacheConfig(), "real")
+    try:
+        segs = [SegmentInput("x", X, reuse="anywhere"), SegmentInput("y", Y, reuse="anywhere")]
+        cold = engine.chat(ChatRequest("p", USER, segs, GREEDY))
+        engine.purge("p")
+        idle(engine)
+        again = engine.chat(ChatRequest("p", USER, segs[::-1], GREEDY))
+        assert again.cached_tokens == 0 and again.blended_tokens == 0
+        assert engine.cache_stats("p")["standalone"]["entries"] <= 2  # again's own, if done
+        engine.purge("p")
+        idle(engine)
+        assert engine.chat(ChatRequest("p", USER, segs, GREEDY)).token_ids == cold.token_ids
+    finally:
+        engine.close(drain=False)
