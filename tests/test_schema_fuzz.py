@@ -31,20 +31,31 @@ def _st() -> str:
     return shutil.which("st") or str(Path(sys.executable).parent / "st")
 
 
-def test_schemathesis_finds_no_server_error_and_no_mismatch(tiny_engine_factory, capsys):
+@pytest.mark.parametrize("keys", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not LONG, reason="with API keys configured: long mode only (SEGCACHE_LONG_FUZZ=1)"))])
+def test_schemathesis_finds_no_server_error_and_no_mismatch(tiny_engine_factory, capsys, tmp_path,
+                                                             keys):
     engine = tiny_engine_factory()
-    with running_server(engine, ServerConfig(), CacheConfig()) as url:
-        cmd = [_st(), "run", url + "/openapi.json", "--checks", "all",
+    cfg = ServerConfig()
+    auth: list[str] = []
+    if keys:  # every /v1 route as a tenant; /metrics answers that tenant 403, as documented
+        path = tmp_path / "keys.json"
+        path.write_text('{"keys": {"sk-fuzz": "fuzz"}, "admin_keys": ["sk-ops"]}')
+        cfg, auth = ServerConfig(api_keys_file=path), ["-H", "Authorization: Bearer sk-fuzz"]
+    with running_server(engine, cfg, CacheConfig()) as url:
+        cmd = [_st(), "run", url + "/openapi.json", *auth, "--checks", "all",
                # replaced by the hook's check: all but context-window refusals (see there)
                "--exclude-checks", "positive_data_acceptance",
                "--mode", "all", "-n", str(EXAMPLES), "--seed", str(SEED), "--workers", "1",
                "--no-shrink", "--request-timeout", "120",
                "--phases", "examples,coverage,fuzzing", "--suppress-health-check", "all"]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "SCHEMATHESIS_HOOKS": "tests.fuzz.schemathesis_hooks"}
-        run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500, cwd=ROOT)
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500,
+                             cwd=tmp_path)  # its cache folder goes there
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-8000:]
     generated = int(re.search(r"(\d+) generated", out).group(1))
     assert generated >= (1000 if LONG else 200)
     with capsys.disabled():
-        print(f"\nschemathesis: {generated} requests, seed {SEED}, 0 failures")
+        print(f"\nschemathesis{' (API keys)' if keys else ''}: {generated} requests, "
+              f"seed {SEED}, 0 failures")
