@@ -25,9 +25,9 @@ and fails with 504.
 
 Admission: across tenants, the tenant with the fewest running requests goes first,
 then the one admitted least recently (round robin), then the oldest request, so a
-tenant flooding the queue cannot starve another; within that tenant, the request with the longest cached prefix
-goes first unless someone has waited ``max_wait_s`` (so the order reveals nothing
-about other tenants' caches and nobody starves). A request takes its place in the
+tenant flooding the queue cannot starve another; within that tenant, the request
+with the longest cached prefix goes first unless someone has waited ``max_wait_s``
+(so the order reveals nothing about other tenants' caches and nobody starves). A request takes its place in the
 queue (``reserve``) before the engine tokenizes it: a full queue, or a tenant
 holding ``tenant_max_waiting`` places already, is refused with 429 before any work.
 """
@@ -164,7 +164,7 @@ class Scheduler:
             self._release(place)
 
     def _release(self, place: list[str] | None) -> None:
-        """Give back a reserved place (once; the caller holds ``_cv``or not)."""
+        """Give back a reserved place, once (``_cv`` is reentrant: callers may hold it)."""
         if place:
             with self._cv:
                 tenant = place.pop()
