@@ -31,8 +31,8 @@ def _st() -> str:
     return shutil.which("st") or str(Path(sys.executable).parent / "st")
 
 
-@pytest.mark.parametrize("keys", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not LONG, reason="with API keys configured: long mode only (SEGCACHE_LONG_FUZZ=1)"))])
+# With API keys configured too in the long mode.
+@pytest.mark.parametrize("keys", [False, True] if LONG else [False])
 def test_schemathesis_finds_no_server_error_and_no_mismatch(tiny_engine_factory, capsys, tmp_path,
                                                              keys):
     engine = tiny_engine_factory()
