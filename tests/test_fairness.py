@@ -146,3 +146,36 @@ def test_huge_bodies_of_one_tenant_do_not_stall_another(two_tenants):
     print(f"\nfairness: {len(latencies)} small requests during 4 bodies of {len(huge) >> 20} MiB, "
           f"slowest {max(latencies):.3f} s (bound {SMALL_REQUEST_BOUND_S} s)")
     assert max(latencies) < SMALL_REQUEST_BOUND_S, latencies
+
+
+def test_bodies_just_under_the_length_limit_do_not_stall_another_tenant(two_tenants):
+    """Bodies short enough to be tokenized (then refused by their token count) cost
+    tokenizing work; it runs outside any engine-wide lock and without the GIL, and
+    one tenant's share of the queue bounds how many run at once."""
+    url = two_tenants + CHAT
+    text = "lorem ipsum dolor sit amet " * 5000  # 135 k characters: tokenized, ~40 k tokens
+    near = json.dumps({"messages": [{"role": "user", "content": text}], "max_tokens": 2}).encode()
+    statuses: list[int] = []
+
+    def flood():
+        for _ in range(4):
+            r = httpx.post(url, content=near, timeout=120, headers={
+                "authorization": "Bearer sk-a", "content-type": "application/json"})
+            statuses.append(r.status_code)
+
+    floods = [threading.Thread(target=flood) for _ in range(6)]
+    for t in floods:
+        t.start()
+    latencies = []
+    small = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    while any(t.is_alive() for t in floods) or len(latencies) < 3:
+        t0 = time.perf_counter()
+        r = httpx.post(url, json=small, timeout=120, headers={"authorization": "Bearer sk-b"})
+        latencies.append(time.perf_counter() - t0)
+        assert r.status_code == 200, r.text
+    for t in floods:
+        t.join()
+    assert set(statuses) <= {400, 429} and 400 in statuses  # context_length_exceeded, or queue share
+    print(f"\nfairness: {len(latencies)} small requests during 24 tokenized 135 k-character bodies, "
+          f"slowest {max(latencies):.3f} s (bound {SMALL_REQUEST_BOUND_S} s)")
+    assert max(latencies) < SMALL_REQUEST_BOUND_S, latencies
