@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 from typing import Any
 
 import uvicorn
@@ -74,14 +75,16 @@ def serve(engine: Any, cfg: ServerConfig, cache_cfg: CacheConfig) -> None:
     # uvicorn stops accepting on SIGINT/SIGTERM, waits for running requests, then
     # raises the signal again under the handler it found: this one, so that a drained
     # shutdown on SIGTERM ends with exit status 0 rather than death by the signal.
-    previous = signal.signal(signal.SIGTERM, _drained)
+    main = threading.current_thread() is threading.main_thread()  # signals: main thread only
+    previous = signal.signal(signal.SIGTERM, _drained) if main else None
     try:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
     finally:
         close = getattr(engine, "close", None)
         if close is not None:
             close(drain=True)
-        signal.signal(signal.SIGTERM, previous)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _drained(signum: int, frame: Any) -> None:
