@@ -20,7 +20,6 @@ import pytest
 from segcache.config import CacheConfig, ServerConfig
 from tests.server_harness import running_server
 
-pytest.importorskip("schemathesis")
 ROOT = Path(__file__).resolve().parents[1]
 LONG = os.environ.get("SEGCACHE_LONG_FUZZ") == "1"
 EXAMPLES = 150 if LONG else 25  # per operation and phase
