@@ -149,16 +149,17 @@ def test_nested_fields_of_the_wrong_type_are_400(base_url, message, param):
     assert r.json()["error"]["param"] == param
 
 
-def test_tool_call_arguments_nested_past_the_json_limit_are_served(base_url):
-    """Arguments are a JSON string the server canonicalises; one too deep to parse
-    is kept as sent, not a RecursionError."""
+def test_tool_call_arguments_nested_past_the_json_limit_are_a_400(base_url):
+    """Arguments must be a JSON document (as OpenAI requires); one too deep for the
+    parser is a 400 naming the field, not a RecursionError (a 500)."""
     call = {"id": "1", "type": "function", "function": {"name": "f", "arguments": "[" * 1500}}
     body = {"messages": [{"role": "assistant", "content": None, "tool_calls": [call]},
                          {"role": "user", "content": "go"}], "max_tokens": 2}
     with pytest.raises(RecursionError):
         json.loads(call["function"]["arguments"])
     r = send(base_url, "POST", CHAT, json.dumps(body))
-    assert r.status_code == 200, r.text
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "messages[0].tool_calls[0].function.arguments"
 
 
 def test_a_lone_surrogate_in_a_key_is_400_with_an_encodable_param(base_url):

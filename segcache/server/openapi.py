@@ -12,8 +12,13 @@ FastAPI's generated document is corrected in one place:
   is Prometheus text;
 - constraints the server enforces with its own messages (in ``protocol`` or the
   engine) are written into the request schemas, so a body the document allows
-  is a body the server accepts (a prompt too long for the context window aside:
-  no schema can know its token count).
+  is a body the server accepts, except where no schema can say it: a prompt too
+  long for the context window (its token count), a ``tool_choice`` naming a
+  function missing from ``tools`` (a reference across fields), a ``logit_bias``
+  id beyond the vocabulary, tool-call ``arguments`` that are not a JSON document
+  (a string's content), and a JSON schema (``response_format``, strict or
+  forced ``tools``) the grammar library cannot enforce. Each is a 400 naming
+  the field (tests/fuzz/schemathesis_hooks.py allows exactly these).
 """
 
 from __future__ import annotations
@@ -143,9 +148,27 @@ def _constrain_requests(schemas: dict[str, Any], context_window: int | None,
     _nullable(chat, "max_completion_tokens", tokens)
     _nullable(chat, "logprobs", {"type": "boolean"})
     _nullable(chat, "top_logprobs", {"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS})
-    # top_logprobs only with logprobs: true
-    schemas["ChatCompletionRequest"]["dependentSchemas"]["top_logprobs"] = {
-        "required": ["logprobs"], "properties": {"logprobs": {"const": True}}}
+    # top_logprobs only with logprobs: true; tool_choice only with tools (OpenAI's rules)
+    dependent = schemas["ChatCompletionRequest"]["dependentSchemas"]
+    dependent["top_logprobs"] = {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}
+    dependent["tool_choice"] = {"required": ["tools"], "properties": {"tools": {"type": "array"}}}
+    named = {"type": "object", "required": ["type", "function"], "properties": {
+        "type": {"const": "function"},
+        "function": {"type": "object", "required": ["name"],
+                     "properties": {"name": {"type": "string", "minLength": 1}}}}}
+    _nullable(chat, "tool_choice", {"anyOf": [
+        {"type": "string", "enum": ["none", "auto", "required"]}, named]})
+    _nullable(chat, "logit_bias", {
+        "type": "object", "propertyNames": {"pattern": "^(0|[1-9][0-9]{0,8})$"},
+        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}})
+    _nullable(chat, "response_format", {"anyOf": [
+        {"type": "object", "required": ["type"],
+         "properties": {"type": {"type": "string", "enum": ["text", "json_object"]}}},
+        {"type": "object", "required": ["type", "json_schema"], "properties": {
+            "type": {"const": "json_schema"},
+            "json_schema": {"type": "object", "required": ["name"], "properties": {
+                "name": {"type": "string", "minLength": 1}, "schema": {"type": "object"},
+                "strict": {"type": ["boolean", "null"]}}}}}]})
     completion = schemas["CompletionRequest"]["properties"]
     token_id: dict[str, Any] = {"type": "integer", "minimum": 0}
     if vocab_size is not None:

@@ -181,6 +181,11 @@ class Message(BaseModel):
                 continue
             try:
                 json.loads(args)
+            except RecursionError as exc:
+                where = f"messages[{index}].tool_calls[{j}].function.arguments"
+                raise APIError(f"Invalid '{where}': nested too deeply to parse; send the "
+                               "arguments the model produced, a JSON object as a string",
+                               param=where) from exc
             except ValueError as exc:
                 where = f"messages[{index}].tool_calls[{j}].function.arguments"
                 raise APIError(f"Invalid '{where}': not valid JSON ({exc}); send the "
@@ -302,6 +307,14 @@ class CompletionRequest(_GenerationRequest):
     logprobs: int | None = None
     best_of: int | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_ids(cls, data: Any) -> Any:
+        """JSON's 41.0 is the token id 41 inside a token-id prompt too."""
+        if isinstance(data, dict) and isinstance(data.get("prompt"), list):
+            data = {**data, "prompt": [_integral(p) for p in data["prompt"]]}
+        return data
+
     def prompt_inputs(self) -> list[str | list[int]]:
         """The prompts, each text or token ids (OpenAI's four shapes of ``prompt``)."""
         self.check_supported()
@@ -329,6 +342,14 @@ class CompletionRequest(_GenerationRequest):
                            f"likely tokens to return, 0 to {MAX_COMPLETION_LOGPROBS}",
                            param="logprobs")
         return self.sampling(self.max_tokens, self.logprobs)
+
+
+def _integral(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
 
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
@@ -441,6 +462,11 @@ def check_response_format(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
     if not isinstance(name, str) or not name:
         raise APIError("Missing required parameter: 'response_format.json_schema.name'",
                        param="response_format.json_schema.name")
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise APIError(f"Invalid type for 'response_format.json_schema.strict': expected a "
+                       f"boolean, got {type(strict).__name__}",
+                       param="response_format.json_schema.strict")
     schema = spec.get("schema", {})
     if not isinstance(schema, dict):
         raise APIError("Invalid 'response_format.json_schema.schema': expected a JSON Schema "
