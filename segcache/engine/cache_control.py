@@ -35,7 +35,8 @@ class CacheControl:
                 stats["registered_segments"] = self.registry.names(tenant)
             stats["model"] = self.model_name
             stats["fingerprint"] = self.fingerprint
-            return stats
+        stats["tiers"] = self.tier_stats()  # disk, Redis (outside the lock: Redis may be slow)
+        return stats
 
     def purge(self, tenant: str) -> int:
         """Drop this tenant's cached KV (pinned nodes of running requests stay)."""
@@ -45,16 +46,20 @@ class CacheControl:
         with self._lock:
             ns_s = self.standalone_namespace(ns)
             self._purges[ns_s] = self._purges.get(ns_s, 0) + 1  # queued background jobs insert nothing
-            return (len(self.tree.purge(ns)) + len(self.tree.purge(ns_s)) + len(self.radix.purge(ns)))
+            removed = len(self.tree.purge(ns)) + len(self.tree.purge(ns_s)) + len(self.radix.purge(ns))
+        self._purge_tiers(ns, ns_s)  # every lower tier too (blocking I/O, outside the lock)
+        return removed
 
     def metrics(self) -> dict[str, Any]:
         with self._lock:
             s = self.tree.stats(max_depth=0)
             r = self.radix.stats()
-            return {"resident_bytes": self.tree.resident_bytes + self.radix.resident_bytes,
-                    "nodes": len(self.tree) + len(self.radix),
-                    "evictions": s.get("evictions", 0) + r.get("evictions", 0),
-                    "budget_bytes": self.cache_cfg.cache_bytes}
+            out = {"resident_bytes": self.tree.resident_bytes + self.radix.resident_bytes,
+                   "nodes": len(self.tree) + len(self.radix),
+                   "evictions": s.get("evictions", 0) + r.get("evictions", 0),
+                   "budget_bytes": self.cache_cfg.cache_bytes}
+        out["tiers"] = self.tier_stats()
+        return out
 
     def put_segment(self, tenant: str, name: str, content: str, ttl_s: float | None) -> dict:
         digest = segment_digest(content)

@@ -1,0 +1,192 @@
+"""The engine side of the cache tiers (RAM -> disk -> Redis). A mixin over ``Engine``.
+
+The storage is ``segcache.kv.tiers`` (torch-free); this module is the adapter:
+keys from tree nodes, torch tensors <-> ``KVData``, and the four hooks.
+
+    write-through   ``_insert`` -> ``_publish(node)``: every lower tier gets the node,
+                    behind the request (the store's encoder and writer threads), so a
+                    restart or a crash loses nothing and a second server finds it.
+    demotion        the tree's ``on_remove(node, "evict")`` -> ``store.demote``: a node
+                    RAM lets go of reaches disk (a no-op where the write-through put it
+                    there already; it covers a write-through dropped by a full queue).
+                    Expiry, purge and replacement drop the node: they never demote.
+    promotion       ``_prefill_units``, before computing a unit missing from RAM, calls
+                    ``_promote``: the unit's KV loaded from the first tier that has it,
+                    verified, inserted into the tree (pinned) and copied into the
+                    request's buffer; None (compute it) on a miss.
+    overlap         the chains of every unit of a prompt are known before any of it is
+                    computed, so ``_promote`` keeps ``WINDOW`` loads in flight on the
+                    store's loader threads ahead of the unit being computed: while the
+                    engine thread prefills unit k, unit k+1 is being read. The request
+                    waits (``LoadWait``: the scheduler runs other jobs meanwhile) only for
+                    the load of the unit it needs next.
+
+A loaded message unit is served without its token digest (a kept reply holds the
+ids the model generated, which the next prompt does not have: the chain binds the
+message's content) and only when its token count is the prompt's for that unit
+(the request's buffer and context check were sized from it). Loaded KV must have
+the runtime's KV dtype and shape, or it is computed instead.
+
+The radix tail is not tiered (its nodes have no chain digest); neither are blend
+standalone entries promoted (they are demoted like any node under their own
+namespace, and purged with the tenant).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from segcache.config import CacheConfig
+from segcache.engine.prompt import Prompt
+from segcache.engine.scheduler import Job, LoadWait
+from segcache.kv.hashing import chain_digest
+from segcache.kv.segment_tree import SegmentNode
+from segcache.kv.tiers import (
+    CacheKey,
+    DiskTier,
+    Expected,
+    Fetched,
+    KVData,
+    TieredStore,
+    token_digest,
+)
+from segcache.kv.tiers.redis_tier import RedisTier
+
+WINDOW = 3  # loads in flight ahead of the unit being computed
+
+
+def build_store(cache: CacheConfig, layout: str) -> TieredStore | None:
+    """The lower tiers ``cache`` configures (disk first, then Redis), or None."""
+    tiers = []
+    if cache.disk_cache_dir is not None:
+        tiers.append(DiskTier(cache.disk_cache_dir, cache.disk_bytes))
+    if cache.redis_url is not None:
+        tiers.append(RedisTier(cache.redis_url, cache.redis_ttl_s))
+    return TieredStore(tiers, layout) if tiers else None
+
+
+def kv_data(handle: torch.Tensor) -> KVData:
+    """A node handle [n_layers, 2, n_kv_heads, n_tokens, head_dim] as bytes, without a
+    copy on the CPU (the view keeps the tensor alive; handles are never written after
+    insert)."""
+    t = handle.detach().cpu().contiguous()
+    return KVData(t.view(torch.uint8).numpy().data, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+
+
+def handle_of(kv: KVData) -> torch.Tensor:
+    """A loaded payload's KV as a tensor [n_layers, 2, n_kv_heads, n_tokens, head_dim]
+    over its (writable) bytes."""
+    data = kv.data if isinstance(kv.data, bytearray) else bytearray(kv.data)
+    return torch.frombuffer(data, dtype=getattr(torch, kv.dtype)).view(kv.shape)
+
+
+@dataclass
+class Loads:
+    """One request's loads from the lower tiers: keys of the units ``start..end``
+    (their chains follow from the parent chain at ``start``) and the futures issued."""
+
+    start: int
+    keys: list[CacheKey]
+    futures: dict[int, Future] = field(default_factory=dict)
+
+    def issue(self, store: TieredStore, expects: list[Expected], upto: int) -> None:
+        for j in range(self.start, min(upto, self.start + len(self.keys))):
+            if j not in self.futures:
+                self.futures[j] = store.fetch_async(expects[j - self.start])
+
+
+class Tiering:
+    # Provided by Engine: tree, fingerprint, runtime, _lock, _enforce_budget, cache_cfg.
+    store: TieredStore | None = None
+
+    def _tier_key(self, node: SegmentNode) -> CacheKey:
+        return CacheKey(node.namespace, self.fingerprint, node.parent.chain, node.digest, node.chain)
+
+    # ------------------------------------------------------------------ writes
+    def _publish(self, node: SegmentNode) -> None:
+        """Write-through of a just-inserted node to every lower tier (queued)."""
+        if self.store is not None:
+            self.store.publish(self._tier_key(node), kv_data(node.handle), token_digest(node.token_ids))
+
+    def _on_tree_remove(self, node: SegmentNode, reason: str) -> None:
+        """The tree's ``on_remove``: an evicted node is demoted (queued); the others dropped."""
+        if reason == "evict" and self.store is not None and node.handle is not None:
+            self.store.demote(self._tier_key(node), kv_data(node.handle), token_digest(node.token_ids))
+
+    # ------------------------------------------------------------------ reads
+    def _promote(self, job: Job, run: Any, prompt: Prompt, i: int, stop: int | None):
+        """Unit ``i``'s KV from a lower tier: inserted into the tree after ``run.parent``
+        (pinned), copied into ``run.kv`` at ``run.pos``; returns (node, tier name), or
+        None to compute it. Yields ``LoadWait`` while its load is in flight."""
+        if self.store is None:
+            return None
+        end = len(prompt.units) if stop is None else stop
+        loads = run.loads
+        if loads is None or loads.start > i or i - loads.start >= len(loads.keys) \
+                or loads.keys[i - loads.start].parent_chain != run.parent.chain:
+            loads = run.loads = self._plan_loads(run, prompt, i, end)
+        loads.issue(self.store, self._expects(loads, prompt), i + WINDOW)
+        future = loads.futures.pop(i)
+        while not future.done():
+            yield LoadWait(future)
+        fetched: Fetched | None = future.result()
+        unit = prompt.units[i]
+        if fetched is None or not self._fits(run, fetched.kv, len(unit.ids)):
+            return None
+        handle = handle_of(fetched.kv)
+        n = handle.shape[3]
+        node = self.tree.insert(run.parent, unit.key.digest, unit.ids, handle,
+                                handle.numel() * handle.element_size(),
+                                ttl_s=unit.key.ttl_s or self.cache_cfg.default_ttl_s)
+        self.tree.pin([node])
+        run.pinned.append(node)
+        run.kv[:, :, :, run.pos:run.pos + n] = handle
+        self._enforce_budget(run.parent.namespace)
+        return node, fetched.tier
+
+    def _plan_loads(self, run: Any, prompt: Prompt, i: int, end: int) -> Loads:
+        keys, parent = [], run.parent.chain
+        for unit in prompt.units[i:end]:
+            keys.append(CacheKey(run.parent.namespace, self.fingerprint, parent, unit.key.digest,
+                                 chain_digest(parent, unit.key.digest)))
+            parent = keys[-1].chain
+        return Loads(i, keys)
+
+    def _expects(self, loads: Loads, prompt: Prompt) -> list[Expected]:
+        layout = self.store.layout
+        out = []
+        for j, key in enumerate(loads.keys, loads.start):
+            unit = prompt.units[j]
+            # A kept reply holds the generated ids, not the re-tokenized message: no digest.
+            digest = None if unit.key.kind == "message" else token_digest(unit.ids)
+            out.append(Expected(key, layout, digest))
+        return out
+
+    def _fits(self, run: Any, kv: KVData, n_tokens: int) -> bool:
+        """Whether loaded KV can stand for a unit of ``n_tokens`` in ``run.kv``."""
+        buf = run.kv
+        return (kv.dtype == str(buf.dtype).removeprefix("torch.") and kv.shape[3] == n_tokens
+                and (kv.shape[0], kv.shape[1], kv.shape[2], kv.shape[4])
+                == (buf.shape[0], buf.shape[1], buf.shape[2], buf.shape[4]))
+
+    # ------------------------------------------------------------------ control
+    def _purge_tiers(self, *namespaces: str) -> None:
+        """Every tier drops these namespaces' entries (blocking I/O: not under the lock)."""
+        if self.store is not None:
+            for ns in namespaces:
+                self.store.purge(ns)
+
+    def tier_stats(self) -> dict[str, Any]:
+        """Per tier: bytes, entries, hits, misses, puts, errors, dropped, load seconds,
+        rejected payloads, disabled; and the store's demotions, publishes, promotions."""
+        if self.store is None:
+            return {}
+        return {name: (s if isinstance(s, dict) else s.as_dict()) for name, s in self.store.stats().items()}
+
+    def _close_tiers(self) -> None:
+        if self.store is not None:
+            self.store.close()

@@ -1,0 +1,243 @@
+"""The engine over the cache tiers (tiny model, real disk, a real redis-server):
+write-through, demotion, promotion with its tier in usage, restart, purge on every
+tier, isolation, budgets, fingerprints, bad payloads, stats."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from segcache.config import CacheConfig, SchedulerConfig
+from segcache.engine.types import ChatRequest, SamplingParams, SegmentInput
+from segcache.kv.tiers import DiskTier
+from tests.tier_helpers import RedisServer
+
+A = "Global rules: answer in English, cite files, never invent APIs. " * 12
+B = "Backend agent: Python, SQL, migrations, pytest. " * 6
+C = "Frontend agent: TypeScript, React, CSS, accessibility. " * 6
+D = "Task: refactor the auth module into two files."
+E = "Task: write docs for the login page."
+USER = [{"role": "user", "content": "Start."}]
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
+AGENTS = [[("A", A), ("B", B), ("D", D)], [("A", A), ("C", C), ("E", E)], [("A", A), ("B", B), ("E", E)]]
+
+
+def chat(engine, tenant, pairs, messages=USER):
+    segs = [SegmentInput(id=i, content=c) for i, c in pairs]
+    return engine.chat(ChatRequest(tenant, messages, segs, GREEDY))
+
+
+def tiers_of(result) -> list[str | None]:
+    return [u.tier for u in result.segments if u.kind == "segment"]
+
+
+def disk_cfg(root: Path, **kw) -> CacheConfig:
+    return CacheConfig(disk_cache_dir=root, **kw)
+
+
+def settle(engine) -> None:
+    """Wait until every queued tier write has landed (the writes run behind requests)."""
+    engine.store.flush()
+
+
+def check_budgets(engine) -> None:
+    """Every tier within its budget, its index equal to its files; the tree consistent."""
+    engine.tree.check_integrity()
+    assert engine.tree.resident_bytes + engine.radix.resident_bytes <= engine.cache_cfg.cache_bytes
+    for tier in engine.store.tiers:
+        if isinstance(tier, DiskTier):
+            tier.check_integrity()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    srv = RedisServer(tmp_path / "redis")
+    (tmp_path / "redis").mkdir()
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_restart_on_the_same_disk_is_a_full_hit_from_disk_and_equals_cold(tiny_engine_factory, tmp_path):
+    first = tiny_engine_factory(disk_cfg(tmp_path))
+    cold = [chat(first, "t", a) for a in AGENTS]
+    assert all(t is None or t == "ram" for r in cold for t in tiers_of(r))
+    first.close()  # drains the queued writes
+    assert first.store.stats()["store"]["publishes"] > 0
+    second = tiny_engine_factory(disk_cfg(tmp_path))
+    assert second.store.tiers[0].startup.entries >= 7  # A, B, C, D, E under A's chain, + messages
+    for pairs, before in zip(AGENTS, cold, strict=True):
+        r = chat(second, "t", pairs)
+        assert r.token_ids == before.token_ids
+        assert [u.status for u in r.segments if u.kind == "segment"] == ["hit"] * 3
+    r = chat(tiny_engine_factory(disk_cfg(tmp_path)), "t", AGENTS[0])
+    assert tiers_of(r) == ["disk"] * 3
+    assert r.cached_tokens == sum(u.tokens for u in r.segments if u.kind == "segment") + \
+        sum(u.tokens for u in r.segments if u.kind == "message" and u.status == "hit")
+    assert r.segments[0].as_dict()["tier"] == "disk"
+    check_budgets(second)
+
+
+def test_eviction_demotes_and_a_miss_in_ram_promotes_back(tiny_engine_factory, tmp_path, monkeypatch):
+    probe = tiny_engine_factory()
+    chat(probe, "t", AGENTS[0])
+    one = sum(n.nbytes for n in probe.tree.nodes())
+    # RAM for about one agent's prompt: the next agents evict the earlier ones' nodes
+    engine = tiny_engine_factory(disk_cfg(tmp_path, cache_bytes=one + 1000))
+    # no write-through (as if every publish had been dropped): only demotion fills the disk
+    monkeypatch.setattr(engine, "_publish", lambda node: None)
+    first = chat(engine, "t", AGENTS[0])
+    settle(engine)
+    assert engine.store.tiers[0].stats().entries == 0
+    for pairs in AGENTS[1:]:
+        chat(engine, "t", pairs)
+        settle(engine)
+        check_budgets(engine)
+    assert engine.tree.stats(max_depth=0).get("evictions", 0) > 0
+    again = chat(engine, "t", AGENTS[0])
+    assert again.token_ids == first.token_ids
+    assert "disk" in tiers_of(again)
+    stats = engine.cache_stats("t")["tiers"]
+    assert stats["disk"]["hits"] >= 1 and stats["disk"]["entries"] > 0
+    assert stats["store"]["demotions"] > 0 and stats["store"]["publishes"] == 0
+    check_budgets(engine)
+    assert engine.cache_stats("t")["pinned"] == 0
+
+
+def test_the_disk_budget_holds_after_every_request(tiny_engine_factory, tmp_path):
+    engine = tiny_engine_factory(disk_cfg(tmp_path, disk_bytes=400_000))
+    for i in range(6):
+        chat(engine, "t", [("X", f"Document number {i}: " + "words " * 40), ("D", D)])
+        settle(engine)
+        tier = engine.store.tiers[0]
+        tier.check_integrity()
+        assert tier.stats().bytes <= 400_000
+    assert engine.store.tiers[0].stats().entries > 0
+
+
+def test_purge_removes_a_tenants_entries_on_every_tier_and_only_theirs(tiny_engine_factory, tmp_path,
+                                                                        redis_server):
+    cfg = disk_cfg(tmp_path / "disk", redis_url=redis_server.url)
+    engine = tiny_engine_factory(cfg)
+    chat(engine, "alice", AGENTS[0])
+    chat(engine, "bob", AGENTS[0])
+    settle(engine)
+    engine.purge("alice")
+    fresh = tiny_engine_factory(cfg)  # RAM empty: anything it hits comes from a lower tier
+    assert all(t is None for t in tiers_of(chat(fresh, "alice", AGENTS[0])))
+    assert tiers_of(chat(fresh, "bob", AGENTS[0])) == ["disk"] * 3
+    # and Redis alone no longer has alice's entries either
+    shutil.rmtree(tmp_path / "disk")
+    redis_only = tiny_engine_factory(CacheConfig(redis_url=redis_server.url))
+    fresh.purge("alice")
+    assert all(t is None for t in tiers_of(chat(redis_only, "alice", AGENTS[0])))
+    assert tiers_of(chat(redis_only, "bob", AGENTS[0])) == ["redis"] * 3
+
+
+def test_tenants_never_load_each_others_entries_on_any_tier(tiny_engine_factory, tmp_path, redis_server):
+    cfg = disk_cfg(tmp_path, redis_url=redis_server.url)
+    engine = tiny_engine_factory(cfg)
+    chat(engine, "alice", AGENTS[0])
+    settle(engine)
+    other = tiny_engine_factory(cfg)
+    r = chat(other, "mallory", AGENTS[0])
+    assert r.cached_tokens == 0 and all(t is None for t in tiers_of(r))
+
+
+def test_two_engines_share_kv_through_redis(tiny_engine_factory, tmp_path, redis_server):
+    a = tiny_engine_factory(CacheConfig(redis_url=redis_server.url))
+    b = tiny_engine_factory(CacheConfig(redis_url=redis_server.url))
+    cold = tiny_engine_factory()
+    ra = chat(a, "t", AGENTS[0])
+    settle(a)
+    rb = chat(b, "t", AGENTS[0])
+    assert tiers_of(rb) == ["redis"] * 3
+    assert rb.token_ids == ra.token_ids == chat(cold, "t", AGENTS[0]).token_ids
+    assert b.cache_stats("t")["tiers"]["redis"]["hits"] >= 3
+
+
+def test_a_changed_prefill_chunk_or_dtype_never_serves_old_entries(tiny_engine_factory, tmp_path):
+    import torch
+
+    from tests.tiny import tiny_runtime
+
+    engine = tiny_engine_factory(disk_cfg(tmp_path))
+    chat(engine, "t", AGENTS[0])
+    engine.close()
+    other_chunk = tiny_engine_factory(disk_cfg(tmp_path), scheduler=SchedulerConfig(prefill_chunk=64))
+    assert other_chunk.fingerprint != engine.fingerprint
+    assert all(t is None for t in tiers_of(chat(other_chunk, "t", AGENTS[0])))
+    from segcache.engine.engine import Engine
+
+    bf16 = Engine(tiny_runtime(torch.bfloat16), engine.tokenizer, disk_cfg(tmp_path), "tiny")
+    try:
+        assert bf16.fingerprint != engine.fingerprint
+        assert all(t is None for t in tiers_of(chat(bf16, "t", AGENTS[0])))
+    finally:
+        bf16.close()
+    same = tiny_engine_factory(disk_cfg(tmp_path))
+    assert tiers_of(chat(same, "t", AGENTS[0])) == ["disk"] * 3
+
+
+def sched_of(damage: str) -> SchedulerConfig:
+    return SchedulerConfig(prefill_chunk=64) if damage == "other-fingerprint" else SchedulerConfig()
+
+
+def _entry_files(root: Path) -> list[Path]:
+    return sorted(root.glob("*/*.safetensors"))
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncate", "other-tenant", "other-fingerprint"])
+def test_a_damaged_or_misplaced_file_is_recomputed_never_served(tiny_engine_factory, tmp_path, damage):
+    engine = tiny_engine_factory(disk_cfg(tmp_path))
+    cold = chat(engine, "t", [("A", A)])
+    engine.close()
+    (path,) = [p for p in _entry_files(tmp_path) if p.stat().st_size > 10_000]  # A's KV
+    if damage == "corrupt":
+        data = bytearray(path.read_bytes())
+        data[-100] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-1000])
+    else:  # the same file under the key another tenant / fingerprint would read
+        other = tiny_engine_factory(disk_cfg(tmp_path / "other"), scheduler=sched_of(damage))
+        tenant = "mallory" if damage == "other-tenant" else "t"
+        chat(other, tenant, [("A", A)])
+        other.close()
+        (target,) = [p for p in _entry_files(tmp_path / "other") if p.stat().st_size > 10_000]
+        shutil.copy(path, target)
+        engine, tmp_path = other, tmp_path / "other"
+        cold = chat(tiny_engine_factory(scheduler=sched_of(damage)), tenant, [("A", A)])
+    fresh = tiny_engine_factory(disk_cfg(tmp_path), scheduler=sched_of(damage))
+    tenant = "mallory" if damage == "other-tenant" else "t"
+    r = chat(fresh, tenant, [("A", A)])
+    assert tiers_of(r) == [None] and r.token_ids == cold.token_ids
+    disk = fresh.store.tiers[0]
+    rejected = sum(disk.stats().rejected.values())
+    assert rejected == 1  # counted, deleted (at start-up for a truncated file, else at get)
+    settle(fresh)
+    disk.check_integrity()
+
+
+def test_stats_and_metrics_report_every_tier(tiny_engine_factory, tmp_path, redis_server):
+    engine = tiny_engine_factory(disk_cfg(tmp_path, redis_url=redis_server.url))
+    chat(engine, "t", AGENTS[0])
+    settle(engine)
+    tiers = engine.metrics()["tiers"]
+    assert set(tiers) == {"disk", "redis", "store"}
+    for name in ("disk", "redis"):
+        assert {"bytes", "entries", "hits", "misses", "puts", "errors", "load_s", "rejected",
+                "disabled"} <= set(tiers[name])
+        assert tiers[name]["puts"] > 0
+    assert tiers["disk"]["bytes"] > 0 and tiers["redis"]["bytes"] is None
+    assert {"demotions", "publishes", "promotions"} <= set(tiers["store"])
+
+
+def test_without_tiers_usage_says_ram_for_hits_and_none_for_misses(tiny_engine_factory):
+    engine = tiny_engine_factory()
+    assert engine.store is None
+    assert tiers_of(chat(engine, "t", AGENTS[0])) == [None] * 3
+    assert tiers_of(chat(engine, "t", AGENTS[2])) == ["ram", "ram", None]
+    assert engine.cache_stats("t")["tiers"] == {}
