@@ -52,7 +52,7 @@ from segcache.engine.scheduler import (
     Scheduler,
     WaitFor,
 )
-from segcache.engine.tiering import Tiering, build_store
+from segcache.engine.tiering import Tiering
 from segcache.engine.toolcalls import ToolCallFilter, parse_tool_calls
 from segcache.engine.types import (
     ChatRequest,
@@ -288,7 +288,7 @@ class Engine(CacheControl, Blending, Tiering):
         self.fingerprint = fingerprint_with(runtime.fingerprint, prefill_chunk=sched_cfg.prefill_chunk)
         self.context_window = runtime.arch.max_position
         self.execution_plan = runtime.describe()  # which code computes tokens (/health, /v1/models)
-        self.store = build_store(cache, KV_LAYOUT_VERSION)  # disk, Redis (None: RAM only)
+        self._init_tiers(cache, KV_LAYOUT_VERSION)  # disk, Redis (self.store None: RAM only)
         self.tree = SegmentTree(cache.cache_bytes, clock=clock, on_remove=self._on_tree_remove,
                                 tenant_quota_bytes=cache.tenant_quota_bytes)
         self.radix = RadixTree(cache.cache_bytes, split_handle=_split_kv, bytes_of=_kv_bytes,

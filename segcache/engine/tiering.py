@@ -34,6 +34,7 @@ namespace, and purged with the tenant).
 
 from __future__ import annotations
 
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,6 +103,11 @@ class Loads:
 class Tiering:
     # Provided by Engine: tree, fingerprint, runtime, _lock, _enforce_budget, cache_cfg.
     store: TieredStore | None = None
+    _promoted: Counter[str]  # tier name -> nodes loaded back into RAM
+
+    def _init_tiers(self, cache: CacheConfig, layout: str) -> None:
+        self.store = build_store(cache, layout)
+        self._promoted = Counter()
 
     def _tier_key(self, node: SegmentNode) -> CacheKey:
         return CacheKey(node.namespace, self.fingerprint, node.parent.chain, node.digest, node.chain)
@@ -146,6 +152,7 @@ class Tiering:
         run.pinned.append(node)
         run.kv[:, :, :, run.pos:run.pos + n] = handle
         self._enforce_budget(run.parent.namespace)
+        self._promoted[fetched.tier] += 1
         return node, fetched.tier
 
     def _plan_loads(self, run: Any, prompt: Prompt, i: int, end: int) -> Loads:
@@ -181,11 +188,23 @@ class Tiering:
                 self.store.purge(ns)
 
     def tier_stats(self) -> dict[str, Any]:
-        """Per tier: bytes, entries, hits, misses, puts, errors, dropped, load seconds,
-        rejected payloads, disabled; and the store's demotions, publishes, promotions."""
+        """Per tier: bytes, entries, hits, misses, puts, errors, dropped, load seconds
+        (mean load latency = load_s / hits), rejected payloads by reason, disabled (and
+        why), ``promotions`` (nodes loaded back into RAM from it) and, for the first tier,
+        ``demotions`` (evicted nodes queued for it). ``"store"``: the store's demotions,
+        publishes (write-through), promotions (copies into an upper lower tier), dropped
+        writes and errors."""
         if self.store is None:
             return {}
-        return {name: (s if isinstance(s, dict) else s.as_dict()) for name, s in self.store.stats().items()}
+        out: dict[str, Any] = {}
+        for name, s in self.store.stats().items():
+            if isinstance(s, dict):
+                out[name] = s
+                continue
+            out[name] = s.as_dict() | {"promotions": self._promoted[name]}
+        first = self.store.tiers[0].name
+        out[first]["demotions"] = out["store"]["demotions"]
+        return out
 
     def _close_tiers(self) -> None:
         if self.store is not None:
