@@ -191,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_arguments(bench_sub.add_parser(
         "sweep", help="decode tok/s at 1/2/4/8 concurrent streams; stream gaps during a cold prefill",
         description=sweep.__doc__))
+    from segcache.bench import tiers as tiers_bench
+
+    tiers_bench.add_arguments(bench_sub.add_parser(
+        "tiers", help="one full hit from RAM, from disk after a restart and from Redis on a second "
+                      "server, against cold (starts its own servers)",
+        description=tiers_bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
 
 
@@ -285,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
                 from segcache.engine import benchmark as engine_bench
 
                 return engine_bench.run(args)
+            if args.bench_command == "tiers":
+                from segcache.bench import tiers as tiers_bench
+
+                return tiers_bench.run(args)
             if args.bench_command == "sweep":
                 from segcache.bench import sweep
 
