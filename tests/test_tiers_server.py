@@ -20,9 +20,12 @@ from segcache.cli import _config, build_parser
 from segcache.config import CacheConfig, ServerConfig
 from segcache.engine.types import ChatRequest, SamplingParams, SegmentInput
 from segcache.kv.tiers import DiskTier
+from tests import test_dashboard as dashboard
 from tests.serve_process import ServeProcess
 from tests.server_harness import running_server
 from tests.tier_helpers import RedisServer
+
+chromium = dashboard.chromium  # the browser tests' fixture (skips without Chromium, fails under CI)
 
 USER = [{"role": "user", "content": "Which rule matters most? Answer in one line."}]
 RULES = "Global rules: answer in English, cite files, never invent APIs. " * 12
@@ -162,6 +165,27 @@ def test_usage_stats_metrics_and_purge_over_http(tiny_engine_factory, tmp_path, 
         assert seg_tiers(ask(url, AGENTS[1], "ka"))[0] == "disk"  # alice's entries stay
     with running_server(tiny_engine_factory(CacheConfig(redis_url=redis_server.url)), server_cfg) as url:
         assert seg_tiers(ask(url, AGENTS[0], "ka")) == ["redis"] * 3  # alice's entries untouched
+
+
+def test_the_dashboard_shows_every_tier(tiny_engine_factory, tmp_path, redis_server, chromium):
+    cfg = CacheConfig(disk_cache_dir=tmp_path / "disk", redis_url=redis_server.url)
+    with running_server(tiny_engine_factory(cfg), ServerConfig(), cfg) as url:
+        ask(url, AGENTS[0])
+        settle(url)
+    with running_server(tiny_engine_factory(cfg), ServerConfig(), cfg) as url:
+        ask(url, AGENTS[0])  # promoted from disk
+        dom = dashboard.render(chromium, url + "/dashboard", tmp_path / "profile")
+        tiers = httpx.get(url + "/dashboard/data").json()["cache"]["tiers"]
+    assert tiers["disk"]["promotions"] >= 3
+    assert dom.by_id("tier-title").attrs.get("hidden") is None
+    for name in ("disk", "redis"):
+        hits = dashboard.card_value(dom, "tier-stats", f"{name}.hits")
+        assert hits.attrs["data-value"] == str(tiers[name]["hits"])
+        promoted = dashboard.card_value(dom, "tier-stats", f"{name}.promotions")
+        assert promoted.attrs["data-value"] == str(tiers[name]["promotions"])
+    assert dashboard.card_value(dom, "tier-stats", "disk.bytes").attrs["data-value"] == str(tiers["disk"]["bytes"])
+    assert dashboard.card_value(dom, "tier-stats", "redis.bytes").text == "shared (not counted)"
+    assert dashboard.card_value(dom, "tier-stats", "disk.load_ms").text.endswith(" ms")
 
 
 # ---------------------------------------------------------------------------- real processes
