@@ -35,11 +35,13 @@ def test_a_tiny_run_serves_each_phase_from_its_tier(tmp_path):
     out = tmp_path / "tiers.json"
     cmd = [sys.executable, "-m", "segcache.cli", "bench", "tiers", "--prompt-tokens", "300", "--segments", "3",
            "--max-tokens", "2", "--repeat", "1", "--serve-args", "--dtype float32", "--json", str(out),
-           "--workdir", str(tmp_path / "work")]
+           "--workdir", str(tmp_path / "work"), "--multi-agent", "--turns", "1", "--global-tokens", "120",
+           "--agent-tokens", "60", "--task-tokens", "60"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "one full hit by tier" in done.stdout
-    figures = json.loads(out.read_text())["figures"]
+    result = json.loads(out.read_text())
+    figures = result["figures"]
     assert list(figures) == list(PHASES)
     assert figures["cold"]["tiers"] == ["None"] and figures["cold"]["cached_tokens"] == 0
     for phase in ("ram", "disk", "redis"):
@@ -47,3 +49,10 @@ def test_a_tiny_run_serves_each_phase_from_its_tier(tmp_path):
         assert figures[phase]["cached_tokens"] > 0.9 * figures[phase]["prompt_tokens"]
         assert figures[phase]["ttft_s"] > 0 and figures[phase]["speedup_vs_cold"] > 0
     assert figures["disk"]["load_gb_s"] > 0 and figures["redis"]["load_gb_s"] > 0
+    restarts = result["restarts"]
+    assert restarts["warm disk"]["requests"] == restarts["cold restart"]["requests"] == 3
+    assert restarts["cold restart"]["cached_tokens"] < restarts["warm disk"]["cached_tokens"]
+    warm_runs = result["restart_runs"]["warm disk"]
+    tiers = [[s["tier"] for s in r["segments"] if s["kind"] == "segment"] for r in warm_runs]
+    assert tiers[0] == ["disk"] * 3  # after the restart: from disk, then what it loaded stays in RAM
+    assert all(t in ("disk", "ram") for ts in tiers for t in ts)

@@ -17,7 +17,12 @@ temperature 0. Each figure is the median of ``--repeat`` runs:
 
 Also reported: the speed-ups against cold, the disk hit against the RAM hit, and
 the KV load rate of each lower tier (payload bytes it served over the seconds
-its loads took: ``load_bytes / load_s`` of ``GET /v1/cache``). Redis: ``--redis-url``, or a
+its loads took: ``load_bytes / load_s`` of ``GET /v1/cache``).
+
+With ``--multi-agent`` also seed 000's multi-agent workload (``segcache bench
+multi-agent``'s requests, default sizes) on a server restarted on the warm disk
+of an earlier run of it, against a server restarted on an empty disk: TTFT sum
+and median of each. Redis: ``--redis-url``, or a
 ``redis-server`` from PATH started on a free port in a temporary folder.
 """
 
@@ -45,9 +50,16 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from segcache.bench.cli import add_field_options
 from segcache.bench.metrics import RequestRecord
-from segcache.bench.runner import Runner, Target
-from segcache.bench.workloads import CHARS_PER_TOKEN, BenchRequest
+from segcache.bench.runner import Runner, Target, run_requests
+from segcache.bench.workloads import (
+    CHARS_PER_TOKEN,
+    BenchRequest,
+    MultiAgentSizes,
+    WorkloadOptions,
+    multi_agent,
+)
 
 PHASES = ("cold", "ram", "disk", "redis")
 
@@ -64,6 +76,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, default=None,
                    help="disk caches and logs here (default: a temporary folder, deleted after)")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds a server may take to start")
+    p.add_argument("--multi-agent", action="store_true",
+                   help="also the multi-agent workload after a restart: warm disk against empty disk")
+    p.add_argument("--turns", type=int, default=3, help="--multi-agent: turns per agent (default: %(default)s)")
+    add_field_options(p, MultiAgentSizes, {
+        "global_tokens": "--multi-agent: block A, global rules + tool schemas",
+        "agent_tokens": "--multi-agent: blocks B/C, agent skills",
+        "task_tokens": "--multi-agent: blocks D/E, task context",
+    })
     p.add_argument("--json", type=Path, default=None, help="write the figures and every run here")
 
 
@@ -247,6 +267,58 @@ def run_phases(req: BenchRequest, repeat: int, serve_args: list[str], redis_url:
     return phases
 
 
+def run_restarts(requests: list[BenchRequest], serve_args: list[str], workdir: Path,
+                 startup_timeout_s: float) -> dict[str, list[RequestRecord]]:
+    """The workload on a restarted server: over the disk a first run filled ("warm
+    disk"), then over an empty disk ("cold restart")."""
+    out = {}
+    for name, disk in (("warm disk", workdir / "disk-w"), ("cold restart", workdir / "disk-empty")):
+        server = Server([*serve_args, "--disk-cache", str(disk)], workdir / "server-w.log",
+                        startup_timeout_s).start()
+        try:
+            if name == "warm disk":
+                _run_all(server, requests)
+                server.settle()
+                server.restart()
+            out[name] = _run_all(server, requests)
+        finally:
+            server.stop()
+    return out
+
+
+def _run_all(server: Server, requests: list[BenchRequest]) -> list[RequestRecord]:
+    runner = Runner(Target(url=server.url))
+    try:
+        records, _ = run_requests(runner, requests)
+    finally:
+        runner.close()
+    failed = [r.error for r in records if r.error]
+    if failed:
+        raise RuntimeError(f"{len(failed)} request(s) failed: {failed[0]}")
+    return records
+
+
+def restart_summary(runs: dict[str, list[RequestRecord]]) -> dict[str, dict]:
+    out = {}
+    for name, records in runs.items():
+        ttfts = [r.ttft_s for r in records if r.ttft_s is not None]
+        out[name] = {"requests": len(records), "ttft_sum_s": sum(ttfts),
+                     "ttft_median_s": statistics.median(ttfts) if ttfts else None,
+                     "cached_tokens": sum(r.cached_tokens or 0 for r in records),
+                     "prompt_tokens": sum(r.prompt_tokens or 0 for r in records)}
+    return out
+
+
+def print_restart_table(figures: dict[str, dict], console: Console) -> None:
+    table = Table(title="multi-agent workload after a restart")
+    for col in ("restart", "requests", "TTFT sum s", "TTFT median ms", "cached/prompt"):
+        table.add_column(col, justify="right")
+    for name, f in figures.items():
+        table.add_row(name, str(f["requests"]), f"{f['ttft_sum_s']:.2f}", _fmt(f["ttft_median_s"], 1000, "{:.0f}"),
+                      f"{f['cached_tokens']}/{f['prompt_tokens']}")
+    console.print(table)
+
+
 def summary(phases: dict[str, Phase]) -> dict[str, dict]:
     cold, ram = phases["cold"].ttft_s, phases["ram"].ttft_s
     out = {}
@@ -293,11 +365,20 @@ def run(args: argparse.Namespace) -> int:
             redis_url = redis.url
         phases = run_phases(req, args.repeat, shlex.split(args.serve_args), redis_url, workdir,
                             args.startup_timeout)
+        restarts = {}
+        if args.multi_agent:
+            sizes = MultiAgentSizes(args.global_tokens, args.agent_tokens, args.task_tokens)
+            requests = multi_agent(WorkloadOptions(turns=args.turns, max_tokens=args.max_tokens, sizes=sizes))
+            restarts = run_restarts(requests, shlex.split(args.serve_args), workdir, args.startup_timeout)
     figures = summary(phases)
     print_table(figures, console)
+    restart_figures = restart_summary(restarts)
+    if restarts:
+        print_restart_table(restart_figures, console)
     if args.json:
-        result = {"meta": _meta(args), "figures": figures,
-                  "runs": {name: [asdict(r) for r in p.runs] for name, p in phases.items()}}
+        result = {"meta": _meta(args), "figures": figures, "restarts": restart_figures,
+                  "runs": {name: [asdict(r) for r in p.runs] for name, p in phases.items()},
+                  "restart_runs": {name: [asdict(r) for r in rs] for name, rs in restarts.items()}}
         args.json.write_text(json.dumps(result, indent=2))
         console.print(f"wrote {args.json}")
     return 0
@@ -306,6 +387,8 @@ def run(args: argparse.Namespace) -> int:
 def _meta(args: argparse.Namespace) -> dict:
     return {"bench": "tiers", "prompt_tokens": args.prompt_tokens, "segments": args.segments,
             "max_tokens": args.max_tokens, "repeat": args.repeat, "serve_args": args.serve_args,
+            "multi_agent": args.multi_agent, "turns": args.turns,
+            "sizes_tokens": [args.global_tokens, args.agent_tokens, args.task_tokens],
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()} {platform.system()} {platform.release()}, {os.cpu_count()} cpus",
             "python": platform.python_version(), "argv": sys.argv}
