@@ -5,6 +5,7 @@ tier, isolation, budgets, fingerprints, bad payloads, stats."""
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -241,3 +242,63 @@ def test_without_tiers_usage_says_ram_for_hits_and_none_for_misses(tiny_engine_f
     assert tiers_of(chat(engine, "t", AGENTS[0])) == [None] * 3
     assert tiers_of(chat(engine, "t", AGENTS[2])) == ["ram", "ram", None]
     assert engine.cache_stats("t")["tiers"] == {}
+
+
+def test_a_unit_missing_from_every_tier_is_computed_while_the_next_ones_load(tiny_engine_factory, tmp_path):
+    first = tiny_engine_factory(disk_cfg(tmp_path))
+    cold = chat(first, "t", AGENTS[0])
+    first.close()
+    a_node = first.tree.match(first.namespace("t"), [u.hash for u in cold.segments[:1]])[0]
+    (tmp_path / a_node.namespace.split(":")[1] / (a_node.chain.split(":")[1] + ".safetensors")).unlink()
+    engine = tiny_engine_factory(disk_cfg(tmp_path))
+    events: list[str] = []
+    fetch, prefill = engine.store.fetch_async, engine.scheduler.runner.prefill
+    engine.store.fetch_async = lambda expect: events.append("load") or fetch(expect)
+    engine.scheduler.runner.prefill = lambda *a, **kw: events.append("prefill") or prefill(*a, **kw)
+    r = chat(engine, "t", AGENTS[0])
+    assert tiers_of(r) == [None, "disk", "disk"]  # A computed; B and D (after A) loaded
+    assert r.token_ids == cold.token_ids
+    # the loads of the units after A were issued before A's prefill ran: they overlap it
+    assert events.index("prefill") >= 3 and events[:3] == ["load"] * 3
+
+
+def test_a_request_cancelled_while_its_kv_loads_releases_everything(tiny_engine_factory, tmp_path):
+    from concurrent.futures import Future
+
+    first = tiny_engine_factory(disk_cfg(tmp_path))
+    chat(first, "t", AGENTS[0])
+    first.close()
+    engine = tiny_engine_factory(disk_cfg(tmp_path))
+    pending: list[Future] = []
+
+    def never_done(expect):
+        pending.append(Future())  # a load that does not finish before the client goes
+        return pending[-1]
+
+    engine.store.fetch_async = never_done
+    cancelled = {"now": False}
+    segs = [SegmentInput(id=i, content=c) for i, c in AGENTS[0]]
+
+    def cancel_when_waiting():
+        while not pending:
+            threading.Event().wait(0.01)
+        cancelled["now"] = True
+
+    threading.Thread(target=cancel_when_waiting, daemon=True).start()
+    r = engine.chat(ChatRequest("t", USER, segs, GREEDY), is_cancelled=lambda: cancelled["now"])
+    assert r.finish_reason == "cancelled"
+    assert engine.cache_stats("t")["pinned"] == 0 and not engine._inflight
+    engine.tree.check_integrity()
+
+
+def test_the_next_turn_of_a_conversation_after_a_restart_equals_cold(tiny_engine_factory, tmp_path):
+    engine = tiny_engine_factory(disk_cfg(tmp_path))
+    turn1 = chat(engine, "t", AGENTS[1])
+    engine.close()
+    messages = USER + [{"role": "assistant", "content": turn1.text},
+                       {"role": "user", "content": "And then?"}]
+    warm = chat(tiny_engine_factory(disk_cfg(tmp_path)), "t", AGENTS[1], messages)
+    cold = chat(tiny_engine_factory(), "t", AGENTS[1], messages)
+    assert warm.token_ids == cold.token_ids
+    assert tiers_of(warm) == ["disk"] * 3
+    assert [u.tier for u in warm.segments if u.kind == "message"][0] == "disk"  # the first user turn
