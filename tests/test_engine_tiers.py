@@ -129,10 +129,13 @@ def test_purge_removes_a_tenants_entries_on_every_tier_and_only_theirs(tiny_engi
     fresh = tiny_engine_factory(cfg)  # RAM empty: anything it hits comes from a lower tier
     assert all(t is None for t in tiers_of(chat(fresh, "alice", AGENTS[0])))
     assert tiers_of(chat(fresh, "bob", AGENTS[0])) == ["disk"] * 3
-    # and Redis alone no longer has alice's entries either
+    # alice's request above was computed again (and written through): purge it once more,
+    # and Redis alone has no entry of alice's left, bob's all
+    settle(fresh)
+    fresh.purge("alice")
+    fresh.close()
     shutil.rmtree(tmp_path / "disk")
     redis_only = tiny_engine_factory(CacheConfig(redis_url=redis_server.url))
-    fresh.purge("alice")
     assert all(t is None for t in tiers_of(chat(redis_only, "alice", AGENTS[0])))
     assert tiers_of(chat(redis_only, "bob", AGENTS[0])) == ["redis"] * 3
 
