@@ -498,7 +498,7 @@ class Engine(CacheControl, Blending, Tiering):
                 continue
             self._inflight[key] = job.id
             try:
-                node, tier = (yield from self._promote(job, run, prompt, i, stop)) or (None, None)
+                node, tier = (yield from self._promote(run, prompt, i, stop)) or (None, None)
                 if node is None:  # in no tier: compute it
                     if with_tail and i == last and self._tail_with_unit(len(unit.ids), len(prompt.tail)):
                         run.tail_logits = yield from self._prefill(unit.ids + prompt.tail, run.kv, run.pos)

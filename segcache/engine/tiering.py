@@ -43,7 +43,7 @@ import torch
 
 from segcache.config import CacheConfig
 from segcache.engine.prompt import Prompt
-from segcache.engine.scheduler import Job, LoadWait
+from segcache.engine.scheduler import LoadWait
 from segcache.kv.hashing import chain_digest
 from segcache.kv.segment_tree import SegmentNode
 from segcache.kv.tiers import (
@@ -87,17 +87,22 @@ def handle_of(kv: KVData) -> torch.Tensor:
 
 @dataclass
 class Loads:
-    """One request's loads from the lower tiers: keys of the units ``start..end``
+    """One request's loads from the lower tiers: what is expected of units ``start..``
     (their chains follow from the parent chain at ``start``) and the futures issued."""
 
     start: int
-    keys: list[CacheKey]
+    expects: list[Expected]
     futures: dict[int, Future] = field(default_factory=dict)
 
-    def issue(self, store: TieredStore, expects: list[Expected], upto: int) -> None:
-        for j in range(self.start, min(upto, self.start + len(self.keys))):
+    def covers(self, i: int, parent_chain: str) -> bool:
+        j = i - self.start
+        return 0 <= j < len(self.expects) and self.expects[j].key.parent_chain == parent_chain
+
+    def issue(self, store: TieredStore, upto: int) -> None:
+        """Loads of units ``start..upto`` not issued yet (on the store's loader threads)."""
+        for j in range(self.start, min(upto, self.start + len(self.expects))):
             if j not in self.futures:
-                self.futures[j] = store.fetch_async(expects[j - self.start])
+                self.futures[j] = store.fetch_async(self.expects[j - self.start])
 
 
 class Tiering:
@@ -124,19 +129,16 @@ class Tiering:
             self.store.demote(self._tier_key(node), kv_data(node.handle), token_digest(node.token_ids))
 
     # ------------------------------------------------------------------ reads
-    def _promote(self, job: Job, run: Any, prompt: Prompt, i: int, stop: int | None):
+    def _promote(self, run: Any, prompt: Prompt, i: int, stop: int | None):
         """Unit ``i``'s KV from a lower tier: inserted into the tree after ``run.parent``
         (pinned), copied into ``run.kv`` at ``run.pos``; returns (node, tier name), or
         None to compute it. Yields ``LoadWait`` while its load is in flight."""
         if self.store is None:
             return None
-        end = len(prompt.units) if stop is None else stop
-        loads = run.loads
-        if loads is None or loads.start > i or i - loads.start >= len(loads.keys) \
-                or loads.keys[i - loads.start].parent_chain != run.parent.chain:
-            loads = run.loads = self._plan_loads(run, prompt, i, end)
-        loads.issue(self.store, self._expects(loads, prompt), i + WINDOW)
-        future = loads.futures.pop(i)
+        if run.loads is None or not run.loads.covers(i, run.parent.chain):
+            run.loads = self._plan_loads(run, prompt, i, len(prompt.units) if stop is None else stop)
+        run.loads.issue(self.store, i + WINDOW)
+        future = run.loads.futures.pop(i)
         while not future.done():
             yield LoadWait(future)
         fetched: Fetched | None = future.result()
@@ -156,22 +158,16 @@ class Tiering:
         return node, fetched.tier
 
     def _plan_loads(self, run: Any, prompt: Prompt, i: int, end: int) -> Loads:
-        keys, parent = [], run.parent.chain
+        """What units ``i..end`` would be read as: keys chained from ``run.parent``."""
+        expects, parent = [], run.parent.chain
         for unit in prompt.units[i:end]:
-            keys.append(CacheKey(run.parent.namespace, self.fingerprint, parent, unit.key.digest,
-                                 chain_digest(parent, unit.key.digest)))
-            parent = keys[-1].chain
-        return Loads(i, keys)
-
-    def _expects(self, loads: Loads, prompt: Prompt) -> list[Expected]:
-        layout = self.store.layout
-        out = []
-        for j, key in enumerate(loads.keys, loads.start):
-            unit = prompt.units[j]
+            key = CacheKey(run.parent.namespace, self.fingerprint, parent, unit.key.digest,
+                           chain_digest(parent, unit.key.digest))
             # A kept reply holds the generated ids, not the re-tokenized message: no digest.
             digest = None if unit.key.kind == "message" else token_digest(unit.ids)
-            out.append(Expected(key, layout, digest))
-        return out
+            expects.append(Expected(key, self.store.layout, digest))
+            parent = key.chain
+        return Loads(i, expects)
 
     def _fits(self, run: Any, kv: KVData, n_tokens: int) -> bool:
         """Whether loaded KV can stand for a unit of ``n_tokens`` in ``run.kv``."""
