@@ -305,3 +305,19 @@ def test_the_next_turn_of_a_conversation_after_a_restart_equals_cold(tiny_engine
     assert warm.token_ids == cold.token_ids
     assert tiers_of(warm) == ["disk"] * 3
     assert [u.tier for u in warm.segments if u.kind == "message"][0] == "disk"  # the first user turn
+
+
+def test_the_start_up_log_names_the_tiers_without_a_redis_password(tmp_path, caplog):
+    import logging
+
+    from segcache.engine.tiering import build_store
+
+    caplog.set_level(logging.INFO, logger="segcache.engine.tiering")
+    store = build_store(CacheConfig(disk_cache_dir=tmp_path, redis_url="redis://:s3cret@127.0.0.1:9/0"),
+                        "layout")
+    try:
+        assert [t.name for t in store.tiers] == ["disk", "redis"]
+        assert "disk tier" in caplog.text and "redis://:***@127.0.0.1:9/0" in caplog.text
+        assert "s3cret" not in caplog.text
+    finally:
+        store.close()

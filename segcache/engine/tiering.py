@@ -34,10 +34,12 @@ namespace, and purged with the tenant).
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import torch
 
@@ -58,16 +60,31 @@ from segcache.kv.tiers import (
 from segcache.kv.tiers.redis_tier import RedisTier
 
 WINDOW = 3  # loads in flight ahead of the unit being computed
+log = logging.getLogger(__name__)
 
 
 def build_store(cache: CacheConfig, layout: str) -> TieredStore | None:
     """The lower tiers ``cache`` configures (disk first, then Redis), or None."""
     tiers = []
     if cache.disk_cache_dir is not None:
-        tiers.append(DiskTier(cache.disk_cache_dir, cache.disk_bytes))
+        disk = DiskTier(cache.disk_cache_dir, cache.disk_bytes)
+        r = disk.startup
+        log.info("disk tier %s: %d entries (%.1f MiB) indexed in %.2f s", cache.disk_cache_dir, r.entries,
+                 r.bytes / (1 << 20), r.seconds)
+        tiers.append(disk)
     if cache.redis_url is not None:
         tiers.append(RedisTier(cache.redis_url, cache.redis_ttl_s))
+        log.info("redis tier %s: entries live %.0f s", _without_password(cache.redis_url), cache.redis_ttl_s)
     return TieredStore(tiers, layout) if tiers else None
+
+
+def _without_password(url: str) -> str:
+    """``url`` fit for a log line: a password in it replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def kv_data(handle: torch.Tensor) -> KVData:
