@@ -31,6 +31,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from segcache.kv.integrity import require
 from segcache.kv.tiers.base import Tier, log
 from segcache.kv.tiers.keys import CacheKey
 from segcache.kv.tiers.payload import MAX_HEADER_BYTES, PayloadRejected, read_metadata
@@ -232,13 +233,13 @@ class DiskTier(Tier):
             return self._bytes, len(self._index)
 
     def check_integrity(self) -> None:
-        """Raise AssertionError unless the index and the files agree (tests)."""
+        """Raise ``IntegrityError`` unless the index and the files agree (tests)."""
         with self._lock:
-            assert self._bytes == sum(self._index.values()), "disk bytes != sum of sizes"
-            assert self._bytes <= self.budget_bytes or len(self._index) <= 1, "disk over budget"
+            require(self._bytes == sum(self._index.values()), "disk bytes != sum of sizes")
+            require(self._bytes <= self.budget_bytes or len(self._index) <= 1, "disk over budget")
             on_disk = {(p.parent.name, p.name[:-len(SUFFIX)]): p.stat().st_size
                        for p in self.root.glob(f"*/*{SUFFIX}")}
-            assert on_disk == dict(self._index), "index differs from the files on disk"
+            require(on_disk == dict(self._index), "index differs from the files on disk")
 
 
 def _read_header(path: Path) -> bytes:
