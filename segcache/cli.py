@@ -115,7 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-log", type=Path, default=None, metavar="FILE",
                        help="append every chat request as a JSON line, the input of "
                             "'segcache lint' (default: off)")
-    serve.add_argument("--served-model-name", default=None, help="model id shown by /v1/models")
+    serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                       help="model id shown by /v1/models and in responses; further names are "
+                            "aliases requests may use (default: the model's name; any other "
+                            "'model' is a 404)")
+    serve.add_argument("--cors-origins", nargs="+", default=(), metavar="ORIGIN",
+                       help="let browser pages from these origins call the API (CORS); '*' "
+                            "allows any (default: off)")
     serve.add_argument("--cache-bytes", type=_size, default=CacheConfig.cache_bytes,
                        help="KV cache budget, e.g. 2GiB (default: 2GiB)")
     serve.add_argument("--cache-ttl", type=float, default=None, metavar="SECONDS",
@@ -191,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_arguments(bench_sub.add_parser(
         "sweep", help="decode tok/s at 1/2/4/8 concurrent streams; stream gaps during a cold prefill",
         description=sweep.__doc__))
+    from segcache.bench import constrained
+
+    constrained.add_arguments(bench_sub.add_parser(
+        "constrained", help="decode tok/s with a JSON-schema response_format against without "
+                            "(1 and 8 streams, same run)", description=constrained.__doc__))
+
     from segcache.bench import tiers as tiers_bench
 
     tiers_bench.add_arguments(bench_sub.add_parser(
@@ -204,7 +216,9 @@ def _config(args: argparse.Namespace) -> Config:
     server = ServerConfig(host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", 8000),
                           api_keys_file=getattr(args, "api_keys", None),
                           max_request_bytes=getattr(args, "max_request_bytes", ServerConfig.max_request_bytes),
-                          model_name=getattr(args, "served_model_name", None),
+                          model_name=(getattr(args, "served_model_name", None) or [None])[0],
+                          model_aliases=tuple((getattr(args, "served_model_name", None) or [])[1:]),
+                          cors_origins=tuple(getattr(args, "cors_origins", ())),
                           request_log=getattr(args, "request_log", None))
     cache = CacheConfig(cache_bytes=getattr(args, "cache_bytes", CacheConfig.cache_bytes),
                         default_ttl_s=getattr(args, "cache_ttl", None),
@@ -299,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
                 from segcache.bench import sweep
 
                 return sweep.run(args)
+            if args.bench_command == "constrained":
+                from segcache.bench import constrained
+
+                return constrained.run(args)
             if args.bench_command:
                 from segcache.bench import cli as bench_cli
 

@@ -49,9 +49,16 @@ class SegcacheClient:
     """Thin wrapper over ``openai.OpenAI`` that adds segcache's extensions."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000/v1", api_key: str = "local",
-                 model: str = "default", **openai_kwargs: Any) -> None:
+                 model: str | None = None, **openai_kwargs: Any) -> None:
         self.openai = OpenAI(base_url=base_url, api_key=api_key, **openai_kwargs)
-        self.model = model
+        self._model = model
+
+    @property
+    def model(self) -> str:
+        """The model requests name: as given, else the server's first (GET /models)."""
+        if self._model is None:
+            self._model = self.openai.models.list().data[0].id
+        return self._model
 
     def chat(self, segments: list[Segment], messages: list[dict[str, Any]], **kwargs: Any):
         """``chat.completions.create`` with ``segments`` in ``extra_body``; any other
@@ -59,7 +66,7 @@ class SegcacheClient:
         extra = dict(kwargs.pop("extra_body", None) or {})
         extra["segments"] = [s.to_json() for s in segments]
         return self.openai.chat.completions.create(
-            model=kwargs.pop("model", self.model), messages=messages, extra_body=extra, **kwargs)
+            model=kwargs.pop("model", None) or self.model, messages=messages, extra_body=extra, **kwargs)
 
     def warm(self, segments: list[Segment]) -> dict[str, Any]:
         """Pre-compute ``segments``: ``{cached_segments, root_hash, segments}``."""

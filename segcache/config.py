@@ -28,6 +28,7 @@ ENVIRONMENT = {
     "SEGCACHE_API_KEYS": "serve's --api-keys FILE when the flag is not given",
     "CI": "set (and not 0/false): tests that need a system tool fail instead of skipping",
     "CC": "the C compiler the block kernels are built with (default: cc, else gcc)",
+    "SEGCACHE_LONG_TESTS": "set (and not 0/false): property, fuzz and load tests run their long mode",
 }
 
 
@@ -39,6 +40,7 @@ class Environment:
     api_keys_file: Path | None
     ci: bool
     cc: str | None = None
+    long_tests: bool = False
 
 
 def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
@@ -48,8 +50,13 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
     base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     cache_dir = env.get("SEGCACHE_CACHE_DIR") or str(Path(base) / "segcache")
     keys = env.get("SEGCACHE_API_KEYS")
-    ci = env.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-    return Environment(Path(cache_dir), Path(keys) if keys else None, ci, env.get("CC") or None)
+    ci = _flag(env.get("CI", ""))
+    return Environment(Path(cache_dir), Path(keys) if keys else None, ci, env.get("CC") or None,
+                       _flag(env.get("SEGCACHE_LONG_TESTS", "")))
+
+
+def _flag(value: str) -> bool:
+    return value.strip().lower() not in ("", "0", "false", "no")
 
 
 def default_cache_dir() -> Path:
@@ -168,8 +175,10 @@ class ServerConfig:
     port: int = 8000
     api_keys_file: Path | None = None
     max_request_bytes: int = 8 * MiB
-    model_name: str | None = None
+    model_name: str | None = None  # the name responses carry (default: the model's own)
+    model_aliases: tuple[str, ...] = ()  # other names requests may use for it
     request_log: Path | None = None  # JSONL of chat requests, for `segcache lint`
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed (CORS); "*" any; none: off
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -108,6 +109,21 @@ def test_parse_tool_calls():
     assert calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
     assert parse_tool_calls("no calls here") == ("no calls here", [])
     assert parse_tool_calls("<tool_call>{not json</tool_call>") == ("<tool_call>{not json</tool_call>", [])
+
+
+def test_tool_call_ids_are_unique_and_outside_the_reply_key():
+    call = '<tool_call>\n{"name": "ls", "arguments": {}}\n</tool_call>'
+    _, calls = parse_tool_calls(call + "\n" + call)
+    _, again = parse_tool_calls(call)
+    ids = [c["id"] for c in calls + again]
+    assert len(set(ids)) == 3
+    assert all(re.fullmatch(r"call_[A-Za-z0-9]{24}", i) for i in ids)
+    # The client sends the reply back with its ids; the key the engine kept it
+    # under (content and calls as generated) does not depend on them.
+    kept = message_digest({"role": "assistant", "content": "", "tool_calls": again})
+    for call_id in ("call_x", ids[2]):
+        sent = [dict(again[0], id=call_id)]
+        assert message_digest({"role": "assistant", "content": None, "tool_calls": sent}) == kept
 
 
 def test_tool_call_filter_hides_call_text():

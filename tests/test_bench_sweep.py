@@ -45,3 +45,30 @@ def test_sweep_runs_against_a_server(tmp_path):
     assert all(r["tokens"] > 0 for r in data["sweep"])
     assert all(r["steady_tok_s"] >= 0 for r in data["sweep"])
     assert data["prefill_interference"]["cold_ttft_s"] >= 0
+
+
+def test_constrained_bench_runs_against_a_server(tmp_path, tiny_engine_factory):
+    """The plumbing only (no figures are checked): both kinds of run happen, and the
+    constrained streams really are constrained (their text parses as the schema)."""
+    from segcache.bench import constrained
+
+    engine = tiny_engine_factory()
+    out = tmp_path / "constrained.json"
+    with running_server(engine) as url:
+        p = argparse.ArgumentParser()
+        constrained.add_arguments(p)
+        args = p.parse_args(["--url", url + "/v1", "--streams", "1,2", "--max-tokens", "6",
+                             "--rounds", "1", "--json", str(out)])
+        assert constrained.run(args) == 0
+        rows = json.loads(out.read_text())["constrained"]
+        assert [r["streams"] for r in rows] == [1, 2]
+        assert [r["plain_tokens"] for r in rows] == [6, 12]
+        assert all(r["json_tokens"] > 0 and r["overhead"] is not None for r in rows)
+        from openai import OpenAI
+
+        client = OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        r = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": constrained._prompt(0)}],
+            max_tokens=200, temperature=0, response_format=constrained.FACTS_FORMAT,
+            logit_bias={str(engine.tokenizer.encode("\n")[0]): -100})
+        assert isinstance(json.loads(r.choices[0].message.content)["facts"], list)

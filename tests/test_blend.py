@@ -352,7 +352,7 @@ def test_http_blend_usage_streaming_metrics_and_isolation(real_engine):
 
             def ask(client, stream=False):
                 return client.chat.completions.create(
-                    model="m", messages=QUESTION, max_tokens=6, temperature=0, stream=stream,
+                    model="real", messages=QUESTION, max_tokens=6, temperature=0, stream=stream,
                     stream_options={"include_usage": True} if stream else None,
                     extra_body={"segments": moved})
 
@@ -379,7 +379,7 @@ def test_http_blend_usage_streaming_metrics_and_isolation(real_engine):
                         if x.startswith("segcache_blended_tokens_total"))
             assert float(line.split()[-1]) == 2 * blended
             bad = httpx.post(url + "/v1/chat/completions", headers={"Authorization": "Bearer key-a"},
-                             json={"model": "m", "messages": QUESTION,
+                             json={"messages": QUESTION,
                                    "segments": [{"id": "x", "content": "y", "reuse": "everywhere"}]})
             assert bad.status_code == 400 and "reuse" in bad.text
     finally:

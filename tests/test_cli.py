@@ -98,3 +98,15 @@ def test_bench_flags_take_type_and_default_from_their_dataclasses():
     assert args.global_tokens == MultiAgentSizes.global_tokens
     assert args.code_tokens == WorkloadOptions.code_tokens
     assert args.cache_write_premium == Pricing.cache_write_premium
+
+
+def test_served_model_names_and_cors_flags_reach_the_config():
+    from segcache.cli import _config
+
+    server = _config(build_parser().parse_args(["serve"])).server
+    assert (server.model_name, server.model_aliases, server.cors_origins) == (None, (), ())
+    args = build_parser().parse_args(["serve", "--served-model-name", "main", "a1", "a2",
+                                      "--cors-origins", "http://x.example", "*"])
+    server = _config(args).server
+    assert (server.model_name, server.model_aliases) == ("main", ("a1", "a2"))
+    assert server.cors_origins == ("http://x.example", "*")

@@ -77,7 +77,7 @@ def test_completions_reuse_through_openai_client(real_engine):
         seen: list[tuple[int, ...]] = []
         for text in PROMPTS:
             ids = tuple(engine.tokenizer.encode(text))
-            r = client.completions.create(model="m", prompt=text, max_tokens=4, temperature=0)
+            r = client.completions.create(model=engine.model_name, prompt=text, max_tokens=4, temperature=0)
             expect = min(max((lcp(ids, s) for s in seen), default=0), len(ids) - 1)
             assert r.usage.prompt_tokens_details.cached_tokens == expect
             # These prompts diverge inside earlier prompts, so replies do not change the LCP.

@@ -129,7 +129,7 @@ def render(chromium: str, url: str, profile: Path) -> Element:
 
 def chat(url: str, segments: list[dict], key: str | None = None) -> dict:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    body = {"model": "m", "messages": USER, "max_tokens": 2, "segments": segments}
+    body = {"messages": USER, "max_tokens": 2, "segments": segments}
     r = httpx.post(url + CHAT, json=body, headers=headers, timeout=300)
     assert r.status_code == 200, r.text
     return r.json()["usage"]

@@ -24,6 +24,7 @@ B = "You are the backend agent. You own the Python services, the SQL schema and 
 C = "You are the frontend agent. You own the React app, its TypeScript types and the CSS. "
 D = "Current task: split auth.py into login.py and tokens.py."
 E = "Current task: document the login page for new users."
+MODEL = "SmolLM2-135M-Instruct"  # the one name of the default model (/v1/models, README)
 USER = [{"role": "user", "content": "In one sentence, what will you do first?"}]
 
 
@@ -42,7 +43,7 @@ def fresh(real_engine, **cache) -> Engine:
 
 
 def ask(client: OpenAI, segments, messages=USER, max_tokens=12):
-    return client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages,
+    return client.chat.completions.create(model=MODEL, messages=messages,
                                           max_tokens=max_tokens, temperature=0,
                                           extra_body={"segments": segments})
 
@@ -83,7 +84,7 @@ def test_streaming_reports_usage_and_same_text(server):
     _, client, _ = server
     full = ask(client, AGENTS[0])
     chunks = list(client.chat.completions.create(
-        model="m", messages=USER, max_tokens=12, temperature=0, stream=True,
+        model=MODEL, messages=USER, max_tokens=12, temperature=0, stream=True,
         stream_options={"include_usage": True}, extra_body={"segments": AGENTS[0]}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content
@@ -187,13 +188,13 @@ def test_agent_loop_reuses_previous_turn(server, real_engine):
     with running_server(cold_engine) as cold_url:
         cold_client = OpenAI(base_url=cold_url + "/v1", api_key="x", max_retries=0)
         for turn in range(6):
-            r = client.chat.completions.create(model="m", messages=messages, max_tokens=10,
+            r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10,
                                                temperature=0, tools=TOOLS)
             if previous is not None:
                 reused = previous.usage.prompt_tokens + previous.usage.completion_tokens
                 assert r.usage.prompt_tokens_details.cached_tokens >= 0.95 * reused, turn
             cold_engine.purge("local")
-            cold = cold_client.chat.completions.create(model="m", messages=messages, max_tokens=10,
+            cold = cold_client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10,
                                                        temperature=0, tools=TOOLS)
             assert cold.usage.prompt_tokens_details.cached_tokens == 0
             assert cold.choices[0].message.content == r.choices[0].message.content, turn

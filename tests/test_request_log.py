@@ -16,9 +16,9 @@ def test_each_request_logs_one_json_line(caplog):
     caplog.set_level(logging.INFO, logger="segcache.requests")
     with running_server(engine) as url:
         client = OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+        client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hi"}],
                                        max_tokens=3, extra_body={"segments": [{"id": "a", "content": "rules"}]})
-        client.completions.create(model="m", prompt="hello", max_tokens=3)
+        client.completions.create(model="fake-model", prompt="hello", max_tokens=3)
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "segcache.requests"]
     assert [line["event"] for line in lines] == ["chat.completion", "text_completion"]
     first = lines[0]
@@ -40,7 +40,7 @@ def test_request_log_file_feeds_the_linter(tmp_path):
         client = OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         for i in range(4):  # a timestamp at the very start: the classic cache breaker
             stamp = f"Current time: 2026-11-23T10:{i:02d}:17Z\n"
-            client.chat.completions.create(model="m", max_tokens=3, messages=[
+            client.chat.completions.create(model="fake-model", max_tokens=3, messages=[
                 {"role": "system", "content": stamp + system},
                 {"role": "user", "content": f"Step {i}: what next?"}])
     records = [json.loads(line) for line in log_path.read_text().splitlines()]

@@ -42,7 +42,7 @@ def test_missing_and_unknown_keys_are_401(base_url, engine):
     assert err["code"] == "invalid_api_key" and "Authorization: Bearer" in err["message"]
 
     with pytest.raises(openai.AuthenticationError) as exc:
-        client(base_url, "sk-wrong-key-123").chat.completions.create(model="m", messages=USER)
+        client(base_url, "sk-wrong-key-123").chat.completions.create(model="fake-model", messages=USER)
     assert "sk-wrong-key-123" not in exc.value.message  # masked
     for path in ("/v1/models", "/v1/cache", "/v1/segments/x"):
         assert httpx.get(base_url + path).status_code == 401
@@ -51,10 +51,10 @@ def test_missing_and_unknown_keys_are_401(base_url, engine):
 
 def test_key_maps_to_tenant_and_body_cannot_override(base_url, engine):
     client(base_url, "sk-alpha-0001").chat.completions.create(
-        model="m", messages=USER, user="beta", extra_body={"tenant": "beta"}
+        model="fake-model", messages=USER, user="beta", extra_body={"tenant": "beta"}
     )
     assert engine.last_chat.tenant == "alpha"
-    client(base_url, "sk-beta-00002").completions.create(model="m", prompt="x")
+    client(base_url, "sk-beta-00002").completions.create(model="fake-model", prompt="x")
     assert engine.calls == [("chat", "alpha"), ("complete", "beta")]
 
 
@@ -62,7 +62,7 @@ def test_tenants_do_not_share_cache(base_url):
     alpha, beta = client(base_url, "sk-alpha-0001"), client(base_url, "sk-beta-00002")
 
     def cached(c: OpenAI) -> int:
-        r = c.chat.completions.create(model="m", messages=USER, extra_body=SEGMENTS)
+        r = c.chat.completions.create(model="fake-model", messages=USER, extra_body=SEGMENTS)
         return r.usage.prompt_tokens_details.cached_tokens
 
     assert cached(alpha) == 0
@@ -78,7 +78,7 @@ def test_open_routes_need_no_key(base_url):
 
 def test_no_keys_file_means_local_tenant(engine):
     with running_server(engine) as url:
-        client(url, "anything").chat.completions.create(model="m", messages=USER)
+        client(url, "anything").chat.completions.create(model="fake-model", messages=USER)
     assert engine.last_chat.tenant == "local"
 
 

@@ -27,7 +27,7 @@ def test_warm_then_chat_is_a_full_hit(base_url, client):
     assert [s["id"] for s in body["segments"]] == ["rules", "agent"]
 
     by_hash = [{"id": s["id"], "hash": segment_digest(s["content"])} for s in segments]
-    r = client.chat.completions.create(model="m", messages=USER, extra_body={"segments": by_hash})
+    r = client.chat.completions.create(model="fake-model", messages=USER, extra_body={"segments": by_hash})
     assert r.usage.model_extra["cached_prefix_tokens"] == 52
     assert r.usage.model_extra["segcache"]["chain"] == body["root_hash"]
 
@@ -47,7 +47,7 @@ def test_segment_registry(base_url, client):
     assert httpx.get(url).json()["hash"] == meta["hash"]
 
     ref = {"segments": [{"id": "rules", "name": "rules"}]}
-    r = client.chat.completions.create(model="m", messages=USER, extra_body=ref)
+    r = client.chat.completions.create(model="fake-model", messages=USER, extra_body=ref)
     assert r.usage.model_extra["segcache"]["segments"][0]["hash"] == meta["hash"]
 
     assert httpx.delete(url).json() == {"name": "rules", "deleted": True}
@@ -62,7 +62,7 @@ def test_segment_registry(base_url, client):
 
 def test_cache_stats_and_purge(base_url, client):
     segs = {"segments": [{"id": "a", "content": "aa"}, {"id": "b", "content": "bb"}]}
-    client.chat.completions.create(model="m", messages=USER, extra_body=segs)
+    client.chat.completions.create(model="fake-model", messages=USER, extra_body=segs)
     stats = httpx.get(base_url + "/v1/cache").json()
     assert stats["tenant"] == "local" and stats["nodes"] == 2
     assert httpx.delete(base_url + "/v1/cache").json() == {"purged_nodes": 2}
@@ -86,8 +86,8 @@ def test_metrics_move(base_url, client, engine):
     assert before["segcache_cache_hit_ratio"] == 0.0
     segs = {"segments": [{"id": "a", "content": "one two three four"}]}
     for _ in range(2):
-        client.chat.completions.create(model="m", messages=USER, extra_body=segs)
-    httpx.post(base_url + "/v1/chat/completions", json={"messages": USER, "n": 2})
+        client.chat.completions.create(model="fake-model", messages=USER, extra_body=segs)
+    httpx.post(base_url + "/v1/chat/completions", json={"messages": USER, "n": 0})
     engine.evictions = 3
     m = scrape(base_url)
     route = "route=/v1/chat/completions"

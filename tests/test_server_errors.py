@@ -58,7 +58,8 @@ def assert_error(r: httpx.Response, status: int, *words: str, param: str | None 
 
 
 BAD_CHAT = [
-    ({"messages": USER, "n": 2}, "n=2", "n"),
+    ({"messages": USER, "n": 0}, "n must be between 1 and", "n"),
+    ({"messages": USER, "n": 17}, "n must be between 1 and 16", "n"),
     ({"messages": USER, "max_tokens": "ten"}, "integer", "max_tokens"),
     ({"messages": USER, "temperature": "hot"}, "number", "temperature"),
     ({"messages": USER, "temperature": 3}, "temperature", "temperature"),
@@ -71,7 +72,17 @@ BAD_CHAT = [
     ({"messages": [{"role": "user", "content": 5}]}, "string", "messages[0].content"),
     ({"messages": USER, "stop": [1]}, "stop", None),
     ({"messages": USER, "stream_options": {"include_usage": True}}, "'stream'", "stream_options"),
-    ({"messages": USER, "logprobs": True}, "logprobs", "logprobs"),
+    ({"messages": USER, "top_logprobs": 2}, "needs 'logprobs'", "top_logprobs"),
+    ({"messages": USER, "logprobs": True, "top_logprobs": 21}, "between 0 and 20", "top_logprobs"),
+    ({"messages": USER, "logprobs": True, "top_logprobs": -1}, "between 0 and 20", "top_logprobs"),
+    ({"messages": USER, "response_format": {"type": "xml"}}, "'xml'", "response_format.type"),
+    ({"messages": USER, "response_format": {"type": "json_schema"}}, "json_schema",
+     "response_format.json_schema"),
+    ({"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+     "name", "response_format.json_schema.name"),
+    ({"messages": USER, "response_format": {"type": "json_schema",
+                                            "json_schema": {"name": "a", "schema": [1]}}},
+     "JSON Schema object", "response_format.json_schema.schema"),
     (
         {
             "messages": [
@@ -184,16 +195,19 @@ def test_engine_error_raised_from_engine(base_url, engine):
 
 
 def test_completion_prompt_shapes(base_url):
+    assert_error(post(base_url, "/v1/completions", {"prompt": ["a", [1]]}), 400, param="prompt")
     assert_error(
-        post(base_url, "/v1/completions", {"prompt": ["a", "b"]}),
-        400,
-        "exactly one",
+        post(base_url, "/v1/completions", {"prompt": ["p"] * 17}), 400, "send 1 to 16",
         param="prompt",
     )
-    assert_error(
-        post(base_url, "/v1/completions", {"prompt": [1, 2]}), 400, "string", param="prompt"
-    )
-    assert_error(post(base_url, "/v1/completions", {"prompt": "x", "echo": True}), 400, "echo")
+    assert_error(post(base_url, "/v1/completions", {"prompt": []}), 400, param="prompt")
+    assert_error(post(base_url, "/v1/completions", {"prompt": [1.5]}), 400, param="prompt")
+    assert_error(post(base_url, "/v1/completions", {"prompt": "x", "echo": True}), 400, "echo",
+                 param="echo")
+    assert_error(post(base_url, "/v1/completions", {"prompt": "x", "suffix": "y"}), 400,
+                 "suffix is not supported", param="suffix")
+    assert_error(post(base_url, "/v1/completions", {"prompt": "x", "logprobs": 6}), 400,
+                 "0 to 5", param="logprobs")
     assert_error(post(base_url, "/v1/completions", {}), 400, "Missing required field 'prompt'")
 
 
@@ -205,11 +219,11 @@ def test_unknown_route_and_method(base_url):
 def test_openai_client_sees_messages(base_url):
     client = OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.BadRequestError) as exc:
-        client.chat.completions.create(model="m", messages=USER, n=2)
-    assert "n=2 is not supported" in exc.value.message
+        client.chat.completions.create(model="fake-model", messages=USER, n=0)
+    assert "n must be between 1 and 16" in exc.value.message
     with pytest.raises(openai.ConflictError):
         client.chat.completions.create(
-            model="m",
+            model="fake-model",
             messages=USER,
             extra_body={"segments": [{"id": "g", "hash": segment_digest("?")}]},
         )

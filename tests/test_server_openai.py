@@ -26,7 +26,7 @@ def seg(seg_id: str, content: str) -> dict:
 
 
 def test_chat_non_streaming_shape(client):
-    r = client.chat.completions.create(model="anything", messages=USER)
+    r = client.chat.completions.create(model="fake-model", messages=USER)
     assert r.id.startswith("chatcmpl-")
     assert r.object == "chat.completion"
     assert r.model == "fake-model"
@@ -47,13 +47,13 @@ def test_seed_scenario_cached_prefix_tokens(client):
     plans = [([A, B, D], 0), ([A, C, E], 50), ([A, B, E], 70)]
     for segments, expected in plans:
         r = client.chat.completions.create(
-            model="m", messages=USER, extra_body={"segments": segments}
+            model="fake-model", messages=USER, extra_body={"segments": segments}
         )
         assert r.usage.model_extra["cached_prefix_tokens"] == expected
         assert r.usage.prompt_tokens_details.cached_tokens == expected
     for segments, _ in plans:
         r = client.chat.completions.create(
-            model="m", messages=USER, extra_body={"segments": segments}
+            model="fake-model", messages=USER, extra_body={"segments": segments}
         )
         statuses = [s["status"] for s in r.usage.model_extra["segcache"]["segments"]]
         assert statuses == ["hit", "hit", "hit"]
@@ -61,7 +61,7 @@ def test_seed_scenario_cached_prefix_tokens(client):
 
 def test_chat_streaming_shape_with_usage(client):
     stream = client.chat.completions.create(
-        model="m",
+        model="fake-model",
         messages=USER,
         stream=True,
         stream_options={"include_usage": True},
@@ -101,19 +101,19 @@ def test_stream_wire_format(base_url):
 
 
 def test_completions(client):
-    r = client.completions.create(model="m", prompt="once upon", max_tokens=5)
+    r = client.completions.create(model="fake-model", prompt="once upon", max_tokens=5)
     assert r.object == "text_completion" and r.id.startswith("cmpl-")
     assert r.choices[0].text == "then once upon"
     assert r.usage.prompt_tokens == 2 and r.usage.completion_tokens == 3
 
-    r = client.completions.create(model="m", prompt=["a b c d"], max_tokens=2)
+    r = client.completions.create(model="fake-model", prompt=["a b c d"], max_tokens=2)
     assert r.choices[0].text == "then a" and r.choices[0].finish_reason == "length"
 
 
 def test_completions_streaming(client):
     chunks = list(
         client.completions.create(
-            model="m", prompt="x y", stream=True, stream_options={"include_usage": True}
+            model="fake-model", prompt="x y", stream=True, stream_options={"include_usage": True}
         )
     )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "then x y"
@@ -123,7 +123,7 @@ def test_completions_streaming(client):
 
 def test_request_translation(client, engine):
     client.chat.completions.create(
-        model="m",
+        model="fake-model",
         messages=[
             {"role": "developer", "content": "be brief"},
             {
@@ -154,10 +154,10 @@ def test_request_translation(client, engine):
 
 
 def test_stop_and_length(client):
-    r = client.chat.completions.create(model="m", messages=USER, max_tokens=2)
+    r = client.chat.completions.create(model="fake-model", messages=USER, max_tokens=2)
     assert r.choices[0].message.content == "echo: hello"
     assert r.choices[0].finish_reason == "length"
-    r = client.chat.completions.create(model="m", messages=USER, stop=["there"])
+    r = client.chat.completions.create(model="fake-model", messages=USER, stop=["there"])
     assert r.choices[0].message.content == "echo: hello"
 
 
@@ -172,4 +172,4 @@ def test_served_model_name_override():
     with running_server(FakeEngine(), ServerConfig(model_name="team-model")) as url:
         client = OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         assert client.models.list().data[0].id == "team-model"
-        assert client.chat.completions.create(model="x", messages=USER).model == "team-model"
+        assert client.chat.completions.create(model="team-model", messages=USER).model == "team-model"

@@ -46,9 +46,12 @@ AGENTS = [[seg("A", RULES), seg("B", BACKEND), seg("D", TASK_D)],
 
 
 def ask(url: str, segments: list[dict], key: str = "x", max_tokens: int = 8) -> dict:
-    """One greedy chat over plain HTTP; returns the JSON (asserting a 200)."""
-    r = httpx.post(url + "/v1/chat/completions", timeout=600, headers={"Authorization": f"Bearer {key}"},
-                   json={"model": "m", "messages": USER, "segments": segments, "max_tokens": max_tokens,
+    """One greedy chat over plain HTTP (to the model the server serves); returns the JSON
+    (asserting a 200)."""
+    auth = {"Authorization": f"Bearer {key}"}
+    model = httpx.get(url + "/v1/models", headers=auth).json()["data"][0]["id"]
+    r = httpx.post(url + "/v1/chat/completions", timeout=600, headers=auth,
+                   json={"model": model, "messages": USER, "segments": segments, "max_tokens": max_tokens,
                          "temperature": 0})
     assert r.status_code == 200, r.text
     return r.json()

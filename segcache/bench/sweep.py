@@ -31,7 +31,7 @@ from segcache.bench.metrics import percentile
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000/v1", help="OpenAI base URL")
     p.add_argument("--api-key", default="local")
-    p.add_argument("--model", default="default")
+    p.add_argument("--model", default=None, help="model id (default: the first of GET /models)")
     p.add_argument("--streams", default="1,2,4,8", help="stream counts to sweep (default: 1,2,4,8)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per stream (default: 64)")
     p.add_argument("--prefill-tokens", type=int, default=4000,
@@ -121,6 +121,8 @@ def gaps_during_prefill(client: OpenAI, model: str, n: int, max_tokens: int,
 
 def run(args: argparse.Namespace) -> int:
     client = OpenAI(base_url=args.url, api_key=args.api_key, max_retries=0, timeout=600)
+    if args.model is None:
+        args.model = client.models.list().data[0].id
     counts = [int(x) for x in args.streams.split(",")]
     console = Console()
     rows = []

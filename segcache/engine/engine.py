@@ -2,14 +2,16 @@
 
 Request path (``chat``), in KV slots of one buffer:
 
-    resolve + tokenize + lay out units   errors raised here, before any compute
+    resolve + tokenize + lay out units   errors raised here, before any compute (and a
+                                          response_format / forced tool call compiled)
     walk the tenant's tree                matched = units[0:h]            -> pinned
     copy matched KV into the buffer       slots [0, p_h)
     prefill missing units one by one      slots [p_h, p_n), a node inserted (pinned) after each
     prefill the tail                      slots [p_n, P)  (always >= 1 token: fresh logits)
-    decode                                slots [P, P + completion)
+    decode                                slots [P, P + completion); choices 1..n-1 in
+                                          copies of slots [0, P) (``engine.decode``)
     keep the reply                        tail + generated ids -> a node keyed by the reply
-                                          message's digest (only for a clean finish)
+                                          message's digest (only for a clean finish), per choice
     unpin everything                      on success, error and cancellation alike
 
 Units are explicit segments, the tools block and each message (see
@@ -28,11 +30,12 @@ touched under ``_lock`` (held by the engine thread during each step).
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 import weakref
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -40,7 +43,9 @@ import torch
 from segcache.config import CacheConfig, Config, SchedulerConfig
 from segcache.engine.blend import Blending
 from segcache.engine.cache_control import CacheControl
+from segcache.engine.decode import Decoder, Sequence
 from segcache.engine.detok import TextStream
+from segcache.engine.grammar import Constraint, Grammars, grammar_for
 from segcache.engine.prompt import Prompt, TokenMemo, build_prompt, resolve_segments, sink_ids
 from segcache.engine.sampling import Sampler
 from segcache.engine.scheduler import (
@@ -56,12 +61,14 @@ from segcache.engine.tiering import Tiering
 from segcache.engine.toolcalls import ToolCallFilter, parse_tool_calls
 from segcache.engine.types import (
     ChatRequest,
+    Choice,
     ContextOverflowError,
     EngineError,
     GenerationResult,
     SamplingParams,
     SegmentInput,
     SegmentUsage,
+    TextDelta,
     WarmResult,
 )
 from segcache.kv.autoseg import message_digest
@@ -274,6 +281,15 @@ class _Run:
             self.held_tokens += n
 
 
+_QUANT_SUFFIX = re.compile(r"[.-](?:I?Q\d[\w]*|F16|F32|BF16)$", re.I)
+
+
+def model_id(file_stem: str) -> str:
+    """The model's name without a GGUF quantisation suffix: ``SmolLM2-135M-Instruct.Q4_1``
+    -> ``SmolLM2-135M-Instruct`` (one name for the default model everywhere)."""
+    return _QUANT_SUFFIX.sub("", file_stem) or file_stem
+
+
 class Engine(CacheControl, Blending, Tiering):
     def __init__(self, runtime: ModelRuntime, tokenizer: ChatTokenizer, cache: CacheConfig,
                  model_name: str, scheduler: SchedulerConfig | None = None,
@@ -295,6 +311,7 @@ class Engine(CacheControl, Blending, Tiering):
                                handle_len=lambda h: h.shape[3], clock=clock)
         self.registry = SegmentRegistry(clock)
         self.memo = TokenMemo(tokenizer)
+        self.grammars = Grammars(tokenizer.hf, runtime.arch.vocab_size)
         self._kv_pool = _KVPool(runtime.new_kv, KV_POOL_BYTES)
         self._sink = sink_ids(tokenizer)  # what standalone segments are computed behind
         self._lock = threading.RLock()  # tree, radix, in-flight map: held by each engine step
@@ -318,7 +335,7 @@ class Engine(CacheControl, Blending, Tiering):
         arch = load_arch(resolved.directory)
         tokenizer = ChatTokenizer.load(resolved.directory, arch.eos_token_ids)
         runtime = ModelRuntime.load(resolved, cfg.model, tokenizer_digest=tokenizer.digest)
-        return cls(runtime, tokenizer, cfg.cache, cfg.server.model_name or resolved.name,
+        return cls(runtime, tokenizer, cfg.cache, cfg.server.model_name or model_id(resolved.name),
                    cfg.scheduler)
 
     def namespace(self, tenant: str) -> str:
@@ -328,58 +345,76 @@ class Engine(CacheControl, Blending, Tiering):
     def chat(self, req: ChatRequest, on_text: Callback | None = None,
              is_cancelled: CancelCheck | None = None) -> GenerationResult:
         """Generate a reply for ``req``; raises EngineError subclasses for bad input
-        (before any compute) and OverloadedError (429) when the queue is full."""
+        (before any compute) and OverloadedError (429) when the queue is full.
+        ``on_text`` gets ``TextDelta``s (plain strings for one choice)."""
         t0 = time.perf_counter()
+        self._check_sampling(req.sampling)
+        constraint = self._constraint(req)
         ns = self.namespace(req.tenant)
         with self._prompt_lock:
             prompt = self._build_prompt(req.tenant, ns, req.messages, req.segments, req.tools, True)
         result = self.scheduler.submit(
-            lambda job: self._chat_job(job, ns, prompt, req, on_text, t0), req.tenant,
+            lambda job: self._chat_job(job, ns, prompt, req, on_text, t0, constraint), req.tenant,
             is_cancelled, meta=(ns, prompt))
         result.tools_count = len(req.tools)
         if req.tools:
             result.tools_digest = next((u.hash for u in result.segments if u.kind == "tools"), None)
         return result
 
+    def _constraint(self, req: ChatRequest) -> Constraint | None:
+        """The grammar state of a constrained request (compiled here, in the request's
+        thread, so a bad schema is refused before any compute)."""
+        lark = grammar_for(req)
+        if lark is None:
+            return None
+        forced = req.tool_choice == "required" or isinstance(req.tool_choice, dict)
+        param = "response_format" if req.response_format and not forced else "tools"
+        return Constraint(self.grammars.compile(lark, param), self.tokenizer.eos_ids)
+
     def _chat_job(self, job: Job, ns: str, prompt: Prompt, req: ChatRequest,
-                  on_text: Callback | None, t0: float):
+                  on_text: Callback | None, t0: float, constraint: Constraint | None):
         parse_calls = bool(req.tools) and req.tool_choice != "none"
-        tool_filter = ToolCallFilter(on_text) if parse_calls and on_text is not None else None
+        filters = [_ChoiceFilter(on_text, i) for i in range(req.sampling.n)] \
+            if parse_calls and on_text is not None else []
+        emit = (lambda delta: filters[delta.choice](delta)) if filters else on_text
         run = self._start(ns, prompt, req.sampling.max_tokens)
         try:
             plan = yield from self._blend_plan(job, run, prompt)
             yield from self._prefill_units(job, run, prompt, None if plan is None else plan.at,
                                            with_tail=plan is None)
             logits = run.tail_logits if plan is None else (yield from self._blend(run, prompt, plan))
-            result, stream = yield from self._generate(run, prompt.tail, req.sampling, t0,
-                                                       tool_filter or on_text, job.is_cancelled,
-                                                       logits)
-            if tool_filter is not None:
-                tool_filter.flush()
+            result, seqs = yield from self._generate(run, prompt.tail, req.sampling, t0, emit,
+                                                     job.is_cancelled, logits, constraint)
+            for f in filters:
+                f.flush()
             self._shape_reply(result, parse_calls)
-            # A reply cut by a stop string is not what was generated; a blended one's
-            # KV is approximate.
-            if not stream.stopped and not run.blended:
-                self._keep_reply(run, prompt.tail, result)
+            if not run.blended:  # a blended reply's KV is approximate
+                self._keep_replies(run, prompt.tail, result, seqs)
+            self._give_back(seqs)
             if result.finish_reason != "cancelled":
                 self._schedule_standalone(ns, req.tenant, prompt)
         except Cancelled:
-            result = self._result(run, len(prompt.tail), TextStream(self.tokenizer.decode_stream()),
-                                  "cancelled", 0.0, t0)
+            result = self._cancelled(run, len(prompt.tail), t0)
         finally:
             self._release(run.pinned)
             self._kv_pool.give(run.kv, run.held)
         return result
 
-    def complete(self, tenant: str, prompt: str, sampling: SamplingParams,
+    def complete(self, tenant: str, prompt: str | list[int], sampling: SamplingParams,
                  on_text: Callback | None = None,
                  is_cancelled: CancelCheck | None = None) -> GenerationResult:
         """Plain-text completion (no chat template), reusing the longest prefix of
-        any earlier prompt or reply of this tenant through the radix tail."""
+        any earlier prompt or reply of this tenant through the radix tail. ``prompt``
+        is text or token ids."""
         t0 = time.perf_counter()
-        ids = tuple(self.tokenizer.encode(prompt))
+        ids = tuple(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
         if not ids:
             raise EngineError("prompt must not be empty", "prompt")
+        vocab = self.runtime.arch.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise EngineError(f"prompt holds a token id outside this model's vocabulary "
+                              f"(0..{vocab - 1})", "prompt")
+        self._check_sampling(sampling)
         self._check_context(len(ids), sampling.max_tokens)
         ns = self.namespace(tenant)
         return self.scheduler.submit(
@@ -396,14 +431,14 @@ class Engine(CacheControl, Blending, Tiering):
                 run.kv[:, :, :, run.pos:run.pos + n] = handle
                 run.pos += n
             run.cached = run.pos
-            result, stream = yield from self._generate(run, ids[run.pos:], sampling, t0, on_text,
-                                                       job.is_cancelled)
-            if result.finish_reason != "cancelled" and not stream.stopped:
+            result, seqs = yield from self._generate(run, ids[run.pos:], sampling, t0, on_text,
+                                                     job.is_cancelled)
+            if result.finish_reason != "cancelled" and not seqs[0].stream.stopped:
                 self._keep_tokens(ns, run.kv, ids + tuple(result.token_ids))
+            self._give_back(seqs)
             return result
         except Cancelled:
-            return self._result(run, len(ids) - run.pos, TextStream(self.tokenizer.decode_stream()),
-                                "cancelled", 0.0, t0)
+            return self._cancelled(run, len(ids) - run.pos, t0)
         finally:
             self.radix.unpin(match.nodes)
             self._enforce_budget(ns)
@@ -445,6 +480,13 @@ class Engine(CacheControl, Blending, Tiering):
             return build_prompt(self.tokenizer, self.memo, resolved, messages, tools, generation_prompt)
         except TemplateError as exc:
             raise EngineError(str(exc), "messages") from exc
+
+    def _check_sampling(self, sampling: SamplingParams) -> None:
+        vocab = self.runtime.arch.vocab_size
+        bad = [t for t, _ in sampling.logit_bias if t >= vocab]
+        if bad:
+            raise EngineError(f"Invalid key in 'logit_bias': {bad[0]} is not a token id of this "
+                              f"model (its ids are 0..{vocab - 1})", "logit_bias")
 
     def _check_context(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens + max_tokens > self.context_window:
@@ -520,9 +562,12 @@ class Engine(CacheControl, Blending, Tiering):
         independent = getattr(self.runtime, "independent_rows", 0)
         return tail_len > 0 and 2 <= chunk <= independent and unit_len % chunk != 1
 
-    def _insert(self, run: _Run, digest: str, ids: tuple[int, ...], ttl_s: float | None) -> SegmentNode:
+    def _insert(self, run: _Run, digest: str, ids: tuple[int, ...], ttl_s: float | None,
+                kv: torch.Tensor | None = None) -> SegmentNode:
+        """Insert the KV of ``ids`` (in slots ``run.pos..`` of ``kv``, default the run's)."""
+        kv = run.kv if kv is None else kv
         # handle: [n_layers, 2, n_kv_heads, n_tokens, head_dim], this unit's tokens only
-        handle = run.kv[:, :, :, run.pos:run.pos + len(ids)].clone()
+        handle = kv[:, :, :, run.pos:run.pos + len(ids)].clone()
         node = self.tree.insert(run.parent, digest, ids, handle,
                                 handle.numel() * handle.element_size(),
                                 ttl_s=ttl_s or self.cache_cfg.default_ttl_s)
@@ -553,15 +598,26 @@ class Engine(CacheControl, Blending, Tiering):
         if key.kind != "message" or run.prefix_chain == "":
             run.prefix_chain = node.chain
 
-    def _keep_reply(self, run: _Run, tail: tuple[int, ...], result: GenerationResult) -> None:
-        """Store tail + generated ids under the digest of the assistant message the
-        client will send back next turn. Only a finished reply is kept: a
-        cancelled or failed one inserts nothing."""
-        if result.finish_reason not in ("stop", "length", "tool_calls") or not result.token_ids:
-            return
-        msg = {"role": "assistant", "content": result.text, "tool_calls": result.tool_calls}
-        ids = tail + tuple(result.token_ids)
-        run.hold(self._insert(run, message_digest(msg), ids, None), len(ids))
+    def _keep_replies(self, run: _Run, tail: tuple[int, ...], result: GenerationResult,
+                      seqs: list[Sequence]) -> None:
+        """Store tail + generated ids of each choice under the digest of the assistant
+        message the client will send back next turn. Only a finished reply is kept:
+        a cancelled or failed one inserts nothing, nor one cut by a stop string (not
+        what was generated)."""
+        kept = set()
+        for choice, seq in zip(result.choices(), seqs, strict=True):
+            if (choice.finish_reason not in ("stop", "length", "tool_calls") or not choice.token_ids
+                    or seq.stream.stopped):
+                continue
+            msg = {"role": "assistant", "content": choice.text, "tool_calls": choice.tool_calls}
+            digest = message_digest(msg)
+            if digest in kept:  # two choices with the same reply
+                continue
+            kept.add(digest)
+            ids = tail + tuple(choice.token_ids)
+            node = self._insert(run, digest, ids, None, seq.kv)
+            if seq.kv is run.kv:
+                run.hold(node, len(ids))
 
     def _release(self, nodes: list[SegmentNode]) -> None:
         ns = nodes[0].namespace if nodes else None
@@ -581,40 +637,50 @@ class Engine(CacheControl, Blending, Tiering):
 
     def _generate(self, run: _Run, tail: tuple[int, ...], sampling: SamplingParams, t0: float,
                   on_text: Callback | None, is_cancelled: CancelCheck | None,
-                  logits: torch.Tensor | None = None):
+                  logits: torch.Tensor | None = None, constraint: Constraint | None = None):
         """Prefill the tail (unless its ``logits`` are given: computed already) and
-        decode; returns (result, text stream). On a finish by EOS or length the KV
-        buffer holds every generated token but a final EOS (ready to be kept as a
-        reply)."""
+        decode ``sampling.n`` choices from it; returns (result, their sequences).
+        On a finish by EOS or length a choice's buffer holds every generated token
+        but a final EOS (ready to be kept as a reply)."""
         if logits is None:
             logits = yield from self._prefill(tail, run.kv, run.pos)
-        sampler = Sampler(sampling)
-        stream = TextStream(self.tokenizer.decode_stream(), sampling.stop)
-        pos, finish, ttft = run.pos + len(tail), "length", 0.0
-        for _ in range(sampling.max_tokens):
-            token = sampler.sample(logits)
-            ttft = ttft or time.perf_counter() - t0
-            if token in self.tokenizer.eos_ids:
-                finish = "stop"
-                break
-            delta = stream.push(token)
-            if delta and on_text is not None:
-                on_text(delta)
-            if stream.stopped:
-                finish = "stop"
-                break
-            if is_cancelled is not None and is_cancelled():
-                finish = "cancelled"
-                break
-            # Also after the last token: its KV completes the reply kept for next turn.
-            work = DecodeWork(token, run.kv, pos)
-            yield work
-            logits = work.logits
-            pos += 1
-        rest = stream.flush()
-        if rest and on_text is not None:
-            on_text(rest)
-        return self._result(run, len(tail), stream, finish, ttft, t0), stream
+        start = run.pos + len(tail)
+        seqs = [self._sequence(i, run, start, sampling, constraint) for i in range(sampling.n)]
+        decoder = Decoder(self.tokenizer.eos_ids, self._describe, on_text, t0)
+        try:
+            yield from decoder.run(seqs, logits, sampling.max_tokens, is_cancelled)
+        except BaseException:
+            self._give_back(seqs)
+            raise
+        return self._result(run, len(tail), seqs, t0), seqs
+
+    def _give_back(self, seqs: list[Sequence]) -> None:
+        """The other choices' buffers to the pool (choice 0 decodes in the run's)."""
+        for seq in seqs[1:]:
+            self._kv_pool.give(seq.kv)
+
+    def _sequence(self, index: int, run: _Run, start: int, sampling: SamplingParams,
+                  constraint: Constraint | None) -> Sequence:
+        """Choice ``index``: choice 0 decodes in the run's buffer, the others in a copy
+        of its first ``start`` slots (the prompt, computed once); each has its own
+        sampler (seed + index when seeded) and grammar state."""
+        kv = run.kv
+        if index > 0:
+            kv, _ = self._kv_pool.take(start + sampling.max_tokens)
+            kv[:, :, :, :start] = run.kv[:, :, :, :start]
+            if constraint is not None:
+                constraint = constraint.copy()
+        seeded = sampling if sampling.seed is None or index == 0 else \
+            replace(sampling, seed=(sampling.seed + index) % 2**63)
+        return Sequence(index, kv, start, Sampler(seeded),
+                        TextStream(self.tokenizer.decode_stream(), sampling.stop), constraint,
+                        [] if sampling.logprobs is not None else None)
+
+    def _describe(self, token: int) -> tuple[str, bytes]:
+        """A token's text and bytes, for logprobs (a piece of a UTF-8 character
+        shows as U+FFFD in the text; the bytes are exact)."""
+        raw = self.grammars.token_bytes(token)
+        return raw.decode("utf-8", errors="replace"), raw
 
     def _estimate(self, job: Job) -> int:
         """Cached prefix tokens of a queued chat/warm job (read-only walk of its
@@ -624,21 +690,52 @@ class Engine(CacheControl, Blending, Tiering):
         ns, prompt = job.meta
         return sum(n.n_tokens for n in self.tree.peek(ns, [u.key.digest for u in prompt.units]))
 
-    def _result(self, run: _Run, tail_len: int, stream: TextStream, finish: str, ttft: float,
-                t0: float) -> GenerationResult:
+    def _result(self, run: _Run, tail_len: int, seqs: list[Sequence], t0: float) -> GenerationResult:
+        first = seqs[0]
+        more = [Choice(s.index, s.stream.text, s.finish or "stop", list(s.stream.ids),
+                       logprobs=s.logprobs) for s in seqs[1:]]
         return GenerationResult(
-            text=stream.text, finish_reason=finish,  # type: ignore[arg-type]
-            prompt_tokens=run.pos + tail_len, completion_tokens=len(stream.ids),
+            text=first.stream.text, finish_reason=first.finish or "stop",  # type: ignore[arg-type]
+            prompt_tokens=run.pos + tail_len,
+            completion_tokens=sum(len(s.stream.ids) for s in seqs),
             cached_tokens=run.cached, chain=run.parent.chain, segments=list(run.usage),
-            ttft_s=ttft, total_s=time.perf_counter() - t0, token_ids=list(stream.ids),
-            prefix_chain=run.prefix_chain or run.parent.chain,
+            ttft_s=first.ttft, total_s=time.perf_counter() - t0, token_ids=list(first.stream.ids),
+            prefix_chain=run.prefix_chain or run.parent.chain, logprobs=first.logprobs,
+            more_choices=more,
         )
+
+    def _cancelled(self, run: _Run, tail_len: int, t0: float) -> GenerationResult:
+        return GenerationResult(
+            text="", finish_reason="cancelled", prompt_tokens=run.pos + tail_len,
+            completion_tokens=0, cached_tokens=run.cached, chain=run.parent.chain,
+            segments=list(run.usage), ttft_s=0.0, total_s=time.perf_counter() - t0,
+            prefix_chain=run.prefix_chain or run.parent.chain)
 
     @staticmethod
     def _shape_reply(result: GenerationResult, parse_calls: bool) -> None:
+        """Turn ``<tool_call>`` blocks in each choice's text into OpenAI tool_calls."""
         if not parse_calls or result.finish_reason == "cancelled":
             return
-        content, calls = parse_tool_calls(result.text)
-        if calls:
-            result.text, result.tool_calls, result.finish_reason = content or "", calls, "tool_calls"
+        for choice in [result, *result.more_choices]:
+            content, calls = parse_tool_calls(choice.text)
+            if calls:
+                choice.text, choice.tool_calls, choice.finish_reason = content or "", calls, "tool_calls"
+
+
+class _ChoiceFilter(ToolCallFilter):
+    """A ``ToolCallFilter`` for choice ``index``: its text goes on as ``TextDelta``s of
+    that choice, with the logprobs of the tokens received so far (those of a call's
+    tokens stay in the final result only)."""
+
+    def __init__(self, on_text: Callback, index: int) -> None:
+        self._logprobs: tuple = ()
+        super().__init__(lambda text: on_text(TextDelta(text, index, self._take())))
+
+    def __call__(self, delta: str) -> None:
+        self._logprobs += getattr(delta, "logprobs", ())
+        super().__call__(delta)
+
+    def _take(self) -> tuple:
+        taken, self._logprobs = self._logprobs, ()
+        return taken
 

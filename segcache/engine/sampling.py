@@ -19,8 +19,15 @@ class Sampler:
         else:
             self.generator.seed()
 
+    def adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits the choice is made from: ``logits`` [vocab] plus ``logit_bias``."""
+        if not self.params.logit_bias:
+            return logits
+        ids, bias = zip(*self.params.logit_bias, strict=True)
+        return logits.index_add(0, torch.tensor(ids), torch.tensor(bias, dtype=logits.dtype))
+
     def sample(self, logits: torch.Tensor) -> int:
-        """``logits``: [vocab] float32. Returns a token id."""
+        """``logits``: [vocab] float32, already ``adjust``ed. Returns a token id."""
         p = self.params
         if p.greedy:
             return int(torch.argmax(logits))

@@ -9,6 +9,8 @@ plain Python and *yields* the model work it needs:
                                     recomputation over reused KV, see engine.blend),
                                     a few layers per tick while others decode
     DecodeWork(token, kv, pos)   -> all pending decodes of a tick run as one batch
+    [DecodeWork, ...]            -> several sequences of one job (its n choices), in
+                                    the same batch
     WaitFor(key)                 -> another job is computing that unit; resume
                                     when it is no longer in flight (then it hits)
     LoadWait(future)             -> a unit's KV is being read from a lower cache tier
@@ -106,7 +108,7 @@ class LoadWait:
     future: Future  # of a lower-tier load (``TieredStore.fetch_async``)
 
 
-Work = PrefillWork | DecodeWork | WaitFor | LoadWait
+Work = PrefillWork | DecodeWork | list[DecodeWork] | WaitFor | LoadWait
 JobGen = Generator[Work, None, Any]
 
 
@@ -123,6 +125,10 @@ class Job:
     meta: Any = None  # what ``estimate`` needs (the engine's namespace and prompt)
     gen: JobGen | None = None
     work: Work | None = None
+
+
+def _decodes(work: DecodeWork | list[DecodeWork]) -> list[DecodeWork]:
+    return work if isinstance(work, list) else [work]
 
 
 class Scheduler:
@@ -239,9 +245,9 @@ class Scheduler:
     def _tick(self) -> None:
         for job in list(self._running):
             self._advance(job)
-        decoding = [j for j in self._running if isinstance(j.work, DecodeWork)]
+        decoding = [j for j in self._running if isinstance(j.work, DecodeWork | list)]
         if decoding:
-            self.runner.decode([j.work for j in decoding])
+            self.runner.decode([w for j in decoding for w in _decodes(j.work)])
             self.steps += 1
             for job in decoding:
                 self._advance(job, resume=True)

@@ -4,13 +4,20 @@ segcache declares tools with the block in ``segcache.kv.autoseg.tools_block``
 (Hermes/Qwen style), so the model answers a call as
 ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``. Output that does
 not parse stays plain text.
+
+Call ids are random (``call_`` + 24 letters and digits, as OpenAI's): two identical
+calls, in one reply or in two turns, get different ids, which agent frameworks rely
+on to tell history items apart. An id is made once per reply, so a stream and its
+final object agree, and it is never part of a cache key: the kept reply is keyed by
+the text the template renders (name and arguments), see ``kv.autoseg.message_text``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
+import secrets
+import string
 from typing import Any
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -24,7 +31,7 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     if start < 0:
         return text, []
     calls = []
-    for i, m in enumerate(_BLOCK.finditer(text, start)):
+    for m in _BLOCK.finditer(text, start):
         try:
             obj = json.loads(m.group(1))
         except json.JSONDecodeError:
@@ -32,12 +39,18 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
             return text, []
         args = obj.get("arguments", {})
-        call_id = "call_" + hashlib.sha256(f"{i}:{m.group(1)}".encode()).hexdigest()[:24]
-        calls.append({"id": call_id, "type": "function", "function": {
+        calls.append({"id": new_call_id(), "type": "function", "function": {
             "name": obj["name"],
             "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}})
     content = text[:start].strip()
     return (content or None), calls
+
+
+_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_call_id() -> str:
+    return "call_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
 
 
 class ToolCallFilter:

@@ -63,6 +63,10 @@ class ContextOverflowError(EngineError):
     code = "context_length_exceeded"
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_CHOICES = 16  # each choice holds its own copy of the prompt's KV while decoding
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
@@ -71,8 +75,16 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    logprobs: int | None = None  # None: off; k: each token's logprob and the k most likely
+    n: int = 1  # choices sampled independently from one prompt
 
     def __post_init__(self) -> None:
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise EngineError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}",
+                              "top_logprobs")
+        if not 1 <= self.n <= MAX_CHOICES:
+            raise EngineError(f"n must be between 1 and {MAX_CHOICES}", "n")
         if self.max_tokens < 1:
             raise EngineError("max_tokens must be >= 1", "max_tokens")
         if not 0.0 <= self.temperature <= 2.0:
@@ -111,8 +123,53 @@ class ChatRequest:
     segments: list[SegmentInput] = field(default_factory=list)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     tools: list[dict[str, Any]] = field(default_factory=list)
-    # "none" keeps the tools in the prompt (a stable prefix) but never parses calls.
+    # "none" keeps the tools in the prompt (a stable prefix) but never parses calls;
+    # "required" or {"type": "function", "function": {"name": N}} forces a call.
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True  # False: at most one call per reply
+    # OpenAI's: None / {"type": "text"}, {"type": "json_object"}, or
+    # {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}
+    response_format: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token and its log-probability, from the logits its choice was
+    made from (after ``logit_bias`` and any grammar mask, before temperature);
+    ``top``: the most likely tokens at that step, best first."""
+
+    token_id: int
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float
+    top: tuple[TokenLogprob, ...] = ()
+
+
+class TextDelta(str):
+    """A piece of generated text as the engine streams it: a plain ``str`` (what
+    single-choice callers read) that also says which choice it belongs to and the
+    logprobs of the tokens it completes (when they were asked for)."""
+
+    choice: int  # the choice's index (not ``index``: ``str.index`` is a method)
+    logprobs: tuple[TokenLogprob, ...]
+
+    def __new__(cls, text: str, choice: int = 0,
+                logprobs: tuple[TokenLogprob, ...] = ()) -> TextDelta:
+        obj = super().__new__(cls, text)
+        obj.choice, obj.logprobs = choice, logprobs
+        return obj
+
+
+@dataclass
+class Choice:
+    """One of a request's ``n`` generated replies."""
+
+    index: int
+    text: str
+    finish_reason: str
+    token_ids: list[int] = field(default_factory=list)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # None: not asked for
 
 
 @dataclass(frozen=True)
@@ -151,6 +208,15 @@ class GenerationResult:
     tools_digest: str | None = None
     # chain after the stable part of the prompt (segments, tools, system messages)
     prefix_chain: str = ""
+    logprobs: list[TokenLogprob] | None = None  # of choice 0; None: not asked for
+    # Every choice when the request asked for n > 1 (choice 0 is also the fields above);
+    # ``completion_tokens`` counts them all, the prompt is counted once.
+    more_choices: list[Choice] = field(default_factory=list)
+
+    def choices(self) -> list[Choice]:
+        first = Choice(0, self.text, self.finish_reason, self.token_ids, self.tool_calls,
+                       self.logprobs)
+        return [first, *self.more_choices]
 
     @property
     def blended_tokens(self) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 import segcache
 from segcache.config import CacheConfig, ServerConfig
@@ -53,6 +54,9 @@ def create_app(engine: Any, cfg: ServerConfig, cache_cfg: CacheConfig) -> FastAP
     app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes)
     paths = [route.path for router in routers for route in router.routes]
     app.add_middleware(RequestAccounting, metrics=metrics, paths=paths)
+    if cfg.cors_origins:  # outermost: preflights are answered before auth and accounting
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins),
+                           allow_methods=["*"], allow_headers=["*"])
     return app
 
 

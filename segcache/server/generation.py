@@ -28,7 +28,7 @@ import anyio.to_thread
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from segcache.engine.types import GenerationResult
+from segcache.engine.types import Choice, GenerationResult, SamplingParams, TextDelta
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class EngineRun:
             self._post(("done", result))
 
     def _on_text(self, delta: str) -> None:
-        if delta:
+        if delta or getattr(delta, "logprobs", None):  # a TextDelta may carry only logprobs
             self._post(("text", delta))
 
     def _post(self, event: tuple[str, Any]) -> None:
@@ -126,3 +126,49 @@ async def cancel_on_disconnect(request: Request, run: EngineRun) -> AsyncIterato
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+
+
+def complete_prompts(engine: Any, tenant: str, prompts: list[str | list[int]],
+                     sampling: SamplingParams) -> EngineCall:
+    """One call completing ``prompts`` one after another, as one response: prompt
+    ``i``'s choices get indexes ``i * n ..``, usage adds up (OpenAI's list prompts)."""
+
+    def call(on_text: OnText, is_cancelled: IsCancelled) -> GenerationResult:
+        results: list[GenerationResult] = []
+        for i, prompt in enumerate(prompts):
+            base = i * sampling.n
+
+            def shifted(delta: str, base: int = base) -> None:
+                on_text(TextDelta(delta, base + getattr(delta, "choice", 0),
+                                  getattr(delta, "logprobs", ())))
+
+            results.append(engine.complete(tenant, prompt, sampling, on_text=shifted,
+                                           is_cancelled=is_cancelled))
+            if results[-1].finish_reason == "cancelled":
+                break
+        return merge_results(results, sampling.n)
+
+    return call
+
+
+def merge_results(results: list[GenerationResult], n: int) -> GenerationResult:
+    """The results of several prompts as one: the first's fields, every other
+    choice re-indexed, token counts summed."""
+    first = results[0]
+    if len(results) == 1:
+        return first
+    more = list(first.more_choices)
+    for i, r in enumerate(results[1:], start=1):
+        more += [Choice(i * n + c.index, c.text, c.finish_reason, c.token_ids, c.tool_calls,
+                        c.logprobs) for c in r.choices()]
+    merged = GenerationResult(
+        text=first.text, finish_reason=first.finish_reason,
+        prompt_tokens=sum(r.prompt_tokens for r in results),
+        completion_tokens=sum(r.completion_tokens for r in results),
+        cached_tokens=sum(r.cached_tokens for r in results), chain=first.chain,
+        segments=first.segments, ttft_s=first.ttft_s, total_s=sum(r.total_s for r in results),
+        token_ids=first.token_ids, prefix_chain=first.prefix_chain, logprobs=first.logprobs,
+        more_choices=more)
+    if any(r.finish_reason == "cancelled" for r in results):
+        merged.finish_reason = "cancelled"
+    return merged

@@ -2,17 +2,19 @@
 and their translation into engine requests. No torch here.
 
 Validation is strict (``"5"`` is not a number, ``1.5`` is not an integer), as
-OpenAI's API is. Fields that OpenAI defines but segcache does not implement
-are accepted and ignored (``frequency_penalty``, ``presence_penalty``,
-``logit_bias``, ``response_format``, ``user``, ``metadata``, ...) so existing
-clients keep working; ``tools`` are declared to the model in a canonical
-system-prompt block (see ``segcache.kv.autoseg``) and calls in its output come
-back as ``tool_calls``; the few whose absence
-would silently change the answer (``n`` > 1, ``logprobs``, ``echo``,
-image content) are refused with a 400 that names them.
+OpenAI's API is, and follows OpenAI's rules where they go beyond types
+(``tool_choice`` needs ``tools`` and must name one of them, ``logit_bias`` keys
+are token ids, assistant tool-call ``arguments`` are JSON). Fields that OpenAI
+defines but segcache does not implement are accepted and ignored
+(``frequency_penalty``, ``presence_penalty``, ``user``, ``metadata``, ...) so
+existing clients keep working; ``tools`` are declared to the model in a
+canonical system-prompt block (see ``segcache.kv.autoseg``) and calls in its
+output come back as ``tool_calls``; the few whose absence would silently
+change the answer (``echo``, ``suffix``, image content) are refused with a 400
+that names them.
 
-``model`` is optional and never checked: like llama.cpp's server, any name is
-served by the one loaded model, and responses carry the served model's name.
+``model`` is optional (absent means the served model); a name the server does
+not serve is a 404, checked by the routes (they know the served names).
 
 ``max_tokens`` defaults to 256 when a request gives neither ``max_tokens`` nor
 ``max_completion_tokens``.
@@ -20,6 +22,7 @@ served by the one loaded model, and responses carry the served model's name.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -78,24 +81,38 @@ class ContentPart(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # As OpenAI: "developer" is the new name of "system", "function" the old one of "tool".
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
 
     def to_engine(self, index: int) -> dict[str, Any]:
-        """A plain dict for the chat template; ``developer`` is OpenAI's new name
-        for ``system``."""
-        msg: dict[str, Any] = {
-            "role": "system" if self.role == "developer" else self.role,
-            "content": self._text(index),
-        }
+        """A plain dict for the chat template, with OpenAI's role aliases resolved."""
+        role = {"developer": "system", "function": "tool"}.get(self.role, self.role)
+        msg: dict[str, Any] = {"role": role, "content": self._text(index)}
         for key in ("name", "tool_calls", "tool_call_id"):
             value = getattr(self, key)
             if value is not None:
                 msg[key] = value
+        self._check_call_arguments(index)
         return msg
+
+    def _check_call_arguments(self, index: int) -> None:
+        """OpenAI requires each call's ``arguments`` to be a JSON document in a string."""
+        for j, call in enumerate(self.tool_calls or []):
+            fn = call.get("function")
+            args = fn.get("arguments") if isinstance(fn, dict) else None
+            if not isinstance(args, str):
+                continue
+            try:
+                json.loads(args)
+            except ValueError as exc:
+                where = f"messages[{index}].tool_calls[{j}].function.arguments"
+                raise APIError(f"Invalid '{where}': not valid JSON ({exc}); send the "
+                               "arguments the model produced, a JSON object as a string",
+                               param=where) from exc
 
     def _text(self, index: int) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -130,16 +147,15 @@ class _GenerationRequest(_Schema):
     stream_options: StreamOptions | None = None
     n: int | None = None  # null and absent mean 1
     user: str | None = None
+    logit_bias: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
-        if self.n not in (None, 1):
-            raise APIError(f"n={self.n} is not supported; only n=1", param="n")
         if self.stream_options is not None and not self.stream:  # as OpenAI does
             raise APIError(
                 "'stream_options' is only allowed when 'stream' is true", param="stream_options"
             )
 
-    def sampling(self, max_tokens: int | None) -> SamplingParams:
+    def sampling(self, max_tokens: int | None, logprobs: int | None = None) -> SamplingParams:
         """Raises EngineError (400) for out-of-range values."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(
@@ -149,6 +165,9 @@ class _GenerationRequest(_Schema):
             top_k=self.top_k or 0,
             seed=self.seed,
             stop=tuple(stop),
+            logit_bias=parse_logit_bias(self.logit_bias),
+            logprobs=logprobs,
+            n=1 if self.n is None else self.n,
         )
 
     @property
@@ -173,49 +192,73 @@ class ChatCompletionRequest(_GenerationRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     segments: list[Segment] = Field(default_factory=list, description="segcache extension")
-    tools: list[Tool] | None = None
+    tools: list[Tool] | None = Field(default=None, min_length=1)
     tool_choice: str | dict[str, Any] | None = None
 
     def to_engine(self, tenant: str, max_segments: int) -> ChatRequest:
         self.check_supported()
-        if self.logprobs:
-            raise APIError("logprobs are not supported", param="logprobs")
+        tool_choice = check_tool_choice(self.tool_choice, self.tools)
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError("Invalid 'top_logprobs': it needs 'logprobs' set to true",
+                           param="top_logprobs")
         check_segment_count(self.segments, max_segments)
         max_tokens = self.max_completion_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return ChatRequest(
             tenant=tenant,
             messages=[m.to_engine(i) for i, m in enumerate(self.messages)],
             segments=[s.to_engine(i) for i, s in enumerate(self.segments)],
-            sampling=self.sampling(self.max_tokens if max_tokens is None else max_tokens),
+            sampling=self.sampling(self.max_tokens if max_tokens is None else max_tokens,
+                                   logprobs),
             tools=[t.as_dict(i) for i, t in enumerate(self.tools or [])],
-            tool_choice=self.tool_choice,
+            tool_choice=tool_choice,
+            parallel_tool_calls=self.parallel_tool_calls is not False,
+            response_format=check_response_format(self.response_format),
         )
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = False
+    suffix: str | None = None
     logprobs: int | None = None
     best_of: int | None = None
 
-    def prompt_text(self) -> str:
+    def prompt_inputs(self) -> list[str | list[int]]:
+        """The prompts, each text or token ids (OpenAI's four shapes of ``prompt``)."""
         self.check_supported()
         if self.echo:
-            raise APIError("echo is not supported", param="echo")
-        if self.logprobs:
-            raise APIError("logprobs are not supported", param="logprobs")
+            raise APIError("echo is not supported: the response holds the completion only "
+                           "(prepend the prompt yourself)", param="echo")
+        if self.suffix:
+            raise APIError("suffix is not supported: this model has no fill-in-the-middle "
+                           "format; put all the text in 'prompt'", param="suffix")
         if self.best_of not in (None, 1):
-            raise APIError(f"best_of={self.best_of} is not supported; only 1", param="best_of")
+            raise APIError(f"best_of={self.best_of} is not supported; only 1 (use 'n' for "
+                           "several completions)", param="best_of")
         if isinstance(self.prompt, str):
-            return self.prompt
-        if len(self.prompt) != 1:
-            raise APIError(
-                f"prompt is a list of {len(self.prompt)} strings; send exactly one prompt "
-                "per request",
-                param="prompt",
-            )
-        return self.prompt[0]
+            return [self.prompt]
+        if self.prompt and isinstance(self.prompt[0], int):
+            return [list(self.prompt)]
+        if not 1 <= len(self.prompt) <= MAX_PROMPTS:
+            raise APIError(f"prompt is a list of {len(self.prompt)} prompts; send 1 to "
+                           f"{MAX_PROMPTS}", param="prompt")
+        return list(self.prompt)
+
+    def completion_sampling(self) -> SamplingParams:
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise APIError(f"Invalid 'logprobs': {self.logprobs}; it is the number of most "
+                           f"likely tokens to return, 0 to {MAX_COMPLETION_LOGPROBS}",
+                           param="logprobs")
+        return self.sampling(self.max_tokens, self.logprobs)
+
+
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
+MAX_PROMPTS = 16  # prompts in one /v1/completions request (run one after another)
 
 
 class WarmRequest(_Schema):
@@ -239,3 +282,94 @@ def check_segment_count(segments: list[Segment], max_segments: int) -> None:
             "per request (merge adjacent segments that always travel together)",
             param="segments",
         )
+
+
+TOOL_CHOICES = ("none", "auto", "required")
+
+
+def check_tool_choice(choice: str | dict[str, Any] | None,
+                      tools: list[Tool] | None) -> str | dict[str, Any] | None:
+    """OpenAI's rules: a ``tool_choice`` needs ``tools``; a string is one of
+    ``TOOL_CHOICES``; an object is ``{"type": "function", "function": {"name": N}}``
+    with N one of the tools. Returns the choice as the engine takes it."""
+    if choice is None:
+        return None
+    if not tools:
+        raise APIError("Invalid value for 'tool_choice': 'tool_choice' is only allowed when "
+                       "'tools' are specified", param="tool_choice")
+    if isinstance(choice, str):
+        if choice not in TOOL_CHOICES:
+            raise APIError(f"Invalid value for 'tool_choice': {choice!r}. Supported values are: "
+                           "'none', 'auto', 'required', or an object naming a function",
+                           param="tool_choice")
+        return choice
+    if choice.get("type") != "function":
+        raise APIError("Invalid 'tool_choice': an object needs \"type\": \"function\" and "
+                       "\"function\": {\"name\": ...}", param="tool_choice.type")
+    fn = choice.get("function")
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str) or not name:
+        raise APIError("Invalid 'tool_choice': missing 'function.name', the function to call",
+                       param="tool_choice.function.name")
+    names = [t.function.get("name") for t in tools]
+    if name not in names:
+        raise APIError(f"Invalid 'tool_choice': function {name!r} is not one of 'tools' "
+                       f"({', '.join(map(str, names))})", param="tool_choice.function.name")
+    return {"type": "function", "function": {"name": name}}
+
+
+LOGIT_BIAS_LIMIT = 100.0
+
+
+def parse_logit_bias(bias: dict[str, Any] | None) -> tuple[tuple[int, float], ...]:
+    """``{"123": -100}`` -> ((123, -100.0),). Keys are token ids written as integers,
+    values numbers in [-100, 100] (OpenAI's range); the engine checks the ids
+    against the vocabulary."""
+    out = []
+    for key, value in (bias or {}).items():
+        if not key.strip().lstrip("-").isdigit():
+            raise APIError(f"Invalid key in 'logit_bias': {key!r}; keys are token ids "
+                           "(integers written as strings)", param="logit_bias")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise APIError(f"Invalid value in 'logit_bias' for {key!r}: {value!r}; values "
+                           "are numbers from -100 to 100", param="logit_bias")
+        if not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
+            raise APIError(f"Invalid value in 'logit_bias' for {key!r}: {value}; values "
+                           "are numbers from -100 to 100", param="logit_bias")
+        token = int(key)
+        if token < 0:
+            raise APIError(f"Invalid key in 'logit_bias': {key!r}; token ids are >= 0",
+                           param="logit_bias")
+        out.append((token, float(value)))
+    return tuple(sorted(out))
+
+
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def check_response_format(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
+    """OpenAI's shapes: {"type": "text"} (None for the engine), {"type": "json_object"},
+    {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}.
+    Whether the schema can be enforced is the engine's check."""
+    if fmt is None or fmt.get("type") == "text":
+        return None
+    kind = fmt.get("type")
+    if kind not in RESPONSE_FORMATS:
+        raise APIError(f"Invalid value for 'response_format.type': {kind!r}. Supported values "
+                       "are: 'text', 'json_object' and 'json_schema'", param="response_format.type")
+    if kind == "json_object":
+        return {"type": "json_object"}
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise APIError("Missing required parameter: 'response_format.json_schema' (an object "
+                       "with 'name' and 'schema')", param="response_format.json_schema")
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise APIError("Missing required parameter: 'response_format.json_schema.name'",
+                       param="response_format.json_schema.name")
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict):
+        raise APIError("Invalid 'response_format.json_schema.schema': expected a JSON Schema "
+                       "object", param="response_format.json_schema.schema")
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema,
+                                                    "strict": spec.get("strict") is True}}

@@ -20,7 +20,7 @@ from typing import Any
 from starlette.responses import StreamingResponse
 from starlette.types import Send
 
-from segcache.engine.types import EngineError, GenerationResult
+from segcache.engine.types import EngineError, GenerationResult, TokenLogprob
 from segcache.server.errors import APIError, api_error_body, engine_error_body, error_body
 from segcache.server.generation import EngineRun
 
@@ -28,47 +28,65 @@ log = logging.getLogger(__name__)
 
 
 class ChatShaper:
-    """Builds ``chat.completion`` and ``chat.completion.chunk`` objects of one request."""
+    """Builds ``chat.completion`` and ``chat.completion.chunk`` objects of one request:
+    one choice per generated reply (``n``), with ``logprobs`` when they were asked for."""
 
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
-    def __init__(self, model: str, include_usage: bool = False) -> None:
+    def __init__(self, model: str, system_fingerprint: str | None = None,
+                 include_usage: bool = False, n: int = 1, logprobs: bool = False) -> None:
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
+        self.system_fingerprint = system_fingerprint
         self.include_usage = include_usage
+        self.n = n
+        self.logprobs = logprobs
 
     def response(self, result: GenerationResult) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": result.text}
-        if result.tool_calls:
-            message["content"] = result.text or None
-            message["tool_calls"] = result.tool_calls
-        choice = {
-            "index": 0,
-            "message": message,
-            "logprobs": None,
-            "finish_reason": result.finish_reason,
-        }
-        return self._envelope(self.object, [choice], usage=result.usage())
+        choices = []
+        for c in result.choices():
+            message: dict[str, Any] = {"role": "assistant", "content": c.text}
+            if c.tool_calls:
+                message["content"] = c.text or None
+                message["tool_calls"] = c.tool_calls
+            choices.append({"index": c.index, "message": message,
+                            "logprobs": self._logprobs(c.logprobs or []),
+                            "finish_reason": c.finish_reason})
+        return self._envelope(self.object, choices, usage=result.usage())
 
-    def start_chunk(self) -> dict[str, Any] | None:
-        return self._chunk({"role": "assistant", "content": ""}, None)
+    def start_chunks(self) -> list[dict[str, Any]]:
+        return [self._chunk({"role": "assistant", "content": ""}, None, i) for i in range(self.n)]
 
     def text_chunk(self, delta: str) -> dict[str, Any]:
-        return self._chunk({"content": delta}, None)
+        entries = getattr(delta, "logprobs", ())
+        return self._chunk({"content": str(delta)}, None, getattr(delta, "choice", 0),
+                           self._logprobs(entries))
 
-    def finish_chunk(self, result: GenerationResult) -> dict[str, Any]:
-        delta: dict[str, Any] = {}
-        if result.tool_calls:
-            delta["tool_calls"] = [dict(call, index=i) for i, call in enumerate(result.tool_calls)]
-        return self._chunk(delta, result.finish_reason)
+    def finish_chunks(self, result: GenerationResult) -> list[dict[str, Any]]:
+        chunks = []
+        for c in result.choices():
+            delta: dict[str, Any] = {}
+            if c.tool_calls:
+                delta["tool_calls"] = [dict(call, index=i) for i, call in enumerate(c.tool_calls)]
+            chunks.append(self._chunk(delta, c.finish_reason, c.index))
+        return chunks
 
     def usage_chunk(self, result: GenerationResult) -> dict[str, Any]:
         return self._envelope(self.chunk_object, [], usage=result.usage())
 
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def _logprobs(self, entries: Any) -> dict[str, Any] | None:
+        """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+        if not self.logprobs:
+            return None
+        return {"content": [dict(_token(e), top_logprobs=[_token(t) for t in e.top])
+                            for e in entries], "refusal": None}
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None, index: int = 0,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs,
+                  "finish_reason": finish_reason}
         return self._stream_envelope(choice)
 
     def _stream_envelope(self, choice: dict[str, Any]) -> dict[str, Any]:
@@ -81,41 +99,64 @@ class ChatShaper:
             "object": obj,
             "created": self.created,
             "model": self.model,
+            "system_fingerprint": self.system_fingerprint,
             "choices": choices,
             **extra,
         }
 
 
+def _token(e: TokenLogprob) -> dict[str, Any]:
+    return {"token": e.token, "logprob": e.logprob, "bytes": list(e.bytes)}
+
+
 class CompletionShaper(ChatShaper):
-    """``text_completion`` objects; chunks have the same object name, no role delta."""
+    """``text_completion`` objects; chunks have the same object name, no role delta.
+    Logprobs in the legacy shape: {tokens, token_logprobs, top_logprobs, text_offset},
+    offsets counted in characters from the start of the choice's text."""
 
     object = "text_completion"
     chunk_object = "text_completion"
 
-    def __init__(self, model: str, include_usage: bool = False) -> None:
-        super().__init__(model, include_usage)
+    def __init__(self, model: str, system_fingerprint: str | None = None,
+                 include_usage: bool = False, n: int = 1, logprobs: bool = False) -> None:
+        super().__init__(model, system_fingerprint, include_usage, n, logprobs)
         self.id = f"cmpl-{uuid.uuid4().hex}"
+        self._offsets = [0] * n  # streamed: characters of each choice's text so far
 
     def response(self, result: GenerationResult) -> dict[str, Any]:
-        choice = {
-            "index": 0,
-            "text": result.text,
-            "logprobs": None,
-            "finish_reason": result.finish_reason,
-        }
-        return self._envelope(self.object, [choice], usage=result.usage())
+        choices = [{"index": c.index, "text": c.text,
+                    "logprobs": self._text_logprobs(c.logprobs or [], c.index),
+                    "finish_reason": c.finish_reason} for c in result.choices()]
+        return self._envelope(self.object, choices, usage=result.usage())
 
-    def start_chunk(self) -> dict[str, Any] | None:
-        return None
+    def start_chunks(self) -> list[dict[str, Any]]:
+        return []
 
     def text_chunk(self, delta: str) -> dict[str, Any]:
-        return self._text_choice(delta, None)
+        index = getattr(delta, "choice", 0)
+        logprobs = self._text_logprobs(getattr(delta, "logprobs", ()), index)
+        return self._text_choice(str(delta), None, index, logprobs)
 
-    def finish_chunk(self, result: GenerationResult) -> dict[str, Any]:
-        return self._text_choice("", result.finish_reason)
+    def finish_chunks(self, result: GenerationResult) -> list[dict[str, Any]]:
+        return [self._text_choice("", c.finish_reason, c.index) for c in result.choices()]
 
-    def _text_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def _text_logprobs(self, entries: Any, index: int) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                               "text_offset": []}
+        for e in entries:
+            out["tokens"].append(e.token)
+            out["token_logprobs"].append(e.logprob)
+            out["top_logprobs"].append({t.token: t.logprob for t in e.top})
+            out["text_offset"].append(self._offsets[index])
+            self._offsets[index] += len(e.token)
+        return out
+
+    def _text_choice(self, text: str, finish_reason: str | None, index: int = 0,
+                     logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        choice = {"index": index, "text": text, "logprobs": logprobs,
+                  "finish_reason": finish_reason}
         return self._stream_envelope(choice)
 
 
@@ -136,8 +177,7 @@ async def sse_stream(
     early refusal gets a real status code). Leaving early cancels the run."""
     finished = False
     try:
-        start = shaper.start_chunk()
-        if start is not None:
+        for start in shaper.start_chunks():
             yield sse(start)
         event: tuple[str, Any] | None = first
         while event is not None:
@@ -146,7 +186,8 @@ async def sse_stream(
                 yield sse(shaper.text_chunk(value))
             elif kind == "done":
                 on_done(value)
-                yield sse(shaper.finish_chunk(value))
+                for chunk in shaper.finish_chunks(value):
+                    yield sse(chunk)
                 if shaper.include_usage:
                     yield sse(shaper.usage_chunk(value))
                 yield sse("[DONE]")

@@ -11,7 +11,12 @@ from starlette.responses import Response
 
 from segcache.engine.types import GenerationResult
 from segcache.server.auth import require_tenant
-from segcache.server.generation import EngineCall, EngineRun, cancel_on_disconnect
+from segcache.server.generation import (
+    EngineCall,
+    EngineRun,
+    cancel_on_disconnect,
+    complete_prompts,
+)
 from segcache.server.protocol import ChatCompletionRequest, CompletionRequest
 from segcache.server.responses import ChatShaper, CompletionShaper, SSEResponse, sse_stream
 from segcache.server.state import ServerState, server_state
@@ -42,12 +47,14 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, tenant: str = Depends(require_tenant)
 ) -> Any:
     state = server_state(request)
+    state.check_model(body.model)
     chat = body.to_engine(tenant, state.cache_cfg.max_segments)
 
     def call(on_text, is_cancelled) -> GenerationResult:
         return state.engine.chat(chat, on_text=on_text, is_cancelled=is_cancelled)
 
-    shaper = ChatShaper(state.model_name, body.include_usage)
+    shaper = ChatShaper(state.model_name, state.system_fingerprint, body.include_usage,
+                        chat.sampling.n, chat.sampling.logprobs is not None)
     log_body = body.model_dump(exclude_none=True) if state.request_log is not None else None
     return await generate(request, state, call, shaper, bool(body.stream), tenant, log_body)
 
@@ -57,30 +64,37 @@ async def completions(
     body: CompletionRequest, request: Request, tenant: str = Depends(require_tenant)
 ) -> Any:
     state = server_state(request)
-    prompt = body.prompt_text()
-    sampling = body.sampling(body.max_tokens)
-
-    def call(on_text, is_cancelled) -> GenerationResult:
-        return state.engine.complete(
-            tenant, prompt, sampling, on_text=on_text, is_cancelled=is_cancelled
-        )
-
-    shaper = CompletionShaper(state.model_name, body.include_usage)
+    state.check_model(body.model)
+    prompts = body.prompt_inputs()
+    sampling = body.completion_sampling()
+    call = complete_prompts(state.engine, tenant, prompts, sampling)
+    shaper = CompletionShaper(state.model_name, state.system_fingerprint, body.include_usage,
+                              len(prompts) * sampling.n, sampling.logprobs is not None)
     return await generate(request, state, call, shaper, bool(body.stream), tenant)
 
 
-@router.get("/models", dependencies=[Depends(require_tenant)])
-async def models(request: Request) -> dict[str, Any]:
-    state = server_state(request)
-    model = {
-        "id": state.model_name,
+def model_card(state: ServerState, name: str) -> dict[str, Any]:
+    return {
+        "id": name,
         "object": "model",
         "created": 0,
         "owned_by": "segcache",
         "context_window": state.engine.context_window,
         "execution_plan": state.engine.execution_plan,
     }
-    return {"object": "list", "data": [model]}
+
+
+@router.get("/models", dependencies=[Depends(require_tenant)])
+async def models(request: Request) -> dict[str, Any]:
+    state = server_state(request)
+    return {"object": "list", "data": [model_card(state, n) for n in state.served_names]}
+
+
+@router.get("/models/{model_id:path}", dependencies=[Depends(require_tenant)])
+async def model(model_id: str, request: Request) -> dict[str, Any]:
+    state = server_state(request)
+    state.check_model(model_id)
+    return model_card(state, model_id)
 
 
 async def generate(

@@ -1,0 +1,164 @@
+"""Constrained decoding with llguidance: which tokens may come next.
+
+A request's constraint comes from ``response_format`` (``json_object``,
+``json_schema``) and its tools (``tool_choice`` ``"required"`` or a named
+function, ``strict`` tool schemas): ``grammar_for`` turns them into one Lark
+grammar, checked before any compute (a bad schema is a 400). Each generated
+sequence gets its own ``Constraint`` (a matcher); in a decode step the engine
+masks that sequence's logits row and tells it the token chosen. Masks change
+only the choice of the next token: the KV cache, and so every cached segment,
+is the same as for an unconstrained request.
+
+``tool_choice`` naming a function allows exactly one call of it; ``"required"``
+one or more (one with ``parallel_tool_calls: false``). Tool calls use the format
+the tools block teaches the model
+(``segcache.kv.autoseg``): ``<tool_call>\\n{"name": N, "arguments": {...}}\\n</tool_call>``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import llguidance
+import llguidance.hf
+import torch
+
+from segcache.engine.toolcalls import CLOSE, OPEN
+from segcache.engine.types import ChatRequest, EngineError
+
+ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+# Fixed JSON layout (as ``json.dumps`` writes it): with free whitespace a model can
+# loop on newlines and spaces without ever finishing the value.
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _json(schema: dict[str, Any]) -> str:
+    """``%json {...}`` for a Lark rule, with segcache's layout unless the schema sets its own."""
+    layout = {**JSON_LAYOUT, **(schema.get("x-guidance") or {})}
+    return "%json " + json.dumps({**schema, "x-guidance": layout})
+
+
+def _lark_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string literal is a valid Lark string literal
+
+
+def _call_schema(tools: list[dict[str, Any]], strict_only: bool) -> dict[str, Any]:
+    """The JSON of one call: {"name": one of ``tools``, "arguments": its parameters}.
+    Arguments follow the tool's schema when it is ``strict`` or ``strict_only`` is off."""
+    options = []
+    for tool in tools:
+        fn = tool.get("function", {})
+        params = fn.get("parameters") or ANY_OBJECT
+        if strict_only and not fn.get("strict"):
+            params = ANY_OBJECT
+        options.append({"type": "object", "properties": {"name": {"const": fn["name"]},
+                                                         "arguments": params},
+                        "required": ["name", "arguments"], "additionalProperties": False})
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def _calls_rule(schema: dict[str, Any], parallel: bool) -> str:
+    call = f"{_lark_string(OPEN + chr(10))} {_json(schema)} {_lark_string(chr(10) + CLOSE)}"
+    return f"calls: call\ncall: {call}\n" if not parallel else \
+        f"calls: call ({_lark_string(chr(10))} call)*\ncall: {call}\n"
+
+
+def _answer_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+    kind = (response_format or {}).get("type", "text")
+    if kind == "json_object":
+        return ANY_OBJECT
+    if kind == "json_schema":
+        return response_format["json_schema"].get("schema") or ANY_OBJECT
+    return None
+
+
+def grammar_for(req: ChatRequest) -> str | None:
+    """The Lark grammar constraining ``req``'s reply, or None when it is free text
+    (no response_format, and tools, if any, chosen freely: no strict schema, and
+    parallel calls allowed)."""
+    answer = _answer_schema(req.response_format)
+    choice = req.tool_choice
+    tools = req.tools if choice != "none" else []
+    if isinstance(choice, dict):
+        tools = [t for t in tools if t["function"]["name"] == choice["function"]["name"]]
+    forced = choice == "required" or isinstance(choice, dict)
+    strict = any(t.get("function", {}).get("strict") for t in tools)
+    single = bool(tools) and not req.parallel_tool_calls
+    if not forced and answer is None and not strict and not single:
+        return None
+    rules = []
+    if tools:  # a named function is called once (as vLLM does), others as allowed
+        parallel = req.parallel_tool_calls and not isinstance(choice, dict)
+        rules.append(_calls_rule(_call_schema(tools, strict_only=not forced), parallel))
+    if forced:
+        return "start: calls\n" + "".join(rules)
+    if answer is not None:
+        rules.append(f"answer: {_json(answer)}\n")
+    else:  # free text that does not start a call: a call has to follow its schema
+        rules.append(f"answer: TEXT\nTEXT: /(?s:.+)/ & ~/(?s:.*{OPEN}.*)/\n")
+    return ("start: calls | answer\n" if tools else "start: answer\n") + "".join(rules)
+
+
+class Grammars:
+    """Per engine: the llguidance view of the tokenizer (built on first use, ~0.3 s)."""
+
+    def __init__(self, hf_tokenizer: Any, vocab_size: int) -> None:
+        self._hf = hf_tokenizer
+        self.vocab_size = vocab_size
+        self._lock = threading.Lock()
+        self._tokenizer: llguidance.LLTokenizer | None = None
+
+    @property
+    def tokenizer(self) -> llguidance.LLTokenizer:
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self.vocab_size)
+            return self._tokenizer
+
+    def compile(self, lark: str, param: str) -> llguidance.LLMatcher:
+        """A matcher for ``lark``; raises EngineError (400, naming ``param``) when the
+        grammar, or a JSON schema in it, is not usable."""
+        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+        error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
+        matcher = None if error else llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if matcher is None or matcher.is_error():
+            detail = error or matcher.get_error()
+            raise EngineError(f"Invalid '{param}': the schema cannot be enforced ({detail})", param)
+        return matcher
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.tokenizer.decode_bytes([token])
+
+
+class Constraint:
+    """One sequence's grammar state. ``mask`` the logits before choosing a token,
+    then ``advance`` with the token chosen (EOS included: it ends the grammar)."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, eos_ids: frozenset[int]) -> None:
+        self.matcher = matcher
+        self.eos_ids = eos_ids
+
+    def copy(self) -> Constraint:
+        return Constraint(self.matcher.deep_copy(), self.eos_ids)
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` [vocab] with every token the grammar forbids at -inf. A grammar
+        that allows nothing (an error state) allows EOS: the sequence ends."""
+        allowed = torch.frombuffer(bytearray(self.matcher.compute_logit_bias()), dtype=torch.uint8)
+        n = min(len(allowed), logits.shape[-1])
+        keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        keep[:n] = allowed[:n] > 0
+        if not keep.any():
+            keep[list(self.eos_ids)] = True
+        return logits.masked_fill(~keep, float("-inf"))
+
+    def advance(self, token: int) -> None:
+        self.matcher.consume_token(token)
+
+    @property
+    def failed(self) -> bool:
+        return self.matcher.is_error()
