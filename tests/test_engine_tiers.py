@@ -88,7 +88,7 @@ def test_eviction_demotes_and_a_miss_in_ram_promotes_back(tiny_engine_factory, t
     # RAM for about one agent's prompt: the next agents evict the earlier ones' nodes
     engine = tiny_engine_factory(disk_cfg(tmp_path, cache_bytes=one + 1000))
     # no write-through (as if every publish had been dropped): only demotion fills the disk
-    monkeypatch.setattr(engine, "_publish", lambda node: None)
+    monkeypatch.setattr(engine, "_publish", lambda node, handle: None)
     first = chat(engine, "t", AGENTS[0])
     settle(engine)
     assert engine.store.tiers[0].stats().entries == 0
@@ -321,3 +321,39 @@ def test_the_start_up_log_names_the_tiers_without_a_redis_password(tmp_path, cap
         assert "s3cret" not in caplog.text
     finally:
         store.close()
+
+
+def test_tier_writes_run_behind_the_request_and_a_ram_hit_reads_no_tier(tiny_engine_factory, tmp_path):
+    engine = tiny_engine_factory(disk_cfg(tmp_path))
+    disk = engine.store.tiers[0]
+    release = threading.Event()
+    write = disk._write
+
+    def stuck_write(*args):  # a disk that does not answer until released
+        release.wait(60)
+        return write(*args)
+
+    disk._write = stuck_write
+    try:
+        first = chat(engine, "t", AGENTS[0])  # returns although no write has finished
+        assert disk.stats().puts == 0
+        fetches = []
+        fetch = engine.store.fetch_async
+        engine.store.fetch_async = lambda expect: fetches.append(expect) or fetch(expect)
+        again = chat(engine, "t", AGENTS[0])  # everything in RAM: no lower tier is asked
+        assert tiers_of(again) == ["ram"] * 3 and fetches == []
+        assert again.token_ids == first.token_ids
+    finally:
+        release.set()
+    settle(engine)
+    assert disk.stats().puts > 0
+
+
+def test_a_node_the_tree_already_holds_is_not_written_again(tiny_engine_factory, tmp_path):
+    engine = tiny_engine_factory(disk_cfg(tmp_path))
+    chat(engine, "t", AGENTS[0])
+    settle(engine)
+    publishes = engine.store.stats()["store"]["publishes"]
+    chat(engine, "t", AGENTS[0])  # the same reply again: the kept reply's node exists already
+    settle(engine)
+    assert engine.store.stats()["store"]["publishes"] == publishes

@@ -159,6 +159,7 @@ def test_usage_stats_metrics_and_purge_over_http(tiny_engine_factory, tmp_path, 
         assert m[("segcache_tier_promotions_total", (("tier", "disk"),))] >= 3
         assert m[("segcache_tier_bytes", (("tier", "disk"),))] > 0
         assert ("segcache_tier_load_seconds_total", (("tier", "disk"),)) in m
+        assert m[("segcache_tier_load_bytes_total", (("tier", "disk"),))] == stats["disk"]["load_bytes"] > 0
         assert ("segcache_tier_errors_total", (("tier", "redis"),)) in m
         assert ("segcache_tier_demotions_total", (("tier", "disk"),)) in m
         r = httpx.delete(url + "/v1/cache", headers={"Authorization": "Bearer kb"})

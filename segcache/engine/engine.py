@@ -573,7 +573,7 @@ class Engine(CacheControl, Blending, Tiering):
                                 ttl_s=ttl_s or self.cache_cfg.default_ttl_s)
         self.tree.pin([node])
         run.pinned.append(node)
-        self._publish(node)
+        self._publish(node, handle)
         self._enforce_budget(run.parent.namespace)
         return node
 

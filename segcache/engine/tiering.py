@@ -135,9 +135,10 @@ class Tiering:
         return CacheKey(node.namespace, self.fingerprint, node.parent.chain, node.digest, node.chain)
 
     # ------------------------------------------------------------------ writes
-    def _publish(self, node: SegmentNode) -> None:
-        """Write-through of a just-inserted node to every lower tier (queued)."""
-        if self.store is not None:
+    def _publish(self, node: SegmentNode, handle: object) -> None:
+        """Write-through of a just-inserted node to every lower tier (queued); nothing
+        when the tree kept an existing node (its KV is not ``handle``: written already)."""
+        if self.store is not None and node.handle is handle:
             self.store.publish(self._tier_key(node), kv_data(node.handle), token_digest(node.token_ids))
 
     def _on_tree_remove(self, node: SegmentNode, reason: str) -> None:

@@ -142,6 +142,7 @@ _TIER_COUNTERS = {
     "promotions": "Nodes loaded from the tier back into RAM",
     "demotions": "Nodes evicted from RAM and queued for the tier",
     "load_s": "Seconds spent in verified loads (mean load latency = this / hits)",
+    "load_bytes": "Payload bytes of verified loads (load rate = this / load seconds)",
 }
 
 
@@ -157,7 +158,7 @@ def tier_metrics(tiers: dict[str, Any]) -> Iterator[Metric]:
                 g.add_metric([name], float(s[key]))
         yield g
     for key, doc in _TIER_COUNTERS.items():
-        metric = "segcache_tier_load_seconds" if key == "load_s" else f"segcache_tier_{key}"
+        metric = {"load_s": "segcache_tier_load_seconds"}.get(key, f"segcache_tier_{key}")
         c = CounterMetricFamily(metric, doc, labels=["tier"])
         for name, s in stats.items():
             if key in s:
