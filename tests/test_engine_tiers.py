@@ -357,3 +357,14 @@ def test_a_node_the_tree_already_holds_is_not_written_again(tiny_engine_factory,
     chat(engine, "t", AGENTS[0])  # the same reply again: the kept reply's node exists already
     settle(engine)
     assert engine.store.stats()["store"]["publishes"] == publishes
+
+
+def test_a_request_still_running_after_the_store_closed_computes_instead(tiny_engine_factory, tmp_path):
+    first = tiny_engine_factory(disk_cfg(tmp_path))
+    cold = chat(first, "t", AGENTS[0])
+    first.close()
+    engine = tiny_engine_factory(disk_cfg(tmp_path))
+    engine.store.close()  # as at the end of a shutdown whose drain timed out
+    r = chat(engine, "t", AGENTS[0])
+    assert tiers_of(r) == [None] * 3 and r.token_ids == cold.token_ids
+    assert engine.store.stats()["store"]["publishes"] == 0  # nothing queued that nobody writes

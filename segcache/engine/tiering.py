@@ -155,7 +155,10 @@ class Tiering:
             return None
         if run.loads is None or not run.loads.covers(i, run.parent.chain):
             run.loads = self._plan_loads(run, prompt, i, len(prompt.units) if stop is None else stop)
-        run.loads.issue(self.store, i + WINDOW)
+        try:
+            run.loads.issue(self.store, i + WINDOW)
+        except RuntimeError:  # the store was closed under a request still running: compute
+            return None
         future = run.loads.futures.pop(i)
         while not future.done():
             yield LoadWait(future)
