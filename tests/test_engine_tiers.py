@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -368,3 +369,26 @@ def test_a_request_still_running_after_the_store_closed_computes_instead(tiny_en
     r = chat(engine, "t", AGENTS[0])
     assert tiers_of(r) == [None] * 3 and r.token_ids == cold.token_ids
     assert engine.store.stats()["store"]["publishes"] == 0  # nothing queued that nobody writes
+
+
+def test_redis_going_away_mid_run_never_fails_a_request_and_hits_resume(tiny_engine_factory, redis_server):
+    a = tiny_engine_factory(CacheConfig(redis_url=redis_server.url))
+    b = tiny_engine_factory(CacheConfig(redis_url=redis_server.url))
+    chat(a, "t", AGENTS[0])
+    settle(a)
+    redis_server.stop()
+    for pairs in AGENTS:  # RAM only now: every request still answers
+        assert chat(b, "t", pairs).finish_reason in ("stop", "length")
+    assert b.cache_stats("t")["tiers"]["redis"]["errors"] > 0
+    redis_server.start()  # same port, its data back from the RDB it saved
+    # b's client reconnects once its back-off window has passed: A's next new segment is a hit
+    deadline, n = time.monotonic() + 60, 0
+    while time.monotonic() < deadline:
+        pairs = [("A", A), ("N", f"New task {n}: review the SQL migrations.")]
+        chat(a, "t", pairs)
+        settle(a)
+        if tiers_of(chat(b, "t", pairs))[1] == "redis":
+            break
+        n, _ = n + 1, time.sleep(0.2)
+    else:
+        raise AssertionError("b never loaded from Redis again")
