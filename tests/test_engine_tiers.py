@@ -392,3 +392,21 @@ def test_redis_going_away_mid_run_never_fails_a_request_and_hits_resume(tiny_eng
         n, _ = n + 1, time.sleep(0.2)
     else:
         raise AssertionError("b never loaded from Redis again")
+
+
+def test_exact_kv_from_a_tier_is_preferred_to_blending(tiny_engine_factory, tmp_path):
+    y, x = ("y", B), ("x", C)
+    first = tiny_engine_factory(disk_cfg(tmp_path))
+    cold = chat(first, "t", [y, x])  # y then x: both on disk, exact
+    first.close()
+    engine = tiny_engine_factory(disk_cfg(tmp_path))
+    anywhere = [SegmentInput(id="x", content=C, reuse="anywhere")]
+    engine.chat(ChatRequest("t", USER, anywhere, GREEDY))  # x alone: its standalone entry in RAM
+    deadline = time.monotonic() + 20
+    while engine.cache_stats("t")["standalone"]["entries"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    segs = [SegmentInput(id="y", content=B), SegmentInput(id="x", content=C, reuse="anywhere")]
+    r = engine.chat(ChatRequest("t", USER, segs, GREEDY))
+    assert [(u.status, u.tier) for u in r.segments if u.kind == "segment"] == [("hit", "disk")] * 2
+    assert r.token_ids == cold.token_ids

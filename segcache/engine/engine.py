@@ -379,6 +379,9 @@ class Engine(CacheControl, Blending, Tiering):
         emit = (lambda delta: filters[delta.choice](delta)) if filters else on_text
         run = self._start(ns, prompt, req.sampling.max_tokens)
         try:
+            if self.store is not None and self.cache_cfg.blend != "off":
+                # exact KV from a lower tier before any approximate (blended) reuse
+                yield from self._prefill_units(job, run, prompt, loaded_only=True)
             plan = yield from self._blend_plan(job, run, prompt)
             yield from self._prefill_units(job, run, prompt, None if plan is None else plan.at,
                                            with_tail=plan is None)
@@ -516,12 +519,14 @@ class Engine(CacheControl, Blending, Tiering):
         return run
 
     def _prefill_units(self, job: Job, run: _Run, prompt: Prompt, stop: int | None = None,
-                       with_tail: bool = False):
+                       with_tail: bool = False, loaded_only: bool = False):
         """Compute every unit after the matched ones (up to unit ``stop``), inserting
-        a node after each. A unit another job is computing right now is waited
-        for, then reused. ``with_tail``: the last unit and ``prompt.tail`` are
-        prefilled together where that gives the unit the same KV as alone
-        (``_tail_with_unit``); the tail's logits are then in ``run.tail_logits``."""
+        a node after each; a unit a lower cache tier holds is loaded instead. A unit
+        another job is computing right now is waited for, then reused. ``with_tail``:
+        the last unit and ``prompt.tail`` are prefilled together where that gives the
+        unit the same KV as alone (``_tail_with_unit``); the tail's logits are then in
+        ``run.tail_logits``. ``loaded_only``: stop at the first unit that would have to
+        be computed."""
         digests = [u.key.digest for u in prompt.units]
         last = len(prompt.units) - 1
         for i, unit in enumerate(prompt.units[:stop]):
@@ -541,6 +546,8 @@ class Engine(CacheControl, Blending, Tiering):
             self._inflight[key] = job.id
             try:
                 node, tier = (yield from self._promote(run, prompt, i, stop)) or (None, None)
+                if node is None and loaded_only:
+                    return
                 if node is None:  # in no tier: compute it
                     if with_tail and i == last and self._tail_with_unit(len(unit.ids), len(prompt.tail)):
                         run.tail_logits = yield from self._prefill(unit.ids + prompt.tail, run.kv, run.pos)
