@@ -410,3 +410,24 @@ def test_exact_kv_from_a_tier_is_preferred_to_blending(tiny_engine_factory, tmp_
     r = engine.chat(ChatRequest("t", USER, segs, GREEDY))
     assert [(u.status, u.tier) for u in r.segments if u.kind == "segment"] == [("hit", "disk")] * 2
     assert r.token_ids == cold.token_ids
+
+
+def test_a_full_disk_disables_the_tier_and_serving_goes_on(tiny_engine_factory, tmp_path, caplog):
+    import errno
+    import logging
+
+    engine = tiny_engine_factory(disk_cfg(tmp_path))
+    disk = engine.store.tiers[0]
+
+    def full(path, payload):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    disk._write_file = full
+    caplog.set_level(logging.WARNING, logger="segcache.kv.tiers")
+    answers = [chat(engine, "t", pairs) for pairs in AGENTS]
+    settle(engine)
+    assert all(r.finish_reason in ("stop", "length") for r in answers)
+    stats = engine.cache_stats("t")["tiers"]["disk"]
+    assert stats["disabled"] and "ENOSPC" in stats["disabled_reason"] and stats["puts"] == 0
+    assert caplog.text.count("disk tier disabled") == 1
+    assert tiers_of(chat(engine, "t", AGENTS[0])) == ["ram"] * 3
