@@ -122,12 +122,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cors-origins", nargs="+", default=(), metavar="ORIGIN",
                        help="let browser pages from these origins call the API (CORS); '*' "
                             "allows any (default: off)")
+    serve.add_argument("--metrics-key", default=read_environment().metrics_key,
+                       help="admin key for /metrics (also: 'admin_keys' in the API keys file); "
+                            "with API keys configured, /metrics needs one (default: "
+                            "$SEGCACHE_METRICS_KEY)")
     serve.add_argument("--cache-bytes", type=_size, default=CacheConfig.cache_bytes,
                        help="KV cache budget, e.g. 2GiB (default: 2GiB)")
     serve.add_argument("--cache-ttl", type=float, default=None, metavar="SECONDS",
                        help="default time-to-live of cached segments (default: none, LRU only)")
     serve.add_argument("--tenant-quota-bytes", type=_size, default=None,
                        help="per-tenant KV byte quota (default: none)")
+    serve.add_argument("--tenant-registry-bytes", type=_size, default=CacheConfig.tenant_registry_bytes,
+                       help="per-tenant bound on named segments (PUT /v1/segments), 413 beyond "
+                            "(default: 32MiB)")
+    serve.add_argument("--tenant-registry-entries", type=int,
+                       default=CacheConfig.tenant_registry_entries,
+                       help="per-tenant count of named segments (default: %(default)s)")
+    serve.add_argument("--memo-bytes", type=_size, default=CacheConfig.memo_bytes,
+                       help="memory for remembered token ids of contents, all tenants; a quarter "
+                            "per tenant (default: 64MiB)")
     serve.add_argument("--max-segments", type=int, default=CacheConfig.max_segments,
                        help="most segments in one request (default: %(default)s)")
     serve.add_argument("--blend", choices=BLEND_MODES, default=CacheConfig.blend,
@@ -146,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests decoding/prefilling at once (default: %(default)s)")
     serve.add_argument("--max-waiting", type=int, default=SchedulerConfig.max_waiting,
                        help="requests queued beyond those; more get 429 (default: %(default)s)")
+    serve.add_argument("--tenant-max-waiting", type=int, default=None,
+                       help="most queued requests of one tenant; more get 429 (default: three "
+                            "quarters of --max-waiting)")
     serve.add_argument("--prefill-chunk", type=int, default=SchedulerConfig.prefill_chunk,
                        help="prefill chunk in tokens, interleaved with decode (default: %(default)s)")
     serve.add_argument("--decode-pause-ms", type=_positive, default=SchedulerConfig.decode_pause_s * 1000,
@@ -219,7 +235,8 @@ def _config(args: argparse.Namespace) -> Config:
                           model_name=(getattr(args, "served_model_name", None) or [None])[0],
                           model_aliases=tuple((getattr(args, "served_model_name", None) or [])[1:]),
                           cors_origins=tuple(getattr(args, "cors_origins", ())),
-                          request_log=getattr(args, "request_log", None))
+                          request_log=getattr(args, "request_log", None),
+                          metrics_key=getattr(args, "metrics_key", None))
     cache = CacheConfig(cache_bytes=getattr(args, "cache_bytes", CacheConfig.cache_bytes),
                         default_ttl_s=getattr(args, "cache_ttl", None),
                         tenant_quota_bytes=getattr(args, "tenant_quota_bytes", None),
@@ -227,6 +244,12 @@ def _config(args: argparse.Namespace) -> Config:
                         blend=getattr(args, "blend", CacheConfig.blend),
                         blend_ratio=getattr(args, "blend_ratio", CacheConfig.blend_ratio),
                         blend_layer=getattr(args, "blend_layer", CacheConfig.blend_layer),
+                        tenant_registry_bytes=getattr(args, "tenant_registry_bytes",
+                                                      CacheConfig.tenant_registry_bytes),
+                        tenant_registry_entries=getattr(args, "tenant_registry_entries",
+                                                        CacheConfig.tenant_registry_entries),
+                        memo_bytes=getattr(args, "memo_bytes", CacheConfig.memo_bytes),
+                        tenant_memo_bytes=getattr(args, "memo_bytes", CacheConfig.memo_bytes) // 4,
                         disk_cache_dir=getattr(args, "disk_cache", None),
                         disk_bytes=getattr(args, "disk_bytes", CacheConfig.disk_bytes),
                         redis_url=getattr(args, "redis_url", None),
@@ -234,6 +257,7 @@ def _config(args: argparse.Namespace) -> Config:
     sched = SchedulerConfig(
         max_running=getattr(args, "max_running", SchedulerConfig.max_running),
         max_waiting=getattr(args, "max_waiting", SchedulerConfig.max_waiting),
+        tenant_max_waiting=getattr(args, "tenant_max_waiting", None),
         prefill_chunk=getattr(args, "prefill_chunk", SchedulerConfig.prefill_chunk),
         decode_pause_s=getattr(args, "decode_pause_ms", SchedulerConfig.decode_pause_s * 1000) / 1000,
         request_timeout_s=getattr(args, "request_timeout", SchedulerConfig.request_timeout_s))

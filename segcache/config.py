@@ -29,6 +29,7 @@ ENVIRONMENT = {
     "CI": "set (and not 0/false): tests that need a system tool fail instead of skipping",
     "CC": "the C compiler the block kernels are built with (default: cc, else gcc)",
     "SEGCACHE_LONG_TESTS": "set (and not 0/false): property, fuzz and load tests run their long mode",
+    "SEGCACHE_METRICS_KEY": "serve's --metrics-key (an admin key for /metrics) when the flag is not given",
 }
 
 
@@ -41,6 +42,7 @@ class Environment:
     ci: bool
     cc: str | None = None
     long_tests: bool = False
+    metrics_key: str | None = None
 
 
 def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
@@ -52,7 +54,7 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
     keys = env.get("SEGCACHE_API_KEYS")
     ci = _flag(env.get("CI", ""))
     return Environment(Path(cache_dir), Path(keys) if keys else None, ci, env.get("CC") or None,
-                       _flag(env.get("SEGCACHE_LONG_TESTS", "")))
+                       _flag(env.get("SEGCACHE_LONG_TESTS", "")), env.get("SEGCACHE_METRICS_KEY") or None)
 
 
 def _flag(value: str) -> bool:
@@ -107,6 +109,14 @@ class CacheConfig:
     # 3, not the paper's 1: on SmolLM2-135M (30 layers) it measured better on every
     # quality figure at a TTFT still ~3x below a full prefill (BENCHMARKS.md).
     blend_layer: int = 3
+    # State beside the KV that grows with input, bounded in bytes per tenant and in all
+    # (purged with the tenant's cache): token ids of contents sent (a memo, so repeated
+    # segments are not re-tokenized) and the named segment registry.
+    memo_bytes: int = 64 * MiB
+    tenant_memo_bytes: int = 16 * MiB  # a quarter of memo_bytes
+    registry_bytes: int = 256 * MiB
+    tenant_registry_bytes: int = 32 * MiB
+    tenant_registry_entries: int = 1024
     # Lower tiers (issue 17): evicted KV goes to disk, then Redis; a miss in RAM is
     # looked up there. At rest they hold digests and KV only (no prompt text, no ids).
     disk_cache_dir: Path | None = None
@@ -135,6 +145,10 @@ class CacheConfig:
             raise ValueError("tenant_quota_bytes must be >= 0")
         if self.max_segments < 1:
             raise ValueError("max_segments must be >= 1")
+        for name in ("memo_bytes", "tenant_memo_bytes", "registry_bytes", "tenant_registry_bytes",
+                     "tenant_registry_entries"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -156,6 +170,9 @@ class SchedulerConfig:
     # slicing bounds the streams' pause without changing the chunk's arithmetic.
     decode_pause_s: float = 0.5
     max_wait_s: float = 10.0  # a waiting request older than this is admitted first
+    # Most places one tenant may hold in the waiting queue (None: three quarters of
+    # max_waiting), so one tenant's flood leaves room for the others.
+    tenant_max_waiting: int | None = None
     request_timeout_s: float = 600.0
     retry_after_s: int = 2
 
@@ -165,6 +182,15 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_wait_s <= 0 or self.request_timeout_s <= 0 or self.decode_pause_s <= 0:
             raise ValueError("max_wait_s, request_timeout_s and decode_pause_s must be > 0")
+        if self.tenant_max_waiting is not None and self.tenant_max_waiting < 1:
+            raise ValueError("tenant_max_waiting must be >= 1")
+
+    @property
+    def tenant_limit(self) -> int:
+        """Places one tenant may hold in the waiting queue."""
+        if self.tenant_max_waiting is not None:
+            return self.tenant_max_waiting
+        return max(1, -(-3 * self.max_waiting // 4))
 
 
 @dataclass(frozen=True)
@@ -179,6 +205,7 @@ class ServerConfig:
     model_aliases: tuple[str, ...] = ()  # other names requests may use for it
     request_log: Path | None = None  # JSONL of chat requests, for `segcache lint`
     cors_origins: tuple[str, ...] = ()  # browser origins allowed (CORS); "*" any; none: off
+    metrics_key: str | None = None  # an admin key for /metrics (besides the keys file's)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -233,6 +233,8 @@ class FakeEngine:
             t = self._tenant(tenant)
             removed = len(t.nodes)
             t.nodes.clear()
+            t.contents.clear()
+            t.registry.clear()
             return removed
 
     def put_segment(self, tenant: str, name: str, content: str, ttl_s: float | None) -> dict:

@@ -74,7 +74,7 @@ def test_reply_is_kept_and_reused_next_turn(tiny_engine_factory):
     # its text (which may differ: this model emits "\n" tokens that re-tokenize
     # as fewer "\n\n" tokens), so the prompt is exactly turn 1 + reply + new text.
     assert r2.prompt_tokens == r1.prompt_tokens + r1.completion_tokens + r2.segments[-1].tokens + len(
-        engine.tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n"))
+        engine.tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n", special=True))
 
 
 def test_unfinished_reply_leaves_no_node(tiny_engine_factory):

@@ -336,7 +336,7 @@ def test_http_blend_usage_streaming_metrics_and_isolation(real_engine):
     from tests.server_harness import running_server
 
     engine = Engine(real_engine.runtime, real_engine.tokenizer, CacheConfig(), "real")
-    keys = {"keys": {"key-a": "alice", "key-b": "bob"}}
+    keys = {"keys": {"key-a": "alice", "key-b": "bob"}, "admin_keys": ["key-ops"]}
     import tempfile
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         _json.dump(keys, f)
@@ -374,7 +374,7 @@ def test_http_blend_usage_streaming_metrics_and_isolation(real_engine):
             assert rb.usage.model_extra["segcache"]["blended_tokens"] == 0
             stats = httpx.get(url + "/v1/cache", headers={"Authorization": "Bearer key-a"}).json()
             assert stats["standalone"]["entries"] == 3
-            metrics = httpx.get(url + "/metrics").text
+            metrics = httpx.get(url + "/metrics", headers={"Authorization": "Bearer key-ops"}).text
             line = next(x for x in metrics.splitlines()
                         if x.startswith("segcache_blended_tokens_total"))
             assert float(line.split()[-1]) == 2 * blended

@@ -431,3 +431,36 @@ def test_a_full_disk_disables_the_tier_and_serving_goes_on(tiny_engine_factory, 
     assert stats["disabled"] and "ENOSPC" in stats["disabled_reason"] and stats["puts"] == 0
     assert caplog.text.count("disk tier disabled") == 1
     assert tiers_of(chat(engine, "t", AGENTS[0])) == ["ram"] * 3
+
+
+def test_what_a_request_running_across_a_purge_inserts_is_never_written(tiny_engine_factory, tmp_path):
+    from concurrent.futures import Future
+
+    engine = tiny_engine_factory(disk_cfg(tmp_path))
+    old_ns = engine.namespace("t")
+    released, pending = threading.Event(), []
+
+    def held_load(expect):  # loads that answer "miss" only once the purge is done
+        f = Future()
+        if released.is_set():
+            f.set_result(None)
+        pending.append(f)
+        return f
+
+    engine.store.fetch_async = held_load
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(r=chat(engine, "t", AGENTS[0])))
+    worker.start()
+    while not pending:
+        time.sleep(0.01)
+    engine.purge("t")  # the request is waiting for its first load, in the old namespace
+    released.set()
+    for f in list(pending):
+        if not f.done():
+            f.set_result(None)
+    worker.join(60)
+    assert result["r"].finish_reason in ("stop", "length")
+    settle(engine)
+    assert not list(tmp_path.glob(f"{old_ns.split(':')[1]}/*"))  # nothing of it on disk
+    engine.store.tiers[0].check_integrity()
+    assert engine.namespace("t") != old_ns

@@ -72,8 +72,24 @@ def test_tenants_do_not_share_cache(base_url):
 
 def test_open_routes_need_no_key(base_url):
     assert httpx.get(base_url + "/health").status_code == 200
-    assert httpx.get(base_url + "/metrics").status_code == 200
     assert httpx.get(base_url + "/dashboard").status_code == 200
+
+
+def test_metrics_need_an_admin_key_once_keys_are_configured(engine, tmp_path):
+    """/metrics counts every tenant's traffic: a tenant's key is not enough."""
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": {"sk-alpha-0001": "alpha"}, "admin_keys": ["sk-ops-1"]}))
+    cfg = ServerConfig(api_keys_file=keys, metrics_key="sk-ops-2")
+    with running_server(engine, cfg) as url:
+        assert httpx.get(url + "/metrics").status_code == 401
+        r = httpx.get(url + "/metrics", headers={"authorization": "Bearer sk-alpha-0001"})
+        assert r.status_code == 403 and "admin key" in r.json()["error"]["message"]
+        assert httpx.get(url + "/metrics", headers={"authorization": "Bearer nope"}).status_code == 401
+        for admin in ("sk-ops-1", "sk-ops-2"):
+            r = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {admin}"})
+            assert r.status_code == 200 and "segcache_requests_total" in r.text
+    with running_server(engine) as url:  # no keys: open, as before
+        assert httpx.get(url + "/metrics").status_code == 200
 
 
 def test_no_keys_file_means_local_tenant(engine):

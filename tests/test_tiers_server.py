@@ -65,9 +65,10 @@ def text(body: dict) -> str:
     return body["choices"][0]["message"]["content"]
 
 
-def metric_samples(url: str) -> dict[tuple[str, tuple], float]:
+def metric_samples(url: str, key: str = "x") -> dict[tuple[str, tuple], float]:
     out = {}
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {key}"}).text
+    for family in text_string_to_metric_families(text):
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
@@ -134,7 +135,7 @@ def redis_server(tmp_path):
 @pytest.fixture
 def keys_file(tmp_path) -> Path:
     path = tmp_path / "keys.json"
-    path.write_text(json.dumps({"keys": {"ka": "alice", "kb": "bob"}}))
+    path.write_text(json.dumps({"keys": {"ka": "alice", "kb": "bob"}, "admin_keys": ["kops"]}))
     return path
 
 
@@ -154,7 +155,7 @@ def test_usage_stats_metrics_and_purge_over_http(tiny_engine_factory, tmp_path, 
         stats = tier_stats(url, "ka")
         assert stats["disk"]["hits"] >= 3 and stats["disk"]["promotions"] >= 3
         assert stats["disk"]["entries"] > 0 and stats["redis"]["bytes"] is None
-        m = metric_samples(url)
+        m = metric_samples(url, "kops")
         assert m[("segcache_tier_hits_total", (("tier", "disk"),))] >= 3
         assert m[("segcache_tier_promotions_total", (("tier", "disk"),))] >= 3
         assert m[("segcache_tier_bytes", (("tier", "disk"),))] > 0

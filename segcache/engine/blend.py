@@ -146,6 +146,7 @@ class Blending:
                 key = (_KEY_PREFIX + ns_s, unit.key.digest)
                 if self._inflight.get(key) == job.id:
                     del self._inflight[key]
+            self._sweep_retired()
 
     def _compute_standalone(self, ns_s: str, units: list[Unit], purges: int | None = None):
         """Compute and insert each unit's block behind the sink (sink KV dropped,

@@ -24,7 +24,11 @@ it yields the model work it needs (prefill of a unit, one decode step, or a wait
 for a unit another request is computing right now) and the scheduler batches and
 interleaves that work across requests. The public methods block the calling
 thread until their request is done; the tree, radix, registry and memo are only
-touched under ``_lock`` (held by the engine thread during each step).
+touched under ``_lock`` (held by the engine thread during each step). Prompts are
+built (tokenized) in the request's own thread under no engine-wide lock (the memo
+and registry lock themselves briefly), after the scheduler reserved the request a
+place in its queue: a full queue or a tenant past its share is refused before any
+tokenizing, and so is text too long for the context window by its length alone.
 """
 
 from __future__ import annotations
@@ -247,6 +251,16 @@ class _KVPool:
 KV_POOL_BYTES = 256 << 20  # ~3 buffers of 4k tokens for SmolLM2-135M
 
 
+def _chat_chars(req: ChatRequest) -> int:
+    """Characters of text a chat request brings (contents, tool calls, tools)."""
+    n = sum(len(s.content or "") for s in req.segments)
+    for m in req.messages:
+        content = m.get("content")
+        n += len(content) if isinstance(content, str) else 0
+        n += sum(len(str(c)) for c in m.get("tool_calls") or ())
+    return n + sum(len(str(t)) for t in req.tools)
+
+
 def _split_kv(handle: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     # Clones, not views: a view would keep the whole original storage alive.
     return handle[:, :, :, :k].clone(), handle[:, :, :, k:].clone()
@@ -303,22 +317,28 @@ class Engine(CacheControl, Blending, Tiering):
         # which changes float32 bits on the dense path.
         self.fingerprint = fingerprint_with(runtime.fingerprint, prefill_chunk=sched_cfg.prefill_chunk)
         self.context_window = runtime.arch.max_position
+        self.vocab_size = runtime.arch.vocab_size
         self.execution_plan = runtime.describe()  # which code computes tokens (/health, /v1/models)
         self._init_tiers(cache, KV_LAYOUT_VERSION)  # disk, Redis (self.store None: RAM only)
         self.tree = SegmentTree(cache.cache_bytes, clock=clock, on_remove=self._on_tree_remove,
                                 tenant_quota_bytes=cache.tenant_quota_bytes)
         self.radix = RadixTree(cache.cache_bytes, split_handle=_split_kv, bytes_of=_kv_bytes,
                                handle_len=lambda h: h.shape[3], clock=clock)
-        self.registry = SegmentRegistry(clock)
-        self.memo = TokenMemo(tokenizer)
+        self.registry = SegmentRegistry(clock, cache.registry_bytes, cache.tenant_registry_bytes,
+                                        cache.tenant_registry_entries)
+        self.memo = TokenMemo(tokenizer, cache.memo_bytes, cache.tenant_memo_bytes,
+                              max_tokens=runtime.arch.max_position)
         self.grammars = Grammars(tokenizer.hf, runtime.arch.vocab_size)
         self._kv_pool = _KVPool(runtime.new_kv, KV_POOL_BYTES)
         self._sink = sink_ids(tokenizer)  # what standalone segments are computed behind
         self._lock = threading.RLock()  # tree, radix, in-flight map: held by each engine step
-        self._prompt_lock = threading.Lock()  # memo and registry: request threads only
         # (parent chain, digest) of every unit being computed -> the job computing it
         self._inflight: dict[tuple[str, str], int] = {}
         self._purges: dict[str, int] = {}  # namespace -> purges so far (see _compute_standalone)
+        # A purge moves the tenant to a new namespace (its generation); the old ones are
+        # retired: unreachable, and swept of whatever jobs still running insert there.
+        self._generation: dict[str, int] = {}
+        self._retired: set[str] = set()
         self.scheduler = Scheduler(sched_cfg, _Runner(runtime),
                                    lambda key: key in self._inflight, self._lock, self._estimate)
 
@@ -339,7 +359,10 @@ class Engine(CacheControl, Blending, Tiering):
                    cfg.scheduler)
 
     def namespace(self, tenant: str) -> str:
-        return namespace_digest(tenant, self.fingerprint)
+        """The root of the tenant's cache: its id, the model fingerprint and how many
+        times it was purged (so nothing from before a purge is ever reachable)."""
+        generation = self._generation.get(tenant, 0)
+        return namespace_digest(tenant, self.fingerprint + (f"#{generation}" if generation else ""))
 
     # ------------------------------------------------------------------ requests
     def chat(self, req: ChatRequest, on_text: Callback | None = None,
@@ -351,11 +374,14 @@ class Engine(CacheControl, Blending, Tiering):
         self._check_sampling(req.sampling)
         constraint = self._constraint(req)
         ns = self.namespace(req.tenant)
-        with self._prompt_lock:
-            prompt = self._build_prompt(req.tenant, ns, req.messages, req.segments, req.tools, True)
-        result = self.scheduler.submit(
-            lambda job: self._chat_job(job, ns, prompt, req, on_text, t0, constraint), req.tenant,
-            is_cancelled, meta=(ns, prompt))
+        with self.scheduler.reserve(req.tenant) as place:
+            self._check_text_size(_chat_chars(req), "messages")
+            pending: dict[str, tuple[int, ...]] = {}
+            prompt = self._build_prompt(req.tenant, ns, req.messages, req.segments, req.tools, True,
+                                        pending)
+            result = self.scheduler.submit(
+                lambda job: self._chat_job(job, ns, prompt, req, on_text, t0, constraint, pending),
+                req.tenant, is_cancelled, meta=(ns, prompt), place=place)
         result.tools_count = len(req.tools)
         if req.tools:
             result.tools_digest = next((u.hash for u in result.segments if u.kind == "tools"), None)
@@ -372,12 +398,14 @@ class Engine(CacheControl, Blending, Tiering):
         return Constraint(self.grammars.compile(lark, param), self.tokenizer.eos_ids)
 
     def _chat_job(self, job: Job, ns: str, prompt: Prompt, req: ChatRequest,
-                  on_text: Callback | None, t0: float, constraint: Constraint | None):
+                  on_text: Callback | None, t0: float, constraint: Constraint | None,
+                  pending: dict[str, tuple[int, ...]]):
         parse_calls = bool(req.tools) and req.tool_choice != "none"
         filters = [_ChoiceFilter(on_text, i) for i in range(req.sampling.n)] \
             if parse_calls and on_text is not None else []
         emit = (lambda delta: filters[delta.choice](delta)) if filters else on_text
         run = self._start(ns, prompt, req.sampling.max_tokens)
+        self.memo.commit(ns, pending)
         try:
             if self.store is not None and self.cache_cfg.blend != "off":
                 # exact KV from a lower tier before any approximate (blended) reuse
@@ -410,18 +438,26 @@ class Engine(CacheControl, Blending, Tiering):
         any earlier prompt or reply of this tenant through the radix tail. ``prompt``
         is text or token ids."""
         t0 = time.perf_counter()
-        ids = tuple(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
-        if not ids:
-            raise EngineError("prompt must not be empty", "prompt")
-        vocab = self.runtime.arch.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise EngineError(f"prompt holds a token id outside this model's vocabulary "
-                              f"(0..{vocab - 1})", "prompt")
-        self._check_sampling(sampling)
-        self._check_context(len(ids), sampling.max_tokens)
-        ns = self.namespace(tenant)
-        return self.scheduler.submit(
-            lambda job: self._complete_job(job, ns, ids, sampling, on_text, t0), tenant, is_cancelled)
+        with self.scheduler.reserve(tenant) as place:
+            if isinstance(prompt, str):
+                self._check_text_size(len(prompt), "prompt")
+                # The raw prompt is the caller's alone (no template, no other party's turn), so
+                # special tokens written in it are recognised, as a hand-built chat prompt needs.
+                ids = tuple(self.tokenizer.encode(prompt, special=True))
+            else:
+                ids = tuple(prompt)
+            if not ids:
+                raise EngineError("prompt must not be empty", "prompt")
+            vocab = self.runtime.arch.vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise EngineError(f"prompt holds a token id outside this model's vocabulary "
+                                  f"(0..{vocab - 1})", "prompt")
+            self._check_sampling(sampling)
+            self._check_context(len(ids), sampling.max_tokens)
+            ns = self.namespace(tenant)
+            return self.scheduler.submit(
+                lambda job: self._complete_job(job, ns, ids, sampling, on_text, t0), tenant,
+                is_cancelled, place=place)
 
     def _complete_job(self, job: Job, ns: str, ids: tuple[int, ...], sampling: SamplingParams,
                       on_text: Callback | None, t0: float):
@@ -445,6 +481,7 @@ class Engine(CacheControl, Blending, Tiering):
         finally:
             self.radix.unpin(match.nodes)
             self._enforce_budget(ns)
+            self._sweep_retired()
 
     def _keep_tokens(self, ns: str, kv: torch.Tensor, ids: tuple[int, ...]) -> None:
         """Insert ``ids`` (whose KV is in ``kv`` slots [0, len)) into the radix tail."""
@@ -455,14 +492,17 @@ class Engine(CacheControl, Blending, Tiering):
         if not segments:
             raise EngineError("segments must not be empty", "segments")
         ns = self.namespace(tenant)
-        with self._prompt_lock:
-            prompt = self._build_prompt(tenant, ns, [], segments, [], False)
-        units = Prompt(prompt.units, ())
-        return self.scheduler.submit(lambda job: self._warm_job(job, ns, units), tenant,
-                                     meta=(ns, units))
+        with self.scheduler.reserve(tenant) as place:
+            self._check_text_size(sum(len(s.content or "") for s in segments), "segments")
+            pending: dict[str, tuple[int, ...]] = {}
+            prompt = self._build_prompt(tenant, ns, [], segments, [], False, pending)
+            units = Prompt(prompt.units, ())
+            return self.scheduler.submit(lambda job: self._warm_job(job, ns, units, pending), tenant,
+                                         meta=(ns, units), place=place)
 
-    def _warm_job(self, job: Job, ns: str, units: Prompt):
+    def _warm_job(self, job: Job, ns: str, units: Prompt, pending: dict[str, tuple[int, ...]]):
         run = self._start(ns, units, 0)
+        self.memo.commit(ns, pending)
         try:
             yield from self._prefill_units(job, run, units)
             yield from self._compute_standalone(self.standalone_namespace(ns),
@@ -474,13 +514,17 @@ class Engine(CacheControl, Blending, Tiering):
 
     # ------------------------------------------------------------------ prompt
     def _build_prompt(self, tenant: str, ns: str, messages: list[dict], segments: list[SegmentInput],
-                      tools: list[dict], generation_prompt: bool) -> Prompt:
+                      tools: list[dict], generation_prompt: bool,
+                      pending: dict[str, tuple[int, ...]] | None = None) -> Prompt:
+        """``pending``: new token ids go there, for the memo once the request is
+        admitted (``_start`` succeeded), so a refused request leaves nothing."""
         if len(segments) > self.cache_cfg.max_segments:
             raise EngineError(f"too many segments: {len(segments)} (the limit is "
                               f"{self.cache_cfg.max_segments})", "segments")
-        resolved = resolve_segments(segments, tenant, ns, self.memo, self.registry)
+        resolved = resolve_segments(segments, tenant, ns, self.memo, self.registry, pending)
         try:
-            return build_prompt(self.tokenizer, self.memo, resolved, messages, tools, generation_prompt)
+            return build_prompt(self.tokenizer, self.memo, ns, resolved, messages, tools,
+                                generation_prompt, pending)
         except TemplateError as exc:
             raise EngineError(str(exc), "messages") from exc
 
@@ -490,6 +534,17 @@ class Engine(CacheControl, Blending, Tiering):
         if bad:
             raise EngineError(f"Invalid key in 'logit_bias': {bad[0]} is not a token id of this "
                               f"model (its ids are 0..{vocab - 1})", "logit_bias")
+
+    def _check_text_size(self, n_chars: int, param: str) -> None:
+        """Refuse text that cannot fit the context window, from its length alone (no
+        token covers more than ``tokenizer.max_token_chars`` characters), before
+        anything tokenizes it."""
+        at_least = n_chars // self.tokenizer.max_token_chars
+        if at_least > self.context_window:
+            raise ContextOverflowError(
+                f"the request holds {n_chars} characters of text: at least {at_least} tokens, "
+                f"over the model's context window of {self.context_window} tokens; send less "
+                "text", param)
 
     def _check_context(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens + max_tokens > self.context_window:
@@ -632,6 +687,17 @@ class Engine(CacheControl, Blending, Tiering):
         nodes.clear()
         if ns is not None:
             self._enforce_budget(ns)
+        self._sweep_retired()
+
+    def _sweep_retired(self) -> None:
+        """Drop what jobs that outlived a purge left in retired namespaces (engine
+        thread, or under ``_lock``); a namespace stays retired while a pin holds a node."""
+        for ns in list(self._retired):
+            self.tree.purge(ns)
+            self.radix.purge(ns)
+            self.memo.forget(ns)
+            if not self.tree.namespace_bytes(ns) and not self.radix.namespace_bytes(ns):
+                self._retired.discard(ns)
 
     # ------------------------------------------------------------------ compute
     @staticmethod

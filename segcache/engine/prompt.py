@@ -12,6 +12,7 @@ No torch here.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -68,45 +69,100 @@ class Prompt:
         return sum(len(u.ids) for u in self.units) + len(self.tail)
 
 
+def ids_bytes(n_tokens: int) -> int:
+    """Memory of a tuple of ``n_tokens`` token ids (8-byte slots + 28-byte ints)."""
+    return 64 + 36 * n_tokens
+
+
 class TokenMemo:
-    """digest -> token ids (content-derived, so safe to share across tenants),
-    plus, per namespace, which digests that tenant has supplied content for: a
-    hash-only reference resolves only within the tenant that sent the content."""
+    """(namespace, digest) -> token ids of content that tenant sent. Per tenant: a
+    hash-only reference resolves only within the tenant that sent the content, and
+    one tenant's tokenizations never speed up (so never reveal anything to) another.
+    Bounded in bytes (``ids_bytes``): at most ``tenant_max_bytes`` per namespace and
+    ``max_bytes`` in all, least recently used out first; contents longer than
+    ``max_tokens`` (the context window: they will be refused) are not kept; ``forget``
+    frees a namespace's entries. Thread-safe, and tokenization runs outside its lock
+    (one request's long content never holds up another's)."""
 
-    def __init__(self, tokenizer: ChatTokenizer, max_entries: int = 20000) -> None:
+    def __init__(self, tokenizer: ChatTokenizer, max_bytes: int = 64 << 20,
+                 tenant_max_bytes: int = 32 << 20, max_tokens: int | None = None) -> None:
         self.tokenizer = tokenizer
-        self.max_entries = max_entries
-        self._ids: OrderedDict[str, tuple[int, ...]] = OrderedDict()
-        self._known: dict[str, OrderedDict[str, None]] = {}
+        self.max_tokens = max_tokens  # longer contents cannot fit a prompt: never kept
+        self.max_bytes = max_bytes
+        self.tenant_max_bytes = tenant_max_bytes
+        self._lru: OrderedDict[tuple[str, str], tuple[int, ...]] = OrderedDict()
+        self._tenant: dict[str, OrderedDict[str, None]] = {}  # namespace -> its digests, LRU
+        self._tenant_bytes: dict[str, int] = {}
+        self.bytes = 0
+        self._lock = threading.Lock()
 
-    def ids_for(self, content: str, digest: str) -> tuple[int, ...]:
-        ids = self._ids.get(digest)
+    def ids_for(self, namespace: str, content: str, digest: str,
+                pending: dict[str, tuple[int, ...]] | None = None) -> tuple[int, ...]:
+        """The ids of ``content`` (tokenized as plain text), remembered for ``namespace``;
+        with ``pending``, new ids are kept there until ``commit`` (a request that is
+        then refused leaves nothing behind)."""
+        ids = self.known_ids(namespace, digest)
+        if ids is None and pending is not None:
+            ids = pending.get(digest)
         if ids is None:
             ids = tuple(self.tokenizer.encode(content))
-            self._ids[digest] = ids
-            while len(self._ids) > self.max_entries:
-                self._ids.popitem(last=False)
-        self._ids.move_to_end(digest)
+            if pending is not None:
+                pending[digest] = ids
+            else:
+                self.commit(namespace, {digest: ids})
         return ids
 
-    def remember(self, namespace: str, digest: str) -> None:
-        known = self._known.setdefault(namespace, OrderedDict())
-        known[digest] = None
-        known.move_to_end(digest)
-        while len(known) > self.max_entries:
-            known.popitem(last=False)
+    def commit(self, namespace: str, pending: dict[str, tuple[int, ...]]) -> None:
+        with self._lock:
+            for digest, ids in pending.items():
+                if (namespace, digest) not in self._lru:
+                    self._add(namespace, digest, ids)
 
     def known_ids(self, namespace: str, digest: str) -> tuple[int, ...] | None:
-        if digest not in self._known.get(namespace, {}):
-            return None
-        return self._ids.get(digest)
+        with self._lock:
+            ids = self._lru.get((namespace, digest))
+            if ids is not None:
+                self._lru.move_to_end((namespace, digest))
+                self._tenant[namespace].move_to_end(digest)
+            return ids
+
+    def tenant_bytes(self, namespace: str) -> int:
+        return self._tenant_bytes.get(namespace, 0)
 
     def forget(self, namespace: str) -> None:
-        self._known.pop(namespace, None)
+        with self._lock:
+            for digest in list(self._tenant.get(namespace, ())):
+                self._drop(namespace, digest)
+
+    def _add(self, namespace: str, digest: str, ids: tuple[int, ...]) -> None:
+        size = ids_bytes(len(ids))
+        too_long = self.max_tokens is not None and len(ids) > self.max_tokens
+        if too_long or size > min(self.tenant_max_bytes, self.max_bytes):
+            return  # used once (to be refused, or as the one big prompt), never kept
+        self._lru[(namespace, digest)] = ids
+        self._tenant.setdefault(namespace, OrderedDict())[digest] = None
+        self._tenant_bytes[namespace] = self.tenant_bytes(namespace) + size
+        self.bytes += size
+        known = self._tenant[namespace]
+        while self._tenant_bytes[namespace] > self.tenant_max_bytes:
+            self._drop(namespace, next(iter(known)))
+        while self.bytes > self.max_bytes:
+            self._drop(*next(iter(self._lru)))
+
+    def _drop(self, namespace: str, digest: str) -> None:
+        ids = self._lru.pop((namespace, digest))
+        size = ids_bytes(len(ids))
+        self.bytes -= size
+        self._tenant_bytes[namespace] -= size
+        known = self._tenant[namespace]
+        del known[digest]
+        if not known:
+            del self._tenant[namespace], self._tenant_bytes[namespace]
 
 
 def resolve_segments(segments: list[SegmentInput], tenant: str, namespace: str, memo: TokenMemo,
-                     registry: SegmentRegistry) -> list[ResolvedSegment]:
+                     registry: SegmentRegistry,
+                     pending: dict[str, tuple[int, ...]] | None = None) -> list[ResolvedSegment]:
     """Check and tokenize every segment before any compute. Raises 400 for a hash
     that does not match, 404 for an unknown registry name, 409 for a hash-only
     segment this tenant never sent."""
@@ -129,9 +185,9 @@ def resolve_segments(segments: list[SegmentInput], tenant: str, namespace: str, 
             if seg.hash is not None and seg.hash != digest:
                 raise SegmentMismatchError(f"segment {seg.id!r}: hash {seg.hash} does not match the "
                                            f"sha256 of its content ({digest})", f"{where}.hash")
-            out.append(ResolvedSegment(seg.id, digest, memo.ids_for(content, digest), seg.ttl_s,
-                                       seg.reuse == "anywhere"))
-            memo.remember(namespace, digest)
+            out.append(ResolvedSegment(seg.id, digest,
+                                       memo.ids_for(namespace, content, digest, pending),
+                                       seg.ttl_s, seg.reuse == "anywhere"))
             continue
         if seg.hash is None:
             raise EngineError(f"segment {seg.id!r} needs 'content', or a 'hash' or 'name' the server "
@@ -159,9 +215,10 @@ def group_units(parts: list[PromptPart], lead: list[UnitKey], messages: list[Uni
     return Prompt(units, tuple(pending))
 
 
-def build_prompt(tokenizer: ChatTokenizer, memo: TokenMemo, segments: list[ResolvedSegment],
-                 messages: list[dict[str, Any]], tools: list[dict[str, Any]],
-                 generation_prompt: bool) -> Prompt:
+def build_prompt(tokenizer: ChatTokenizer, memo: TokenMemo, namespace: str,
+                 segments: list[ResolvedSegment], messages: list[dict[str, Any]],
+                 tools: list[dict[str, Any]], generation_prompt: bool,
+                 pending: dict[str, tuple[int, ...]] | None = None) -> Prompt:
     """The unit layout of a chat request. Raises TemplateError if the template
     cannot render it segment-aligned."""
     lead = [UnitKey(s.id, "segment", s.digest, s.ttl_s, s.anywhere) for s in segments]
@@ -170,7 +227,7 @@ def build_prompt(tokenizer: ChatTokenizer, memo: TokenMemo, segments: list[Resol
         block = tools_block(tools)
         digest = segment_digest(block)
         lead.append(UnitKey("tools", "tools", digest))
-        lead_ids.append(list(memo.ids_for(block, digest)))
+        lead_ids.append(list(memo.ids_for(namespace, block, digest, pending)))
     render = []
     keys = []
     for i, m in enumerate(messages):

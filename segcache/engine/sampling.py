@@ -6,6 +6,9 @@ import torch
 
 from segcache.engine.types import SamplingParams
 
+_SMALL_TEMPERATURE = 1e-3
+_TINY_TEMPERATURE = 1e-30  # float32 logits 1e-6 apart are then e^-1e24 apart: 0
+
 
 class Sampler:
     """One per request; owns the request's random generator so a ``seed`` gives
@@ -31,7 +34,12 @@ class Sampler:
         p = self.params
         if p.greedy:
             return int(torch.argmax(logits))
-        logits = logits / p.temperature
+        if p.temperature >= _SMALL_TEMPERATURE:
+            logits = logits / p.temperature
+        else:
+            # Shifted so the best logit is 0: the others go to -inf (probability 0), never
+            # to inf - inf = nan; below float32's range the distribution no longer changes.
+            logits = (logits - logits.max()) / max(p.temperature, _TINY_TEMPERATURE)
         if p.top_k > 0:
             k = min(p.top_k, logits.shape[-1])
             kth = torch.topk(logits, k).values[-1]

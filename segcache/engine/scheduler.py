@@ -27,20 +27,24 @@ Cancellation and deadlines are checked every tick: a cancelled job gets
 pins); a job past its deadline is closed (its ``finally`` releases the pins)
 and fails with 504.
 
-Admission: across tenants first come first served; within the tenant at the head
-of the queue, the request with the longest cached prefix goes first unless
-someone has waited ``max_wait_s`` (so the order reveals nothing about other
-tenants' caches and nobody starves). A full queue refuses with 429.
+Admission: across tenants, the tenant with the fewest running requests goes first,
+then the one admitted least recently (round robin), then the oldest request, so a
+tenant flooding the queue cannot starve another; within that tenant, the request
+with the longest cached prefix goes first unless someone has waited ``max_wait_s``
+(so the order reveals nothing about other tenants' caches and nobody starves). A request takes its place in the
+queue (``reserve``) before the engine tokenizes it: a full queue, or a tenant
+holding ``tenant_max_waiting`` places already, is refused with 429 before any work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Generator
+from collections import Counter, deque
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
@@ -150,30 +154,71 @@ class Scheduler:
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []
         self._ids = itertools.count(1)
+        self._preparing: Counter[str] = Counter()  # places reserved, per tenant, not yet queued
+        self._admissions = itertools.count(1)
+        self._admitted: dict[str, int] = {}  # tenant -> when it last had a job admitted
         self._stopping = False
         self.steps = 0
         self._thread = threading.Thread(target=self._loop, name="segcache-engine", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ API
+    @contextlib.contextmanager
+    def reserve(self, tenant: str) -> Iterator[list[str]]:
+        """A place in the queue for a request about to be prepared (tokenized), held
+        until ``submit(place=...)`` queues it or the block ends. Raises OverloadedError
+        (429) at once, before that work, when the queue or the tenant's share is full."""
+        with self._cv:
+            self._check_room(tenant)
+            self._preparing[tenant] += 1
+        place = [tenant]
+        try:
+            yield place
+        finally:
+            self._release(place)
+
+    def _release(self, place: list[str] | None) -> None:
+        """Give back a reserved place, once (``_cv`` is reentrant: callers may hold it)."""
+        if place:
+            with self._cv:
+                tenant = place.pop()
+                self._preparing[tenant] -= 1
+                if self._preparing[tenant] <= 0:
+                    del self._preparing[tenant]
+
+    def _check_room(self, tenant: str) -> None:
+        if self._stopping:
+            raise ShuttingDownError("the server is shutting down; retry on another replica")
+        queued = len(self._waiting) + self._preparing.total()
+        if queued >= self.cfg.max_waiting:
+            raise OverloadedError(
+                f"the server is at capacity: {len(self._running)} requests running and "
+                f"{queued} waiting (the limit); retry after {self.cfg.retry_after_s} s",
+                self.cfg.retry_after_s)
+        mine = sum(j.tenant == tenant for j in self._waiting) + self._preparing[tenant]
+        if mine >= self.cfg.tenant_limit:
+            raise OverloadedError(
+                f"this API key's tenant has {mine} requests waiting, its share of the queue "
+                f"({self.cfg.tenant_limit}); retry after {self.cfg.retry_after_s} s",
+                self.cfg.retry_after_s)
+
     def submit(self, gen_factory: Callable[[Job], JobGen], tenant: str,
                is_cancelled: Callable[[], bool] | None = None, timeout_s: float | None = None,
-               meta: Any = None) -> Any:
+               meta: Any = None, place: list[str] | None = None) -> Any:
         """Queue a job and block until it finishes; returns its result or raises
-        its exception. Raises OverloadedError (429) when the queue is full."""
+        its exception. ``place``: what ``reserve`` gave (the job takes it over);
+        without one, raises OverloadedError (429) when the queue is full."""
         now = time.monotonic()
         job = Job(gen_factory, tenant, is_cancelled or (lambda: False),
                   now + (timeout_s or self.cfg.request_timeout_s), arrived=now, meta=meta)
         with self._cv:
-            if self._stopping:
+            if not place:
+                self._check_room(tenant)
+            elif self._stopping:
                 raise ShuttingDownError("the server is shutting down; retry on another replica")
-            if len(self._waiting) >= self.cfg.max_waiting:
-                raise OverloadedError(
-                    f"the server is at capacity: {len(self._running)} requests running and "
-                    f"{len(self._waiting)} waiting (the limit); retry after "
-                    f"{self.cfg.retry_after_s} s", self.cfg.retry_after_s)
             job.id = next(self._ids)
             self._waiting.append(job)
+            self._release(place)  # counted as waiting from now on
             self._cv.notify_all()
         return job.future.result()
 
@@ -184,7 +229,7 @@ class Scheduler:
         job = Job(gen_factory, tenant, lambda: False, now + self.cfg.request_timeout_s, arrived=now)
         job.future.add_done_callback(_log_failure)
         with self._cv:
-            if self._stopping or len(self._waiting) >= self.cfg.max_waiting:
+            if self._stopping or len(self._waiting) + self._preparing.total() >= self.cfg.max_waiting:
                 return None
             job.id = next(self._ids)
             self._waiting.append(job)
@@ -230,6 +275,9 @@ class Scheduler:
         with self._cv:
             while self._waiting and len(self._running) < self.cfg.max_running:
                 job = self._pick()
+                self._admitted[job.tenant] = next(self._admissions)
+                if len(self._admitted) > 4096:  # only the order among waiting tenants matters
+                    self._admitted = {j.tenant: self._admitted.get(j.tenant, 0) for j in self._waiting}
                 self._waiting.remove(job)
                 self._running.append(job)
 
@@ -237,6 +285,9 @@ class Scheduler:
         head = self._waiting[0]
         if time.monotonic() - head.arrived >= self.cfg.max_wait_s or len(self._waiting) == 1:
             return head
+        running = Counter(j.tenant for j in self._running)
+        head = min(self._waiting, key=lambda j: (running[j.tenant],
+                                                 self._admitted.get(j.tenant, 0), j.id))
         same = [j for j in self._waiting if j.tenant == head.tenant]
         for j in same:
             j.priority = self._estimate(j)

@@ -126,10 +126,12 @@ class Tiering:
     # Provided by Engine: tree, fingerprint, runtime, _lock, _enforce_budget, cache_cfg.
     store: TieredStore | None = None
     _promoted: Counter[str]  # tier name -> nodes loaded back into RAM
+    _purged: set[str]  # namespaces purged in this process: nothing of theirs is written again
 
     def _init_tiers(self, cache: CacheConfig, layout: str) -> None:
         self.store = build_store(cache, layout)
         self._promoted = Counter()
+        self._purged = set()
 
     def _tier_key(self, node: SegmentNode) -> CacheKey:
         return CacheKey(node.namespace, self.fingerprint, node.parent.chain, node.digest, node.chain)
@@ -138,12 +140,13 @@ class Tiering:
     def _publish(self, node: SegmentNode, handle: object) -> None:
         """Write-through of a just-inserted node to every lower tier (queued); nothing
         when the tree kept an existing node (its KV is not ``handle``: written already)."""
-        if self.store is not None and node.handle is handle:
+        if self.store is not None and node.handle is handle and node.namespace not in self._purged:
             self.store.publish(self._tier_key(node), kv_data(node.handle), token_digest(node.token_ids))
 
     def _on_tree_remove(self, node: SegmentNode, reason: str) -> None:
         """The tree's ``on_remove``: an evicted node is demoted (queued); the others dropped."""
-        if reason == "evict" and self.store is not None and node.handle is not None:
+        if (reason == "evict" and self.store is not None and node.handle is not None
+                and node.namespace not in self._purged):
             self.store.demote(self._tier_key(node), kv_data(node.handle), token_digest(node.token_ids))
 
     # ------------------------------------------------------------------ reads
@@ -199,8 +202,12 @@ class Tiering:
 
     # ------------------------------------------------------------------ control
     def _purge_tiers(self, *namespaces: str) -> None:
-        """Every tier drops these namespaces' entries (blocking I/O: not under the lock)."""
+        """Every tier drops these namespaces' entries (blocking I/O: not under the lock),
+        and what requests still running in them insert later is never written: a purged
+        tenant moves to a new namespace, and an entry left under the old one would be
+        served again after a restart (generations start at 0 in a new process)."""
         if self.store is not None:
+            self._purged.update(namespaces)
             for ns in namespaces:
                 self.store.purge(ns)
 

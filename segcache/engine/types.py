@@ -36,6 +36,13 @@ class NotFoundError(EngineError):
     code = "not_found"
 
 
+class QuotaExceededError(EngineError):
+    """State the tenant keeps on the server (registered segments) would pass its bound (413)."""
+
+    status = 413
+    code = "quota_exceeded"
+
+
 class OverloadedError(EngineError):
     """The queue is full (429); ``retry_after_s`` goes into ``Retry-After``."""
 

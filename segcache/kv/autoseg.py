@@ -74,7 +74,7 @@ def _call_body(fn: dict[str, Any], canonical: bool) -> str:
         return f'{{"name": "{fn.get("name")}", "arguments": {raw}}}'
     try:
         value = json.loads(args) if isinstance(args, str) else args
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # kept as sent: still one key per text
         value = args
     return canonical_json({"name": fn.get("name"), "arguments": value})
 

@@ -5,6 +5,12 @@ and every message content; the rendered text is split at the sentinels and each
 piece is tokenized on its own. A prompt is therefore a list of parts whose
 boundaries are token boundaries by construction, and a segment's token ids
 depend only on its content (no token ever straddles two parts).
+
+Only the template's own text is tokenized with special tokens recognised. Contents
+(messages, segments, the tools block) are plain text: ``<|im_end|>`` written by a
+user is the characters ``<``, ``|``, ``im``, ... and cannot end a turn or forge one,
+as in OpenAI's API. The digest (part of the model fingerprint, hence of every
+cache namespace) names this rule, so KV computed under another never matches.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from typing import Any, Literal
 SEGMENT_JOINER = "\n\n"
 _SENTINEL = "\ue000segcache:{kind}:{index}\ue001"
 _SENTINEL_RE = re.compile("\ue000segcache:(seg|msg):(\\d+)\ue001")
+_GIL_FREE_CHARS = 8192  # longer texts are tokenized with the GIL released
+# Bump when the rule for tokenizing contents changes (it is part of the digest).
+CONTENT_TOKENIZATION = "\ncontents: plain text, special tokens inert (v2)"
 
 
 class TemplateError(ValueError):
@@ -44,15 +53,24 @@ class ChatTokenizer:
         # The Rust tokenizer's encode/decode take it immutably, so the engine thread
         # can decode while request threads encode (the Python wrapper may not).
         self._fast = hf_tokenizer.backend_tokenizer
+        # A copy that reads special-token strings as plain text (set once, never toggled:
+        # request threads encode concurrently).
+        self._plain = type(self._fast).from_str(self._fast.to_str())
+        self._plain.encode_special_tokens = True
         if not getattr(hf_tokenizer, "chat_template", None):
             raise TemplateError("the tokenizer has no chat template")
         ids = set(eos_ids)
         if hf_tokenizer.eos_token_id is not None:
             ids.add(int(hf_tokenizer.eos_token_id))
         self.eos_ids = frozenset(ids)
-        blob = (hf_tokenizer.backend_tokenizer.to_str() + hf_tokenizer.chat_template).encode()
+        blob = (hf_tokenizer.backend_tokenizer.to_str() + hf_tokenizer.chat_template
+                + CONTENT_TOKENIZATION).encode()
         self.digest = "sha256:" + hashlib.sha256(blob).hexdigest()
         self.vocab_size = len(hf_tokenizer)
+        # No token covers more characters than its vocabulary string has (byte-level
+        # BPE: one character per byte), so a text of n characters has at least
+        # n / max_token_chars tokens: enough to refuse a huge text before tokenizing it.
+        self.max_token_chars = max(len(t) for t in self._fast.get_vocab(with_added_tokens=True))
 
     @classmethod
     def load(cls, directory: Path, eos_ids: tuple[int, ...] = ()) -> ChatTokenizer:
@@ -60,12 +78,17 @@ class ChatTokenizer:
 
         return cls(AutoTokenizer.from_pretrained(str(directory)), eos_ids)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` with no special tokens added (special tokens written
-        in the text, like ``<|im_start|>``, are recognised)."""
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        """Token ids of ``text`` with no special tokens added. ``special``: special
+        tokens written in the text (``<|im_start|>``) are recognised, for the
+        template's own text and raw completion prompts; else they are plain text."""
         if not text:
             return []
-        return self._fast.encode(text, add_special_tokens=False).ids
+        tok = self._fast if special else self._plain
+        if len(text) < _GIL_FREE_CHARS:
+            return tok.encode(text, add_special_tokens=False).ids
+        # encode_batch tokenizes without the GIL: a long text holds up no other thread.
+        return tok.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: list[int] | tuple[int, ...]) -> str:
         return self._fast.decode(list(ids), skip_special_tokens=True)
@@ -121,7 +144,8 @@ class ChatTokenizer:
         pos = 0
         for m in _SENTINEL_RE.finditer(text):
             if m.start() > pos:
-                parts.append(PromptPart("template", -1, tuple(self.encode(text[pos:m.start()]))))
+                parts.append(PromptPart("template", -1,
+                                         tuple(self.encode(text[pos:m.start()], special=True))))
             key = (m.group(1), int(m.group(2)))
             if key in seen:
                 raise TemplateError("the chat template repeats a message content; cannot align segments")
@@ -130,7 +154,7 @@ class ChatTokenizer:
             parts.append(PromptPart(kind, key[1], tuple(contents[key])))
             pos = m.end()
         if pos < len(text):
-            parts.append(PromptPart("template", -1, tuple(self.encode(text[pos:]))))
+            parts.append(PromptPart("template", -1, tuple(self.encode(text[pos:], special=True))))
         if seen != set(contents):
             raise TemplateError("the chat template does not keep message contents verbatim; "
                                 "segments cannot be aligned with it")

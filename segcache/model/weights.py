@@ -14,7 +14,9 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +99,7 @@ def resolve_model(path: str | None, cache_dir: Path, progress: bool = True) -> R
         raise ModelNotFoundError(f"unsupported model file {src}: expected a .gguf file or a directory")
     digest = file_digest(src, cache_dir)
     out = cache_dir / "models" / f"{src.stem}-{digest[7:23]}-v{CONVERSION_VERSION}"
+    remove_stale_conversions(out.parent)
     if not (out / "config.json").is_file():
         convert_gguf(src, out, progress=progress)
     return ResolvedModel(out, src.stem, src, digest)
@@ -160,6 +163,46 @@ def _hf_name(gguf_name: str) -> str:
     return f"model.layers.{layer}.{GGUF_TO_HF[kind]}.{suffix}"
 
 
+_CONVERT_PREFIX = ".convert-"
+STALE_FOREIGN_S = 6 * 3600  # another host's conversion directory untouched this long is dead
+
+
+def _conversion_prefix() -> str:
+    """Names the converting process, so a later start can tell whether it is gone."""
+    return f"{_CONVERT_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+
+
+def remove_stale_conversions(models_dir: Path) -> list[Path]:
+    """Delete the temporary directories of conversions whose process is gone (a kill
+    -9 during a first start leaves ~500 MB each time); a running conversion's, this
+    host's by its process id, another host's while touched in the last few hours,
+    are kept. Returns what was removed."""
+    removed = []
+    for tmp in models_dir.glob(_CONVERT_PREFIX + "*"):
+        host, _, rest = tmp.name[len(_CONVERT_PREFIX):].rpartition("-")[0].rpartition("-")
+        if host == socket.gethostname() and rest.isdigit() and _alive(int(rest)):
+            continue
+        if host and host != socket.gethostname():
+            try:
+                if time.time() - tmp.stat().st_mtime < STALE_FOREIGN_S:
+                    continue
+            except FileNotFoundError:
+                continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, someone else's
+        return True
+    return pid != 0
+
+
 def convert_gguf(src: Path, out: Path, progress: bool = True) -> None:
     """Dequantise ``src`` into an HF-layout directory ``out`` (atomic: written to a
     temporary directory and renamed)."""
@@ -169,7 +212,7 @@ def convert_gguf(src: Path, out: Path, progress: bool = True) -> None:
     reader = gguf.GGUFReader(src)
     arch = _gguf_arch(reader)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=_conversion_prefix()))
     try:
         tensors: dict[str, torch.Tensor] = {}
         for t in tqdm(reader.tensors, desc=f"converting {src.name}", unit="tensor", disable=not progress):

@@ -9,6 +9,8 @@ threads.
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from typing import Any
 
 import uvicorn
@@ -18,10 +20,11 @@ from starlette.middleware.cors import CORSMiddleware
 import segcache
 from segcache.config import CacheConfig, ServerConfig
 from segcache.server import routes_cache, routes_openai, routes_ops
-from segcache.server.auth import load_api_keys
+from segcache.server.auth import load_admin_keys, load_api_keys
 from segcache.server.errors import install_error_handlers
 from segcache.server.metrics import ServerMetrics
 from segcache.server.middleware import BodyLimit, RequestAccounting
+from segcache.server.openapi import install_openapi
 from segcache.server.request_log import RequestLog
 from segcache.server.state import ServerState
 
@@ -31,6 +34,9 @@ log = logging.getLogger(__name__)
 def create_app(engine: Any, cfg: ServerConfig, cache_cfg: CacheConfig) -> FastAPI:
     """An app serving ``engine``. Raises ValueError if the API keys file is unusable."""
     api_keys = load_api_keys(cfg.api_keys_file) if cfg.api_keys_file is not None else None
+    admin_keys = load_admin_keys(cfg.api_keys_file) if cfg.api_keys_file is not None else frozenset()
+    if cfg.metrics_key:
+        admin_keys |= {cfg.metrics_key}
     app = FastAPI(
         title="segcache",
         version=segcache.__version__,
@@ -45,8 +51,10 @@ def create_app(engine: Any, cfg: ServerConfig, cache_cfg: CacheConfig) -> FastAP
         api_keys=api_keys,
         model_name=cfg.model_name or engine.model_name,
         request_log=RequestLog(cfg.request_log) if cfg.request_log is not None else None,
+        admin_keys=admin_keys,
     )
     install_error_handlers(app)
+    install_openapi(app, getattr(engine, "context_window", None), getattr(engine, "vocab_size", None))
     routers = [routes_openai.router, routes_cache.router, routes_ops.router]
     for router in routers:
         app.include_router(router)
@@ -68,10 +76,20 @@ def serve(engine: Any, cfg: ServerConfig, cache_cfg: CacheConfig) -> None:
     name = app.state.server.model_name
     auth = f"API keys from {cfg.api_keys_file}" if cfg.api_keys_file else "no auth"
     log.info("segcache serving %s at http://%s:%d/v1 (%s)", name, cfg.host, cfg.port, auth)
+    # uvicorn stops accepting on SIGINT/SIGTERM, waits for running requests, then
+    # raises the signal again under the handler it found: this one, so that a drained
+    # shutdown on SIGTERM ends with exit status 0 rather than death by the signal.
+    main = threading.current_thread() is threading.main_thread()  # signals: main thread only
+    previous = signal.signal(signal.SIGTERM, _drained) if main else None
     try:
-        # uvicorn stops accepting on SIGINT/SIGTERM and waits for running requests.
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
     finally:
         close = getattr(engine, "close", None)
         if close is not None:
             close(drain=True)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _drained(signum: int, frame: Any) -> None:
+    log.info("stopped on signal %d after draining", signum)

@@ -9,8 +9,11 @@ Without a file, authentication is off and every request belongs to the tenant
 ``Authorization: Bearer <key>`` with a listed key, else 401. The tenant comes
 only from the key, never from the request body: it scopes the KV cache and
 the segment registry, so one tenant can never read another's cache.
-``/health``, ``/metrics`` and ``/dashboard`` stay open (cache-wide numbers
-only, nothing per tenant).
+
+``/metrics`` counts every tenant's traffic, so once keys are configured it needs
+an admin key (401 without a key, 403 with a tenant's): the file's optional
+``"admin_keys": ["<key>", ...]`` or ``--metrics-key``. Without keys it is open.
+``/health`` and ``/dashboard`` stay open (cache-wide numbers only).
 """
 
 from __future__ import annotations
@@ -46,11 +49,30 @@ def load_api_keys(path: Path | str) -> dict[str, str]:
     return dict(keys)
 
 
-def require_tenant(request: Request) -> str:
-    """FastAPI dependency: the tenant of the request's bearer key."""
-    keys: dict[str, str] | None = request.app.state.server.api_keys
-    if keys is None:
-        return LOCAL_TENANT
+def load_admin_keys(path: Path | str) -> frozenset[str]:
+    """The keys file's optional ``"admin_keys"`` list (keys for ``/metrics``)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    admin = data.get("admin_keys", [])
+    if not isinstance(admin, list) or not all(isinstance(k, str) and k for k in admin):
+        raise ValueError(f'API keys file {path}: "admin_keys" must be a list of non-empty strings')
+    return frozenset(admin)
+
+
+def require_admin(request: Request) -> None:
+    """FastAPI dependency for ``/metrics``: an admin key once any keys are configured."""
+    state = request.app.state.server
+    if state.api_keys is None and not state.admin_keys:
+        return
+    key = _bearer(request)
+    if key in state.admin_keys:
+        return
+    if state.api_keys is not None and key in state.api_keys:
+        raise APIError("This key is a tenant's; /metrics needs an admin key ('admin_keys' in "
+                       "the API keys file, or --metrics-key)", status=403, code="forbidden")
+    raise APIError(f"Incorrect admin key provided: {_mask(key)}", status=401, code="invalid_api_key")
+
+
+def _bearer(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     key = key.strip()
@@ -60,6 +82,15 @@ def require_tenant(request: Request) -> str:
             status=401,
             code="invalid_api_key",
         )
+    return key
+
+
+def require_tenant(request: Request) -> str:
+    """FastAPI dependency: the tenant of the request's bearer key."""
+    keys: dict[str, str] | None = request.app.state.server.api_keys
+    if keys is None:
+        return LOCAL_TENANT
+    key = _bearer(request)
     tenant = keys.get(key)
     if tenant is None:
         raise APIError(

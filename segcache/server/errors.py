@@ -10,14 +10,18 @@ never sent).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from segcache.engine.types import EngineError
+
+log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -56,12 +60,17 @@ def error_body(
 ) -> dict[str, Any]:
     return {
         "error": {
-            "message": message,
+            # Message and param may quote the request: kept encodable (lone surrogates escaped).
+            "message": _encodable(message),
             "type": type or error_type(status),
-            "param": param,
+            "param": None if param is None else _encodable(param),
             "code": code,
         }
     }
+
+
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_response(
@@ -92,7 +101,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(engine_error_body(exc), status_code=exc.status, headers=headers)
 
     async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = describe_validation_errors(exc.errors())
+        try:
+            message, param = describe_validation_errors(exc.errors())
+        except Exception:  # describing must never turn a 400 into a 500
+            log.exception("could not describe validation errors")
+            message, param = "Invalid request body", None
         return error_response(message, 400, param=param)
 
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -102,12 +115,25 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"Method {request.method} is not allowed on {request.url.path}"
         else:
             message = str(exc.detail)
-        return error_response(message, exc.status_code)
+        response = error_response(message, exc.status_code)
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:  # every method of the path, not only the first route's
+            response.headers["Allow"] = ", ".join(_allowed_methods(request))
+        return response
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(EngineError, on_engine_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE and getattr(route, "methods", None):
+            methods |= set(route.methods)
+    return sorted(methods)
 
 
 # Pydantic puts the name of the union member it tried into ``loc``

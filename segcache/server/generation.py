@@ -79,6 +79,16 @@ class EngineRun:
                 return value
         raise AssertionError("unreachable: events() ends with done or error")
 
+    async def final(self) -> GenerationResult | None:
+        """The result once the run has stopped, after ``events()`` was abandoned
+        midway (its unread events are still queued); None if it failed."""
+        while True:
+            kind, value = await self._events.get()
+            if kind == "done":
+                return value
+            if kind == "error":
+                return None
+
     def timings(self, result: GenerationResult) -> tuple[float, float]:
         """(ttft, total) seconds from arrival; ttft falls back to the engine's own
         figure when no text was produced."""

@@ -66,11 +66,18 @@ class ServerMetrics:
             buckets=_REQUEST_BUCKETS,
             registry=r,
         )
+        self.generations = Counter(
+            "segcache_generations",
+            "Generations by how they ended (cancelled: the client left, also mid-stream)",
+            ["finish_reason"],
+            registry=r,
+        )
         self._prompt_total = 0
         self._cached_total = 0
         r.register(CacheCollector(engine, self))
 
     def observe_generation(self, result: GenerationResult, ttft_s: float, total_s: float) -> None:
+        self.generations.labels(finish_reason=result.finish_reason).inc()
         self.prompt_tokens.inc(result.prompt_tokens)
         self.cached_tokens.inc(result.cached_tokens)
         self.computed_tokens.inc(result.computed_tokens)

@@ -1,40 +1,95 @@
 """Request schemas of the HTTP API (OpenAI's shapes plus segcache's extensions)
 and their translation into engine requests. No torch here.
 
-Validation is strict (``"5"`` is not a number, ``1.5`` is not an integer), as
-OpenAI's API is, and follows OpenAI's rules where they go beyond types
-(``tool_choice`` needs ``tools`` and must name one of them, ``logit_bias`` keys
-are token ids, assistant tool-call ``arguments`` are JSON). Fields that OpenAI
-defines but segcache does not implement are accepted and ignored
-(``frequency_penalty``, ``presence_penalty``, ``user``, ``metadata``, ...) so
-existing clients keep working; ``tools`` are declared to the model in a
-canonical system-prompt block (see ``segcache.kv.autoseg``) and calls in its
-output come back as ``tool_calls``; the few whose absence would silently
-change the answer (``echo``, ``suffix``, image content) are refused with a 400
-that names them.
+Validation is strict (``"5"`` is not a number, ``1.5`` is not an integer; ``2.0``,
+JSON's spelling of 2 as well, is), as OpenAI's API is, and follows OpenAI's rules
+where they go beyond types (``tool_choice`` needs ``tools`` and must name one of
+them, ``logit_bias`` keys are token ids, assistant tool-call ``arguments`` are JSON).
+Every body first passes one check for what no field type catches (lone UTF-16
+surrogates anywhere, nesting too deep). Fields that OpenAI defines but segcache
+does not implement are accepted and ignored (``frequency_penalty``,
+``presence_penalty``, ``user``, ``metadata``, ...) so existing clients keep
+working; ``tools`` are declared to the model in a canonical system-prompt block
+(see ``segcache.kv.autoseg``) and calls in its output come back as
+``tool_calls``; the few whose absence would silently change the answer (``echo``,
+``suffix``, image content) are refused with a 400 that names them.
 
 ``model`` is optional (absent means the served model); a name the server does
 not serve is a 404, checked by the routes (they know the served names).
 
 ``max_tokens`` defaults to 256 when a request gives neither ``max_tokens`` nor
 ``max_completion_tokens``.
+
+Every request body is checked as a whole before its fields are (``_Body``): text
+anywhere in it (messages, segments, prompts, tools, names, stop strings) must be
+valid Unicode (no lone UTF-16 surrogates, which JSON's ``\\ud800`` escapes can
+carry but UTF-8 cannot encode) and nested at most ``MAX_NESTING`` levels deep, so
+no text reaches the tokenizer, the digests or the template that they cannot take.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from segcache.engine.types import ChatRequest, SamplingParams, SegmentInput
 from segcache.server.errors import APIError
 
 DEFAULT_MAX_TOKENS = 256
+MAX_NESTING = 64  # JSON levels; deeper bodies are refused before anything walks them
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a 64-bit generator seed can hold
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _Schema(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+
+def check_text(value: Any) -> None:
+    """Raise APIError (400, ``param`` = the field) for the first string in ``value``
+    (any JSON value, keys included) holding a lone surrogate, or for nesting deeper
+    than ``MAX_NESTING``. Iterative: a hostile body cannot exhaust the stack."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise APIError(f"'{path}' is nested more than {MAX_NESTING} levels deep",
+                           param=path or None)
+        if isinstance(item, str):
+            if not item.isascii() and (bad := _SURROGATE.search(item)):
+                raise APIError(
+                    f"Invalid '{path or 'body'}': text contains a lone UTF-16 surrogate "
+                    f"(\\u{ord(bad.group()):04x} at character {bad.start()}), which is not valid "
+                    "Unicode; send UTF-8 text or a \\ud83d\\ude00-style surrogate pair",
+                    param=path or None)
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                where = f"{path}.{key}" if path else str(key)
+                stack.append((key, where, depth + 1))
+                if isinstance(sub, _NESTED):
+                    stack.append((sub, where, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((sub, f"{path}[{i}]", depth + 1) for i, sub in enumerate(item)
+                         if isinstance(sub, _NESTED))
+
+
+_NESTED = (str, dict, list)  # what check_text has to look into
+
+
+class _Body(_Schema):
+    """A whole request body: its text is checked before any field is parsed."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        check_text(data)  # APIError passes through pydantic to the error handler
+        if isinstance(data, dict):  # JSON's 2.0 is the integer 2 (number fields take ints)
+            data = {k: int(v) if isinstance(v, float) and v.is_integer() else v
+                    for k, v in data.items()}
+        return data
 
 
 class StreamOptions(_Schema):
@@ -78,6 +133,23 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    name: str
+    arguments: str = Field(description="the call's arguments as a JSON string")
+
+
+class ToolCall(BaseModel):
+    """One of an assistant message's ``tool_calls`` (as OpenAI returned it)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
@@ -85,25 +157,26 @@ class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
     def to_engine(self, index: int) -> dict[str, Any]:
         """A plain dict for the chat template, with OpenAI's role aliases resolved."""
         role = {"developer": "system", "function": "tool"}.get(self.role, self.role)
         msg: dict[str, Any] = {"role": role, "content": self._text(index)}
-        for key in ("name", "tool_calls", "tool_call_id"):
+        for key in ("name", "tool_call_id"):
             value = getattr(self, key)
             if value is not None:
                 msg[key] = value
+        if self.tool_calls is not None:
+            msg["tool_calls"] = [c.model_dump(exclude_none=True) for c in self.tool_calls]
         self._check_call_arguments(index)
         return msg
 
     def _check_call_arguments(self, index: int) -> None:
         """OpenAI requires each call's ``arguments`` to be a JSON document in a string."""
         for j, call in enumerate(self.tool_calls or []):
-            fn = call.get("function")
-            args = fn.get("arguments") if isinstance(fn, dict) else None
+            args = call.function.arguments
             if not isinstance(args, str):
                 continue
             try:
@@ -133,7 +206,7 @@ class Message(BaseModel):
         return "".join(pieces)
 
 
-class _GenerationRequest(_Schema):
+class _GenerationRequest(_Body):
     """Fields shared by chat and text completions."""
 
     model: str | None = None
@@ -141,7 +214,8 @@ class _GenerationRequest(_Schema):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = Field(default=None, description="segcache extension; 0 = off")
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX,
+                             description="64-bit: -2**63 .. 2**64-1")
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -261,7 +335,7 @@ MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 MAX_PROMPTS = 16  # prompts in one /v1/completions request (run one after another)
 
 
-class WarmRequest(_Schema):
+class WarmRequest(_Body):
     model: str | None = None
     segments: list[Segment] = Field(min_length=1)
 
@@ -270,7 +344,7 @@ class WarmRequest(_Schema):
         return [s.to_engine(i) for i, s in enumerate(self.segments)]
 
 
-class PutSegmentRequest(_Schema):
+class PutSegmentRequest(_Body):
     content: str
     ttl: float | None = Field(default=None, gt=0, description="seconds until the segment expires")
 

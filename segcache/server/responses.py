@@ -10,6 +10,7 @@ closes without ``[DONE]``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -174,14 +175,17 @@ async def sse_stream(
 ) -> AsyncIterator[str]:
     """The SSE body of one streamed generation. ``first`` is the event already
     taken from ``rest`` (it was awaited before the response started so that an
-    early refusal gets a real status code). Leaving early cancels the run."""
-    finished = False
+    early refusal gets a real status code). Leaving early (the client is gone)
+    cancels the run, and its result (finish_reason "cancelled") still goes to
+    ``on_done`` once the engine has stopped: every generation is logged and counted."""
+    finished = ended = False
     try:
         for start in shaper.start_chunks():
             yield sse(start)
         event: tuple[str, Any] | None = first
         while event is not None:
             kind, value = event
+            ended = ended or kind != "text"
             if kind == "text":
                 yield sse(shaper.text_chunk(value))
             elif kind == "done":
@@ -198,6 +202,22 @@ async def sse_stream(
     finally:
         if not finished:
             run.cancel()
+            if not ended:
+                _pending.add(task := asyncio.ensure_future(_account_cancelled(run, on_done)))
+                task.add_done_callback(_pending.discard)
+
+
+_pending: set[asyncio.Future] = set()  # cancelled runs being waited for (kept referenced)
+
+
+async def _account_cancelled(run: EngineRun, on_done: Any) -> None:
+    """Wait for a cancelled run to stop and account for its result."""
+    try:
+        result = await run.final()
+        if result is not None:
+            on_done(result)
+    except Exception:  # accounting must never raise into the loop
+        log.exception("could not account for a cancelled stream")
 
 
 def stream_error_body(exc: BaseException) -> dict[str, Any]:

@@ -22,6 +22,7 @@ class ServerState:
     api_keys: dict[str, str] | None  # None: no auth, one local tenant
     model_name: str  # the name responses carry (cfg.model_name or engine.model_name)
     request_log: Any = None  # segcache.server.request_log.RequestLog when --request-log is set
+    admin_keys: frozenset[str] = frozenset()  # for /metrics (auth.require_admin)
 
     @property
     def served_names(self) -> tuple[str, ...]:
