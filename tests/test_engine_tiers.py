@@ -464,3 +464,30 @@ def test_what_a_request_running_across_a_purge_inserts_is_never_written(tiny_eng
     assert not list(tmp_path.glob(f"{old_ns.split(':')[1]}/*"))  # nothing of it on disk
     engine.store.tiers[0].check_integrity()
     assert engine.namespace("t") != old_ns
+
+
+def test_after_a_purge_new_entries_survive_a_restart_and_old_ones_never_return(tiny_engine_factory,
+                                                                                tmp_path):
+    engine = tiny_engine_factory(disk_cfg(tmp_path))
+    chat(engine, "t", AGENTS[0])
+    settle(engine)
+    engine.purge("t")  # the tenant's tree moves to generation 1; its disk entries are gone
+    after = chat(engine, "t", AGENTS[1])
+    engine.close()
+    restarted = tiny_engine_factory(disk_cfg(tmp_path))  # generation 0 again
+    again = chat(restarted, "t", AGENTS[1])
+    assert tiers_of(again) == ["disk"] * 3 and again.token_ids == after.token_ids
+    # A+B+D: only A was computed again after the purge; B and D after A never return
+    assert tiers_of(chat(restarted, "t", AGENTS[0])) == ["ram", None, None]
+
+
+def test_servers_sharing_redis_agree_on_a_tenant_whichever_purged(tiny_engine_factory, redis_server):
+    a = tiny_engine_factory(CacheConfig(redis_url=redis_server.url))
+    b = tiny_engine_factory(CacheConfig(redis_url=redis_server.url))
+    chat(a, "t", AGENTS[0])
+    settle(a)
+    a.purge("t")  # on every tier: B, which never saw a purge, finds nothing either
+    assert all(t is None for t in tiers_of(chat(b, "t", AGENTS[0])))
+    chat(a, "t", AGENTS[1])  # A, now at generation 1, computes; B (generation 0) loads it
+    settle(a)
+    assert tiers_of(chat(b, "t", AGENTS[1])) == ["ram", "redis", "redis"]  # A+C+E; A was in B's RAM

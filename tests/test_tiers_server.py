@@ -325,6 +325,8 @@ def test_two_servers_share_kv_through_one_redis_and_survive_its_outage(tmp_path,
         for step in range(3):
             srv = servers[step % 2]
             assert text(ask(srv.url, AGENTS[step])) == cold[step]
+        for srv in servers:  # a segment new to both: looked up and written while Redis is down
+            ask(srv.url, [seg("A", RULES), seg("O", "Outage agent: keeps serving.")])
         redis_server.start()
         # Hits resume once the back-off window has passed: A computes a new agent, B loads it.
         deadline, resumed, n = time.monotonic() + 240, False, 0
@@ -336,4 +338,4 @@ def test_two_servers_share_kv_through_one_redis_and_survive_its_outage(tmp_path,
             n += 1
             time.sleep(0.5)
         assert resumed
-        assert tier_stats(b.url)["redis"]["errors"] > 0
+        assert tier_stats(a.url)["redis"]["errors"] > 0 and tier_stats(b.url)["redis"]["errors"] > 0

@@ -362,7 +362,11 @@ class Engine(CacheControl, Blending, Tiering):
         """The root of the tenant's cache: its id, the model fingerprint and how many
         times it was purged (so nothing from before a purge is ever reachable)."""
         generation = self._generation.get(tenant, 0)
-        return namespace_digest(tenant, self.fingerprint + (f"#{generation}" if generation else ""))
+        if not generation:
+            return namespace_digest(tenant, self.fingerprint)
+        ns = namespace_digest(tenant, self.fingerprint + f"#{generation}")
+        self._tier_roots[ns] = namespace_digest(tenant, self.fingerprint)  # see Tiering._tier_root
+        return ns
 
     # ------------------------------------------------------------------ requests
     def chat(self, req: ChatRequest, on_text: Callback | None = None,

@@ -111,9 +111,8 @@ class Loads:
     expects: list[Expected]
     futures: dict[int, Future] = field(default_factory=dict)
 
-    def covers(self, i: int, parent_chain: str) -> bool:
-        j = i - self.start
-        return 0 <= j < len(self.expects) and self.expects[j].key.parent_chain == parent_chain
+    def covers(self, i: int) -> bool:
+        return 0 <= i - self.start < len(self.expects)
 
     def issue(self, store: TieredStore, upto: int) -> None:
         """Loads of units ``start..upto`` not issued yet (on the store's loader threads)."""
@@ -127,14 +126,40 @@ class Tiering:
     store: TieredStore | None = None
     _promoted: Counter[str]  # tier name -> nodes loaded back into RAM
     _purged: set[str]  # namespaces purged in this process: nothing of theirs is written again
+    # A purged tenant's tree namespace -> the namespace its tier entries live under (below)
+    _tier_roots: dict[str, str]
 
     def _init_tiers(self, cache: CacheConfig, layout: str) -> None:
         self.store = build_store(cache, layout)
         self._promoted = Counter()
         self._purged = set()
+        self._tier_roots = {}
+
+    def _tier_root(self, ns: str) -> str:
+        """The namespace tier entries of tree namespace ``ns`` are keyed under: the
+        tenant's namespace of generation 0. A purge moves the tenant's tree to a new
+        namespace (``Engine.namespace``), but generations are per process: a restarted
+        server, or another one sharing Redis, starts at 0. The purge deletes the
+        tenant's entries on every tier instead, and nothing a request of an older
+        generation inserts is written afterwards (``_purged``)."""
+        return self._tier_roots.get(ns, ns)
 
     def _tier_key(self, node: SegmentNode) -> CacheKey:
-        return CacheKey(node.namespace, self.fingerprint, node.parent.chain, node.digest, node.chain)
+        root = self._tier_root(node.namespace)
+        if root == node.namespace:
+            return CacheKey(node.namespace, self.fingerprint, node.parent.chain, node.digest, node.chain)
+        path = []
+        while node.parent is not None:  # chains re-rooted at the tier namespace
+            path.append(node.digest)
+            node = node.parent
+        return self._chain_keys(root, path[::-1])[-1]
+
+    def _chain_keys(self, root: str, digests: list[str]) -> list[CacheKey]:
+        keys, parent = [], root
+        for digest in digests:
+            keys.append(CacheKey(root, self.fingerprint, parent, digest, chain_digest(parent, digest)))
+            parent = keys[-1].chain
+        return keys
 
     # ------------------------------------------------------------------ writes
     def _publish(self, node: SegmentNode, handle: object) -> None:
@@ -156,7 +181,7 @@ class Tiering:
         None to compute it. Yields ``LoadWait`` while its load is in flight."""
         if self.store is None:
             return None
-        if run.loads is None or not run.loads.covers(i, run.parent.chain):
+        if run.loads is None or not run.loads.covers(i):
             run.loads = self._plan_loads(run, prompt, i, len(prompt.units) if stop is None else stop)
         try:
             run.loads.issue(self.store, i + WINDOW)
@@ -182,15 +207,15 @@ class Tiering:
         return node, fetched.tier
 
     def _plan_loads(self, run: Any, prompt: Prompt, i: int, end: int) -> Loads:
-        """What units ``i..end`` would be read as: keys chained from ``run.parent``."""
-        expects, parent = [], run.parent.chain
-        for unit in prompt.units[i:end]:
-            key = CacheKey(run.parent.namespace, self.fingerprint, parent, unit.key.digest,
-                           chain_digest(parent, unit.key.digest))
+        """What units ``i..end`` would be read as (keys chained from the tier namespace
+        over every unit before them)."""
+        root = self._tier_root(run.parent.namespace)
+        keys = self._chain_keys(root, [u.key.digest for u in prompt.units[:end]])[i:]
+        expects = []
+        for unit, key in zip(prompt.units[i:end], keys, strict=True):
             # A kept reply holds the generated ids, not the re-tokenized message: no digest.
             digest = None if unit.key.kind == "message" else token_digest(unit.ids)
             expects.append(Expected(key, self.store.layout, digest))
-            parent = key.chain
         return Loads(i, expects)
 
     def _fits(self, run: Any, kv: KVData, n_tokens: int) -> bool:
@@ -209,7 +234,7 @@ class Tiering:
         if self.store is not None:
             self._purged.update(namespaces)
             for ns in namespaces:
-                self.store.purge(ns)
+                self.store.purge(self._tier_root(ns))
 
     def tier_stats(self) -> dict[str, Any]:
         """Per tier: bytes, entries, hits, misses, puts, errors, dropped, load seconds
