@@ -27,6 +27,9 @@ message's content) and only when its token count is the prompt's for that unit
 (the request's buffer and context check were sized from it). Loaded KV must have
 the runtime's KV dtype and shape, or it is computed instead.
 
+Keys are rooted at the tenant's generation-0 namespace whatever generation its tree
+is at (``_tier_root``): generations are per process, tier entries outlive it.
+
 The radix tail is not tiered (its nodes have no chain digest); neither are blend
 standalone entries promoted (they are demoted like any node under their own
 namespace, and purged with the tenant).
