@@ -365,7 +365,8 @@ class Engine(CacheControl, Blending, Tiering):
         if not generation:
             return namespace_digest(tenant, self.fingerprint)
         ns = namespace_digest(tenant, self.fingerprint + f"#{generation}")
-        self._tier_roots[ns] = namespace_digest(tenant, self.fingerprint)  # see Tiering._tier_root
+        if self.store is not None:  # tier entries are keyed by generation 0: Tiering._tier_root
+            self._tier_roots[ns] = namespace_digest(tenant, self.fingerprint)
         return ns
 
     # ------------------------------------------------------------------ requests
