@@ -63,6 +63,27 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="where converted weights live (env SEGCACHE_CACHE_DIR; default: %(default)s)")
 
 
+def add_tier_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "cache tiers", "Below the RAM cache: KV evicted from RAM (and every node at insert) is "
+        "written to disk and/or Redis, behind the request; a prompt missing from RAM is looked up "
+        "there. At rest each entry is the KV of one segment in a safetensors file with a header of "
+        "digests only (tenant namespace, model fingerprint, chain, token-id digest, checksum): no "
+        "prompt text and no token ids are stored. An entry is served only under its own tenant and "
+        "model fingerprint, with an intact checksum; anything else is deleted and recomputed.")
+    g.add_argument("--disk-cache", type=Path, default=None, metavar="DIR",
+                   help="keep KV on local disk in DIR (one file per segment, a folder per tenant); "
+                        "it survives restarts (default: off)")
+    g.add_argument("--disk-bytes", type=_size, default=CacheConfig.disk_bytes, metavar="BYTES",
+                   help="disk tier budget, least recently used files deleted beyond it (default: 20GiB)")
+    g.add_argument("--redis-url", default=None, metavar="URL",
+                   help="share KV through Redis (e.g. redis://127.0.0.1:6379/0): servers pointed at "
+                        "one Redis reuse each other's KV; if Redis goes away, serving goes on from "
+                        "RAM/disk and reconnects with back-off (default: off)")
+    g.add_argument("--redis-ttl", type=_positive, default=CacheConfig.redis_ttl_s, metavar="SECONDS",
+                   help="lifetime of a Redis entry from its last write (default: %(default)s)")
+
+
 def model_config(args: argparse.Namespace) -> ModelConfig:
     return ModelConfig(path=args.model, dtype=args.dtype, device=args.device,
                        cache_dir=args.cache_dir, threads=args.threads)
@@ -133,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--blend-layer", type=int, default=CacheConfig.blend_layer, metavar="C",
                        help="layers 0..C run for every token; reused tokens are scored at "
                             "layer C (default: %(default)s)")
+    add_tier_args(serve)
     serve.add_argument("--max-running", type=int, default=SchedulerConfig.max_running,
                        help="requests decoding/prefilling at once (default: %(default)s)")
     serve.add_argument("--max-waiting", type=int, default=SchedulerConfig.max_waiting,
@@ -196,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     constrained.add_arguments(bench_sub.add_parser(
         "constrained", help="decode tok/s with a JSON-schema response_format against without "
                             "(1 and 8 streams, same run)", description=constrained.__doc__))
+
+    from segcache.bench import tiers as tiers_bench
+
+    tiers_bench.add_arguments(bench_sub.add_parser(
+        "tiers", help="one full hit from RAM, from disk after a restart and from Redis on a second "
+                      "server, against cold (starts its own servers)",
+        description=tiers_bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
 
 
@@ -220,7 +249,11 @@ def _config(args: argparse.Namespace) -> Config:
                         tenant_registry_entries=getattr(args, "tenant_registry_entries",
                                                         CacheConfig.tenant_registry_entries),
                         memo_bytes=getattr(args, "memo_bytes", CacheConfig.memo_bytes),
-                        tenant_memo_bytes=getattr(args, "memo_bytes", CacheConfig.memo_bytes) // 4)
+                        tenant_memo_bytes=getattr(args, "memo_bytes", CacheConfig.memo_bytes) // 4,
+                        disk_cache_dir=getattr(args, "disk_cache", None),
+                        disk_bytes=getattr(args, "disk_bytes", CacheConfig.disk_bytes),
+                        redis_url=getattr(args, "redis_url", None),
+                        redis_ttl_s=getattr(args, "redis_ttl", CacheConfig.redis_ttl_s))
     sched = SchedulerConfig(
         max_running=getattr(args, "max_running", SchedulerConfig.max_running),
         max_waiting=getattr(args, "max_waiting", SchedulerConfig.max_waiting),
@@ -296,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
                 from segcache.engine import benchmark as engine_bench
 
                 return engine_bench.run(args)
+            if args.bench_command == "tiers":
+                from segcache.bench import tiers as tiers_bench
+
+                return tiers_bench.run(args)
             if args.bench_command == "sweep":
                 from segcache.bench import sweep
 

@@ -117,8 +117,20 @@ class CacheConfig:
     registry_bytes: int = 256 * MiB
     tenant_registry_bytes: int = 32 * MiB
     tenant_registry_entries: int = 1024
+    # Lower tiers (issue 17): evicted KV goes to disk, then Redis; a miss in RAM is
+    # looked up there. At rest they hold digests and KV only (no prompt text, no ids).
+    disk_cache_dir: Path | None = None
+    disk_bytes: int = 20 * GiB
+    redis_url: str | None = None
+    redis_ttl_s: float = 24 * 3600.0
 
     def __post_init__(self) -> None:
+        if self.disk_bytes < 0:
+            raise ValueError("disk_bytes must be >= 0")
+        if self.redis_ttl_s <= 0:
+            raise ValueError("redis_ttl_s must be > 0")
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
         if self.blend not in BLEND_MODES:
             raise ValueError(f"blend must be one of {', '.join(BLEND_MODES)}, got {self.blend!r}")
         if not 0.0 <= self.blend_ratio <= 1.0:

@@ -34,7 +34,8 @@ class CacheControl:
             stats["registered_segments"] = self.registry.names(tenant)
             stats["model"] = self.model_name
             stats["fingerprint"] = self.fingerprint
-            return stats
+        stats["tiers"] = self.tier_stats()  # disk, Redis (outside the lock: Redis may be slow)
+        return stats
 
     def purge(self, tenant: str) -> int:
         """Drop everything this tenant's earlier requests left: cached KV, standalone
@@ -53,16 +54,19 @@ class CacheControl:
             self._retired |= {ns, ns_s}
             self._sweep_retired()
         self.memo.forget(ns)
+        self._purge_tiers(ns, ns_s)  # every lower tier too (blocking I/O, outside the lock)
         return removed
 
     def metrics(self) -> dict[str, Any]:
         with self._lock:
             s = self.tree.stats(max_depth=0)
             r = self.radix.stats()
-            return {"resident_bytes": self.tree.resident_bytes + self.radix.resident_bytes,
-                    "nodes": len(self.tree) + len(self.radix),
-                    "evictions": s.get("evictions", 0) + r.get("evictions", 0),
-                    "budget_bytes": self.cache_cfg.cache_bytes}
+            out = {"resident_bytes": self.tree.resident_bytes + self.radix.resident_bytes,
+                   "nodes": len(self.tree) + len(self.radix),
+                   "evictions": s.get("evictions", 0) + r.get("evictions", 0),
+                   "budget_bytes": self.cache_cfg.cache_bytes}
+        out["tiers"] = self.tier_stats()
+        return out
 
     def put_segment(self, tenant: str, name: str, content: str, ttl_s: float | None) -> dict:
         self._check_text_size(len(content), "content")

@@ -61,6 +61,7 @@ from segcache.engine.scheduler import (
     Scheduler,
     WaitFor,
 )
+from segcache.engine.tiering import Tiering
 from segcache.engine.toolcalls import ToolCallFilter, parse_tool_calls
 from segcache.engine.types import (
     ChatRequest,
@@ -79,7 +80,8 @@ from segcache.kv.hashing import namespace_digest
 from segcache.kv.radix import RadixTree
 from segcache.kv.registry import SegmentRegistry
 from segcache.kv.segment_tree import SegmentNode, SegmentTree
-from segcache.model.runtime import ModelRuntime
+from segcache.kv.tiers import fingerprint_with
+from segcache.model.runtime import KV_LAYOUT_VERSION, ModelRuntime
 from segcache.model.tokenizer import ChatTokenizer, TemplateError
 from segcache.model.weights import load_arch, resolve_model
 
@@ -283,6 +285,7 @@ class _Run:
     tail_logits: torch.Tensor | None = None  # the last unit was prefilled with the tail
     held: Held = field(default_factory=list)  # cached nodes whose KV fills slots 0..held_tokens
     held_tokens: int = 0
+    loads: Any = None  # lower-tier loads in flight for the units ahead (tiering.Loads)
 
     def hold(self, node: SegmentNode, n: int) -> None:
         """``node``'s KV (``n`` tokens) is now in slots ``pos..pos+n`` (before ``pos``
@@ -301,7 +304,7 @@ def model_id(file_stem: str) -> str:
     return _QUANT_SUFFIX.sub("", file_stem) or file_stem
 
 
-class Engine(CacheControl, Blending):
+class Engine(CacheControl, Blending, Tiering):
     def __init__(self, runtime: ModelRuntime, tokenizer: ChatTokenizer, cache: CacheConfig,
                  model_name: str, scheduler: SchedulerConfig | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -309,11 +312,15 @@ class Engine(CacheControl, Blending):
         self.tokenizer = tokenizer
         self.cache_cfg = cache
         self.model_name = model_name
-        self.fingerprint = runtime.fingerprint
+        sched_cfg = scheduler or SchedulerConfig()
+        # KV now outlives the process: the fingerprint also names the prefill chunking,
+        # which changes float32 bits on the dense path.
+        self.fingerprint = fingerprint_with(runtime.fingerprint, prefill_chunk=sched_cfg.prefill_chunk)
         self.context_window = runtime.arch.max_position
         self.vocab_size = runtime.arch.vocab_size
         self.execution_plan = runtime.describe()  # which code computes tokens (/health, /v1/models)
-        self.tree = SegmentTree(cache.cache_bytes, clock=clock,
+        self._init_tiers(cache, KV_LAYOUT_VERSION)  # disk, Redis (self.store None: RAM only)
+        self.tree = SegmentTree(cache.cache_bytes, clock=clock, on_remove=self._on_tree_remove,
                                 tenant_quota_bytes=cache.tenant_quota_bytes)
         self.radix = RadixTree(cache.cache_bytes, split_handle=_split_kv, bytes_of=_kv_bytes,
                                handle_len=lambda h: h.shape[3], clock=clock)
@@ -332,12 +339,14 @@ class Engine(CacheControl, Blending):
         # retired: unreachable, and swept of whatever jobs still running insert there.
         self._generation: dict[str, int] = {}
         self._retired: set[str] = set()
-        self.scheduler = Scheduler(scheduler or SchedulerConfig(), _Runner(runtime),
+        self.scheduler = Scheduler(sched_cfg, _Runner(runtime),
                                    lambda key: key in self._inflight, self._lock, self._estimate)
 
     def close(self, drain: bool = True) -> None:
-        """Stop taking requests; with ``drain`` finish the ones already queued."""
+        """Stop taking requests; with ``drain`` finish the ones already queued; then
+        finish the writes queued for the lower tiers."""
         self.scheduler.stop(drain)
+        self._close_tiers()
 
     @classmethod
     def load(cls, cfg: Config, progress: bool = True) -> Engine:
@@ -353,7 +362,12 @@ class Engine(CacheControl, Blending):
         """The root of the tenant's cache: its id, the model fingerprint and how many
         times it was purged (so nothing from before a purge is ever reachable)."""
         generation = self._generation.get(tenant, 0)
-        return namespace_digest(tenant, self.fingerprint + (f"#{generation}" if generation else ""))
+        if not generation:
+            return namespace_digest(tenant, self.fingerprint)
+        ns = namespace_digest(tenant, self.fingerprint + f"#{generation}")
+        if self.store is not None:  # tier entries are keyed by generation 0: Tiering._tier_root
+            self._tier_roots[ns] = namespace_digest(tenant, self.fingerprint)
+        return ns
 
     # ------------------------------------------------------------------ requests
     def chat(self, req: ChatRequest, on_text: Callback | None = None,
@@ -398,6 +412,9 @@ class Engine(CacheControl, Blending):
         run = self._start(ns, prompt, req.sampling.max_tokens)
         self.memo.commit(ns, pending)
         try:
+            if self.store is not None and self.cache_cfg.blend != "off":
+                # exact KV from a lower tier before any approximate (blended) reuse
+                yield from self._prefill_units(job, run, prompt, loaded_only=True)
             plan = yield from self._blend_plan(job, run, prompt)
             yield from self._prefill_units(job, run, prompt, None if plan is None else plan.at,
                                            with_tail=plan is None)
@@ -558,16 +575,18 @@ class Engine(CacheControl, Blending):
         for i, (node, unit) in enumerate(zip(matched, prompt.units, strict=False)):
             if i >= held:  # the first ``held`` are in this buffer already
                 run.kv[:, :, :, run.pos:run.pos + node.n_tokens] = node.handle
-            self._advance(run, node, unit.key, node.n_tokens, "hit")
+            self._advance(run, node, unit.key, node.n_tokens, "hit", "ram")
         return run
 
     def _prefill_units(self, job: Job, run: _Run, prompt: Prompt, stop: int | None = None,
-                       with_tail: bool = False):
+                       with_tail: bool = False, loaded_only: bool = False):
         """Compute every unit after the matched ones (up to unit ``stop``), inserting
-        a node after each. A unit another job is computing right now is waited
-        for, then reused. ``with_tail``: the last unit and ``prompt.tail`` are
-        prefilled together where that gives the unit the same KV as alone
-        (``_tail_with_unit``); the tail's logits are then in ``run.tail_logits``."""
+        a node after each; a unit a lower cache tier holds is loaded instead. A unit
+        another job is computing right now is waited for, then reused. ``with_tail``:
+        the last unit and ``prompt.tail`` are prefilled together where that gives the
+        unit the same KV as alone (``_tail_with_unit``); the tail's logits are then in
+        ``run.tail_logits``. ``loaded_only``: stop at the first unit that would have to
+        be computed."""
         digests = [u.key.digest for u in prompt.units]
         last = len(prompt.units) - 1
         for i, unit in enumerate(prompt.units[:stop]):
@@ -582,18 +601,22 @@ class Engine(CacheControl, Blending):
                 self.tree.pin([node])
                 run.pinned.append(node)
                 run.kv[:, :, :, run.pos:run.pos + node.n_tokens] = node.handle
-                self._advance(run, node, unit.key, node.n_tokens, "hit")
+                self._advance(run, node, unit.key, node.n_tokens, "hit", "ram")
                 continue
             self._inflight[key] = job.id
             try:
-                if with_tail and i == last and self._tail_with_unit(len(unit.ids), len(prompt.tail)):
-                    run.tail_logits = yield from self._prefill(unit.ids + prompt.tail, run.kv, run.pos)
-                else:
-                    yield from self._prefill(unit.ids, run.kv, run.pos, logits=False)
-                node = self._insert(run, unit.key.digest, unit.ids, unit.key.ttl_s)
+                node, tier = (yield from self._promote(run, prompt, i, stop)) or (None, None)
+                if node is None and loaded_only:
+                    return
+                if node is None:  # in no tier: compute it
+                    if with_tail and i == last and self._tail_with_unit(len(unit.ids), len(prompt.tail)):
+                        run.tail_logits = yield from self._prefill(unit.ids + prompt.tail, run.kv, run.pos)
+                    else:
+                        yield from self._prefill(unit.ids, run.kv, run.pos, logits=False)
+                    node = self._insert(run, unit.key.digest, unit.ids, unit.key.ttl_s)
             finally:
                 del self._inflight[key]
-            self._advance(run, node, unit.key, len(unit.ids), "miss")
+            self._advance(run, node, unit.key, node.n_tokens, "miss" if tier is None else "hit", tier)
 
     def _tail_with_unit(self, unit_len: int, tail_len: int) -> bool:
         """Whether a unit and the tail after it can be one prefill: one call fewer (~50
@@ -617,6 +640,7 @@ class Engine(CacheControl, Blending):
                                 ttl_s=ttl_s or self.cache_cfg.default_ttl_s)
         self.tree.pin([node])
         run.pinned.append(node)
+        self._publish(node, handle)
         self._enforce_budget(run.parent.namespace)
         return node
 
@@ -630,9 +654,11 @@ class Engine(CacheControl, Blending):
             self.radix.evict_until(max(0, budget - self.tree.resident_bytes))
             self.tree.evict_until(max(0, budget - self.radix.resident_bytes))
 
-    def _advance(self, run: _Run, node: SegmentNode, key, n: int, status: str) -> None:
+    def _advance(self, run: _Run, node: SegmentNode, key, n: int, status: str,
+                 tier: str | None = None) -> None:
         run.hold(node, n)
-        run.usage.append(SegmentUsage(key.id, key.digest, status, n, key.kind))  # type: ignore[arg-type]
+        run.usage.append(SegmentUsage(key.id, key.digest, status, n, key.kind,  # type: ignore[arg-type]
+                                      tier=tier))  # type: ignore[arg-type]
         run.cached += n if status == "hit" else 0
         run.pos += n
         run.parent = node

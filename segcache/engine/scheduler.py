@@ -13,6 +13,8 @@ plain Python and *yields* the model work it needs:
                                     the same batch
     WaitFor(key)                 -> another job is computing that unit; resume
                                     when it is no longer in flight (then it hits)
+    LoadWait(future)             -> a unit's KV is being read from a lower cache tier
+                                    (disk, Redis) on a loader thread; resume when done
 
 One tick: admit waiting jobs, advance every job that is not waiting on work,
 run one batched decode step for all decoding jobs, then prefill chunks (one
@@ -43,7 +45,8 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterator
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,7 +107,12 @@ class WaitFor:
     key: tuple[str, str]  # (parent chain, segment digest) computed by another job
 
 
-Work = PrefillWork | DecodeWork | list[DecodeWork] | WaitFor
+@dataclass(eq=False)
+class LoadWait:
+    future: Future  # of a lower-tier load (``TieredStore.fetch_async``)
+
+
+Work = PrefillWork | DecodeWork | list[DecodeWork] | WaitFor | LoadWait
 JobGen = Generator[Work, None, Any]
 
 
@@ -310,6 +318,17 @@ class Scheduler:
                     break
         for job in list(self._running):
             if isinstance(job.work, WaitFor) and not self._inflight(job.work.key):
+                self._advance(job, resume=True)
+        self._resume_loads(idle=not decoding and not prefilling)
+
+    def _resume_loads(self, idle: bool) -> None:
+        """Resume the jobs whose tier load is done; when no model work ran this tick,
+        wait briefly for one instead of spinning on the lock."""
+        loads = [j for j in self._running if isinstance(j.work, LoadWait)]
+        if idle and loads and not any(j.work.future.done() for j in loads):
+            wait_futures([j.work.future for j in loads], timeout=0.005, return_when=FIRST_COMPLETED)
+        for job in loads:
+            if job.work.future.done():
                 self._advance(job, resume=True)
 
     def _check_cancel(self, job: Job) -> bool:

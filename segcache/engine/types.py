@@ -187,10 +187,12 @@ class SegmentUsage:
     tokens: int
     kind: Literal["segment", "tools", "message"] = "segment"
     recomputed: int | None = None  # "blended": how many of its tokens were recomputed
+    # where a hit's KV came from; None for a unit computed (a miss) or blended
+    tier: Literal["ram", "disk", "redis"] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         d = {"id": self.id, "hash": self.hash, "status": self.status, "tokens": self.tokens,
-             "kind": self.kind}
+             "kind": self.kind, "tier": self.tier}
         if self.recomputed is not None:
             d["recomputed"] = self.recomputed
         return d

@@ -131,3 +131,49 @@ class CacheCollector(Collector):
             yield CounterMetricFamily(
                 "segcache_cache_evictions", "Nodes evicted since start", value=m["evictions"]
             )
+        yield from tier_metrics(m.get("tiers") or {})
+
+
+# Per lower tier (label ``tier``: disk, redis): gauges, then counters since start.
+_TIER_GAUGES = {
+    "bytes": "Bytes of KV held by the tier (absent for a shared Redis)",
+    "entries": "Entries held by the tier (absent for a shared Redis)",
+    "disabled": "1 while the tier is disabled (writes failed, or Redis unreachable)",
+}
+_TIER_COUNTERS = {
+    "hits": "Verified loads from the tier",
+    "misses": "Lookups the tier could not serve (absent, or rejected)",
+    "puts": "Entries written to the tier",
+    "errors": "I/O errors of the tier",
+    "dropped": "Writes not done (queue full, tier disabled)",
+    "promotions": "Nodes loaded from the tier back into RAM",
+    "demotions": "Nodes evicted from RAM and queued for the tier",
+    "load_s": "Seconds spent in verified loads (mean load latency = this / hits)",
+    "load_bytes": "Payload bytes of verified loads (load rate = this / load seconds)",
+}
+
+
+def tier_metrics(tiers: dict[str, Any]) -> Iterator[Metric]:
+    """Prometheus families for ``engine.metrics()["tiers"]`` (see ``Engine.tier_stats``)."""
+    stats = {name: s for name, s in tiers.items() if name != "store"}
+    if not stats:
+        return
+    for key, doc in _TIER_GAUGES.items():
+        g = GaugeMetricFamily(f"segcache_tier_{key}", doc, labels=["tier"])
+        for name, s in stats.items():
+            if s.get(key) is not None:
+                g.add_metric([name], float(s[key]))
+        yield g
+    for key, doc in _TIER_COUNTERS.items():
+        metric = {"load_s": "segcache_tier_load_seconds"}.get(key, f"segcache_tier_{key}")
+        c = CounterMetricFamily(metric, doc, labels=["tier"])
+        for name, s in stats.items():
+            if key in s:
+                c.add_metric([name], float(s[key]))
+        yield c
+    rejected = CounterMetricFamily("segcache_tier_rejected", "Payloads refused and deleted, by reason",
+                                   labels=["tier", "reason"])
+    for name, s in stats.items():
+        for reason, n in (s.get("rejected") or {}).items():
+            rejected.add_metric([name, reason], float(n))
+    yield rejected

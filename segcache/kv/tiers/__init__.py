@@ -10,8 +10,18 @@ What is here (torch-free; kv/ may use numpy, safetensors and redis, never torch)
     redis_tier.py  RedisTier(url, ttl_s, chunk_bytes): chunked, MULTI/EXEC, back-off on outages
     store.py       TieredStore(tiers, layout): demote / publish / fetch (+ promote) / purge / stats
 
-How the engine must wire it in (next session; nothing in engine/ or server/ uses it yet)
-=====================================================================================
+How the engine wires it in (``segcache/engine/tiering.py``, the plan below as built)
+===================================================================================
+
+Where the build differs from this plan: the write-through (``publish`` at insert)
+runs for every configured tier, disk included, not only with Redis (a restart or
+``kill -9`` then loses nothing; demotion covers a write-through dropped by a full
+queue); a loaded message unit is served only when its token count is the prompt's
+for that unit; the window of loads is ``tiering.WINDOW`` (3); since a purge moves a
+tenant's tree to a new namespace generation (per process), tier keys are rooted at the
+tenant's generation-0 namespace (``Tiering._tier_root``) and a purge deletes the
+tenant's entries on every tier; with blending on, units a tier holds are loaded
+before any blended reuse is planned.
 
 Construction (``Engine.__init__``, config in ``CacheConfig``, flags in the CLI)::
 

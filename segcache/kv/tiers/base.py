@@ -96,6 +96,7 @@ class TierStats:
     errors: int = 0
     dropped: int = 0  # async writes not queued (queue full, tier disabled)
     load_s: float = 0.0
+    load_bytes: int = 0  # payload bytes of those hits: load rate = load_bytes / load_s
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> payloads deleted
     disabled: bool = False
     disabled_reason: str = ""
@@ -154,6 +155,7 @@ class Tier(ABC):
         with self._lock:
             self._stats.hits += 1
             self._stats.load_s += time.perf_counter() - t0
+            self._stats.load_bytes += len(data)
         return Hit(kv, bytes(data))
 
     def put(self, key: CacheKey, payload: bytes, gen: int | None = None) -> bool:

@@ -66,7 +66,7 @@ class TieredStore:
         return self._enqueue("publishes", key, kv, tokens_digest, every_tier=True)
 
     def _enqueue(self, what: str, key: CacheKey, kv: KVData, tokens_digest: str, every_tier: bool) -> bool:
-        if not self.tiers:
+        if not self.tiers or not self._encoder.is_alive():  # closed: nobody would write it
             return False
         with self._lock:
             job = (key, kv, tokens_digest, every_tier, self._gen[key.namespace])
