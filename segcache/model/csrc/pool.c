@@ -14,9 +14,12 @@
 
    What claiming cannot avoid is a worker parked *while it holds a task*: the caller then waits
    for the OS to run it again (milliseconds). When a job's caller waits longer than
-   STALL_NS for such a task, the pool runs jobs on the caller alone for SOLO_NS, then tries
-   its workers again: on a busy machine the kernels run at one thread's speed instead of
-   collapsing, and on a quiet one they never leave parallel mode. Which thread computes a task
+   STALL_NS for such a task, repeatedly, the pool runs jobs on the caller alone for SOLO_NS,
+   then tries its workers again: on a busy machine the kernels run at one thread's speed instead of
+   collapsing. A virtual machine's vCPU is also parked now and then by its host (a few times
+   a second here, on an otherwise idle machine): one stall is such a blip, so solo mode needs
+   more than STALLS of them within STALL_WINDOW_NS, which a busy neighbour gives in a few
+   steps. Which thread computes a task
    never changes its result, so none of this changes a bit of the output. */
 #define _GNU_SOURCE
 #include <linux/futex.h>
@@ -33,6 +36,8 @@
 #define GEN_SHIFT (2 * IDX_BITS)
 #define SPIN_NS 100000      /* a worker spins this long after its last job before it sleeps */
 #define STALL_NS 500000     /* a wait this long for a claimed task means a parked worker */
+#define STALLS 3            /* more stalls than this ... */
+#define STALL_WINDOW_NS 50000000  /* ... within this long mean a busy machine, not one blip */
 #define SOLO_NS 100000000   /* then this long on the caller alone before trying workers again */
 
 static struct {
@@ -47,6 +52,8 @@ static struct {
     int nworkers;                /* started, ids 1..nworkers */
     uint64_t gen;
     uint64_t solo_until;         /* CLOCK_MONOTONIC ns: jobs before it run on the caller alone */
+    uint64_t recent[STALLS];     /* times of the last STALLS stalls (a ring) */
+    int next_stall;
     _Atomic uint64_t stalls;     /* jobs whose caller waited STALL_NS or more for a worker */
     pthread_mutex_t job_lock;    /* one job at a time; a second caller runs inline */
     pthread_mutex_t start_lock;
@@ -152,7 +159,10 @@ void seg_parallel_for(int ntasks, int nthreads, seg_task_fn fn, void *ctx) {
     if (wait_start) {
         const uint64_t t = now_ns();
         if (t - wait_start >= STALL_NS) {
-            P.solo_until = t + SOLO_NS;
+            const uint64_t oldest = P.recent[P.next_stall];  /* the STALLS-th last, before this */
+            P.recent[P.next_stall] = t;
+            P.next_stall = (P.next_stall + 1) % STALLS;
+            if (oldest && t - oldest < STALL_WINDOW_NS) P.solo_until = t + SOLO_NS;
             atomic_fetch_add(&P.stalls, 1);
         }
     }
