@@ -5,6 +5,7 @@ every answer equals a cold answer; SIGTERM drains running requests and exits 0."
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -55,14 +56,22 @@ def test_kill_9_during_conversion_then_start_again_cleans_up(tmp_path):
     while not list(models.glob(".convert-*")) and proc.poll() is None:
         assert time.monotonic() < deadline, "conversion never started"
         time.sleep(0.05)
-    time.sleep(0.5)  # well into the conversion
+    # a random point of the conversion (it takes ~20 s; the seed is in a failure's message)
+    delay = random.Random(SEED).uniform(0.05, 5.0)
+    time.sleep(delay)
+    assert proc.poll() is None, f"conversion ended before the kill at {delay:.2f} s (seed {SEED})"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert list(models.glob(".convert-*")), "the kill left no temporary directory to clean"
+    assert list(models.glob(".convert-*")), f"the kill at {delay:.2f} s (seed {SEED}) left no temporary directory"
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert list(models.glob(".convert-*")) == []
     assert [p for p in models.iterdir() if (p / "config.json").is_file()]
+
+
+# Fault points are drawn at random in every run; the seed is printed so a failure replays.
+SEED = random.SystemRandom().randrange(2**32)
+print(f"test_faults: fault-point seed {SEED}")
 
 
 def _free_port() -> int:
@@ -112,10 +121,13 @@ def test_kill_9_then_restart_answers_equal_cold_answers():
     try:
         first = _answers(port)
         assert first[:3] == first[3:]  # cached == cold within the run
-        # Kill mid-request: a generation in flight when the process dies.
+        # Kill mid-request, after a random number of streamed lines (seed in SEED): a
+        # generation in flight when the process dies.
+        lines = random.Random(SEED + 1).randint(1, 40)
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
                           json={**ASKS[0], "max_tokens": 200, "stream": True}) as r:
-            next(r.iter_lines())
+            for _, _line in zip(range(lines), r.iter_lines(), strict=False):
+                pass
             proc.send_signal(signal.SIGKILL)
             proc.wait()
     finally:
