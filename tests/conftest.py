@@ -88,3 +88,15 @@ def client(base_url):
     from openai import OpenAI
 
     return OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on a free port (tests/tier_helpers.RedisServer), stopped after."""
+    from tests.tier_helpers import RedisServer
+
+    (tmp_path / "redis").mkdir()
+    srv = RedisServer(tmp_path / "redis")
+    srv.start()
+    yield srv
+    srv.stop()

@@ -14,7 +14,6 @@ import pytest
 from segcache.config import CacheConfig, SchedulerConfig
 from segcache.engine.types import ChatRequest, SamplingParams, SegmentInput
 from segcache.kv.tiers import DiskTier
-from tests.tier_helpers import RedisServer
 
 A = "Global rules: answer in English, cite files, never invent APIs. " * 12
 B = "Backend agent: Python, SQL, migrations, pytest. " * 6
@@ -53,13 +52,6 @@ def check_budgets(engine) -> None:
             tier.check_integrity()
 
 
-@pytest.fixture
-def redis_server(tmp_path):
-    srv = RedisServer(tmp_path / "redis")
-    (tmp_path / "redis").mkdir()
-    srv.start()
-    yield srv
-    srv.stop()
 
 
 def test_restart_on_the_same_disk_is_a_full_hit_from_disk_and_equals_cold(tiny_engine_factory, tmp_path):

@@ -122,26 +122,7 @@ def test_huge_bodies_of_one_tenant_do_not_stall_another(two_tenants):
     huge = json.dumps({"messages": [{"role": "user", "content": "lorem ipsum " * 620_000}],
                        "max_tokens": 2}).encode()  # ~7.5 MB
     assert len(huge) > 7_000_000
-    statuses: list[int] = []
-
-    def flood():
-        for _ in range(2):
-            r = httpx.post(url, content=huge, timeout=120, headers={
-                "authorization": "Bearer sk-a", "content-type": "application/json"})
-            statuses.append(r.status_code)
-
-    floods = [threading.Thread(target=flood) for _ in range(2)]
-    for t in floods:
-        t.start()
-    latencies = []
-    small = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    while any(t.is_alive() for t in floods) or len(latencies) < 3:
-        t0 = time.perf_counter()
-        r = httpx.post(url, json=small, timeout=120, headers={"authorization": "Bearer sk-b"})
-        latencies.append(time.perf_counter() - t0)
-        assert r.status_code == 200, r.text
-    for t in floods:
-        t.join()
+    latencies, statuses = _small_requests_during(url, huge, floods=2, bodies_each=2)
     assert statuses == [400] * 4  # refused from their length: far over the context window
     print(f"\nfairness: {len(latencies)} small requests during 4 bodies of {len(huge) >> 20} MiB, "
           f"slowest {max(latencies):.3f} s (bound {SMALL_REQUEST_BOUND_S} s)")
@@ -155,27 +136,35 @@ def test_bodies_just_under_the_length_limit_do_not_stall_another_tenant(two_tena
     url = two_tenants + CHAT
     text = "lorem ipsum dolor sit amet " * 5000  # 135 k characters: tokenized, ~40 k tokens
     near = json.dumps({"messages": [{"role": "user", "content": text}], "max_tokens": 2}).encode()
-    statuses: list[int] = []
-
-    def flood():
-        for _ in range(4):
-            r = httpx.post(url, content=near, timeout=120, headers={
-                "authorization": "Bearer sk-a", "content-type": "application/json"})
-            statuses.append(r.status_code)
-
-    floods = [threading.Thread(target=flood) for _ in range(6)]
-    for t in floods:
-        t.start()
-    latencies = []
-    small = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    while any(t.is_alive() for t in floods) or len(latencies) < 3:
-        t0 = time.perf_counter()
-        r = httpx.post(url, json=small, timeout=120, headers={"authorization": "Bearer sk-b"})
-        latencies.append(time.perf_counter() - t0)
-        assert r.status_code == 200, r.text
-    for t in floods:
-        t.join()
+    latencies, statuses = _small_requests_during(url, near, floods=6, bodies_each=4)
     assert set(statuses) <= {400, 429} and 400 in statuses  # context_length_exceeded, or queue share
     print(f"\nfairness: {len(latencies)} small requests during 24 tokenized 135 k-character bodies, "
           f"slowest {max(latencies):.3f} s (bound {SMALL_REQUEST_BOUND_S} s)")
     assert max(latencies) < SMALL_REQUEST_BOUND_S, latencies
+
+
+def _small_requests_during(url: str, body: bytes, floods: int, bodies_each: int):
+    """Tenant B's small requests, one after another, while ``floods`` threads of tenant A
+    each send ``body`` ``bodies_each`` times (at least 3 small ones): their latencies,
+    and A's statuses. Every small request must succeed."""
+    statuses: list[int] = []
+
+    def flood():
+        for _ in range(bodies_each):
+            r = httpx.post(url, content=body, timeout=120, headers={
+                "authorization": "Bearer sk-a", "content-type": "application/json"})
+            statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=flood) for _ in range(floods)]
+    for t in threads:
+        t.start()
+    latencies = []
+    small = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    while any(t.is_alive() for t in threads) or len(latencies) < 3:
+        t0 = time.perf_counter()
+        r = httpx.post(url, json=small, timeout=120, headers={"authorization": "Bearer sk-b"})
+        latencies.append(time.perf_counter() - t0)
+        assert r.status_code == 200, r.text
+    for t in threads:
+        t.join()
+    return latencies, statuses

@@ -10,35 +10,27 @@ import pytest
 import redis
 
 from segcache.kv.tiers.redis_tier import DEFAULT_PREFIX, RedisTier
-from tests.tier_helpers import FP_OTHER, Node, RedisServer
+from tests.tier_helpers import FP_OTHER, Node
 
 
 @pytest.fixture
-def server(tmp_path):
-    srv = RedisServer(tmp_path)
-    srv.start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def raw(server):
-    client = redis.Redis.from_url(server.url)
+def raw(redis_server):
+    client = redis.Redis.from_url(redis_server.url)
     yield client
     client.close()
 
 
-def _tier(server, **kw) -> RedisTier:
+def _tier(redis_server, **kw) -> RedisTier:
     kw.setdefault("ttl_s", 600)
-    return RedisTier(server.url, **kw)
+    return RedisTier(redis_server.url, **kw)
 
 
 def _keys(raw) -> list[str]:
     return sorted(k.decode() for k in raw.scan_iter(match=f"{DEFAULT_PREFIX}:*"))
 
 
-def test_two_clients_share_entries(server):
-    a_srv, b_srv = _tier(server), _tier(server)
+def test_two_clients_share_entries(redis_server):
+    a_srv, b_srv = _tier(redis_server), _tier(redis_server)
     node = Node("tenant-a", "compliance guide", n_tokens=32)
     assert a_srv.put(node.key, node.payload)
     hit = b_srv.get(node.expect)
@@ -48,8 +40,8 @@ def test_two_clients_share_entries(server):
     assert b_srv.stats().bytes is None and b_srv.stats().load_s > 0
 
 
-def test_a_large_value_is_chunked_with_a_ttl_on_every_key(server, raw):
-    tier = _tier(server, ttl_s=120, chunk_bytes=64 << 10)
+def test_a_large_value_is_chunked_with_a_ttl_on_every_key(redis_server, raw):
+    tier = _tier(redis_server, ttl_s=120, chunk_bytes=64 << 10)
     node = Node("t", "big", n_tokens=2048)  # ~390 KB: 7 chunks
     tier.put(node.key, node.payload)
     keys = _keys(raw)
@@ -69,8 +61,8 @@ def _base(node: Node) -> str:
     return f"{DEFAULT_PREFIX}:{node.key.ns_hex}:{fp_hex}:{node.key.chain_hex}"
 
 
-def test_entries_expire_with_their_ttl(server):
-    tier = _tier(server, ttl_s=0.3)
+def test_entries_expire_with_their_ttl(redis_server):
+    tier = _tier(redis_server, ttl_s=0.3)
     node = Node("t", "short-lived")
     tier.put(node.key, node.payload)
     assert tier.get(node.expect) is not None
@@ -80,8 +72,8 @@ def test_entries_expire_with_their_ttl(server):
     assert tier.get(node.expect) is None
 
 
-def test_a_rewrite_never_mixes_chunks_and_a_corrupted_chunk_is_rejected(server, raw):
-    tier = _tier(server, chunk_bytes=4096)
+def test_a_rewrite_never_mixes_chunks_and_a_corrupted_chunk_is_rejected(redis_server, raw):
+    tier = _tier(redis_server, chunk_bytes=4096)
     node = Node("t", "doc", n_tokens=256)
     base = _base(node)
     tier.put(node.key, node.payload)
@@ -97,8 +89,8 @@ def test_a_rewrite_never_mixes_chunks_and_a_corrupted_chunk_is_rejected(server, 
     assert not tier.contains(node.key) and not [k for k in _keys(raw) if k.startswith(base)]
 
 
-def test_tenant_isolation_and_purge_by_scan(server, raw):
-    tier = _tier(server)
+def test_tenant_isolation_and_purge_by_scan(redis_server, raw):
+    tier = _tier(redis_server)
     a1, a2 = Node("tenant-a", "guide"), Node("tenant-a", "other", seed=1)
     b1 = Node("tenant-b", "guide")
     other_fp = Node("tenant-a", "guide", fp=FP_OTHER)
@@ -115,13 +107,13 @@ def test_tenant_isolation_and_purge_by_scan(server, raw):
     assert tier.get(b1.expect) is not None
 
 
-def test_redis_going_away_is_counted_logged_once_and_hits_resume(server, caplog):
+def test_redis_going_away_is_counted_logged_once_and_hits_resume(redis_server, caplog):
     caplog.set_level(logging.INFO, logger="segcache.kv.tiers")
-    tier = _tier(server, timeout_s=0.5, backoff_s=(0.2, 0.4))
+    tier = _tier(redis_server, timeout_s=0.5, backoff_s=(0.2, 0.4))
     before = Node("t", "written before the outage")
     during = Node("t", "written during the outage", seed=1)
     tier.put(before.key, before.payload)
-    server.stop()
+    redis_server.stop()
     t0 = time.monotonic()
     results = [tier.get(before.expect) for _ in range(20)] + [tier.put(during.key, during.payload)]
     assert time.monotonic() - t0 < 10  # back-off: the calls do not each wait on the network
@@ -131,7 +123,7 @@ def test_redis_going_away_is_counted_logged_once_and_hits_resume(server, caplog)
     assert 1 <= s.errors <= 3 and s.misses == 20 and s.dropped == 1
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
 
-    server.start()  # same port, same data (SHUTDOWN SAVE)
+    redis_server.start()  # same port, same data (SHUTDOWN SAVE)
     deadline = time.monotonic() + 15
     hit = None
     while hit is None and time.monotonic() < deadline:

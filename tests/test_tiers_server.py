@@ -23,7 +23,6 @@ from segcache.kv.tiers import DiskTier
 from tests import test_dashboard as dashboard
 from tests.serve_process import ServeProcess
 from tests.server_harness import running_server
-from tests.tier_helpers import RedisServer
 
 chromium = dashboard.chromium  # the browser tests' fixture (skips without Chromium, fails under CI)
 
@@ -123,13 +122,6 @@ def test_bad_tier_settings_are_refused_with_the_field_named():
 # ---------------------------------------------------------------------------- HTTP, tiny model
 
 
-@pytest.fixture
-def redis_server(tmp_path):
-    (tmp_path / "redis").mkdir()
-    srv = RedisServer(tmp_path / "redis")
-    srv.start()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture

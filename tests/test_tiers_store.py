@@ -19,16 +19,8 @@ from tests.tier_helpers import LAYOUT, Node, RedisServer
 
 
 @pytest.fixture
-def server(tmp_path):
-    srv = RedisServer(tmp_path)
-    srv.start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def store(tmp_path, server):
-    s = TieredStore([DiskTier(tmp_path / "disk", 1 << 20), RedisTier(server.url, ttl_s=600)], LAYOUT)
+def store(tmp_path, redis_server):
+    s = TieredStore([DiskTier(tmp_path / "disk", 1 << 20), RedisTier(redis_server.url, ttl_s=600)], LAYOUT)
     yield s
     s.close()
 
@@ -126,11 +118,11 @@ def test_stats_report_every_tier(store):
     assert stats["store"]["publishes"] == 1
 
 
-def test_a_store_without_redis_still_works_and_redis_down_never_raises(tmp_path, server):
-    store = TieredStore([DiskTier(tmp_path / "d", 1 << 20), RedisTier(server.url, ttl_s=60, timeout_s=0.3)],
+def test_a_store_without_redis_still_works_and_redis_down_never_raises(tmp_path, redis_server):
+    store = TieredStore([DiskTier(tmp_path / "d", 1 << 20), RedisTier(redis_server.url, ttl_s=60, timeout_s=0.3)],
                         LAYOUT)
     node = Node("t", "x")
-    server.stop()
+    redis_server.stop()
     store.publish(node.key, node.kv, node.tokens)
     store.flush()
     got = store.fetch(node.expect)
@@ -138,7 +130,7 @@ def test_a_store_without_redis_still_works_and_redis_down_never_raises(tmp_path,
     assert store.fetch(Node("t", "y", seed=1).expect) is None
     assert store.stats()["redis"].errors >= 1 and store.stats()["redis"].disabled
     store.close()
-    server.start()
+    redis_server.start()
 
 
 def test_a_slow_tier_makes_writes_drop_never_wait_or_pile_up(tmp_path):
