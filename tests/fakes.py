@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,8 +63,20 @@ class FakeEngine:
         self.evictions = 0
         self._tenants: dict[str, _Tenant] = {}
         self._lock = threading.Lock()  # the real engine runs one request at a time too
+        # Submitted requests run here (and queue on the lock, as the engine's queue does).
+        self._thread = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fake-engine")
 
     # -- generation -------------------------------------------------------------
+
+    def submit_chat(self, req: ChatRequest, on_text: Callable[[str], None] | None = None,
+                    is_cancelled: Callable[[], bool] | None = None) -> Future:
+        """``EngineClient``: the request runs on the fake's own engine thread."""
+        return self._thread.submit(self.chat, req, on_text, is_cancelled)
+
+    def submit_complete(self, tenant: str, prompt: str, sampling: SamplingParams,
+                        on_text: Callable[[str], None] | None = None,
+                        is_cancelled: Callable[[], bool] | None = None) -> Future:
+        return self._thread.submit(self.complete, tenant, prompt, sampling, on_text, is_cancelled)
 
     def chat(
         self,
@@ -271,3 +284,6 @@ class FakeEngine:
                 "evictions": self.evictions,
                 "budget_bytes": self.budget_bytes,
             }
+
+    def close(self, drain: bool = True) -> None:
+        self._thread.shutdown(wait=drain)

@@ -37,6 +37,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import replace
 
 import torch
@@ -178,6 +179,14 @@ class Engine(CacheControl, Blending, Tiering):
         """Generate a reply for ``req``; raises EngineError subclasses for bad input
         (before any compute) and OverloadedError (429) when the queue is full.
         ``on_text`` gets ``TextDelta``s (plain strings for one choice)."""
+        return self.submit_chat(req, on_text, is_cancelled).result()
+
+    def submit_chat(self, req: ChatRequest, on_text: Callback | None = None,
+                    is_cancelled: CancelCheck | None = None) -> Future:
+        """``chat`` without the wait: checks and tokenizes ``req`` in the calling
+        thread (raising what ``chat`` raises for bad input), queues it and returns
+        the future of its ``GenerationResult``. An awaiting caller holds no thread
+        while the request generates (``EngineClient``)."""
         t0 = time.perf_counter()
         self._check_sampling(req.sampling)
         constraint = self._constraint(req)
@@ -187,13 +196,18 @@ class Engine(CacheControl, Blending, Tiering):
             pending: dict[str, tuple[int, ...]] = {}
             prompt = self._build_prompt(req.tenant, ns, req.messages, req.segments, req.tools, True,
                                         pending)
-            result = self.scheduler.submit(
-                lambda job: self._chat_job(job, ns, prompt, req, on_text, t0, constraint, pending),
-                req.tenant, is_cancelled, meta=(ns, prompt), place=place)
-        result.tools_count = len(req.tools)
-        if req.tools:
-            result.tools_digest = next((u.hash for u in result.segments if u.kind == "tools"), None)
-        return result
+
+            def job_gen(job: Job):
+                result = yield from self._chat_job(job, ns, prompt, req, on_text, t0, constraint,
+                                                   pending)
+                result.tools_count = len(req.tools)
+                if req.tools:
+                    result.tools_digest = next((u.hash for u in result.segments if u.kind == "tools"),
+                                               None)
+                return result
+
+            return self.scheduler.enqueue(job_gen, req.tenant, is_cancelled, meta=(ns, prompt),
+                                          place=place)
 
     def _constraint(self, req: ChatRequest) -> Constraint | None:
         """The grammar state of a constrained request (compiled here, in the request's
@@ -247,6 +261,12 @@ class Engine(CacheControl, Blending, Tiering):
         """Plain-text completion (no chat template), reusing the longest prefix of
         any earlier prompt or reply of this tenant through the radix tail. ``prompt``
         is text or token ids."""
+        return self.submit_complete(tenant, prompt, sampling, on_text, is_cancelled).result()
+
+    def submit_complete(self, tenant: str, prompt: str | list[int], sampling: SamplingParams,
+                        on_text: Callback | None = None,
+                        is_cancelled: CancelCheck | None = None) -> Future:
+        """``complete`` without the wait (see ``submit_chat``)."""
         t0 = time.perf_counter()
         with self.scheduler.reserve(tenant) as place:
             if isinstance(prompt, str):
@@ -265,7 +285,7 @@ class Engine(CacheControl, Blending, Tiering):
             self._check_sampling(sampling)
             self._check_context(len(ids), sampling.max_tokens)
             ns = self.namespace(tenant)
-            return self.scheduler.submit(
+            return self.scheduler.enqueue(
                 lambda job: self._complete_job(job, ns, ids, sampling, on_text, t0), tenant,
                 is_cancelled, place=place)
 

@@ -252,7 +252,8 @@ def build_prompt(tokenizer: ChatTokenizer, memo: TokenMemo, namespace: str,
         if with_name and m.get("name") is not None:
             msg["name"] = m["name"]
         render.append(msg)
-        texts = chunk_text(text) if chunks and m.get("role") != "assistant" else [text]
+        # (an empty text is one empty unit: its template text must stay in a unit of its own)
+        texts = (chunk_text(text) or [text]) if chunks and m.get("role") != "assistant" else [text]
         pieces.append(texts)
         if len(texts) == 1:
             keys.append(UnitKey(f"messages[{i}]", "message", message_digest(m, with_name)))

@@ -208,6 +208,13 @@ class Scheduler:
         """Queue a job and block until it finishes; returns its result or raises
         its exception. ``place``: what ``reserve`` gave (the job takes it over);
         without one, raises OverloadedError (429) when the queue is full."""
+        return self.enqueue(gen_factory, tenant, is_cancelled, timeout_s, meta, place).result()
+
+    def enqueue(self, gen_factory: Callable[[Job], JobGen], tenant: str,
+                is_cancelled: Callable[[], bool] | None = None, timeout_s: float | None = None,
+                meta: Any = None, place: list[str] | None = None) -> Future:
+        """``submit`` without the wait: the job's future (its result or exception),
+        for callers that await it instead of holding a thread."""
         now = time.monotonic()
         job = Job(gen_factory, tenant, is_cancelled or (lambda: False),
                   now + (timeout_s or self.cfg.request_timeout_s), arrived=now, meta=meta)
@@ -220,7 +227,7 @@ class Scheduler:
             self._waiting.append(job)
             self._release(place)  # counted as waiting from now on
             self._cv.notify_all()
-        return job.future.result()
+        return job.future
 
     def submit_background(self, gen_factory: Callable[[Job], JobGen], tenant: str) -> Job | None:
         """Queue a job nobody waits for (its errors are logged); None when the

@@ -3,8 +3,10 @@ these to shape requests and responses."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 
 class EngineError(Exception):
@@ -267,3 +269,46 @@ class WarmResult:
     cached_segments: int
     root_hash: str
     segments: list[SegmentUsage]
+
+
+class EngineClient(Protocol):
+    """Everything the server needs from an engine, on one page (``Engine`` implements
+    it; so does the tests' ``FakeEngine``). No torch.
+
+    Generation is submitted, not called: ``submit_chat`` / ``submit_complete`` check
+    and tokenize the request in the calling thread, raising ``EngineError``s for bad
+    input (4xx) and ``OverloadedError`` (429) when the queue is full, then queue it and
+    return a ``concurrent.futures.Future`` of its ``GenerationResult``; ``on_text``
+    is called from the engine's thread with each ``TextDelta`` as it is decoded,
+    before the future resolves; ``is_cancelled`` is polled between steps (a cancelled
+    request ends with ``finish_reason == "cancelled"`` and releases everything). The
+    server awaits the future, so an open stream holds no thread. The other calls
+    block briefly (the server runs them in worker threads)."""
+
+    model_name: str
+    fingerprint: str
+    context_window: int
+    execution_plan: str
+
+    def submit_chat(self, req: ChatRequest, on_text: Callable[[str], None] | None = None,
+                    is_cancelled: Callable[[], bool] | None = None) -> Future: ...
+
+    def submit_complete(self, tenant: str, prompt: str | list[int], sampling: SamplingParams,
+                        on_text: Callable[[str], None] | None = None,
+                        is_cancelled: Callable[[], bool] | None = None) -> Future: ...
+
+    def warm(self, tenant: str, segments: list[SegmentInput]) -> WarmResult: ...
+
+    def cache_stats(self, tenant: str) -> dict[str, Any]: ...
+
+    def purge(self, tenant: str) -> int: ...
+
+    def metrics(self) -> dict[str, Any]: ...
+
+    def put_segment(self, tenant: str, name: str, content: str, ttl_s: float | None) -> dict: ...
+
+    def get_segment(self, tenant: str, name: str) -> dict: ...
+
+    def delete_segment(self, tenant: str, name: str) -> None: ...
+
+    def close(self, drain: bool = True) -> None: ...

@@ -19,6 +19,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 import segcache
 from segcache.config import CacheConfig, ServerConfig
+from segcache.engine.types import EngineClient
 from segcache.server import routes_cache, routes_openai, routes_ops
 from segcache.server.auth import load_admin_keys, load_api_keys
 from segcache.server.errors import install_error_handlers
@@ -31,7 +32,7 @@ from segcache.server.state import ServerState
 log = logging.getLogger(__name__)
 
 
-def create_app(engine: Any, cfg: ServerConfig, cache_cfg: CacheConfig) -> FastAPI:
+def create_app(engine: EngineClient, cfg: ServerConfig, cache_cfg: CacheConfig) -> FastAPI:
     """An app serving ``engine``. Raises ValueError if the API keys file is unusable."""
     api_keys = load_api_keys(cfg.api_keys_file) if cfg.api_keys_file is not None else None
     admin_keys = load_admin_keys(cfg.api_keys_file) if cfg.api_keys_file is not None else frozenset()
@@ -68,7 +69,7 @@ def create_app(engine: Any, cfg: ServerConfig, cache_cfg: CacheConfig) -> FastAP
     return app
 
 
-def serve(engine: Any, cfg: ServerConfig, cache_cfg: CacheConfig) -> None:
+def serve(engine: EngineClient, cfg: ServerConfig, cache_cfg: CacheConfig) -> None:
     """Serve until interrupted."""
     if not logging.getLogger().handlers:  # the CLI may have configured logging already
         logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")

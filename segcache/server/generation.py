@@ -1,17 +1,21 @@
-"""Running one blocking engine call from the event loop.
+"""Running one engine request from the event loop, holding no thread while it
+generates.
 
-The engine is synchronous (one request at a time inside) and calls
-``on_text(delta)`` from its own worker thread. ``EngineRun`` runs the call in
-the thread pool and turns its callbacks into an ordered stream of events on
-the event loop::
+The engine checks and tokenizes a request in the caller's thread, then queues it
+and hands back a future (``EngineClient.submit_chat`` / ``submit_complete``); it
+calls ``on_text(delta)`` from its own thread as tokens come. ``EngineRun`` runs
+the submission in the thread pool (a few milliseconds of tokenizing), awaits the
+future on the event loop, and turns the callbacks into an ordered stream of
+events::
 
     ("text", delta) ... then exactly one of ("done", GenerationResult) / ("error", exc)
 
-Ordering holds because every event, including the last, is posted with
-``loop.call_soon_threadsafe`` from the same thread. ``cancel()`` makes the
-engine's ``is_cancelled()`` return True; the engine then stops at its next
+Ordering holds because every text event is posted with
+``loop.call_soon_threadsafe`` from the engine thread before that thread resolves
+the future, whose completion reaches the loop the same way. ``cancel()`` makes
+the engine's ``is_cancelled()`` return True; the engine then stops at its next
 check and releases its pins. A run whose client is gone is cancelled, never
-abandoned while still computing.
+abandoned while still computing. An open stream costs an asyncio task, no thread.
 """
 
 from __future__ import annotations
@@ -21,25 +25,34 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future
 from typing import Any
 
 import anyio.to_thread
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from segcache.engine.types import Choice, GenerationResult, SamplingParams, TextDelta
+from segcache.engine.types import Choice, EngineClient, GenerationResult, SamplingParams, TextDelta
 
 log = logging.getLogger(__name__)
 
 OnText = Callable[[str], None]
 IsCancelled = Callable[[], bool]
-EngineCall = Callable[[OnText, IsCancelled], GenerationResult]
+# An engine request: given the callbacks, its result once generated.
+EngineCall = Callable[[OnText, IsCancelled], Awaitable[GenerationResult]]
+# What an EngineCall starts: checks, tokenizes and queues (blocking, briefly), then a future.
+EngineSubmit = Callable[[OnText, IsCancelled], Future]
 
 
-# Each running or queued engine call holds a worker thread while it blocks; the
-# engine's own queue (429 beyond it) must be the limit, not anyio's 40 threads.
-MIN_WORKER_THREADS = 256
+# Submissions (tokenizing) and the cache routes run in worker threads; generation holds none.
+MIN_WORKER_THREADS = 64
+
+
+async def submitted(submit: EngineSubmit, on_text: OnText, is_cancelled: IsCancelled) -> GenerationResult:
+    """Run ``submit`` in a worker thread, then await its future on the loop."""
+    future = await run_in_threadpool(submit, on_text, is_cancelled)
+    return await asyncio.wrap_future(future)
 
 
 class EngineRun:
@@ -52,7 +65,7 @@ class EngineRun:
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._cancelled = threading.Event()
-        self._task = asyncio.ensure_future(run_in_threadpool(self._work, call))
+        self._task = asyncio.ensure_future(self._work(call))
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -97,13 +110,13 @@ class EngineRun:
             return min(result.ttft_s, total), total
         return self.first_text_at - self.arrived, total
 
-    def _work(self, call: EngineCall) -> None:
+    async def _work(self, call: EngineCall) -> None:
         try:
-            result = call(self._on_text, self.is_cancelled)
-        except BaseException as exc:  # delivered to the loop, raised there
-            self._post(("error", exc))
+            result = await call(self._on_text, self.is_cancelled)
+        except BaseException as exc:  # delivered to the reader, raised there
+            self._events.put_nowait(("error", exc))
         else:
-            self._post(("done", result))
+            self._events.put_nowait(("done", result))
 
     def _on_text(self, delta: str) -> None:
         if delta or getattr(delta, "logprobs", None):  # a TextDelta may carry only logprobs
@@ -138,12 +151,18 @@ async def cancel_on_disconnect(request: Request, run: EngineRun) -> AsyncIterato
             await watcher
 
 
-def complete_prompts(engine: Any, tenant: str, prompts: list[str | list[int]],
+def chat_call(engine: EngineClient, req: Any) -> EngineCall:
+    """The EngineCall of one chat request."""
+    return lambda on_text, is_cancelled: submitted(
+        lambda t, c: engine.submit_chat(req, on_text=t, is_cancelled=c), on_text, is_cancelled)
+
+
+def complete_prompts(engine: EngineClient, tenant: str, prompts: list[str | list[int]],
                      sampling: SamplingParams) -> EngineCall:
     """One call completing ``prompts`` one after another, as one response: prompt
     ``i``'s choices get indexes ``i * n ..``, usage adds up (OpenAI's list prompts)."""
 
-    def call(on_text: OnText, is_cancelled: IsCancelled) -> GenerationResult:
+    async def call(on_text: OnText, is_cancelled: IsCancelled) -> GenerationResult:
         results: list[GenerationResult] = []
         for i, prompt in enumerate(prompts):
             base = i * sampling.n
@@ -152,8 +171,10 @@ def complete_prompts(engine: Any, tenant: str, prompts: list[str | list[int]],
                 on_text(TextDelta(delta, base + getattr(delta, "choice", 0),
                                   getattr(delta, "logprobs", ())))
 
-            results.append(engine.complete(tenant, prompt, sampling, on_text=shifted,
-                                           is_cancelled=is_cancelled))
+            results.append(await submitted(
+                lambda t, c, prompt=prompt: engine.submit_complete(tenant, prompt, sampling,
+                                                                   on_text=t, is_cancelled=c),
+                shifted, is_cancelled))
             if results[-1].finish_reason == "cancelled":
                 break
         return merge_results(results, sampling.n)

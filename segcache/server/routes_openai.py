@@ -15,6 +15,7 @@ from segcache.server.generation import (
     EngineCall,
     EngineRun,
     cancel_on_disconnect,
+    chat_call,
     complete_prompts,
 )
 from segcache.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -50,9 +51,7 @@ async def chat_completions(
     state.check_model(body.model)
     chat = body.to_engine(tenant, state.cache_cfg.max_segments)
 
-    def call(on_text, is_cancelled) -> GenerationResult:
-        return state.engine.chat(chat, on_text=on_text, is_cancelled=is_cancelled)
-
+    call = chat_call(state.engine, chat)
     shaper = ChatShaper(state.model_name, state.system_fingerprint, body.include_usage,
                         chat.sampling.n, chat.sampling.logprobs is not None)
     log_body = body.model_dump(exclude_none=True) if state.request_log is not None else None

@@ -9,13 +9,14 @@ from typing import Any
 from fastapi import Request
 
 from segcache.config import CacheConfig, ServerConfig
+from segcache.engine.types import EngineClient
 from segcache.server.errors import APIError
 from segcache.server.metrics import ServerMetrics
 
 
 @dataclass
 class ServerState:
-    engine: Any  # segcache.engine.engine.Engine; typed loosely so tests can pass a fake
+    engine: EngineClient  # segcache.engine.engine.Engine, or the tests' FakeEngine
     cfg: ServerConfig
     cache_cfg: CacheConfig
     metrics: ServerMetrics
