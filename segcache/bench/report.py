@@ -42,6 +42,8 @@ def _status(seg: dict) -> str:
     status = seg.get("status")
     if status == "blended":
         return "blend" if seg.get("recomputed") is None else f"blend(r{seg['recomputed']})"
+    if status == "partial":
+        return f"partial({seg.get('reused')})"
     return str(status)
 
 

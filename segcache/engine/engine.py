@@ -50,7 +50,7 @@ from segcache.engine.cache_control import CacheControl
 from segcache.engine.decode import Decoder, Sequence
 from segcache.engine.detok import TextStream
 from segcache.engine.grammar import Constraint, Grammars, grammar_for
-from segcache.engine.prompt import Prompt, TokenMemo, build_prompt, resolve_segments, sink_ids
+from segcache.engine.prompt import Prompt, TokenMemo, Unit, build_prompt, resolve_segments, sink_ids
 from segcache.engine.sampling import Sampler
 from segcache.engine.scheduler import (
     BlendWork,
@@ -77,6 +77,7 @@ from segcache.engine.types import (
 )
 from segcache.kv.autoseg import message_digest
 from segcache.kv.hashing import namespace_digest
+from segcache.kv.partial import reusable_tokens
 from segcache.kv.radix import RadixTree
 from segcache.kv.registry import SegmentRegistry
 from segcache.kv.segment_tree import SegmentNode, SegmentTree
@@ -608,15 +609,37 @@ class Engine(CacheControl, Blending, Tiering):
                 node, tier = (yield from self._promote(run, prompt, i, stop)) or (None, None)
                 if node is None and loaded_only:
                     return
-                if node is None:  # in no tier: compute it
-                    if with_tail and i == last and self._tail_with_unit(len(unit.ids), len(prompt.tail)):
-                        run.tail_logits = yield from self._prefill(unit.ids + prompt.tail, run.kv, run.pos)
+                reused = 0
+                if node is None:  # in no tier: compute it, after the head a sibling shares
+                    reused = self._reuse_head(run, unit)
+                    rest = unit.ids[reused:]
+                    if with_tail and i == last and self._tail_with_unit(len(rest), len(prompt.tail)):
+                        run.tail_logits = yield from self._prefill(rest + prompt.tail, run.kv,
+                                                                   run.pos + reused)
                     else:
-                        yield from self._prefill(unit.ids, run.kv, run.pos, logits=False)
+                        yield from self._prefill(rest, run.kv, run.pos + reused, logits=False)
                     node = self._insert(run, unit.key.digest, unit.ids, unit.key.ttl_s)
             finally:
                 del self._inflight[key]
-            self._advance(run, node, unit.key, node.n_tokens, "miss" if tier is None else "hit", tier)
+            status = "hit" if tier is not None else "partial" if reused else "miss"
+            self._advance(run, node, unit.key, node.n_tokens, status, tier, reused)
+
+    def _reuse_head(self, run: _Run, unit: Unit) -> int:
+        """Copy into the run's buffer the KV of the longest head of ``unit`` that a
+        cached sibling (a child of ``run.parent``) computed, as far as
+        ``kv.partial.reusable_tokens`` allows (the rest then computes the same bits
+        as a cold prefill of the unit); returns how many tokens that is."""
+        if run.blended:
+            return 0
+        sibling, common = self.tree.closest_child(run.parent, unit.ids)
+        if sibling is None:
+            return 0
+        n = reusable_tokens(common, len(unit.ids), sibling.n_tokens, self.scheduler.cfg.prefill_chunk,
+                            getattr(self.runtime, "independent_rows", 0))
+        if n > 0:
+            run.kv[:, :, :, run.pos:run.pos + n] = sibling.handle[:, :, :, :n]
+            self.tree.touch(sibling)
+        return n
 
     def _tail_with_unit(self, unit_len: int, tail_len: int) -> bool:
         """Whether a unit and the tail after it can be one prefill: one call fewer (~50
@@ -655,11 +678,14 @@ class Engine(CacheControl, Blending, Tiering):
             self.tree.evict_until(max(0, budget - self.radix.resident_bytes))
 
     def _advance(self, run: _Run, node: SegmentNode, key, n: int, status: str,
-                 tier: str | None = None) -> None:
+                 tier: str | None = None, reused: int = 0) -> None:
+        """Account unit ``key`` (``n`` tokens, now in slots ``pos..``) as ``status``:
+        a hit counts all its tokens as cached, a partial hit the ``reused`` ones."""
         run.hold(node, n)
         run.usage.append(SegmentUsage(key.id, key.digest, status, n, key.kind,  # type: ignore[arg-type]
-                                      tier=tier))  # type: ignore[arg-type]
-        run.cached += n if status == "hit" else 0
+                                      tier=tier,  # type: ignore[arg-type]
+                                      reused=reused if status == "partial" else None))
+        run.cached += n if status == "hit" else reused
         run.pos += n
         run.parent = node
         if key.kind != "message" or run.prefix_chain == "":

@@ -183,10 +183,11 @@ class Choice:
 class SegmentUsage:
     id: str
     hash: str
-    status: Literal["hit", "miss", "blended"]
+    status: Literal["hit", "partial", "miss", "blended"]
     tokens: int
     kind: Literal["segment", "tools", "message"] = "segment"
     recomputed: int | None = None  # "blended": how many of its tokens were recomputed
+    reused: int | None = None  # "partial": how many of its first tokens came from the cache
     # where a hit's KV came from; None for a unit computed (a miss) or blended
     tier: Literal["ram", "disk", "redis"] | None = None
 
@@ -195,6 +196,8 @@ class SegmentUsage:
              "kind": self.kind, "tier": self.tier}
         if self.recomputed is not None:
             d["recomputed"] = self.recomputed
+        if self.reused is not None:
+            d["reused"] = self.reused
         return d
 
 

@@ -42,6 +42,7 @@ from typing import Any
 from segcache.kv.hashing import PREFIX, chain_digest
 from segcache.kv.integrity import require
 from segcache.kv.lru_tree import Clock, LruTree, TreeNode, preorder
+from segcache.kv.partial import common_prefix
 
 REMOVE_REASONS = ("evict", "expire", "purge", "replace")
 _COUNTER_NAMES = {
@@ -177,6 +178,31 @@ class SegmentTree(LruTree[SegmentNode]):
                 break
             found.append(node)
         return found
+
+    def closest_child(self, parent: SegmentNode,
+                      token_ids: Sequence[int]) -> tuple[SegmentNode | None, int]:
+        """The live child of ``parent`` whose tokens share the longest common prefix
+        with ``token_ids``, and that length ((None, 0) when none shares a token). For
+        partial hits (``kv.partial``): the child's KV before it is ``parent``'s, so its
+        first tokens' KV is what ``token_ids`` would compute there. Read-only, as
+        ``peek``; a child with a handle only (not a lower tier's placeholder). Pin the
+        child before using its handle. Ties go to the most recently used child."""
+        now = self._clock()
+        best: SegmentNode | None = None
+        best_n = 0
+        for child in parent.children.values():
+            if child.handle is None or self._is_expired(child, now):
+                continue
+            n = common_prefix(child.token_ids, token_ids)
+            if n > best_n or (n == best_n and n and best is not None
+                              and child.last_use > best.last_use):
+                best, best_n = child, n
+        return best, best_n
+
+    def touch(self, node: SegmentNode) -> None:
+        """Count a use of ``node`` that ``match`` did not make (a partial hit on it):
+        ``hits``, ``last_use`` and its TTL refreshed, as ``match`` does."""
+        self._touch(node, self._clock())
 
     def get_by_chain(self, chain: str) -> SegmentNode | None:
         """The node (root included) whose chain digest is ``chain``, if cached."""
