@@ -66,7 +66,8 @@ def test_tool_order_costs_plain_prefix_caching_only():
     frame = 30 + len(TOOLS_HEADER) + len(TOOLS_FOOTER) + 96
     plain = frame + 51 + 1 + 50  # as sent: '{"type": "function", "function": {"name": "alpha"}}'
     seg = frame + 47 + 1 + 46  # canonical: '{"function":{"name":"alpha"},"type":"function"}'
-    common = len('<|im_start|>system\n') + len(TOOLS_HEADER) + len('{"type": "function", "function": {"name": "')
+    # The system message comes first (tools go after the leading system text), then the tools.
+    common = 44 + len('<|im_start|>system\n') + len(TOOLS_HEADER) + len('{"type": "function", "function": {"name": "')
     assert rows[1] == (plain, common, seg, seg - GEN)
 
 

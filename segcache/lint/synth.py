@@ -118,7 +118,8 @@ def generate(seed: int = 0, plant: tuple[str, ...] = (), agents: int = 4, steps:
                 head, value = _dynamic_value(rng, plan.dynamic_kind, index)
                 system[m] = f"Context: {head}{value}\n" + system[m]
                 if index == (1 if m == 0 else agents):
-                    offset = len(_frame("system", plain_tools_text(body_tools)))
+                    # The tools block stands after the leading system message.
+                    offset = len(_frame("system", plain_tools_text(body_tools))) if m > 0 else 0
                     offset += sum(len(_frame("system", t)) for t in system[:m])
                     offset += len("<|im_start|>system\nContext: ") + len(head)
                     trace.expected["dynamic-prefix"] = Expected(index, m, offset)
