@@ -17,6 +17,7 @@ from typing import Any
 
 from segcache.lint.findings import Finding, Fix, LintOptions, Rule
 from segcache.lint.rules_conversation import HistoryRewrite, SystemFragmentation
+from segcache.lint.rules_frameworks import InvisibleFields, SharedTextLate, WrappedSharedText
 from segcache.lint.rules_prompt import (
     DynamicPrefix,
     NonCanonicalJson,
@@ -31,10 +32,10 @@ from segcache.lint.trace import Request
 from segcache.lint.view import build_view
 
 # Order of application when all fixes are replayed together: conversation shape
-# first (it decides which messages exist), then text, then tools, then traffic.
+# first (it decides which messages exist and where), then text, then tools, then traffic.
 RULES: tuple[type[Rule], ...] = (
-    HistoryRewrite, SystemFragmentation, DynamicPrefix, SchemaDynamic, NonCanonicalJson,
-    ToolOrder, ToolChurn, ColdFanout, RoundRobin,
+    HistoryRewrite, SystemFragmentation, WrappedSharedText, SharedTextLate, InvisibleFields,
+    DynamicPrefix, SchemaDynamic, NonCanonicalJson, ToolOrder, ToolChurn, ColdFanout, RoundRobin,
 )
 RULE_IDS = tuple(r.id for r in RULES)
 ALL_FIXES = "all fixes"
