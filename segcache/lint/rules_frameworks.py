@@ -66,7 +66,10 @@ class SharedTextLate(Rule):
                 continue
             k = next((j for j, (a, b) in enumerate(zip(digests, first[2], strict=False)) if a != b),
                      min(i, len(first[2])))
-            cause = view.units[k].label if k < i else "text"
+            own = sum(view.tokens[j] for j in range(k, i) if view.units[j].digest not in first[2])
+            if own >= view.tokens[i]:
+                continue  # more per-agent text in front than shared text: moving it would not pay
+            cause = "tool set" if view.units[k].kind == "tools" else view.units[k].label
             self._reported.add((tenant, agent, u.digest))
             self.shared.add(u.digest)
             self.report(evidence_at(view, i, None,

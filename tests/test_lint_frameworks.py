@@ -1,0 +1,74 @@
+"""segcache lint on traces shaped like what real agent frameworks send
+(tests/fixtures/lint/, written by make_traces.py there): three agents sharing a
+rules block, each with its own role and tool."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from segcache.lint.analyze import LintResult, lint
+from segcache.lint.rules_frameworks import shared_block
+from segcache.lint.trace import parse_record
+from tests.fixtures.lint import make_traces
+from tests.test_lint_rules import counter  # noqa: F401 (fixture)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "lint"
+
+
+def run(name: str, counter) -> LintResult:  # noqa: F811
+    lines = (FIXTURES / f"{name}.jsonl").read_text().splitlines()
+    requests = [parse_record(json.loads(line), i, f"{name}:{i + 1}") for i, line in enumerate(lines)]
+    return lint(lambda: requests, counter)
+
+
+@pytest.mark.parametrize("name", ["langgraph", "crewai", "agents_sdk"])
+def test_fixtures_are_what_make_traces_writes(name):
+    build = getattr(make_traces, name)
+    assert (FIXTURES / f"{name}.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in build())
+
+
+def test_crewai_rules_wrapped_in_role_text(counter):  # noqa: F811
+    result = run("crewai", counter)
+    assert "wrapped-shared-text" in result.fired()
+    finding = next(f for f in result.findings if f.rule == "wrapped-shared-text")
+    # The writer's and the reviewer's first requests (2 and 4), at the rules inside their system prompt.
+    assert [e.request for e in finding.evidence] == [2, 4]
+    first = finding.evidence[0]
+    # "Senior Researcher. " and "Technical Writer. " share their last characters: the block starts there.
+    assert first.message == 0 and first.char_offset == len("<|im_start|>system\nYou are Technical Writ")
+    assert finding.tokens_lost >= 2 * counter.count(make_traces.RULES)
+    fixed = next(s for s in result.fixes if s.name == "fix wrapped-shared-text").result
+    assert fixed.seg_rate > result.baseline.result.seg_rate + 0.1
+
+
+def test_langgraph_shared_history_behind_per_agent_tools_and_named_replies(counter):  # noqa: F811
+    result = run("langgraph", counter)
+    assert {"shared-text-late", "invisible-fields"} <= result.fired()
+    late = next(f for f in result.findings if f.rule == "shared-text-late")
+    # No leading system message: each agent's tools come first, then the shared rules + task.
+    assert late.evidence[0].request == 2 and late.evidence[0].message == 0
+    assert late.evidence[0].detail["behind"] == "tool set"
+    named = next(f for f in result.findings if f.rule == "invisible-fields")
+    assert named.severity == "info" and "name='researcher'" in named.evidence[0].text
+    fixes = {s.name: s.result for s in result.fixes}
+    assert fixes["fix shared-text-late"].seg_rate > result.baseline.result.seg_rate + 0.1
+    # Dropping `name` changes nothing for segcache (it keys what the template renders).
+    assert fixes["fix invisible-fields"].seg_rate == result.baseline.result.seg_rate
+
+
+def test_agents_sdk_shared_head_is_not_a_late_or_wrapped_block(counter):  # noqa: F811
+    result = run("agents_sdk", counter)
+    assert result.errors == 0
+    assert not {"shared-text-late", "wrapped-shared-text", "invisible-fields"} & result.fired()
+
+
+def test_shared_block_widens_lines_to_characters():
+    old = "You are A. RULE one\nRULE two\nRULE three\nGoal: a"
+    new = "You are Bee. RULE one\nRULE two\nRULE three\nGoal: b"
+    start, old_start, size = shared_block(new, old)
+    assert new[start:start + size] == ". RULE one\nRULE two\nRULE three\nGoal: "
+    assert old[old_start:old_start + size] == new[start:start + size]
+    assert shared_block("abc", "xyz") == (0, 0, 0)
