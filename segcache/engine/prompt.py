@@ -3,8 +3,9 @@ registry name), tokenize with memoisation, and group the prompt into units.
 
 A *unit* is what one segment-tree node stores: the template text right before
 a segment, the tools block or a message, plus that block's tokens. Units come in
-prompt order: explicit segments, the tools block, then one per message (see
-``segcache.kv.autoseg``). Everything after the last unit is the *tail* (the
+prompt order: explicit segments, then the leading system message and the tools
+block after it (or the tools block first when there is no leading system
+message), then one per message (see ``segcache.kv.autoseg``). Everything after the last unit is the *tail* (the
 generation prompt), always computed.
 
 No torch here.
@@ -24,7 +25,7 @@ from segcache.engine.types import (
     SegmentMismatchError,
     SegmentUnknownError,
 )
-from segcache.kv.autoseg import message_digest, message_text, tools_block
+from segcache.kv.autoseg import message_digest, message_text, tools_after_system, tools_block
 from segcache.kv.hashing import is_digest, segment_digest
 from segcache.kv.registry import SegmentRegistry
 from segcache.model.tokenizer import ChatTokenizer, PromptPart
@@ -223,20 +224,23 @@ def build_prompt(tokenizer: ChatTokenizer, memo: TokenMemo, namespace: str,
     cannot render it segment-aligned."""
     lead = [UnitKey(s.id, "segment", s.digest, s.ttl_s, s.anywhere) for s in segments]
     lead_ids = [list(s.ids) for s in segments]
+    trailing: list[list[int]] = []
     if tools:
         block = tools_block(tools)
         digest = segment_digest(block)
         lead.append(UnitKey("tools", "tools", digest))
-        lead_ids.append(list(memo.ids_for(namespace, block, digest, pending)))
+        ids = list(memo.ids_for(namespace, block, digest, pending))
+        (trailing if tools_after_system(messages) else lead_ids).append(ids)
     render = []
     keys = []
+    with_name = tokenizer.renders_name
     for i, m in enumerate(messages):
         msg = {"role": m.get("role"), "content": message_text(m)}
-        if m.get("name") is not None:
+        if with_name and m.get("name") is not None:
             msg["name"] = m["name"]
         render.append(msg)
-        keys.append(UnitKey(f"messages[{i}]", "message", message_digest(m)))
-    parts = tokenizer.prompt_parts(render, lead_ids, generation_prompt)
+        keys.append(UnitKey(f"messages[{i}]", "message", message_digest(m, with_name)))
+    parts = tokenizer.prompt_parts(render, lead_ids, generation_prompt, trailing)
     return group_units(parts, lead, keys)
 
 

@@ -4,9 +4,10 @@ the linter and the router all use these functions, so their verdicts agree.
 A request without ``segments`` is cut into:
 
 - ``tools``: the tool list in canonical form (sorted by function name, JSON keys
-  sorted, fixed separators), rendered as one system-prompt block;
+  sorted, fixed separators), rendered as one system-prompt block, after the
+  leading system message's text (``tools_after_system``);
 - one unit per message (system, user, assistant with its tool calls, tool), keyed
-  by the digest of the message's canonical JSON.
+  by the digest of what the template renders of it (``message_digest``).
 
 Two agents whose tools differ only in order therefore share the tools segment,
 and a conversation that grows append-only reuses every earlier message.
@@ -79,13 +80,25 @@ def _call_body(fn: dict[str, Any], canonical: bool) -> str:
     return canonical_json({"name": fn.get("name"), "arguments": value})
 
 
-def message_digest(message: dict[str, Any]) -> str:
-    """Key of a message unit: role + the text the template sees + identity fields."""
+def message_digest(message: dict[str, Any], with_name: bool = False) -> str:
+    """Key of a message unit: what its rendering puts in front of the model, the
+    role and the text, plus ``name`` where the template renders it (``with_name``,
+    ``ChatTokenizer.renders_name``). Fields the template drops (``name`` in most
+    templates, ``tool_call_id``, which no template is given) are not part of it: a
+    kept reply that comes back with a ``name`` (LangGraph sets one) still hits."""
     key = {"role": message.get("role"), "text": message_text(message)}
-    for extra in ("name", "tool_call_id"):
-        if message.get(extra) is not None:
-            key[extra] = message[extra]
+    if with_name and message.get("name") is not None:
+        key["name"] = message["name"]
     return segment_digest(canonical_json(key))
+
+
+def tools_after_system(messages: list[dict[str, Any]]) -> bool:
+    """Where the tools block goes: after the leading system message's text when the
+    request has one (as Qwen-style templates place tool declarations, so agents with
+    different tools still share the system text as a prefix), else first, in a
+    system message of its own. Unit order: explicit segments, [the leading system
+    message, tools | tools], the other messages."""
+    return bool(messages) and messages[0].get("role") == "system"
 
 
 def reply_digest(text: str) -> str:

@@ -15,6 +15,7 @@ cache namespace) names this rule, so KV computed under another never matches.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Callable
@@ -114,13 +115,16 @@ class ChatTokenizer:
             raise TemplateError(f"the chat template rejected these messages: {exc}") from exc
 
     def prompt_parts(self, messages: list[dict[str, Any]], segment_ids: list[list[int]],
-                     add_generation_prompt: bool = True) -> list[PromptPart]:
+                     add_generation_prompt: bool = True,
+                     trailing_ids: list[list[int]] = ()) -> list[PromptPart]:
         """Segment-aligned prompt for ``segments`` (already tokenized, in order)
         followed by ``messages``.
 
         Segments are joined with ``SEGMENT_JOINER`` at the start of the first
-        system message (one is created if there is none). Raises TemplateError if
-        the template does not keep contents verbatim.
+        system message (one is created if there is none); ``trailing_ids`` (more
+        segments, indexed after ``segment_ids``) go after that system message's
+        text, as Qwen-style templates place tool declarations. Raises TemplateError
+        if the template does not keep contents verbatim.
         """
         render_msgs = [dict(m) for m in messages]
         contents: dict[tuple[str, int], list[int]] = {}
@@ -128,15 +132,31 @@ class ChatTokenizer:
             text = m.get("content") or ""
             m["content"] = _SENTINEL.format(kind="msg", index=i)
             contents[("msg", i)] = self.encode(text)
-        if segment_ids:
-            lead = SEGMENT_JOINER.join(_SENTINEL.format(kind="seg", index=i) for i in range(len(segment_ids)))
-            for i, ids in enumerate(segment_ids):
-                contents[("seg", i)] = list(ids)
-            if render_msgs and render_msgs[0].get("role") == "system":
-                render_msgs[0]["content"] = lead + SEGMENT_JOINER + render_msgs[0]["content"]
-            else:
-                render_msgs.insert(0, {"role": "system", "content": lead})
+        for i, ids in enumerate([*segment_ids, *trailing_ids]):
+            contents[("seg", i)] = list(ids)
+        lead = [_SENTINEL.format(kind="seg", index=i) for i in range(len(segment_ids))]
+        trail = [_SENTINEL.format(kind="seg", index=len(segment_ids) + i)
+                 for i in range(len(trailing_ids))]
+        if render_msgs and render_msgs[0].get("role") == "system":
+            if lead or trail:
+                render_msgs[0]["content"] = SEGMENT_JOINER.join([*lead, render_msgs[0]["content"],
+                                                                 *trail])
+        elif lead or trail:
+            render_msgs.insert(0, {"role": "system", "content": SEGMENT_JOINER.join(lead + trail)})
         return self._split(self.render(render_msgs, add_generation_prompt), contents)
+
+    @functools.cached_property
+    def renders_name(self) -> bool:
+        """Whether the chat template puts a message's ``name`` in front of the model
+        (most do not: SmolLM2's and Qwen's drop it). A field it drops must not be
+        part of a unit's digest (``kv.autoseg.message_digest``)."""
+        def text(name: str) -> str:
+            return self.render([{"role": "user", "content": "x", "name": name},
+                                {"role": "assistant", "content": "y", "name": name}], False)
+        try:
+            return text("segcache-a") != text("segcache-b")
+        except TemplateError:
+            return False
 
     def _split(self, text: str, contents: dict[tuple[str, int], list[int]]) -> list[PromptPart]:
         parts: list[PromptPart] = []
