@@ -53,6 +53,7 @@ def test_langgraph_shared_history_behind_per_agent_tools_and_named_replies(count
     assert late.evidence[0].detail["behind"] == "tool set"
     named = next(f for f in result.findings if f.rule == "invisible-fields")
     assert named.severity == "info" and "name='researcher'" in named.evidence[0].text
+    assert named.tokens_lost == 0  # the digest leaves out what the template does not render
     fixes = {s.name: s.result for s in result.fixes}
     assert fixes["fix shared-text-late"].seg_rate > result.baseline.result.seg_rate + 0.1
     # Dropping `name` changes nothing for segcache (it keys what the template renders).

@@ -39,6 +39,7 @@ from segcache.kv.autoseg import (
     TOOLS_HEADER,
     message_digest,
     message_text,
+    tools_after_system,
     tools_block,
 )
 from segcache.kv.hashing import segment_digest
@@ -117,7 +118,7 @@ def request_units(request: Request) -> list[Unit]:
     messages = [_message_unit(i, m) for i, m in enumerate(request.messages)]
     # The tools block goes after the leading system message's text, as Qwen-style
     # templates place it; with no leading system message it comes first.
-    lead = 1 if messages and messages[0].role == "system" else 0
+    lead = 1 if tools_after_system(request.messages) else 0
     units += messages[:lead]
     if request.tools:
         block = tools_block(request.tools)
