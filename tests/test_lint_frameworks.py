@@ -73,3 +73,25 @@ def test_shared_block_widens_lines_to_characters():
     assert new[start:start + size] == ". RULE one\nRULE two\nRULE three\nGoal: "
     assert old[old_start:old_start + size] == new[start:start + size]
     assert shared_block("abc", "xyz") == (0, 0, 0)
+
+
+def test_repoagent_plain_prompts_predict_non_prefix_reuse_with_blend_auto(counter):  # noqa: F811
+    """Seed 003: RepoAgent's prompts as plain text (the bench's flat mode). A prefix
+    cache reuses a few percent; with --blend auto the moved code blocks are chunks
+    reused where they now stand, and the linter says how much."""
+    from segcache.bench.repo_docs import repo_docs_prompts
+    from segcache.lint.findings import LintOptions
+    from segcache.lint.trace import Request
+
+    prompts = repo_docs_prompts(seed=0, n_objects=8, code_chars=1500, structure_chars=1200)
+    requests = [Request(i, f"repoagent:{i + 1}", {"messages": [
+        {"role": "system", "content": "\n\n".join(text for _, text in p.segments)},
+        {"role": "user", "content": p.question}]}) for i, p in enumerate(prompts)]
+    marked = lint(lambda: requests, counter, LintOptions(blend="marked"), simulate_fixes=False)
+    auto = lint(lambda: requests, counter, LintOptions(blend="auto"), simulate_fixes=False)
+    before, after = marked.baseline.result, auto.baseline.result
+    assert before.plain_rate < 0.1 and before.seg_rate < 0.1 and before.nonprefix_rate == 0
+    assert after.nonprefix_rate > 0.5 and after.seg_rate >= after.nonprefix_rate
+    assert after.plain_rate == before.plain_rate  # the prefix model does not change
+    # The structure block comes back after per-object text in every prompt.
+    assert "wrapped-shared-text" in auto.fired()
