@@ -466,3 +466,82 @@ def test_blend_runs_layer_by_layer_while_streams_decode(tiny_engine_factory):
     assert got.token_ids == want.token_ids
     assert [s.as_dict() for s in got.segments] == [s.as_dict() for s in want.segments]
     busy.tree.check_integrity()
+
+
+def test_the_first_move_blends_at_once(tiny_engine_factory):
+    """Issue 16: a block used just before and moved now is blended from the KV the
+    first request computed (keys un-rotated as it ends), with no background job."""
+    engine = tiny_engine_factory(TINY)
+    engine._schedule_standalone = lambda *a, **k: None  # no background job at all
+    _chat(engine, "t", [anywhere("x", X), anywhere("y", Y)])
+    assert engine.cache_stats("t")["standalone"]["entries"] == 2
+    r = _chat(engine, "t", [SegmentInput("z", Z), anywhere("y", Y), anywhere("x", X)])
+    status = {s.id: s.status for s in r.segments}
+    assert status == {"z": "miss", "y": "blended", "x": "blended", "messages[0]": "miss"}
+    # the derived entry is the first request's KV, keys un-rotated: placed back at its
+    # first position it is exactly that KV
+    ns_s = engine.standalone_namespace(engine.namespace("t"))
+    x_entry = engine.tree.peek(ns_s, [r.segments[2].hash])[0]
+    x_node = engine.tree.peek(engine.namespace("t"), [r.segments[2].hash])[0]
+    kv = engine.runtime.new_kv(x_node.n_tokens)
+    lead = x_node.n_tokens - x_entry.n_tokens
+    engine.runtime.place_keys(kv[:, :, :, :], x_entry.handle, lead)
+    assert torch.allclose(kv[:, :, :, lead:x_node.n_tokens], x_node.handle[:, :, :, lead:], atol=1e-5)
+    engine.tree.check_integrity()
+
+
+REPO_TEMPLATE = """You are an AI documentation assistant. Write the documentation of the object below.
+
+The path of the document is {path}. The project is segcache.
+
+The code of the object:
+
+```python
+{code}
+```
+
+It calls these objects, whose code is:
+
+{refs}
+
+Write the documentation in English."""
+
+FUNCS = {name: f'''def {name}(items, key=None):
+    """{name}: walk the items and keep what the key selects."""
+    out = []
+    for item in items:
+        if key is None or key(item):
+            out.append(item)
+    # {name} keeps the order of the input and never copies an item
+    return out
+''' for name in ("select", "gather", "pick_all", "keep_some")}
+
+
+def repo_prompt(path: str, code: str, refs: list[str]) -> list[dict]:
+    blocks = "\n\n".join(f"```python\n{FUNCS[r]}```" for r in refs)
+    return [{"role": "user", "content": REPO_TEMPLATE.format(path=path, code=FUNCS[code], refs=blocks)}]
+
+
+def test_plain_prompt_blocks_that_move_are_blended_with_blend_auto(tiny_engine_factory):
+    """Issue 16: a RepoAgent-style plain prompt (no segments): with --blend auto its
+    text is cut into content-defined chunks, and the reference blocks that moved
+    (after another path, in another order) are blended, not recomputed."""
+    engine = tiny_engine_factory(CacheConfig(blend="auto", blend_layer=0))
+    first = engine.chat(ChatRequest("t", repo_prompt("a/x.py", "select", ["gather", "pick_all"]),
+                                    sampling=GREEDY))
+    assert {u.kind for u in first.segments} == {"chunk"}
+    assert all(u.id.startswith("messages[0].chunks[") for u in first.segments)
+    r = engine.chat(ChatRequest("t", repo_prompt("b/longer/path/y.py", "keep_some",
+                                                 ["pick_all", "gather"]), sampling=GREEDY))
+    by_status: dict[str, int] = {}
+    for u in r.segments:
+        by_status[u.status] = by_status.get(u.status, 0) + u.tokens
+    assert by_status.get("blended", 0) >= 0.4 * r.prompt_tokens, by_status
+    assert r.usage()["segcache"]["blended_tokens"] == by_status["blended"]
+    # the same prompt with blending off: nothing but the template's head is reused
+    off = tiny_engine_factory(CacheConfig(blend="off"))
+    off.chat(ChatRequest("t", repo_prompt("a/x.py", "select", ["gather", "pick_all"]), sampling=GREEDY))
+    plain = off.chat(ChatRequest("t", repo_prompt("b/longer/path/y.py", "keep_some",
+                                                  ["pick_all", "gather"]), sampling=GREEDY))
+    assert plain.cached_tokens < 0.2 * plain.prompt_tokens
+    engine.tree.check_integrity()

@@ -203,3 +203,39 @@ def test_agent_loop_reuses_previous_turn(server, real_engine):
                 {"role": "assistant", "content": r.choices[0].message.content},
                 {"role": "tool", "content": f"auth/login_{turn}.py: def handle_login(request): ..."},
             ]
+
+
+def test_plain_agents_reuse_the_shared_head_of_their_system_message(server, real_engine):
+    """Issue 16: three agents, one system message each = shared head + own part +
+    task, no ``segments``: later agents reuse the head (a partial hit, whole prefill
+    chunks of it), their answers equal a cold server's, and the partially reused
+    unit's KV is the same bits as a cold prefill's."""
+    import torch
+
+    engine, client, _ = server
+    head = A * 12  # ~600 tokens: two whole 256-token chunks in common
+    systems = [head + B + D, head + C + E, head + B + E]
+    cold_engine = fresh(real_engine)
+    with running_server(cold_engine) as cold_url:
+        cold_client = OpenAI(base_url=cold_url + "/v1", api_key="x", max_retries=0)
+        for i, system in enumerate(systems):
+            messages = [{"role": "system", "content": system}] + USER
+            r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10,
+                                               temperature=0)
+            units = r.usage.model_extra["segcache"]["segments"]
+            cached = r.usage.prompt_tokens_details.cached_tokens
+            if i == 0:
+                assert cached == 0
+            else:
+                assert units[0]["status"] == "partial"
+                assert units[0]["reused"] >= 512 and units[0]["reused"] % 256 == 0
+                assert cached == units[0]["reused"] if i == 1 else cached >= units[0]["reused"]
+            cold_engine.purge("local")
+            cold = cold_client.chat.completions.create(model=MODEL, messages=messages,
+                                                       max_tokens=10, temperature=0)
+            assert cold.choices[0].message.content == r.choices[0].message.content, i
+            ns, digest = engine.namespace("local"), units[0]["hash"]
+            warm_kv = engine.tree.peek(ns, [digest])[0].handle
+            cold_kv = cold_engine.tree.peek(cold_engine.namespace("local"), [digest])[0].handle
+            assert torch.equal(warm_kv, cold_kv), i
+    engine.tree.check_integrity()

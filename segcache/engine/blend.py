@@ -55,7 +55,7 @@ class Blending:
 
     def _eligible(self, unit: Unit) -> bool:
         mode = self.cache_cfg.blend
-        return (unit.key.kind == "segment" and mode != "off" and len(unit.block) > 0
+        return (unit.key.kind in ("segment", "chunk") and mode != "off" and len(unit.block) > 0
                 and (unit.key.anywhere or mode == "auto"))
 
     def _blend_plan(self, job: Job, run, prompt: Prompt):
@@ -123,6 +123,31 @@ class Blending:
                     and (_KEY_PREFIX + ns_s, unit.key.digest) not in self._inflight):
                 out.setdefault(unit.key.digest, unit)
         return list(out.values())
+
+    def _derive_standalone(self, run, prompt: Prompt) -> None:
+        """Standalone entries for the eligible units this request holds exact KV of
+        (computed or hit, before any blend point), taken from its buffer: the block's
+        KV with its keys un-rotated. One rotation, no prefill, made as the request
+        ends, so the very next request that moves the block blends at once instead
+        of waiting for a background job. The block's KV then carries the context it
+        was first computed in rather than the sink's; CacheBlend's recomputation
+        covers either (``scripts/blend_eval.py`` measures both)."""
+        ns_s = self.standalone_namespace(run.parent.namespace)
+        root, off = None, 0
+        for unit, usage in zip(prompt.units, run.usage, strict=False):
+            start, off = off, off + usage.tokens
+            if usage.status == "blended" or usage.tokens != len(unit.ids):
+                break  # from a blend point on the buffer's KV is approximate
+            if not self._eligible(unit) or self.tree.peek(ns_s, [unit.key.digest]):
+                continue
+            a, b = start + unit.lead, start + len(unit.ids)
+            handle = self.runtime.unrope_keys(run.kv[:, :, :, a:b], torch.arange(a, b))
+            root = root or self.tree.root(ns_s)
+            self.tree.insert(root, unit.key.digest, unit.block, handle,
+                             handle.numel() * handle.element_size(),
+                             ttl_s=unit.key.ttl_s or self.cache_cfg.default_ttl_s)
+        if root is not None:
+            self._enforce_budget(ns_s)
 
     def _schedule_standalone(self, ns: str, tenant: str, prompt: Prompt) -> None:
         """Queue a background job computing the standalone entries ``prompt``'s

@@ -429,6 +429,8 @@ class Engine(CacheControl, Blending, Tiering):
                 self._keep_replies(run, prompt.tail, result, seqs)
             self._give_back(seqs)
             if result.finish_reason != "cancelled":
+                if self.cache_cfg.blend != "off":
+                    self._derive_standalone(run, prompt)
                 self._schedule_standalone(ns, req.tenant, prompt)
         except Cancelled:
             result = self._cancelled(run, len(prompt.tail), t0)
@@ -530,7 +532,7 @@ class Engine(CacheControl, Blending, Tiering):
         resolved = resolve_segments(segments, tenant, ns, self.memo, self.registry, pending)
         try:
             return build_prompt(self.tokenizer, self.memo, ns, resolved, messages, tools,
-                                generation_prompt, pending)
+                                generation_prompt, pending, chunks=self.cache_cfg.blend == "auto")
         except TemplateError as exc:
             raise EngineError(str(exc), "messages") from exc
 
@@ -688,7 +690,7 @@ class Engine(CacheControl, Blending, Tiering):
         run.cached += n if status == "hit" else reused
         run.pos += n
         run.parent = node
-        if key.kind != "message" or run.prefix_chain == "":
+        if key.kind not in ("message", "chunk") or run.prefix_chain == "":
             run.prefix_chain = node.chain
 
     def _keep_replies(self, run: _Run, tail: tuple[int, ...], result: GenerationResult,

@@ -25,7 +25,14 @@ from segcache.engine.types import (
     SegmentMismatchError,
     SegmentUnknownError,
 )
-from segcache.kv.autoseg import message_digest, message_text, tools_after_system, tools_block
+from segcache.kv.autoseg import (
+    chunk_digest,
+    message_digest,
+    message_text,
+    tools_after_system,
+    tools_block,
+)
+from segcache.kv.chunking import chunk_text
 from segcache.kv.hashing import is_digest, segment_digest
 from segcache.kv.registry import SegmentRegistry
 from segcache.model.tokenizer import ChatTokenizer, PromptPart
@@ -42,8 +49,8 @@ class ResolvedSegment:
 
 @dataclass(frozen=True)
 class UnitKey:
-    id: str  # the client's segment id, "tools", or "messages[i]"
-    kind: Literal["segment", "tools", "message"]
+    id: str  # the client's segment id, "tools", "messages[i]" or "messages[i].chunks[k]"
+    kind: Literal["segment", "tools", "message", "chunk"]  # chunk: of a message (--blend auto)
     digest: str  # the tree key under the previous unit
     ttl_s: float | None = None
     anywhere: bool = False  # the client marked the segment reuse: "anywhere"
@@ -219,9 +226,13 @@ def group_units(parts: list[PromptPart], lead: list[UnitKey], messages: list[Uni
 def build_prompt(tokenizer: ChatTokenizer, memo: TokenMemo, namespace: str,
                  segments: list[ResolvedSegment], messages: list[dict[str, Any]],
                  tools: list[dict[str, Any]], generation_prompt: bool,
-                 pending: dict[str, tuple[int, ...]] | None = None) -> Prompt:
+                 pending: dict[str, tuple[int, ...]] | None = None,
+                 chunks: bool = False) -> Prompt:
     """The unit layout of a chat request. Raises TemplateError if the template
-    cannot render it segment-aligned."""
+    cannot render it segment-aligned. ``chunks`` (``--blend auto``): the content of
+    every message but an assistant's (its reply is kept as one unit) is cut into
+    content-defined chunks (``kv.chunking``), one unit each, so a block of it is
+    found again at any position."""
     lead = [UnitKey(s.id, "segment", s.digest, s.ttl_s, s.anywhere) for s in segments]
     lead_ids = [list(s.ids) for s in segments]
     trailing: list[list[int]] = []
@@ -233,14 +244,25 @@ def build_prompt(tokenizer: ChatTokenizer, memo: TokenMemo, namespace: str,
         (trailing if tools_after_system(messages) else lead_ids).append(ids)
     render = []
     keys = []
+    pieces = []
     with_name = tokenizer.renders_name
     for i, m in enumerate(messages):
-        msg = {"role": m.get("role"), "content": message_text(m)}
+        text = message_text(m)
+        msg = {"role": m.get("role"), "content": text}
         if with_name and m.get("name") is not None:
             msg["name"] = m["name"]
         render.append(msg)
-        keys.append(UnitKey(f"messages[{i}]", "message", message_digest(m, with_name)))
-    parts = tokenizer.prompt_parts(render, lead_ids, generation_prompt, trailing)
+        texts = chunk_text(text) if chunks and m.get("role") != "assistant" else [text]
+        pieces.append(texts)
+        if len(texts) == 1:
+            keys.append(UnitKey(f"messages[{i}]", "message", message_digest(m, with_name)))
+            continue
+        name = m.get("name") if with_name else None
+        keys.extend(UnitKey(f"messages[{i}].chunks[{k}]", "chunk",
+                            chunk_digest(str(m.get("role")), k, piece, name))
+                    for k, piece in enumerate(texts))
+    parts = tokenizer.prompt_parts(render, lead_ids, generation_prompt, trailing,
+                                   pieces if chunks else None)
     return group_units(parts, lead, keys)
 
 

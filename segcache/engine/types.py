@@ -185,7 +185,7 @@ class SegmentUsage:
     hash: str
     status: Literal["hit", "partial", "miss", "blended"]
     tokens: int
-    kind: Literal["segment", "tools", "message"] = "segment"
+    kind: Literal["segment", "tools", "message", "chunk"] = "segment"
     recomputed: int | None = None  # "blended": how many of its tokens were recomputed
     reused: int | None = None  # "partial": how many of its first tokens came from the cache
     # where a hit's KV came from; None for a unit computed (a miss) or blended

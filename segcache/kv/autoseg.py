@@ -92,6 +92,20 @@ def message_digest(message: dict[str, Any], with_name: bool = False) -> str:
     return segment_digest(canonical_json(key))
 
 
+def chunk_digest(role: str, index: int, text: str, name: str | None = None) -> str:
+    """Key of chunk ``index`` of a message cut into content-defined chunks
+    (``kv.chunking``, ``--blend auto``): its text, plus, for the first chunk, the
+    role (and a rendered ``name``) whose template text leads it. A later chunk's key
+    is its text alone, the same wherever the block stands, so its position-free KV
+    (CacheBlend) is found again at any position."""
+    key: dict[str, Any] = {"chunk": text}
+    if index == 0:
+        key["role"] = role
+        if name is not None:
+            key["name"] = name
+    return segment_digest(canonical_json(key))
+
+
 def tools_after_system(messages: list[dict[str, Any]]) -> bool:
     """Where the tools block goes: after the leading system message's text when the
     request has one (as Qwen-style templates place tool declarations, so agents with

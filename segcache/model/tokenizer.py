@@ -116,22 +116,29 @@ class ChatTokenizer:
 
     def prompt_parts(self, messages: list[dict[str, Any]], segment_ids: list[list[int]],
                      add_generation_prompt: bool = True,
-                     trailing_ids: list[list[int]] = ()) -> list[PromptPart]:
+                     trailing_ids: list[list[int]] = (),
+                     pieces: list[list[str]] | None = None) -> list[PromptPart]:
         """Segment-aligned prompt for ``segments`` (already tokenized, in order)
         followed by ``messages``.
 
         Segments are joined with ``SEGMENT_JOINER`` at the start of the first
         system message (one is created if there is none); ``trailing_ids`` (more
         segments, indexed after ``segment_ids``) go after that system message's
-        text, as Qwen-style templates place tool declarations. Raises TemplateError
-        if the template does not keep contents verbatim.
+        text, as Qwen-style templates place tool declarations. ``pieces[i]``: texts
+        whose concatenation is message i's content, each tokenized on its own (a
+        piece boundary is a token boundary); the parts of kind "message" are then
+        numbered by piece, in order, not by message. Raises TemplateError if the
+        template does not keep contents verbatim.
         """
         render_msgs = [dict(m) for m in messages]
         contents: dict[tuple[str, int], list[int]] = {}
+        n = 0
         for i, m in enumerate(render_msgs):
-            text = m.get("content") or ""
-            m["content"] = _SENTINEL.format(kind="msg", index=i)
-            contents[("msg", i)] = self.encode(text)
+            texts = pieces[i] if pieces is not None else [m.get("content") or ""]
+            m["content"] = "".join(_SENTINEL.format(kind="msg", index=n + k) for k in range(len(texts)))
+            for k, text in enumerate(texts):
+                contents[("msg", n + k)] = self.encode(text)
+            n += len(texts)
         for i, ids in enumerate([*segment_ids, *trailing_ids]):
             contents[("seg", i)] = list(ids)
         lead = [_SENTINEL.format(kind="seg", index=i) for i in range(len(segment_ids))]
