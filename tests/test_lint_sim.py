@@ -180,16 +180,21 @@ BLOCK = "```\n" + "b" * 40 + "\n```\n\n"  # 50 characters: a chunk of its own wh
 
 
 def test_blend_auto_reuses_chunks_at_another_position():
-    reqs = [req(0, [{"role": "system", "content": "Intro A.\n\n" + BLOCK + "Tail."}, Q1]),
-            req(1, [{"role": "system", "content": "Other intro.\n\n" + BLOCK + "Tail."}, Q1])]
+    first = {"role": "system", "content": "Intro A.\n\n" + BLOCK + "Tail."}
+    moved = {"role": "system", "content": "Other intro.\n\n" + BLOCK + "Tail."}
+    reqs = [req(0, [first, Q1]), req(1, [moved, Q1]), req(2, [moved, Q1])]
     total = 30 + 14 + 50 + 5 + 30 + GEN  # 151
     # The system message is three chunk units; the first misses (its 19-token shared
-    # head is under a chunk), the block (50), "Tail." (5) and the user's "Q1" (2) blend.
+    # head is under a prefill chunk), the block (50) and "Tail." (5) are blended. "Q1"
+    # is one piece: a message unit, which the server never blends.
     rows, sim = simulate_with(reqs, blend="auto")
-    assert rows[1] == (total, 19, total, 57)
-    assert sim.result.reuse[1] == (0, 57)
-    assert sim.result.nonprefix_rate == 57 / (total - 4 + total)  # request 0's intro is 4 shorter
-    assert sim.result.summary()["segcache_blended_tokens"] == 57
+    assert rows[1] == (total, 19, total, 55)
+    assert sim.result.reuse[1] == (0, 55)
+    # The tree keeps what came before the blend point (the new first chunk: 19 + 14),
+    # not what was blended nor what came after it: the same request again blends again.
+    assert rows[2] == (total, total - 1, total, 33 + 55)
+    assert sim.result.nonprefix_rate == 2 * 55 / (total - 4 + 2 * total)  # request 0's intro is 4 shorter
+    assert sim.result.summary()["segcache_blended_tokens"] == 2 * 55
     # Without --blend auto, plain messages are whole units: nothing after the miss is reused.
     assert simulate_with(reqs, blend="marked")[0][1] == (total, 19, total, 0)
 
@@ -203,7 +208,7 @@ def test_blend_marked_reuses_marked_segments_only():
     total = 33 + 90 + 90 + 30 + GEN
     rows, sim = simulate_with(reqs)  # the server's default: --blend marked
     assert rows[1] == (total, 19, total, 60) and sim.result.reuse[1] == (0, 60)
-    assert simulate_with(reqs, blend="auto")[0][1][3] == 60 + 60 + 2  # every segment, and "Q1"
+    assert simulate_with(reqs, blend="auto")[0][1][3] == 60 + 60  # every segment
     assert simulate_with(reqs, blend="off")[0][1][3] == 0
 
 

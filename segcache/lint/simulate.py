@@ -25,9 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from segcache.config import BLEND_MODES
-from segcache.kv.autoseg import canonical_json, reply_digest
+from segcache.kv.autoseg import chunk_digest, reply_digest
 from segcache.kv.chunking import chunk_text
-from segcache.kv.hashing import chain_digest, namespace_digest, segment_digest
+from segcache.kv.hashing import chain_digest, namespace_digest
 from segcache.kv.partial import reusable_tokens
 from segcache.lint.trace import GENERATION_PROMPT, Unit, frame
 from segcache.lint.view import MODEL_FINGERPRINT, RequestView
@@ -172,31 +172,31 @@ def _anywhere(view: RequestView, unit: Unit) -> bool:
 
 
 def sim_units(view: RequestView, blend: str) -> list[SimUnit]:
-    """The units the server caches for ``view``: its units as they are, except under
-    ``blend="auto"``, where the content of every message but the assistant's
-    (kept replies stay whole) is cut into ``kv.chunking`` chunks, one unit each.
-    Blendable: marked segments (``reuse: "anywhere"``) unless ``blend="off"``; under
-    ``"auto"`` every segment and every chunk unit."""
+    """The units the server caches for ``view`` (``engine.prompt.build_prompt``): its
+    units as they are, except under ``blend="auto"``, where the content of every
+    message but an assistant's (a kept reply stays whole) is cut into
+    ``kv.chunking`` chunks, one unit each (``kv.autoseg.chunk_digest``) when there
+    are two or more. Blendable (``engine.blend``): segments marked ``reuse:
+    "anywhere"`` unless ``blend="off"``, and under ``"auto"`` every segment and
+    chunk unit; a message unit never."""
     out: list[SimUnit] = []
     enc = view.counter.encode
     for i, u in enumerate(view.units):
         lead = (END if i else "") + f"<|im_start|>{u.role}\n"
         chunked = blend == "auto" and u.kind == "message" and u.role != "assistant"
-        pieces = (chunk_text(u.content) or [""]) if chunked else [u.content]
-        if len(pieces) == 1:
-            key = None
-            if (u.kind == "segment" and (blend == "auto" or blend == "marked" and _anywhere(view, u))
-                    or chunked):
-                key = segment_digest(u.content)
-            out.append(SimUnit(u.digest, view.tokens[i], enc(lead) + enc(u.content), len(enc(lead)), key,
+        pieces = chunk_text(u.content) if chunked else [u.content]
+        if len(pieces) <= 1:
+            eligible = u.kind == "segment" and (blend == "auto" or blend == "marked" and _anywhere(view, u))
+            out.append(SimUnit(u.digest, view.tokens[i], enc(lead) + enc(u.content), len(enc(lead)),
+                               u.digest if eligible and u.content else None,
                                u.kind == "message" and u.role == "assistant"))
             continue
         for k, piece in enumerate(pieces):
             head = enc(lead) if k == 0 else ()
             n = (len(enc(f"<|im_start|>{u.role}\n")) if k == 0 else 0) + len(enc(piece))
             n += len(enc(END)) if k == len(pieces) - 1 else 0
-            digest = segment_digest(canonical_json({"chunk": piece, "first": k == 0, "role": u.role}))
-            out.append(SimUnit(digest, n, head + enc(piece), len(head), segment_digest(piece), False))
+            digest = chunk_digest(u.role, k, piece)  # the linter's template drops ``name``
+            out.append(SimUnit(digest, n, head + enc(piece), len(head), digest, False))
     return out
 
 
@@ -265,12 +265,12 @@ class CacheSim:
         root = namespace_digest(view.request.tenant, MODEL_FINGERPRINT)
         chains = list(itertools.accumulate((u.digest for u in units), chain_digest, initial=root))
         seg_total = sum(u.n for u in units) + len(view.generation_ids)
-        prefix, partial, blended = self._seg_hit(units, chains, cache)
+        prefix, partial, blended, at = self._seg_hit(units, chains, cache)
         row = (len(flat), min(plain_hit, len(flat) - 1), seg_total,
                min(prefix + partial + blended, seg_total - 1))
         self.result.per_request.append(row)
         self.result.reuse.append((partial, blended))
-        store = self._store_action(view, radix, cache, flat, units, chains)
+        store = self._store_action(view, radix, cache, flat, units, chains, at)
         if t is None or self.warm_delay_s == 0:
             store()
         else:
@@ -290,9 +290,13 @@ class CacheSim:
                     radix.insert(flat[:start + len(view.plain_ids[i])], terminal=False)
         return radix.match(flat)
 
-    def _seg_hit(self, units: list[SimUnit], chains: list[str], cache: _Cache) -> tuple[int, int, int]:
-        """(prefix tokens, partial-hit tokens, blended tokens). ``chains[i]`` is the
-        chain before unit ``i`` (``chains[0]`` the root)."""
+    def _seg_hit(self, units: list[SimUnit], chains: list[str], cache: _Cache) -> tuple[int, int, int, int]:
+        """(prefix tokens, partial-hit tokens, blended tokens, blend point) as the
+        engine runs it: the exact walk over chain digests (``chains[i]`` is the chain
+        before unit ``i``); then, from the first unit after it with a position-free
+        copy (the blend point; ``len(units)`` if none), every such unit is blended;
+        units between the walk and the blend point are computed exactly, the first
+        of them after the head a stored sibling shares (a partial hit)."""
         hit = 0
         for i, u in enumerate(units):
             if chains[i + 1] not in cache.chains:
@@ -301,12 +305,12 @@ class CacheSim:
                 cache.chains.add(chains[i + 1])  # an earlier prompt's reply, stored under its reply digest
             hit += u.n
         else:
-            return hit, 0, 0
-        partial = self._partial(u, cache.children.get(chains[i], {}))
-        rest = units[i + 1:] if partial else units[i:]  # a partially reused unit is computed, not blended
-        blended = sum(len(v.ids) - v.lead for v in rest
-                      if v.blend_key is not None and v.blend_key in cache.anywhere)
-        return hit, partial, blended
+            return hit, 0, 0, len(units)
+        found = [j for j in range(i, len(units)) if units[j].blend_key in cache.anywhere]
+        at = found[0] if found else len(units)
+        partial = self._partial(units[i], cache.children.get(chains[i], {})) if at > i else 0
+        blended = sum(len(units[j].ids) - units[j].lead for j in found)
+        return hit, partial, blended, at
 
     def _partial(self, unit: SimUnit, siblings: dict[str, tuple[int, ...]]) -> int:
         """Tokens of ``unit``'s head a stored sibling shares that the server reuses."""
@@ -320,19 +324,21 @@ class CacheSim:
         return reusable_tokens(common, len(unit.ids), len(best), self.prefill_chunk, self.independent_rows)
 
     def _store_action(self, view: RequestView, radix: TokenRadix, cache: _Cache, flat: tuple[int, ...],
-                      units: list[SimUnit], chains: list[str]) -> Callable[[], None]:
-        reply = view.request.reply
+                      units: list[SimUnit], chains: list[str], at: int) -> Callable[[], None]:
+        """What the request leaves in the caches: the tree keeps its units before the
+        blend point ``at`` (a blended request's later KV is approximate: neither they
+        nor its reply are kept), every eligible unit gets its position-free copy."""
+        reply = view.request.reply if at == len(units) else None
         reply_ids = view.counter.encode(frame("assistant", reply)) if reply is not None else ()
 
         def store() -> None:
             radix.insert(flat)
-            cache.chains.update(chains[1:])
-            if reply is None:  # unknown reply: an assistant message right after this prompt is taken as it
-                cache.ends.add(chains[-1])
-            for parent, u in zip(chains, units, strict=False):
+            cache.chains.update(chains[1:at + 1])
+            if at == len(units) and view.request.reply is None:
+                cache.ends.add(chains[-1])  # unknown reply: an assistant message right after is taken as it
+            for parent, u in zip(chains[:at], units, strict=False):
                 cache.children.setdefault(parent, {})[u.digest] = u.ids
-                if u.blend_key is not None:
-                    cache.anywhere.add(u.blend_key)
+            cache.anywhere.update(u.blend_key for u in units if u.blend_key is not None)
             if reply is not None:
                 radix.insert(flat[:len(flat) - len(view.generation_ids)] + reply_ids, terminal=False)
                 digest = reply_digest(reply)
