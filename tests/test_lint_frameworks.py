@@ -95,3 +95,23 @@ def test_repoagent_plain_prompts_predict_non_prefix_reuse_with_blend_auto(counte
     assert after.plain_rate == before.plain_rate  # the prefix model does not change
     # The structure block comes back after per-object text in every prompt.
     assert "wrapped-shared-text" in auto.fired()
+
+
+def test_simulation_predicts_partial_and_non_prefix_reuse_on_framework_traces(counter):  # noqa: F811
+    from segcache.lint.findings import LintOptions
+
+    def reuse(name: str, **options) -> list[tuple[int, int]]:
+        lines = (FIXTURES / f"{name}.jsonl").read_text().splitlines()
+        requests = [parse_record(json.loads(line), i, name) for i, line in enumerate(lines)]
+        return lint(lambda: requests, counter, LintOptions(**options), simulate_fixes=False).baseline.result.reuse
+
+    # Agents SDK: the prompt prefix + rules head each agent's system message; the later
+    # agents reuse it token-level, rounded down to the 256-token prefill chunk...
+    assert reuse("agents_sdk") == [(0, 0), (256, 0), (256, 0)]
+    # ...or all of it where the model plan computes rows independently of the call.
+    assert all(p > 256 and b == 0 for p, b in reuse("agents_sdk", independent_rows=256)[1:])
+    # LangGraph: the shared rules + task stand behind each agent's tools: only blending
+    # (--blend auto, chunk units) reuses them, in every request after the first agent's.
+    assert all(b == 0 for _, b in reuse("langgraph"))
+    auto = reuse("langgraph", blend="auto")
+    assert auto[:2] == [(0, 0), (0, 0)] and all(b > 0 for _, b in auto[2:])

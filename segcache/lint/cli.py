@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=LintOptions.prefill_chunk, metavar="N",
                         help="the server's prefill chunk: a partial hit on a changed message reuses its "
                              "shared head rounded down to it (default: %(default)s)")
+    parser.add_argument("--independent-rows", type=int, default=LintOptions.independent_rows, metavar="N",
+                        help="the server's model plan computes the rows of 2..N-token prefill calls "
+                             "independently (ExecPlan.independent_rows): partial hits then need no "
+                             "rounding (default: %(default)s, the safe assumption)")
     parser.add_argument("--evidence", type=int, default=3, metavar="N",
                         help="evidence lines printed per rule (default: %(default)s)")
 
@@ -59,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         tokenizer = find_tokenizer(args.tokenizer)
         options = LintOptions(warm_delay_s=args.warm_delay, min_lost_tokens=args.min_lost_tokens,
-                              blend=args.blend, prefill_chunk=args.prefill_chunk)
+                              blend=args.blend, prefill_chunk=args.prefill_chunk,
+                              independent_rows=args.independent_rows)
     except (FileNotFoundError, ValueError) as e:
         err.print(f"[red]segcache lint: {e}[/red]")
         return 2
