@@ -115,3 +115,17 @@ def test_simulation_predicts_partial_and_non_prefix_reuse_on_framework_traces(co
     assert all(b == 0 for _, b in reuse("langgraph"))
     auto = reuse("langgraph", blend="auto")
     assert auto[:2] == [(0, 0), (0, 0)] and all(b > 0 for _, b in auto[2:])
+
+
+def test_cli_blend_auto_reports_the_non_prefix_hit_rate(tmp_path, capsys):
+    from segcache.lint.cli import main
+    from tests.test_lint_rules import _tokenizer_file
+
+    out = tmp_path / "r.json"
+    args = [str(FIXTURES / "langgraph.jsonl"), "--tokenizer", str(_tokenizer_file()), "--json", str(out)]
+    assert main([*args, "--blend", "auto"]) == 0  # warnings and info only
+    report = json.loads(out.read_text())["simulation"]
+    assert report["blend"] == "auto" and report["baseline"]["segcache_nonprefix_hit_rate"] > 0
+    assert "of which non-prefix" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*args, "--blend", "sometimes"])

@@ -217,3 +217,12 @@ def test_blend_option_is_checked():
 
     with pytest.raises(ValueError, match="blend"):
         CacheSim(blend="sometimes")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 2), max_size=40), st.lists(st.integers(0, 2), max_size=40))
+def test_fast_common_prefix_is_the_servers(a, b):
+    from segcache.kv.partial import common_prefix as servers
+    from segcache.lint.simulate import common_prefix
+
+    assert common_prefix(tuple(a), tuple(b)) == servers(a, b)

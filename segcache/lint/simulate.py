@@ -223,7 +223,8 @@ class _Cache:
 
     chains: set[str] = field(default_factory=set)
     ends: set[str] = field(default_factory=set)
-    children: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)
+    # (parent chain, bucket: ``CacheSim._bucket``) -> {child digest: its unit ids}
+    children: dict[tuple[str, tuple[int, ...]], dict[str, tuple[int, ...]]] = field(default_factory=dict)
     anywhere: set[str] = field(default_factory=set)
 
 
@@ -308,9 +309,18 @@ class CacheSim:
             return hit, 0, 0, len(units)
         found = [j for j in range(i, len(units)) if units[j].blend_key in cache.anywhere]
         at = found[0] if found else len(units)
-        partial = self._partial(units[i], cache.children.get(chains[i], {})) if at > i else 0
+        siblings = cache.children.get(self._bucket(chains[i], units[i].ids), {})
+        partial = self._partial(units[i], siblings) if at > i and self.prefill_chunk > 0 else 0
         blended = sum(len(units[j].ids) - units[j].lead for j in found)
         return hit, partial, blended, at
+
+    def _bucket(self, parent: str, ids: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+        """Where a child's ids are filed for partial hits. Where a partial hit is
+        rounded down to whole prefill chunks, only a sibling with the same first
+        chunk can give one: file by it, so a wide node is not scanned whole."""
+        if 2 <= self.prefill_chunk <= self.independent_rows:
+            return parent, ()
+        return parent, ids[:self.prefill_chunk]
 
     def _partial(self, unit: SimUnit, siblings: dict[str, tuple[int, ...]]) -> int:
         """Tokens of ``unit``'s head a stored sibling shares that the server reuses."""
@@ -337,14 +347,14 @@ class CacheSim:
             if at == len(units) and view.request.reply is None:
                 cache.ends.add(chains[-1])  # unknown reply: an assistant message right after is taken as it
             for parent, u in zip(chains[:at], units, strict=False):
-                cache.children.setdefault(parent, {})[u.digest] = u.ids
+                cache.children.setdefault(self._bucket(parent, u.ids), {})[u.digest] = u.ids
             cache.anywhere.update(u.blend_key for u in units if u.blend_key is not None)
             if reply is not None:
                 radix.insert(flat[:len(flat) - len(view.generation_ids)] + reply_ids, terminal=False)
                 digest = reply_digest(reply)
                 cache.chains.add(chain_digest(chains[-1], digest))
                 # A kept reply holds the generation prompt and the generated ids.
-                cache.children.setdefault(chains[-1], {})[digest] = (
-                    view.counter.encode(END + GENERATION_PROMPT) + view.counter.encode(reply))
+                ids = view.counter.encode(END + GENERATION_PROMPT) + view.counter.encode(reply)
+                cache.children.setdefault(self._bucket(chains[-1], ids), {})[digest] = ids
 
         return store
