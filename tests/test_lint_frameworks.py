@@ -126,6 +126,6 @@ def test_cli_blend_auto_reports_the_non_prefix_hit_rate(tmp_path, capsys):
     assert main([*args, "--blend", "auto"]) == 0  # warnings and info only
     report = json.loads(out.read_text())["simulation"]
     assert report["blend"] == "auto" and report["baseline"]["segcache_nonprefix_hit_rate"] > 0
-    assert "of which non-prefix" in capsys.readouterr().out
+    assert "(segcache --blend auto)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([*args, "--blend", "sometimes"])
