@@ -3,18 +3,33 @@
 - **plain prefix caching** (vLLM/SGLang-style automatic prefix caching): the
   longest common token prefix of the flat prompt, as sent, with any earlier
   prompt of the same tenant on the same replica;
-- **segcache**: the segment tree with automatic segmentation: a unit hits when
-  the chain digest after it was stored before (the whole chain of units before
-  it matched), exactly as ``segcache.kv.autoseg`` + ``kv.hashing`` name nodes.
+- **segcache**: the segment tree with automatic segmentation, as the engine runs
+  it, with the same code (``kv.autoseg``, ``kv.hashing``, ``kv.partial``,
+  ``kv.chunking``):
+
+  1. the unit walk: a unit hits when the chain digest after it was stored
+     before (the whole chain of units before it matched);
+  2. a partial hit on the first unit that misses: the head it shares with a
+     stored sibling (same parent), as ``kv.partial.reusable_tokens`` allows for
+     the server's prefill chunk and model plan, over the server's unit ids (the
+     template text before the block, then the block);
+  3. blending (``blend``, as ``segcache serve --blend``): from the first later
+     unit with a position-free copy, every such unit is reused where it now
+     stands; eligible are segments marked ``reuse: "anywhere"`` and, under
+     ``auto``, every segment and the content-defined chunks (``kv.chunking``)
+     that plain messages are cut into. Nothing after a blend point is kept.
 
 Both models also hold what the model generated: a request whose prompt ends
 where an earlier prompt ended, followed by an assistant message, is taken to
-be replaying that earlier request's reply (``Request.reply`` overrides), which
-both kinds of cache keep. A prompt becomes visible ``warm_delay_s`` after its
-timestamp (immediately for requests without one), which is what makes a
-parallel fan-out miss. Every request recomputes at least one token.
+be replaying that earlier request's reply (``Request.reply``, when the trace
+has it, replaces the guess), which both kinds of cache keep. A prompt becomes
+visible ``warm_delay_s`` after its timestamp (immediately for requests without
+one), which is what makes a parallel fan-out miss. Every request recomputes at
+least one token.
 
-Per-request results: ``(plain_total, plain_hit, seg_total, seg_hit)``.
+Per-request results: ``(plain_total, plain_hit, seg_total, seg_hit)``, and in
+``SimResult.reuse`` the part of ``seg_hit`` that came from partial hits and from
+blending (the non-prefix hits).
 """
 
 from __future__ import annotations
