@@ -129,3 +129,20 @@ def test_cli_blend_auto_reports_the_non_prefix_hit_rate(tmp_path, capsys):
     assert "(segcache --blend auto)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([*args, "--blend", "sometimes"])
+
+
+def test_invisible_fields_on_other_roles_fire_only_when_they_vary(counter):  # noqa: F811
+    from segcache.lint.trace import Request
+
+    system = {"role": "system", "content": "Shared rules. " * 20}
+    def request(i: int, **fields) -> Request:
+        user = {"role": "user", "content": "Summarise the report.", **fields}
+        tool = {"role": "tool", "tool_call_id": f"call_{i}", "content": "ok"}
+        return Request(i, f"t:{i}", {"messages": [system, user, tool]}, agent=f"a{i}")
+    same = lint(lambda: [request(0, name="alice"), request(1, name="alice")], counter, simulate_fixes=False)
+    assert "invisible-fields" not in same.fired()  # a constant field, and tool_call_id: nothing to say
+    varied = lint(lambda: [request(0, name="alice"), request(1, name="bob", refusal=None)], counter,
+                  simulate_fixes=False)
+    finding = next(f for f in varied.findings if f.rule == "invisible-fields")
+    assert [e.request for e in finding.evidence] == [1] and "name='bob'" in finding.evidence[0].text
+    assert finding.tokens_lost == 0
