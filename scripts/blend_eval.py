@@ -17,8 +17,13 @@ prefix already cached (an exact tree hit in the server):
     prefix    prefix-only reuse: the instruction prefix reused, the rest prefilled
               (exact; what a prefix cache does when the documents move)
     blend r   each document's standalone KV (computed behind the sink, keys before
-              RoPE, as the server stores it) placed at its new position and blended
-              with ratio r (segcache.model.llama.LlamaModel.blend, layer c)
+              RoPE, as the server's background job stores it) placed at its new
+              position and blended with ratio r (segcache.model.llama.LlamaModel.blend,
+              layer c)
+    derived r the same, but each document's KV taken from a full prefill of the same
+              documents in another order (keys un-rotated): what the server derives
+              from the first request that computed a block, so that the block's first
+              move blends at once (issue 16)
 
 Reported per method: KL(full || method) of the first generated token's
 distribution and top-1 agreement, teacher-forced NLL of the reference's
@@ -146,6 +151,19 @@ class Evaluator:
         self.rt.prefill(torch.tensor(ids), torch.arange(len(ids)), kv, 0)
         return self.rt.unrope_keys(kv[:, :, :, len(self.sink):], torch.arange(len(self.sink), len(ids)))
 
+    def derived(self, s: Sample, docs: list[Doc]) -> dict[str, torch.Tensor]:
+        """Each document's KV from a full prefill of ``s``, keys un-rotated."""
+        ids = s.prefix + [t for lead, block in zip(s.leads, s.blocks, strict=True)
+                          for t in lead + block] + s.tail
+        kv = self.rt.new_kv(len(ids))
+        self.rt.prefill(torch.tensor(ids), torch.arange(len(ids)), kv, 0)
+        out, off = {}, len(s.prefix)
+        for d, lead, block in zip(docs, s.leads, s.blocks, strict=True):
+            a, b = off + len(lead), off + len(lead) + len(block)
+            out[d.module] = self.rt.unrope_keys(kv[:, :, :, a:b], torch.arange(a, b))
+            off = b
+        return out
+
     def prefix_kv(self, s: Sample, capacity: int) -> torch.Tensor:
         kv = self.rt.new_kv(capacity)
         self.rt.prefill(torch.tensor(s.prefix), torch.arange(len(s.prefix)), kv, 0)
@@ -206,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc-chars", type=int, default=2000,
                    help="characters per document, ~500 tokens (default: %(default)s)")
     p.add_argument("--ratios", default="0,0.05,0.15,0.3,1.0", help="blend ratios (default: %(default)s)")
+    p.add_argument("--derived-ratios", default="0.15",
+                   help="ratios for the derived entries (default: %(default)s; '' for none)")
     p.add_argument("--layer", type=int, default=CacheConfig.blend_layer,
                    help="blend layer c (default: the server's, %(default)s)")
     p.add_argument("--gen-tokens", type=int, default=32, help="greedy tokens (default: %(default)s)")
@@ -223,18 +243,24 @@ def main(argv: list[str] | None = None) -> int:
     rt = ModelRuntime.load(resolved, cfg)
     ev = Evaluator(rt, tok, args.gen_tokens, args.layer)
     ratios = [float(r) for r in args.ratios.split(",")]
-    methods = ["full", "prefix"] + [f"blend r={r:g}" for r in ratios]
+    derived = [float(r) for r in args.derived_ratios.split(",") if r.strip()]
+    methods = (["full", "prefix"] + [f"blend r={r:g}" for r in ratios]
+               + [f"derived r={r:g}" for r in derived])
     stats = {m: MethodStats() for m in methods}
 
     rng = random.Random(args.seed)
     pool = module_docs(min_chars=args.doc_chars, n_chars=args.doc_chars)
     handles_by_module: dict[str, torch.Tensor] = {}
+    derived_by_module: dict[str, torch.Tensor] = {}
     modules: list[str] = []
     with torch.inference_mode():
         for i in range(args.samples):
             if i % 3 == 0:  # a new document set every 3 samples, shuffled for each
                 chosen = rng.sample(pool, args.docs)
                 modules.extend(d.module for d in chosen)
+                first = chosen[:]
+                rng.shuffle(first)  # the order a first request computed them in
+                derived_by_module.update(ev.derived(build_sample(tok, first, "Which modules?"), first))
             docs = chosen[:]
             rng.shuffle(docs)
             target = rng.choice(docs)
@@ -251,9 +277,13 @@ def main(argv: list[str] | None = None) -> int:
             ref_tokens = ev.greedy(ref_logits, ref_kv.clone(), n_prompt)
             ref_p = torch.softmax(ref_logits.float(), -1)
             for m in methods:
-                ratio = None if not m.startswith("blend") else float(m.split("=")[1])
+                ratio = None if "=" not in m else float(m.split("=")[1])
                 if m == "full":
                     logits, kv, t, frac = ref_logits, ref_kv, ttft, 1.0
+                elif m.startswith("derived"):
+                    logits, kv, t, frac = ev.run(s, "blend", ratio,
+                                                 [derived_by_module[d.module] for d in docs],
+                                                 cached_prefix)
                 else:
                     logits, kv, t, frac = ev.run(s, m.split()[0], ratio, handles, cached_prefix)
                 st = stats[m]

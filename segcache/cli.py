@@ -146,8 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--blend", choices=BLEND_MODES, default=CacheConfig.blend,
                        help='non-prefix reuse (CacheBlend) of segments that appear at another '
                             'position: "marked" only segments sent with reuse: "anywhere", '
-                            '"auto" also every segment that misses in the prefix tree, "off" '
-                            "never (default: %(default)s)")
+                            '"auto" also every segment that misses in the prefix tree and '
+                            "plain messages, cut into content-defined chunks (code blocks, "
+                            'paragraphs) that are reused wherever they stand, "off" never '
+                            "(default: %(default)s)")
     serve.add_argument("--blend-ratio", type=float, default=CacheConfig.blend_ratio, metavar="R",
                        help="fraction of a blended segment's tokens recomputed in the later "
                             "layers; 1 reproduces a full prefill (default: %(default)s)")

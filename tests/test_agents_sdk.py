@@ -77,3 +77,29 @@ def test_agents_sdk_tool_loop_with_repeated_identical_calls(real_engine):
     usage = [r.usage for r in result.raw_responses]
     for before, after in zip(usage, usage[1:], strict=False):  # the last turn, reply included
         assert after.input_tokens_details.cached_tokens >= before.input_tokens + before.output_tokens - 2
+
+
+@pytest.mark.slow
+def test_agents_sharing_a_rules_block_reuse_it_on_plain_requests(real_engine):
+    """Issue 16: three Agents SDK agents whose instructions are one rules block + their
+    own role, each with its own tool (scripts/framework_agents.py): each later agent's
+    first prompt reuses the shared rules, although the client sends no segments."""
+    import importlib.util
+    from pathlib import Path
+
+    from segcache.engine.engine import Engine
+
+    path = Path(__file__).parent.parent / "scripts" / "framework_agents.py"
+    spec = importlib.util.spec_from_file_location("framework_agents", path)
+    program = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(program)
+    engine = Engine(real_engine.runtime, real_engine.tokenizer, CacheConfig(), real_engine.model_name)
+    set_tracing_disabled(True)
+    try:
+        with running_server(engine) as url:
+            rows = asyncio.run(program.run(url + "/v1", "x", None, rules_tokens=700, max_tokens=4))
+    finally:
+        engine.close(drain=False)
+    assert rows[0]["cached_tokens"] == 0
+    for row in rows[1:]:
+        assert row["reused_share"] >= 0.5, rows

@@ -545,3 +545,41 @@ def test_plain_prompt_blocks_that_move_are_blended_with_blend_auto(tiny_engine_f
                                                   ["pick_all", "gather"]), sampling=GREEDY))
     assert plain.cached_tokens < 0.2 * plain.prompt_tokens
     engine.tree.check_integrity()
+
+
+@pytest.mark.slow
+def test_real_model_repoagent_plain_prompts_blend_moved_code(real_engine):
+    """Issue 16 on the real model: RepoAgent's own template as plain text (the bench's
+    repo-docs workload, flat), no marks, --blend auto: code blocks seen before are
+    blended where they now stand, and the first answer token agrees with a full
+    prefill's (what scripts/blend_eval.py measures as top-1 agreement)."""
+    from segcache.bench.runner import request_body
+    from segcache.bench.workloads import WorkloadOptions, repo_docs
+    from segcache.engine.engine import Engine
+
+    def engine_with(blend):
+        return Engine(real_engine.runtime, real_engine.tokenizer, CacheConfig(blend=blend),
+                      real_engine.model_name)
+
+    warm = engine_with("auto")
+    requests = repo_docs(WorkloadOptions(objects=4, code_tokens=120))
+    agree = blended = prompt = 0
+    try:
+        for i, req in enumerate(requests):
+            messages, _ = request_body(req, "flat")
+            sampling = SamplingParams(max_tokens=1, temperature=0.0)
+            r = warm.chat(ChatRequest("t", messages, [], sampling))
+            assert {u.kind for u in r.segments} <= {"chunk", "message"}
+            if i == 0:
+                continue
+            cold = engine_with("auto")
+            c = cold.chat(ChatRequest("t", messages, [], sampling))
+            cold.close(drain=False)
+            assert c.prompt_tokens == r.prompt_tokens
+            blended += r.blended_tokens
+            prompt += r.prompt_tokens
+            agree += r.token_ids == c.token_ids
+    finally:
+        warm.close(drain=False)
+    assert blended >= 0.3 * prompt, (blended, prompt)
+    assert agree >= len(requests) - 2, agree  # the first token, as a full prefill's
