@@ -21,7 +21,8 @@ from segcache.lint.view import RequestView
 # Message fields a ChatML template renders (tool_call_id: required by the API for
 # tool results, so nothing to change there).
 RENDERED_FIELDS = frozenset({"role", "content", "tool_calls", "tool_call_id"})
-MAX_COMPARED_AGENTS = 8  # wrapped-shared-text compares a new agent with this many earlier ones
+MAX_COMPARED_AGENTS = 8
+INSTRUCTION_ROLES = ("system", "developer", "user")  # wrapped-shared-text compares a new agent with this many earlier ones
 
 
 def _content(message: dict[str, Any]) -> str:
@@ -57,9 +58,9 @@ class SharedTextLate(Rule):
         chains = self._chains.setdefault(tenant, set())
         digests = tuple(u.digest for u in view.units)
         for i in view.message_units():
-            if agent is None or i == 0:
-                continue
             u = view.units[i]
+            if agent is None or i == 0 or u.role not in INSTRUCTION_ROLES:
+                continue  # history (replies, tool results) cannot move; instructions can
             first = self._first.setdefault((tenant, u.digest), (agent, view.index, digests[:i]))
             if (first[0] == agent or view.chains[i] in chains or view.tokens[i] < self.options.min_lost_tokens
                     or (tenant, agent, u.digest) in self._reported):
