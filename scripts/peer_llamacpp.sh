@@ -17,6 +17,7 @@
 # Per workload it runs, each server cold at the start of the workload:
 #   segcache, --mode segments                 -> OUT/W.segcache.json (+ plots)
 #   segcache, --mode segments, no reuse       -> OUT/W.nocache.json  (cache disabled in effect)
+#   segcache, --mode flat                     -> OUT/W.flat.json     (plain requests: no segments)
 #   llama-cpp-python, --mode flat             -> OUT/W.peer.json     (restarted per workload;
 #                                                 --interrupt_requests false, so that
 #                                                 concurrent requests queue, not cancel)
@@ -139,6 +140,8 @@ run_all() {
     for w in $WORKLOADS; do
         bench "$w" "$seg" segcache --mode segments
         bench "$w" "$seg" nocache --mode segments --repeat-cold
+        # the same text as one plain system message, as a client without segments sends it
+        bench "$w" "$seg" flat --mode flat
         start_peer
         bench "$w" "$peer" peer --mode flat
         stop_peer
@@ -146,6 +149,7 @@ run_all() {
     stop_servers
     for w in $WORKLOADS; do
         "$SEGCACHE" bench table --title "$w" "segcache=$OUT/$w.segcache.json" \
+            "segcache flat=$OUT/$w.flat.json" \
             "cache disabled=$OUT/$w.nocache.json" "llama-cpp-python=$OUT/$w.peer.json" \
             | tee "$OUT/$w.table.txt"
     done

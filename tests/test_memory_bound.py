@@ -14,7 +14,7 @@ import random
 from starlette.testclient import TestClient
 
 from segcache.config import CacheConfig, ServerConfig, read_environment
-from segcache.engine.engine import KV_POOL_BYTES
+from segcache.engine.kv_pool import KV_POOL_BYTES
 from segcache.server import create_app
 
 LONG = read_environment().long_tests  # SEGCACHE_LONG_TESTS=1

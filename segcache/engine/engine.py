@@ -33,14 +33,11 @@ tokenizing, and so is text too long for the context window by its length alone.
 
 from __future__ import annotations
 
-import math
 import re
 import threading
 import time
-import weakref
-from collections.abc import Callable, Generator
-from dataclasses import dataclass, field, replace
-from typing import Any
+from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -50,12 +47,13 @@ from segcache.engine.cache_control import CacheControl
 from segcache.engine.decode import Decoder, Sequence
 from segcache.engine.detok import TextStream
 from segcache.engine.grammar import Constraint, Grammars, grammar_for
+from segcache.engine.kv_pool import KV_POOL_BYTES, KVPool, kv_bytes, split_kv
 from segcache.engine.prompt import Prompt, TokenMemo, Unit, build_prompt, resolve_segments, sink_ids
+from segcache.engine.run import RunState
+from segcache.engine.runner import Runner
 from segcache.engine.sampling import Sampler
 from segcache.engine.scheduler import (
-    BlendWork,
     Cancelled,
-    DecodeWork,
     Job,
     PrefillWork,
     Scheduler,
@@ -90,168 +88,6 @@ Callback = Callable[[str], None]
 CancelCheck = Callable[[], bool]
 
 
-_NO_ROWS = torch.empty(0, dtype=torch.long)  # logits_at for a chunk whose logits nobody reads
-
-
-class _Runner:
-    """Executes the scheduler's model work on the runtime."""
-
-    def __init__(self, runtime: ModelRuntime) -> None:
-        self.runtime = runtime
-        # Prefill speed (FLOP/s, moving average of measured chunks), to size slices;
-        # starts low (more, shorter slices) until the first chunks are measured.
-        self.flops_per_s = 30e9
-
-    def prefill(self, work: PrefillWork, n: int, pause_s: float | None = None) -> None:
-        """The next chunk of ``n`` tokens of ``work``; with ``pause_s``, only its next
-        slice of layers, sized to take about ``pause_s`` at the measured speed."""
-        if isinstance(work, BlendWork):
-            self._blend(work, pause_s)
-            return
-        arch = self.runtime.arch
-        a = work.done
-        if work.slices is None:
-            b = min(a + n, len(work.ids))
-            per = arch.n_layers
-            if pause_s is not None:
-                est_s = arch.prefill_flops(b - a, work.start + a) / self.flops_per_s
-                per = math.ceil(arch.n_layers / max(1, math.ceil(est_s / pause_s)))
-            ids = torch.tensor(work.ids[a:b], dtype=torch.long)
-            positions = torch.arange(work.start + a, work.start + b)
-            # Only the last row of a prompt whose logits are wanted goes through the LM head.
-            rows = None if b == len(work.ids) and work.need_logits else _NO_ROWS
-            if per >= arch.n_layers:  # the whole chunk now
-                t0 = time.perf_counter()
-                with torch.inference_mode():
-                    logits = self.runtime.prefill(ids, positions, work.kv, work.start + a, rows)
-                self._measure(work, b, arch.n_layers, t0)
-                self._chunk_done(work, b, logits)
-                return
-            work.slices = (b, self.runtime.prefill_steps(ids, positions, work.kv, work.start + a, per,
-                                                         rows), 0)
-        b, steps, before = work.slices
-        t0 = time.perf_counter()
-        layer, logits = _step(steps, arch.n_layers)
-        self._measure(work, b, layer - before, t0)
-        if logits is None:
-            work.slices = (b, steps, layer)
-        else:
-            work.slices = None
-            self._chunk_done(work, b, logits)
-
-    def _blend(self, work: BlendWork, pause_s: float | None) -> None:
-        """Run ``work`` layer by layer: to the end, or with ``pause_s`` until the next
-        layer would take it past ``pause_s`` (at least one layer per call)."""
-        if work.slices is None:
-            work.slices = (len(work.ids), self.runtime.blend_steps(
-                torch.tensor(work.ids, dtype=torch.long),
-                torch.arange(work.start, work.start + len(work.ids)), work.kv, work.start,
-                work.reused, work.layer, work.ratio), 0)
-        steps, n_layers = work.slices[1], self.runtime.arch.n_layers
-        t0 = last = time.perf_counter()
-        while (done := _step(steps, n_layers))[1] is None:
-            now = time.perf_counter()
-            if pause_s is not None and (now - t0) + (now - last) > pause_s:
-                return
-            last = now
-        logits, work.recomputed = done[1]
-        work.slices = None
-        work.done, work.logits = len(work.ids), logits[-1]
-
-    def _measure(self, work: PrefillWork, b: int, layers: int, t0: float) -> None:
-        """Update the prefill speed from ``layers`` layers of the chunk ``done..b``."""
-        arch, a = self.runtime.arch, work.done
-        if b - a >= 64:  # smaller chunks measure overhead, not speed
-            flops = arch.prefill_flops(b - a, work.start + a) * layers / arch.n_layers
-            rate = flops / max(time.perf_counter() - t0, 1e-6)
-            self.flops_per_s += 0.3 * (rate - self.flops_per_s)
-
-    @staticmethod
-    def _chunk_done(work: PrefillWork, b: int, logits: torch.Tensor) -> None:
-        work.done = b
-        if work.remaining == 0 and work.need_logits:
-            work.logits = logits[-1]
-
-    def decode(self, works: list[DecodeWork]) -> None:
-        with torch.inference_mode():
-            batch = getattr(self.runtime, "decode_batch", None)
-            if batch is not None and len(works) > 1:
-                logits = batch([w.token for w in works], [w.pos for w in works],
-                               [w.kv for w in works])
-                for w, row in zip(works, logits, strict=True):
-                    w.logits = row
-                return
-            for w in works:
-                w.logits = self.runtime.decode(torch.tensor([w.token]), torch.tensor([w.pos]),
-                                               w.kv, w.pos)[-1]
-
-
-def _step(steps: Generator[int, None, Any], n_layers: int) -> tuple[int, Any]:
-    """One step of a layer generator (``prefill_steps``, ``blend_steps``):
-    (layers done, None), or (n_layers, its result) once it has finished."""
-    with torch.inference_mode():
-        try:
-            return next(steps), None
-        except StopIteration as finished:
-            return n_layers, finished.value
-
-
-# What a request buffer holds from slot 0 on: (node, its handle) per cached node, in slot
-# order, as weak references: a buffer in the pool keeps no evicted KV alive.
-Held = list[tuple[weakref.ref, weakref.ref]]
-
-
-class _KVPool:
-    """Request KV buffers kept when a request ends and handed to a later one. A fresh
-    buffer of tens of MB is page-faulted in on first write (~30 ms of a warm turn at
-    3.6k tokens on the 2-core host, against ~8 ms to copy the cached KV into a mapped
-    one). A kept buffer remembers which cached nodes' KV it holds from slot 0 on, so
-    a later request whose matched prefix starts with the same nodes (the same node
-    objects with the same handles: not evicted, not replaced) skips copying those.
-    Capacities are rounded up to ``ROUND`` tokens so buffers fit later requests; a
-    buffer more than twice the need is not used; at most ``max_bytes`` are kept, the
-    oldest dropped first. Engine thread only."""
-
-    ROUND = 256
-
-    def __init__(self, new_kv: Callable[[int], torch.Tensor], max_bytes: int) -> None:
-        self._new = new_kv
-        self._max = max_bytes
-        self._free: list[tuple[torch.Tensor, Held]] = []
-
-    @staticmethod
-    def _common(held: Held, nodes: list[SegmentNode]) -> int:
-        n = 0
-        for (node_ref, handle_ref), node in zip(held, nodes, strict=False):
-            if node_ref() is not node or handle_ref() is not node.handle:
-                break
-            n += 1
-        return n
-
-    def take(self, capacity: int, nodes: list[SegmentNode] = ()) -> tuple[torch.Tensor, int]:
-        """A buffer for ``capacity`` tokens and how many of ``nodes`` (from the first)
-        it already holds at their slots: the fitting buffer that holds the most, the
-        smallest of those."""
-        cap = -(-capacity // self.ROUND) * self.ROUND
-        fits = [i for i, (kv, _) in enumerate(self._free) if cap <= kv.shape[3] <= 2 * cap]
-        if not fits:
-            return self._new(cap), 0
-        nodes = list(nodes)
-        common = {i: self._common(self._free[i][1], nodes) for i in fits}
-        best = min(fits, key=lambda i: (-common[i], self._free[i][0].shape[3]))
-        return self._free.pop(best)[0], common[best]
-
-    def give(self, kv: torch.Tensor, held: Held = ()) -> None:
-        """``kv`` must not be referenced anywhere else (node handles are clones);
-        ``held``: the nodes whose KV it holds from slot 0 on (``_Run.held``)."""
-        self._free.append((kv, list(held)))
-        while self._free and sum(_kv_bytes(b) for b, _ in self._free) > self._max:
-            self._free.pop(0)
-
-
-KV_POOL_BYTES = 256 << 20  # ~3 buffers of 4k tokens for SmolLM2-135M
-
-
 def _chat_chars(req: ChatRequest) -> int:
     """Characters of text a chat request brings (contents, tool calls, tools)."""
     n = sum(len(s.content or "") for s in req.segments)
@@ -260,40 +96,6 @@ def _chat_chars(req: ChatRequest) -> int:
         n += len(content) if isinstance(content, str) else 0
         n += sum(len(str(c)) for c in m.get("tool_calls") or ())
     return n + sum(len(str(t)) for t in req.tools)
-
-
-def _split_kv(handle: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # Clones, not views: a view would keep the whole original storage alive.
-    return handle[:, :, :, :k].clone(), handle[:, :, :, k:].clone()
-
-
-def _kv_bytes(handle: torch.Tensor) -> int:
-    return handle.numel() * handle.element_size()
-
-
-@dataclass
-class _Run:
-    """One request's state: its KV buffer, where it stands, what it pinned."""
-
-    kv: torch.Tensor  # [n_layers, 2, n_kv_heads, capacity, head_dim]
-    parent: SegmentNode  # the node after the last unit so far (a root at first)
-    pos: int = 0
-    pinned: list[SegmentNode] = field(default_factory=list)
-    usage: list[SegmentUsage] = field(default_factory=list)
-    cached: int = 0
-    prefix_chain: str = ""
-    blended: bool = False  # KV from the blend point on is approximate: insert nothing
-    tail_logits: torch.Tensor | None = None  # the last unit was prefilled with the tail
-    held: Held = field(default_factory=list)  # cached nodes whose KV fills slots 0..held_tokens
-    held_tokens: int = 0
-    loads: Any = None  # lower-tier loads in flight for the units ahead (tiering.Loads)
-
-    def hold(self, node: SegmentNode, n: int) -> None:
-        """``node``'s KV (``n`` tokens) is now in slots ``pos..pos+n`` (before ``pos``
-        moves); kept track of only while the held slots run on from 0 without a gap."""
-        if self.pos == self.held_tokens and node.handle is not None:
-            self.held.append((weakref.ref(node), weakref.ref(node.handle)))
-            self.held_tokens += n
 
 
 _QUANT_SUFFIX = re.compile(r"[.-](?:I?Q\d[\w]*|F16|F32|BF16)$", re.I)
@@ -323,14 +125,14 @@ class Engine(CacheControl, Blending, Tiering):
         self._init_tiers(cache, KV_LAYOUT_VERSION)  # disk, Redis (self.store None: RAM only)
         self.tree = SegmentTree(cache.cache_bytes, clock=clock, on_remove=self._on_tree_remove,
                                 tenant_quota_bytes=cache.tenant_quota_bytes)
-        self.radix = RadixTree(cache.cache_bytes, split_handle=_split_kv, bytes_of=_kv_bytes,
+        self.radix = RadixTree(cache.cache_bytes, split_handle=split_kv, bytes_of=kv_bytes,
                                handle_len=lambda h: h.shape[3], clock=clock)
         self.registry = SegmentRegistry(clock, cache.registry_bytes, cache.tenant_registry_bytes,
                                         cache.tenant_registry_entries)
         self.memo = TokenMemo(tokenizer, cache.memo_bytes, cache.tenant_memo_bytes,
                               max_tokens=runtime.arch.max_position)
         self.grammars = Grammars(tokenizer.hf, runtime.arch.vocab_size)
-        self._kv_pool = _KVPool(runtime.new_kv, KV_POOL_BYTES)
+        self._kv_pool = KVPool(runtime.new_kv, KV_POOL_BYTES)
         self._sink = sink_ids(tokenizer)  # what standalone segments are computed behind
         self._lock = threading.RLock()  # tree, radix, in-flight map: held by each engine step
         # (parent chain, digest) of every unit being computed -> the job computing it
@@ -340,7 +142,7 @@ class Engine(CacheControl, Blending, Tiering):
         # retired: unreachable, and swept of whatever jobs still running insert there.
         self._generation: dict[str, int] = {}
         self._retired: set[str] = set()
-        self.scheduler = Scheduler(sched_cfg, _Runner(runtime),
+        self.scheduler = Scheduler(sched_cfg, Runner(runtime),
                                    lambda key: key in self._inflight, self._lock, self._estimate)
 
     def close(self, drain: bool = True) -> None:
@@ -471,7 +273,7 @@ class Engine(CacheControl, Blending, Tiering):
                       on_text: Callback | None, t0: float):
         match = self.radix.match_prefix(ns, ids, max_len=len(ids) - 1)  # >= 1 token computed
         self.radix.pin(match.nodes)
-        run = _Run(self.runtime.new_kv(len(ids) + sampling.max_tokens), self.tree.root(ns))
+        run = RunState(self.runtime.new_kv(len(ids) + sampling.max_tokens), self.tree.root(ns))
         try:
             for handle in match.handles:
                 n = handle.shape[3]
@@ -562,7 +364,7 @@ class Engine(CacheControl, Blending, Tiering):
                 f"{self.context_window} tokens; shorten the prompt or lower max_tokens", "max_tokens")
 
     # ------------------------------------------------------------------ cache path
-    def _start(self, ns: str, prompt: Prompt, max_tokens: int) -> _Run:
+    def _start(self, ns: str, prompt: Prompt, max_tokens: int) -> RunState:
         """Match and pin the cached prefix, check the context, copy the KV in.
         The caller must release ``run.pinned``."""
         self.tree.expire()
@@ -573,7 +375,7 @@ class Engine(CacheControl, Blending, Tiering):
         self._check_context(n_tokens, max_tokens)
         self.tree.pin(matched)
         kv, held = self._kv_pool.take(max(n_tokens + max_tokens, 1), matched)
-        run = _Run(kv, self.tree.root(ns), pinned=list(matched))
+        run = RunState(kv, self.tree.root(ns), pinned=list(matched))
         run.prefix_chain = run.parent.chain
         for i, (node, unit) in enumerate(zip(matched, prompt.units, strict=False)):
             if i >= held:  # the first ``held`` are in this buffer already
@@ -581,7 +383,7 @@ class Engine(CacheControl, Blending, Tiering):
             self._advance(run, node, unit.key, node.n_tokens, "hit", "ram")
         return run
 
-    def _prefill_units(self, job: Job, run: _Run, prompt: Prompt, stop: int | None = None,
+    def _prefill_units(self, job: Job, run: RunState, prompt: Prompt, stop: int | None = None,
                        with_tail: bool = False, loaded_only: bool = False):
         """Compute every unit after the matched ones (up to unit ``stop``), inserting
         a node after each; a unit a lower cache tier holds is loaded instead. A unit
@@ -626,7 +428,7 @@ class Engine(CacheControl, Blending, Tiering):
             status = "hit" if tier is not None else "partial" if reused else "miss"
             self._advance(run, node, unit.key, node.n_tokens, status, tier, reused)
 
-    def _reuse_head(self, run: _Run, unit: Unit) -> int:
+    def _reuse_head(self, run: RunState, unit: Unit) -> int:
         """Copy into the run's buffer the KV of the longest head of ``unit`` that a
         cached sibling (a child of ``run.parent``) computed, as far as
         ``kv.partial.reusable_tokens`` allows (the rest then computes the same bits
@@ -654,7 +456,7 @@ class Engine(CacheControl, Blending, Tiering):
         independent = getattr(self.runtime, "independent_rows", 0)
         return tail_len > 0 and 2 <= chunk <= independent and unit_len % chunk != 1
 
-    def _insert(self, run: _Run, digest: str, ids: tuple[int, ...], ttl_s: float | None,
+    def _insert(self, run: RunState, digest: str, ids: tuple[int, ...], ttl_s: float | None,
                 kv: torch.Tensor | None = None) -> SegmentNode:
         """Insert the KV of ``ids`` (in slots ``run.pos..`` of ``kv``, default the run's)."""
         kv = run.kv if kv is None else kv
@@ -679,7 +481,7 @@ class Engine(CacheControl, Blending, Tiering):
             self.radix.evict_until(max(0, budget - self.tree.resident_bytes))
             self.tree.evict_until(max(0, budget - self.radix.resident_bytes))
 
-    def _advance(self, run: _Run, node: SegmentNode, key, n: int, status: str,
+    def _advance(self, run: RunState, node: SegmentNode, key, n: int, status: str,
                  tier: str | None = None, reused: int = 0) -> None:
         """Account unit ``key`` (``n`` tokens, now in slots ``pos..``) as ``status``:
         a hit counts all its tokens as cached, a partial hit the ``reused`` ones."""
@@ -693,7 +495,7 @@ class Engine(CacheControl, Blending, Tiering):
         if key.kind not in ("message", "chunk") or run.prefix_chain == "":
             run.prefix_chain = node.chain
 
-    def _keep_replies(self, run: _Run, tail: tuple[int, ...], result: GenerationResult,
+    def _keep_replies(self, run: RunState, tail: tuple[int, ...], result: GenerationResult,
                       seqs: list[Sequence]) -> None:
         """Store tail + generated ids of each choice under the digest of the assistant
         message the client will send back next turn. Only a finished reply is kept:
@@ -741,7 +543,7 @@ class Engine(CacheControl, Blending, Tiering):
         yield work
         return work.logits
 
-    def _generate(self, run: _Run, tail: tuple[int, ...], sampling: SamplingParams, t0: float,
+    def _generate(self, run: RunState, tail: tuple[int, ...], sampling: SamplingParams, t0: float,
                   on_text: Callback | None, is_cancelled: CancelCheck | None,
                   logits: torch.Tensor | None = None, constraint: Constraint | None = None):
         """Prefill the tail (unless its ``logits`` are given: computed already) and
@@ -765,7 +567,7 @@ class Engine(CacheControl, Blending, Tiering):
         for seq in seqs[1:]:
             self._kv_pool.give(seq.kv)
 
-    def _sequence(self, index: int, run: _Run, start: int, sampling: SamplingParams,
+    def _sequence(self, index: int, run: RunState, start: int, sampling: SamplingParams,
                   constraint: Constraint | None) -> Sequence:
         """Choice ``index``: choice 0 decodes in the run's buffer, the others in a copy
         of its first ``start`` slots (the prompt, computed once); each has its own
@@ -796,7 +598,7 @@ class Engine(CacheControl, Blending, Tiering):
         ns, prompt = job.meta
         return sum(n.n_tokens for n in self.tree.peek(ns, [u.key.digest for u in prompt.units]))
 
-    def _result(self, run: _Run, tail_len: int, seqs: list[Sequence], t0: float) -> GenerationResult:
+    def _result(self, run: RunState, tail_len: int, seqs: list[Sequence], t0: float) -> GenerationResult:
         first = seqs[0]
         more = [Choice(s.index, s.stream.text, s.finish or "stop", list(s.stream.ids),
                        logprobs=s.logprobs) for s in seqs[1:]]
@@ -810,7 +612,7 @@ class Engine(CacheControl, Blending, Tiering):
             more_choices=more,
         )
 
-    def _cancelled(self, run: _Run, tail_len: int, t0: float) -> GenerationResult:
+    def _cancelled(self, run: RunState, tail_len: int, t0: float) -> GenerationResult:
         return GenerationResult(
             text="", finish_reason="cancelled", prompt_tokens=run.pos + tail_len,
             completion_tokens=0, cached_tokens=run.cached, chain=run.parent.chain,
