@@ -42,8 +42,9 @@ class SharedTextLate(Rule):
                    "copy as a prefix.")
     fix = ("Send the shared text first, as the leading system message: segcache puts the tool "
            "declarations after it, so agents with different tools still share it; put the "
-           "agent's role and task after it. (With --blend auto segcache can also reuse it where "
-           "it stands, at a small recompute cost.)")
+           "agent's role and task after it. (With --blend auto segcache can also reuse the "
+           "chunks of a multi-paragraph message where they stand, at a small recompute cost: "
+           "run segcache lint --blend auto to see how much.)")
 
     def __init__(self, options: LintOptions) -> None:
         super().__init__(options)
