@@ -213,3 +213,15 @@ def test_speed_well_under_a_millisecond_per_kilobyte():
     seconds = timeit.timeit(lambda: chunk_text(text), number=runs) / runs
     # Generous for a loaded 2-core machine; typically ~30 us per kilobyte.
     assert seconds / 30 < 1e-3, f"{seconds * 1e3 / 30:.3f} ms per KB"
+
+
+@pytest.mark.parametrize("unit", ["\n", "a\n\n", "é\u2028", "# h\n", "```\nx\n```\n", "x"])
+def test_speed_on_degenerate_text_stays_linear(unit):
+    """30k characters of one tiny line repeated (blank lines, one-letter paragraphs,
+    headers, fences, one endless line): each line is handled once, never rebuilt
+    (a quadratic path would take seconds here)."""
+    text = (unit * (30_000 // len(unit) + 1))[:30_000]
+    chunks = chunk_text(text)
+    assert "".join(chunks) == text and all(len(c) <= MAX_CHARS for c in chunks)
+    seconds = timeit.timeit(lambda: chunk_text(text), number=3) / 3
+    assert seconds / 30 < 5e-3, f"{seconds * 1e3 / 30:.3f} ms per KB"  # ~0.3-0.8 on a loaded 2-core machine

@@ -67,7 +67,7 @@ def test_rule_fires_at_planted_place(counter, rule):
     if first.char_offset:  # the token offset is the token count of the flat prompt before it
         flat = _flat_plain(trace.records[first.request], first.request)
         assert first.token_offset == counter.count(flat[:first.char_offset])
-    assert finding.explanation and finding.fix and finding.severity in ("error", "warning")
+    assert finding.explanation and finding.fix and finding.severity in ("error", "warning", "info")
 
 
 def test_dynamic_prefix_evidence_names_the_values(counter):

@@ -72,6 +72,8 @@ _FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
 _STRONG_PROSE = re.compile(r"(?:async\s+def|def|class)\s|@\w|#{1,6}\s")
 _STRONG_CODE = re.compile(r"(?:async\s+def|def|class)\s|@\w")
 _DECORATOR = re.compile(r"@\w")
+_FENCE_FIRST = frozenset(" `~")
+_STRONG_FIRST = frozenset("acd@#")
 
 # An atom: (text, starts_strong, is_fence).
 _Atom = tuple[str, bool, bool]
@@ -116,8 +118,10 @@ def _atoms(lines: list[str], strong: re.Pattern[str], fences: bool) -> list[_Ato
             cur.append(line)  # leading blank lines open the first atom
             blank_seen, prev_decorator = has_content, False
             continue
-        opens = fences and _FENCE.match(line)
-        starts_strong = bool(opens) or after_fence or (bool(strong.match(line)) and not prev_decorator)
+        first = line[0]  # the patterns' first characters, checked before any regex runs
+        opens = fences and first in _FENCE_FIRST and _FENCE.match(line)
+        starts_strong = bool(opens) or after_fence or (
+            first in _STRONG_FIRST and not prev_decorator and bool(strong.match(line)))
         if has_content and (starts_strong or blank_seen):
             atoms.append(("".join(cur), cur_strong, cur_fence))
             cur, cur_strong = [], starts_strong
@@ -126,7 +130,7 @@ def _atoms(lines: list[str], strong: re.Pattern[str], fences: bool) -> list[_Ato
         cur.append(line)
         has_content = True
         blank_seen = after_fence = False
-        prev_decorator = bool(_DECORATOR.match(line))
+        prev_decorator = first == "@" and bool(_DECORATOR.match(line))
         if opens:
             fence = opens.group(1)
     if cur:
@@ -145,15 +149,33 @@ def _split_oversize(atom: _Atom, max_chars: int) -> list[_Atom]:
         inner = _atoms(lines[1:], _STRONG_CODE, fences=False)
         inner[0] = (lines[0] + inner[0][0], True, False)  # the opening line stays with the first piece
         pieces = [(t, s, False) for t, s, _ in inner]
-    elif len(lines) > 1:
-        pieces = [(line, False, False) for line in lines]
     else:
+        pieces = _line_pieces(lines)
+    if len(pieces) < 2:
         pieces = [(text[i:i + max_chars], False, False) for i in range(0, len(text), max_chars)]
     pieces[0] = (pieces[0][0], strong, False)
     out: list[_Atom] = []
     for piece in pieces:
-        out += _split_oversize(piece, max_chars)
+        if len(piece[0]) <= max_chars:
+            out.append(piece)
+        else:
+            out += _split_oversize(piece, max_chars)
     return out
+
+
+def _line_pieces(lines: list[str]) -> list[_Atom]:
+    """One piece per line, blank lines kept with the line above (leading ones: below)."""
+    groups: list[list[str]] = []
+    content = False  # whether the last group holds a non-blank line
+    for line in lines:
+        blank = not line.strip()
+        if groups and (blank or not content):
+            groups[-1].append(line)
+            content = content or not blank
+        else:
+            groups.append([line])
+            content = not blank
+    return [("".join(g), False, False) for g in groups]
 
 
 def _group(atoms: list[_Atom], min_chars: int, max_chars: int) -> list[str]:

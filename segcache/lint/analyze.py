@@ -17,6 +17,7 @@ from typing import Any
 
 from segcache.lint.findings import Finding, Fix, LintOptions, Rule
 from segcache.lint.rules_conversation import HistoryRewrite, SystemFragmentation
+from segcache.lint.rules_frameworks import InvisibleFields, SharedTextLate, WrappedSharedText
 from segcache.lint.rules_prompt import (
     DynamicPrefix,
     NonCanonicalJson,
@@ -31,10 +32,10 @@ from segcache.lint.trace import Request
 from segcache.lint.view import build_view
 
 # Order of application when all fixes are replayed together: conversation shape
-# first (it decides which messages exist), then text, then tools, then traffic.
+# first (it decides which messages exist and where), then text, then tools, then traffic.
 RULES: tuple[type[Rule], ...] = (
-    HistoryRewrite, SystemFragmentation, DynamicPrefix, SchemaDynamic, NonCanonicalJson,
-    ToolOrder, ToolChurn, ColdFanout, RoundRobin,
+    HistoryRewrite, SystemFragmentation, WrappedSharedText, SharedTextLate, InvisibleFields,
+    DynamicPrefix, SchemaDynamic, NonCanonicalJson, ToolOrder, ToolChurn, ColdFanout, RoundRobin,
 )
 RULE_IDS = tuple(r.id for r in RULES)
 ALL_FIXES = "all fixes"
@@ -56,6 +57,7 @@ class LintResult:
     findings: list[Finding]
     baseline: Scenario
     fixes: list[Scenario] = field(default_factory=list)
+    blend: str = "marked"  # the simulated server's --blend
 
     @property
     def errors(self) -> int:
@@ -69,7 +71,7 @@ class LintResult:
             "requests": self.requests,
             "tokenizer": self.tokenizer,
             "findings": [f.to_dict() for f in self.findings],
-            "simulation": {"baseline": self.baseline.to_dict(),
+            "simulation": {"blend": self.blend, "baseline": self.baseline.to_dict(),
                            "fixes": [s.to_dict() for s in self.fixes]},
         }
 
@@ -85,7 +87,7 @@ def lint(open_trace: Callable[[], Iterable[Request]], counter: TokenCounter,
     if unknown:
         raise ValueError(f"unknown rule(s): {', '.join(sorted(unknown))} (known: {', '.join(RULE_IDS)})")
     active = [r(options) for r in RULES if r.id in wanted]
-    baseline = CacheSim(options.warm_delay_s)
+    baseline = _sim(options, options.warm_delay_s)
     n = 0
     for request in open_trace():
         view = build_view(request, counter)
@@ -97,7 +99,8 @@ def lint(open_trace: Callable[[], Iterable[Request]], counter: TokenCounter,
         rule.finish()
     fired = [r for r in active if r.count]
     findings = [f for f in (r.finding() for r in fired) if f is not None]
-    result = LintResult(n, counter.describe(), findings, Scenario("as traced", baseline.result))
+    result = LintResult(n, counter.describe(), findings, Scenario("as traced", baseline.result),
+                        blend=options.blend)
     if fired and simulate_fixes:
         result.fixes = _replay_fixes(open_trace, counter, options, fired)
     return result
@@ -112,7 +115,7 @@ def _replay_fixes(open_trace: Callable[[], Iterable[Request]], counter: TokenCou
             pipelines.append((f"fix {rule.id}", [fix]))
     if len(pipelines) > 1:
         pipelines.append((ALL_FIXES, [f for f in (r.make_fix() for r in fired) if f is not None]))
-    sims = [CacheSim(_warm_delay(options, fixes)) for _, fixes in pipelines]
+    sims = [_sim(options, _warm_delay(options, fixes)) for _, fixes in pipelines]
     for request in open_trace():
         for (_, fixes), sim in zip(pipelines, sims, strict=True):
             fixed = request
@@ -120,6 +123,10 @@ def _replay_fixes(open_trace: Callable[[], Iterable[Request]], counter: TokenCou
                 fixed = fix.apply(fixed)
             sim.observe(build_view(fixed, counter))
     return [Scenario(name, sim.result) for (name, _), sim in zip(pipelines, sims, strict=True)]
+
+
+def _sim(options: LintOptions, warm_delay_s: float) -> CacheSim:
+    return CacheSim(warm_delay_s, options.blend, options.prefill_chunk, options.independent_rows)
 
 
 def _warm_delay(options: LintOptions, fixes: list[Fix]) -> float:

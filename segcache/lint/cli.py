@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+from segcache.config import BLEND_MODES
 from segcache.lint.analyze import RULE_IDS, lint
 from segcache.lint.findings import LintOptions
 from segcache.lint.report import print_report, write_html, write_json
@@ -37,6 +38,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds after its timestamp before a prompt counts as cached (default: %(default)s)")
     parser.add_argument("--min-lost-tokens", type=int, default=LintOptions.min_lost_tokens, metavar="N",
                         help="ignore occurrences that cost fewer cacheable tokens (default: %(default)s)")
+    parser.add_argument("--blend", choices=BLEND_MODES, default=LintOptions.blend,
+                        help="simulate `segcache serve --blend`: off, marked (segments sent with reuse: "
+                             "anywhere) or auto (also every segment, and message text cut into "
+                             "content-defined chunks, reused at any position) (default: %(default)s)")
+    parser.add_argument("--prefill-chunk", type=int, default=LintOptions.prefill_chunk, metavar="N",
+                        help="the server's prefill chunk: a partial hit on a changed message reuses its "
+                             "shared head rounded down to it (default: %(default)s)")
+    parser.add_argument("--independent-rows", type=int, default=LintOptions.independent_rows, metavar="N",
+                        help="the server's model plan computes the rows of 2..N-token prefill calls "
+                             "independently (ExecPlan.independent_rows): partial hits then need no "
+                             "rounding (default: %(default)s, the safe assumption)")
     parser.add_argument("--evidence", type=int, default=3, metavar="N",
                         help="evidence lines printed per rule (default: %(default)s)")
 
@@ -50,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         tokenizer = find_tokenizer(args.tokenizer)
-        options = LintOptions(warm_delay_s=args.warm_delay, min_lost_tokens=args.min_lost_tokens)
+        options = LintOptions(warm_delay_s=args.warm_delay, min_lost_tokens=args.min_lost_tokens,
+                              blend=args.blend, prefill_chunk=args.prefill_chunk,
+                              independent_rows=args.independent_rows)
     except (FileNotFoundError, ValueError) as e:
         err.print(f"[red]segcache lint: {e}[/red]")
         return 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from segcache.config import BLEND_MODES
 from segcache.lint.trace import Request
 from segcache.lint.view import RequestView
 
@@ -31,8 +32,18 @@ class LintOptions:
     roundrobin_min_misrouted: int = 3
     roundrobin_min_fraction: float = 0.2
     max_evidence: int = 10
+    # The simulated server: ``segcache serve --blend`` and the engine's prefill chunk
+    # (partial hits are rounded to it) and the model plan's independent rows (0: rows
+    # depend on the call's shape, the safe assumption).
+    blend: str = "marked"
+    prefill_chunk: int = 256
+    independent_rows: int = 0
 
     def __post_init__(self) -> None:
+        if self.blend not in BLEND_MODES:
+            raise ValueError(f"blend must be one of {', '.join(BLEND_MODES)}, got {self.blend!r}")
+        if self.prefill_chunk < 0 or self.independent_rows < 0:
+            raise ValueError("prefill_chunk and independent_rows must be >= 0")
         if self.warm_delay_s < 0:
             raise ValueError("warm_delay_s must be >= 0")
         if not 0 < self.fragmentation_similarity <= 1:

@@ -50,11 +50,14 @@ def print_report(result: LintResult, console: Console | None = None, evidence: i
                           f"  [bold]fix:[/bold] {f.fix}", highlight=False)
             for e in f.evidence[:evidence]:
                 console.print(f"  [dim]{e.source}[/dim] ({e.unit}): {e.text}", highlight=False)
-    sims = Table(title="Simulated prompt-token hit rate")
-    for col in ("scenario", "plain prefix cache", "segcache (auto segments)"):
+    sims = Table(title=f"Simulated prompt-token hit rate (segcache --blend {result.blend})")
+    for col in ("scenario", "plain prefix cache", "segcache (auto segments)", "of which partial",
+                "of which non-prefix"):
         sims.add_column(col)
     for s in [result.baseline, *result.fixes]:
-        sims.add_row(s.name, f"{s.result.plain_rate:.1%}", f"{s.result.seg_rate:.1%}")
+        total = s.result.summary()["segcache_prompt_tokens"] or 1
+        sims.add_row(s.name, f"{s.result.plain_rate:.1%}", f"{s.result.seg_rate:.1%}",
+                     f"{s.result.partial_tokens / total:.1%}", f"{s.result.nonprefix_rate:.1%}")
     console.print(sims)
 
 
@@ -112,12 +115,12 @@ def write_html(result: LintResult, path: str | Path) -> None:
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}"
         ".error{color:#b00}.warning{color:#a60}code{font-size:90%}</style></head><body>",
         f"<h1>segcache lint</h1><p>{result.requests} requests; tokenizer: <code>{e(result.tokenizer)}</code></p>",
-        "<h2>Simulated hit rate</h2><table><tr><th>scenario</th><th>plain prefix cache</th>"
-        "<th>segcache</th></tr>",
+        f"<h2>Simulated hit rate (segcache --blend {e(result.blend)})</h2><table><tr><th>scenario</th>"
+        "<th>plain prefix cache</th><th>segcache</th><th>of which non-prefix</th></tr>",
     ]
     for s in [result.baseline, *result.fixes]:
         parts.append(f"<tr><td>{e(s.name)}</td><td>{s.result.plain_rate:.1%}</td>"
-                     f"<td>{s.result.seg_rate:.1%}</td></tr>")
+                     f"<td>{s.result.seg_rate:.1%}</td><td>{s.result.nonprefix_rate:.1%}</td></tr>")
     parts.append("</table>")
     for title, png in plots(result):
         parts.append(f"<h2>{e(title)}</h2><img alt='{e(title)}' src='data:image/png;base64,{png}'>")

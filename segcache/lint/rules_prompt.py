@@ -170,7 +170,8 @@ class ToolChurn(Rule):
     severity = "error"
     title = "Tool set changes between steps of one agent"
     explanation = ("Tools are added, removed or redefined between consecutive steps of one agent; "
-                   "the tools block comes first, so every later token of the step misses.")
+                   "the tools block comes right after the leading system text, so every later "
+                   "token of the step misses.")
     fix = ("Declare one stable tool set per agent and restrict use per step with tool_choice or "
            "instructions (stable tools + masking), not by editing the list.")
 

@@ -102,7 +102,9 @@ def generate(seed: int = 0, plant: tuple[str, ...] = (), agents: int = 4, steps:
             if step == 0:
                 agent.messages = [{"role": "user", "content": agent.task}]
             else:
-                _append_step(rng, agent, step)
+                _append_step(rng, agent, step, named="invisible-fields" in planted)
+                if "invisible-fields" in planted and "invisible-fields" not in trace.expected:
+                    trace.expected["invisible-fields"] = Expected(index, 3)  # LangGraph-style `name`
             if "history-rewrite" in planted and (a, step) == plan.rewrite:
                 k = 2 + 2 * rng.randrange(step - 1)  # an earlier tool result
                 agent.messages[k] = {**agent.messages[k], "content": "Summary: " + _prose(rng, 10)}
@@ -118,11 +120,18 @@ def generate(seed: int = 0, plant: tuple[str, ...] = (), agents: int = 4, steps:
                 head, value = _dynamic_value(rng, plan.dynamic_kind, index)
                 system[m] = f"Context: {head}{value}\n" + system[m]
                 if index == (1 if m == 0 else agents):
-                    offset = len(_frame("system", plain_tools_text(body_tools)))
+                    # The tools block stands after the leading system message.
+                    offset = len(_frame("system", plain_tools_text(body_tools))) if m > 0 else 0
                     offset += sum(len(_frame("system", t)) for t in system[:m])
                     offset += len("<|im_start|>system\nContext: ") + len(head)
                     trace.expected["dynamic-prefix"] = Expected(index, m, offset)
+            if "wrapped-shared-text" in planted:  # CrewAI: "You are {role}. {rules}\nYour goal: {goal}"
+                system[0] = f"You are {agent.name}. {rules}\nYour personal goal is: {agent.task}"
+                trace.expected["wrapped-shared-text"] = Expected(1, 0)
             messages = [{"role": "system", "content": s} for s in system] + agent.messages
+            if "shared-text-late" in planted:  # the agent's own text first, the shared rules later
+                messages = [messages[1], {"role": "user", "content": messages[0]["content"]}, *messages[2:]]
+                trace.expected["shared-text-late"] = Expected(1, 1)
             if ("noncanonical-json" in planted and not plan.reorder_keys and step >= 2
                     and "noncanonical-json" not in trace.expected):
                 messages = _reformat_first_call(messages)
@@ -165,13 +174,13 @@ def _dynamic_value(rng: random.Random, kind: str, index: int) -> tuple[str, str]
     return "call ", str(index + 1)
 
 
-def _append_step(rng: random.Random, agent: _Agent, step: int) -> None:
+def _append_step(rng: random.Random, agent: _Agent, step: int, named: bool = False) -> None:
     name = rng.choice(TOOL_NAMES)
     args = {"path": f"src/{rng.choice(WORDS)}_{step}.py", "reason": rng.choice(WORDS)}
     call = {"id": f"call_{agent.name}_{step}", "type": "function",
             "function": {"name": name, "arguments": json.dumps(args)}}
     agent.messages += [
-        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "assistant", "content": "", "tool_calls": [call], **({"name": agent.name} if named else {})},
         {"role": "tool", "tool_call_id": call["id"], "content": _prose(rng, 40)},
     ]
 

@@ -17,7 +17,8 @@ Blank lines are skipped; lines that are not a JSON object with ``messages``
 are counted as skipped and reported.
 
 Units follow ``segcache.kv.autoseg`` exactly: explicit ``segments`` in order,
-then the tools block if there are tools, then one unit per message. Each unit
+the leading system message (if the first message is one), the tools block if
+there are tools, then one unit per other message. Each unit
 is rendered twice: ``text`` as segcache renders it (canonical tools and tool
 call arguments) and ``plain_text`` as a plain prefix cache sees the bytes the
 client sent (tool order, key order and argument strings as sent). Both use
@@ -38,6 +39,7 @@ from segcache.kv.autoseg import (
     TOOLS_HEADER,
     message_digest,
     message_text,
+    tools_after_system,
     tools_block,
 )
 from segcache.kv.hashing import segment_digest
@@ -113,16 +115,23 @@ def request_units(request: Request) -> list[Unit]:
         digest = segment_digest(content) if content else str(seg.get("hash") or seg.get("name") or "")
         units.append(Unit("segment", i, "system", digest, frame("system", content),
                           frame("system", content), content))
+    messages = [_message_unit(i, m) for i, m in enumerate(request.messages)]
+    # The tools block goes after the leading system message's text, as Qwen-style
+    # templates place it; with no leading system message it comes first.
+    lead = 1 if tools_after_system(request.messages) else 0
+    units += messages[:lead]
     if request.tools:
         block = tools_block(request.tools)
         units.append(Unit("tools", -1, "system", segment_digest(block), frame("system", block),
                           frame("system", plain_tools_text(request.tools)), block))
-    for i, m in enumerate(request.messages):
-        role = str(m.get("role", "user"))
-        text = message_text(m)
-        units.append(Unit("message", i, role, message_digest(m), frame(role, text),
-                          frame(role, plain_message_text(m)), text))
-    return units
+    return units + messages[lead:]
+
+
+def _message_unit(i: int, m: dict[str, Any]) -> Unit:
+    role = str(m.get("role", "user"))
+    text = message_text(m)
+    return Unit("message", i, role, message_digest(m), frame(role, text),
+                frame(role, plain_message_text(m)), text)
 
 
 def parse_timestamp(value: Any) -> float | None:
