@@ -583,3 +583,18 @@ def test_real_model_repoagent_plain_prompts_blend_moved_code(real_engine):
         warm.close(drain=False)
     assert blended >= 0.3 * prompt, (blended, prompt)
     assert agree >= len(requests) - 2, agree  # the first token, as a full prefill's
+
+
+def test_an_empty_message_under_blend_auto_keeps_its_template_in_its_own_unit(tiny_engine_factory):
+    """Its template text must be keyed: [S, "", Q] and [S, Q] are other tokens, so the
+    second must not hit the first's chain."""
+    engine = tiny_engine_factory(CacheConfig(blend="auto", blend_layer=0))
+    system = {"role": "system", "content": "Rules."}
+    a = engine.chat(ChatRequest("t", [system, {"role": "user", "content": ""},
+                                      {"role": "user", "content": "Q"}], sampling=GREEDY))
+    b = engine.chat(ChatRequest("t", [system, {"role": "user", "content": "Q"}], sampling=GREEDY))
+    assert len(a.segments) == 3 and a.chain != b.chain
+    assert b.segments[1].status != "hit"
+    cold = tiny_engine_factory(CacheConfig(blend="auto", blend_layer=0))
+    assert cold.chat(ChatRequest("t", [system, {"role": "user", "content": "Q"}],
+                                 sampling=GREEDY)).token_ids == b.token_ids

@@ -100,3 +100,44 @@ def test_short_cached_request_is_not_blocked_by_a_long_cold_prefill(real_engine)
             assert times["short_done"] < times["cold_first_token"]
     finally:
         engine.close(drain=False)
+
+
+def test_open_streams_hold_no_threads(tiny_engine_factory):
+    """Issue 15: the server awaits the engine's futures (``EngineClient``), so requests
+    queued or generating hold no worker thread: while six streams wait on a held
+    engine, no thread is blocked on a request's result."""
+    import sys
+
+    engine = tiny_engine_factory(scheduler=SchedulerConfig(max_running=8, max_waiting=8))
+    gate = threading.Event()
+    orig = engine.runtime.prefill
+    engine.runtime.prefill = lambda *a, **k: (gate.wait(30), orig(*a, **k))[1]
+    with running_server(engine) as url:
+        statuses = []
+
+        def stream(i):
+            with httpx.stream("POST", url + CHAT, json=body(f"story {i}", 8, stream=True),
+                              timeout=60) as r:
+                statuses.append(r.status_code)
+                for _ in r.iter_lines():
+                    pass
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: sum(engine.scheduler.load().values()) == 6)
+        time.sleep(0.2)
+        waiting_on_results = []
+        for ident, frame in sys._current_frames().items():
+            stack = []
+            while frame is not None:
+                stack.append((frame.f_code.co_filename, frame.f_code.co_name))
+                frame = frame.f_back
+            if any(f.endswith("concurrent/futures/_base.py") and n == "result" for f, n in stack) \
+                    or any(f.endswith("server/generation.py") for f, _ in stack):
+                waiting_on_results.append(stack[-1])
+        gate.set()
+        for t in threads:
+            t.join(60)
+    assert waiting_on_results == []
+    assert statuses == [200] * 6
