@@ -128,7 +128,7 @@ def test_open_streams_hold_no_threads(tiny_engine_factory):
         wait_until(lambda: sum(engine.scheduler.load().values()) == 6)
         time.sleep(0.2)
         waiting_on_results = []
-        for ident, frame in sys._current_frames().items():
+        for frame in sys._current_frames().values():
             stack = []
             while frame is not None:
                 stack.append((frame.f_code.co_filename, frame.f_code.co_name))
