@@ -159,7 +159,7 @@ def test_a_purge_drops_the_standalone_work_still_queued(tiny_engine_factory):
 
     def gated(engine):
         gate = ("test", "gate")
-        job = engine._standalone_job
+        job = engine.blender.standalone_job
 
         def held(*args):
             while gate in engine._inflight:
@@ -168,7 +168,7 @@ def test_a_purge_drops_the_standalone_work_still_queued(tiny_engine_factory):
 
         with engine._lock:
             engine._inflight[gate] = -1
-        engine._standalone_job = held
+        engine.blender.standalone_job = held
         return lambda: engine._inflight.pop(gate)
 
     def idle(engine):
@@ -314,7 +314,7 @@ def test_real_model_zero_ratio_at_the_original_position_is_the_prefix_path(blend
     engine.tree.purge(ns)
     r = engine.chat(ChatRequest("z", QUESTION, _docs(["csv"]), GREEDY))
     assert r.segments[0].status == "blended"
-    assert r.segments[0].recomputed == len(engine._sink)  # only its template lead
+    assert r.segments[0].recomputed == len(engine.blender._sink)  # only its template lead
     exact = real_engine.chat(ChatRequest("z-exact", QUESTION, [SegmentInput("csv", DOCS["csv"])],
                                          GREEDY))
     real_engine.purge("z-exact")
@@ -414,7 +414,7 @@ def test_a_queued_standalone_job_is_not_waited_for(tiny_engine_factory):
     import threading
 
     engine = tiny_engine_factory(TINY)
-    ns_s = engine.standalone_namespace(engine.namespace("t"))
+    ns_s = engine.blender.standalone_namespace(engine.namespace("t"))
     from segcache.kv.hashing import segment_digest
 
     engine._inflight[("standalone:" + ns_s, segment_digest(X))] = 10**9  # no such job runs
@@ -472,7 +472,7 @@ def test_the_first_move_blends_at_once(tiny_engine_factory):
     """Issue 16: a block used just before and moved now is blended from the KV the
     first request computed (keys un-rotated as it ends), with no background job."""
     engine = tiny_engine_factory(TINY)
-    engine._schedule_standalone = lambda *a, **k: None  # no background job at all
+    engine.blender.schedule = lambda *a, **k: None  # no background job at all
     _chat(engine, "t", [anywhere("x", X), anywhere("y", Y)])
     assert engine.cache_stats("t")["standalone"]["entries"] == 2
     r = _chat(engine, "t", [SegmentInput("z", Z), anywhere("y", Y), anywhere("x", X)])
@@ -480,7 +480,7 @@ def test_the_first_move_blends_at_once(tiny_engine_factory):
     assert status == {"z": "miss", "y": "blended", "x": "blended", "messages[0]": "miss"}
     # the derived entry is the first request's KV, keys un-rotated: placed back at its
     # first position it is exactly that KV
-    ns_s = engine.standalone_namespace(engine.namespace("t"))
+    ns_s = engine.blender.standalone_namespace(engine.namespace("t"))
     x_entry = engine.tree.peek(ns_s, [r.segments[2].hash])[0]
     x_node = engine.tree.peek(engine.namespace("t"), [r.segments[2].hash])[0]
     kv = engine.runtime.new_kv(x_node.n_tokens)

@@ -1,5 +1,5 @@
 """Non-prefix reuse (CacheBlend, EuroSys 2025): a segment's KV reused wherever it
-stands, with a fraction of its tokens recomputed. A mixin over ``Engine``.
+stands, with a fraction of its tokens recomputed (``Blender``, one per engine).
 
 Standalone entries. A segment eligible for blending (marked ``reuse: "anywhere"``,
 or any segment with ``--blend auto``) also gets an entry keyed by (namespace,
@@ -25,15 +25,18 @@ exact prefix hits only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from segcache.config import CacheConfig
 from segcache.engine.prompt import Prompt, Unit
-from segcache.engine.scheduler import BlendWork, Job, WaitFor
+from segcache.engine.scheduler import BlendWork, Job, Scheduler, WaitFor, prefill
 from segcache.engine.types import SegmentUsage
 from segcache.kv.hashing import namespace_digest
-from segcache.kv.segment_tree import SegmentNode
+from segcache.kv.segment_tree import SegmentNode, SegmentTree
 
 _KEY_PREFIX = "standalone:"
 
@@ -44,21 +47,37 @@ class BlendPlan:
     entries: dict[int, SegmentNode]  # unit index -> its (pinned) standalone entry
 
 
-class Blending:
-    # Provided by Engine: runtime, tree, cache_cfg, scheduler, _inflight, _sink,
-    # _prefill, _enforce_budget.
+class Blender:
+    """CacheBlend for one engine: plans and runs blended prefills and keeps the
+    standalone entries. It shares the engine's tree and in-flight map (both touched
+    only on the engine thread or under the engine's lock) and calls back into the
+    engine only to enforce the byte budget and to sweep retired namespaces."""
+
+    def __init__(self, *, runtime: Any, tree: SegmentTree, cache_cfg: CacheConfig,
+                 scheduler: Scheduler, inflight: dict[tuple[str, str], int],
+                 purges: dict[str, int], sink: tuple[int, ...],
+                 enforce_budget: Callable[[str], None], sweep_retired: Callable[[], None]) -> None:
+        self.runtime = runtime
+        self.tree = tree
+        self.cache_cfg = cache_cfg
+        self.scheduler = scheduler
+        self._inflight = inflight  # (key prefix + namespace, digest) -> job id, the engine's
+        self._purges = purges  # standalone namespace -> purges so far (the engine's)
+        self._sink = sink  # the template's opening tokens (prompt.sink_ids)
+        self._enforce_budget = enforce_budget
+        self._sweep_retired = sweep_retired
 
     @staticmethod
     def standalone_namespace(ns: str) -> str:
         """The root of a tenant's standalone entries (derived from its namespace)."""
         return namespace_digest(ns, "standalone-kv")
 
-    def _eligible(self, unit: Unit) -> bool:
+    def eligible(self, unit: Unit) -> bool:
         mode = self.cache_cfg.blend
         return (unit.key.kind in ("segment", "chunk") and mode != "off" and len(unit.block) > 0
                 and (unit.key.anywhere or mode == "auto"))
 
-    def _blend_plan(self, job: Job, run, prompt: Prompt):
+    def plan(self, job: Job, run, prompt: Prompt):
         """Find (and pin into ``run.pinned``) the standalone entries of the units after
         the exact prefix; waits for one that a background job is computing now."""
         if self.cache_cfg.blend == "off":
@@ -67,7 +86,7 @@ class Blending:
         entries: dict[int, SegmentNode] = {}
         for i in range(len(run.usage), len(prompt.units)):
             unit = prompt.units[i]
-            if not self._eligible(unit):
+            if not self.eligible(unit):
                 continue
             key = (_KEY_PREFIX + ns_s, unit.key.digest)
             # Wait only for a job that is running: one still queued may sit behind
@@ -81,7 +100,7 @@ class Blending:
                 entries[i] = found[0]
         return BlendPlan(min(entries), entries) if entries else None
 
-    def _blend(self, run, prompt: Prompt, plan: BlendPlan):
+    def blend(self, run, prompt: Prompt, plan: BlendPlan):
         """Selective recomputation of units ``plan.at..`` and the tail; returns the
         last logits [vocab]. Appends each unit's usage and advances ``run.pos``."""
         units = prompt.units[plan.at:]
@@ -112,8 +131,8 @@ class Blending:
         return work.logits
 
     # ------------------------------------------------------------------ entries
-    def _missing_standalone(self, ns: str, prompt: Prompt) -> list[Unit]:
-        eligible = [u for u in prompt.units if self._eligible(u)]
+    def missing(self, ns: str, prompt: Prompt) -> list[Unit]:
+        eligible = [u for u in prompt.units if self.eligible(u)]
         if not eligible:
             return []
         ns_s = self.standalone_namespace(ns)
@@ -124,7 +143,7 @@ class Blending:
                 out.setdefault(unit.key.digest, unit)
         return list(out.values())
 
-    def _derive_standalone(self, run, prompt: Prompt) -> None:
+    def derive(self, run, prompt: Prompt) -> None:
         """Standalone entries for the eligible units this request holds exact KV of
         (computed or hit, before any blend point), taken from its buffer: the block's
         KV with its keys un-rotated. One rotation, no prefill, made as the request
@@ -138,7 +157,7 @@ class Blending:
             start, off = off, off + usage.tokens
             if usage.status == "blended" or usage.tokens != len(unit.ids):
                 break  # from a blend point on the buffer's KV is approximate
-            if not self._eligible(unit) or self.tree.peek(ns_s, [unit.key.digest]):
+            if not self.eligible(unit) or self.tree.peek(ns_s, [unit.key.digest]):
                 continue
             a, b = start + unit.lead, start + len(unit.ids)
             handle = self.runtime.unrope_keys(run.kv[:, :, :, a:b], torch.arange(a, b))
@@ -149,23 +168,23 @@ class Blending:
         if root is not None:
             self._enforce_budget(ns_s)
 
-    def _schedule_standalone(self, ns: str, tenant: str, prompt: Prompt) -> None:
+    def schedule(self, ns: str, tenant: str, prompt: Prompt) -> None:
         """Queue a background job computing the standalone entries ``prompt``'s
         eligible segments lack (skipped when the queue is full)."""
-        units = self._missing_standalone(ns, prompt)
+        units = self.missing(ns, prompt)
         if not units:
             return
         ns_s = self.standalone_namespace(ns)
         purges = self._purges.get(ns_s, 0)
         job = self.scheduler.submit_background(
-            lambda job: self._standalone_job(job, ns_s, units, purges), tenant)
+            lambda job: self.standalone_job(job, ns_s, units, purges), tenant)
         if job is not None:  # on the engine thread: marked before the job can start
             for unit in units:
                 self._inflight[(_KEY_PREFIX + ns_s, unit.key.digest)] = job.id
 
-    def _standalone_job(self, job: Job, ns_s: str, units: list[Unit], purges: int):
+    def standalone_job(self, job: Job, ns_s: str, units: list[Unit], purges: int):
         try:
-            yield from self._compute_standalone(ns_s, units, purges)
+            yield from self.compute_standalone(ns_s, units, purges)
         finally:
             for unit in units:
                 key = (_KEY_PREFIX + ns_s, unit.key.digest)
@@ -173,7 +192,7 @@ class Blending:
                     del self._inflight[key]
             self._sweep_retired()
 
-    def _compute_standalone(self, ns_s: str, units: list[Unit], purges: int | None = None):
+    def compute_standalone(self, ns_s: str, units: list[Unit], purges: int | None = None):
         """Compute and insert each unit's block behind the sink (sink KV dropped,
         keys stored before RoPE). ``purges``: the namespace's purge count when a
         background job was queued; once the tenant is purged after that, the job
@@ -186,7 +205,7 @@ class Blending:
                 continue
             ids = sink + unit.block
             kv = self.runtime.new_kv(len(ids))
-            yield from self._prefill(ids, kv, 0, logits=False)
+            yield from prefill(ids, kv, 0, logits=False)
             handle = self.runtime.unrope_keys(kv[:, :, :, len(sink):],
                                               torch.arange(len(sink), len(ids)))
             self.tree.insert(self.tree.root(ns_s), unit.key.digest, unit.block, handle,

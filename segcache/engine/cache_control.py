@@ -13,8 +13,7 @@ from segcache.kv.registry import RegistryEntry, RegistryFull
 
 class CacheControl:
     # Provided by Engine: tree, radix, registry, memo, cache_cfg, model_name,
-    # fingerprint, _lock (tree, radix), namespace(),
-    # standalone_namespace().
+    # fingerprint, _lock (tree, radix), namespace(), blender.
 
     def cache_stats(self, tenant: str) -> dict[str, Any]:
         with self._lock:
@@ -23,7 +22,7 @@ class CacheControl:
             radix = self.radix.stats(ns)
             stats["radix"] = {k: radix[k] for k in ("nodes", "bytes", "tokens", "hits", "pinned",
                                                     "evictions")}
-            standalone = self.tree.stats(self.standalone_namespace(ns), max_depth=0)
+            standalone = self.tree.stats(self.blender.standalone_namespace(ns), max_depth=0)
             stats["standalone"] = {"entries": standalone.get("nodes", 0),
                                    "bytes": standalone.get("bytes", 0),
                                    "tokens": standalone.get("tokens", 0)}
@@ -46,7 +45,7 @@ class CacheControl:
         self.registry.purge(tenant)
         with self._lock:
             ns = self.namespace(tenant)
-            ns_s = self.standalone_namespace(ns)
+            ns_s = self.blender.standalone_namespace(ns)
             self._purges[ns_s] = self._purges.get(ns_s, 0) + 1  # queued background jobs skip work
             self._generation[tenant] = self._generation.get(tenant, 0) + 1
             removed = (len(self.tree.purge(ns)) + len(self.tree.purge(ns_s))

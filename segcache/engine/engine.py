@@ -43,7 +43,7 @@ from dataclasses import replace
 import torch
 
 from segcache.config import CacheConfig, Config, SchedulerConfig
-from segcache.engine.blend import Blending
+from segcache.engine.blend import Blender
 from segcache.engine.cache_control import CacheControl
 from segcache.engine.decode import Decoder, Sequence
 from segcache.engine.detok import TextStream
@@ -56,9 +56,9 @@ from segcache.engine.sampling import Sampler
 from segcache.engine.scheduler import (
     Cancelled,
     Job,
-    PrefillWork,
     Scheduler,
     WaitFor,
+    prefill,
 )
 from segcache.engine.tiering import Tiering
 from segcache.engine.toolcalls import ToolCallFilter, parse_tool_calls
@@ -108,7 +108,7 @@ def model_id(file_stem: str) -> str:
     return _QUANT_SUFFIX.sub("", file_stem) or file_stem
 
 
-class Engine(CacheControl, Blending, Tiering):
+class Engine(CacheControl, Tiering):
     def __init__(self, runtime: ModelRuntime, tokenizer: ChatTokenizer, cache: CacheConfig,
                  model_name: str, scheduler: SchedulerConfig | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -134,17 +134,20 @@ class Engine(CacheControl, Blending, Tiering):
                               max_tokens=runtime.arch.max_position)
         self.grammars = Grammars(tokenizer.hf, runtime.arch.vocab_size)
         self._kv_pool = KVPool(runtime.new_kv, KV_POOL_BYTES)
-        self._sink = sink_ids(tokenizer)  # what standalone segments are computed behind
         self._lock = threading.RLock()  # tree, radix, in-flight map: held by each engine step
         # (parent chain, digest) of every unit being computed -> the job computing it
         self._inflight: dict[tuple[str, str], int] = {}
-        self._purges: dict[str, int] = {}  # namespace -> purges so far (see _compute_standalone)
+        self._purges: dict[str, int] = {}  # namespace -> purges so far (see Blender.compute_standalone)
         # A purge moves the tenant to a new namespace (its generation); the old ones are
         # retired: unreachable, and swept of whatever jobs still running insert there.
         self._generation: dict[str, int] = {}
         self._retired: set[str] = set()
         self.scheduler = Scheduler(sched_cfg, Runner(runtime),
                                    lambda key: key in self._inflight, self._lock, self._estimate)
+        self.blender = Blender(runtime=runtime, tree=self.tree, cache_cfg=cache,
+                               scheduler=self.scheduler, inflight=self._inflight, purges=self._purges,
+                               sink=sink_ids(tokenizer), enforce_budget=self._enforce_budget,
+                               sweep_retired=self._sweep_retired)
 
     def close(self, drain: bool = True) -> None:
         """Stop taking requests; with ``drain`` finish the ones already queued; then
@@ -232,10 +235,10 @@ class Engine(CacheControl, Blending, Tiering):
             if self.store is not None and self.cache_cfg.blend != "off":
                 # exact KV from a lower tier before any approximate (blended) reuse
                 yield from self._prefill_units(job, run, prompt, loaded_only=True)
-            plan = yield from self._blend_plan(job, run, prompt)
+            plan = yield from self.blender.plan(job, run, prompt)
             yield from self._prefill_units(job, run, prompt, None if plan is None else plan.at,
                                            with_tail=plan is None)
-            logits = run.tail_logits if plan is None else (yield from self._blend(run, prompt, plan))
+            logits = run.tail_logits if plan is None else (yield from self.blender.blend(run, prompt, plan))
             result, seqs = yield from self._generate(run, prompt.tail, req.sampling, t0, emit,
                                                      job.is_cancelled, logits, constraint)
             for f in filters:
@@ -246,8 +249,8 @@ class Engine(CacheControl, Blending, Tiering):
             self._give_back(seqs)
             if result.finish_reason != "cancelled":
                 if self.cache_cfg.blend != "off":
-                    self._derive_standalone(run, prompt)
-                self._schedule_standalone(ns, req.tenant, prompt)
+                    self.blender.derive(run, prompt)
+                self.blender.schedule(ns, req.tenant, prompt)
         except Cancelled:
             result = self._cancelled(run, len(prompt.tail), t0)
         finally:
@@ -335,8 +338,8 @@ class Engine(CacheControl, Blending, Tiering):
         self.memo.commit(ns, pending)
         try:
             yield from self._prefill_units(job, run, units)
-            yield from self._compute_standalone(self.standalone_namespace(ns),
-                                                self._missing_standalone(ns, units))
+            yield from self.blender.compute_standalone(self.blender.standalone_namespace(ns),
+                                                       self.blender.missing(ns, units))
         finally:
             self._release(run.pinned)
             self._kv_pool.give(run.kv, run.held)
@@ -438,10 +441,10 @@ class Engine(CacheControl, Blending, Tiering):
                     reused = self._reuse_head(run, unit)
                     rest = unit.ids[reused:]
                     if with_tail and i == last and self._tail_with_unit(len(rest), len(prompt.tail)):
-                        run.tail_logits = yield from self._prefill(rest + prompt.tail, run.kv,
+                        run.tail_logits = yield from prefill(rest + prompt.tail, run.kv,
                                                                    run.pos + reused)
                     else:
-                        yield from self._prefill(rest, run.kv, run.pos + reused, logits=False)
+                        yield from prefill(rest, run.kv, run.pos + reused, logits=False)
                     node = self._insert(run, unit.key.digest, unit.ids, unit.key.ttl_s)
             finally:
                 del self._inflight[key]
@@ -555,14 +558,6 @@ class Engine(CacheControl, Blending, Tiering):
                 self._retired.discard(ns)
 
     # ------------------------------------------------------------------ compute
-    @staticmethod
-    def _prefill(ids: tuple[int, ...], kv: torch.Tensor, start: int, logits: bool = True):
-        """Yield the prefill of ``ids`` at slots ``start..``; returns the last logits
-        [vocab], or None without ``logits`` (KV only: no LM head)."""
-        work = PrefillWork(ids, kv, start, need_logits=logits)
-        yield work
-        return work.logits
-
     def _generate(self, run: RunState, tail: tuple[int, ...], sampling: SamplingParams, t0: float,
                   on_text: Callback | None, is_cancelled: CancelCheck | None,
                   logits: torch.Tensor | None = None, constraint: Constraint | None = None):
@@ -571,7 +566,7 @@ class Engine(CacheControl, Blending, Tiering):
         On a finish by EOS or length a choice's buffer holds every generated token
         but a final EOS (ready to be kept as a reply)."""
         if logits is None:
-            logits = yield from self._prefill(tail, run.kv, run.pos)
+            logits = yield from prefill(tail, run.kv, run.pos)
         start = run.pos + len(tail)
         seqs = [self._sequence(i, run, start, sampling, constraint) for i in range(sampling.n)]
         decoder = Decoder(self.tokenizer.eos_ids, self._describe, on_text, t0)

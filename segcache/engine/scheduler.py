@@ -385,3 +385,11 @@ class Scheduler:
                 if job.gen is not None:
                     job.gen.close()
                 self._finish(job, exc=exc)
+
+
+def prefill(ids: tuple[int, ...], kv: Any, start: int, logits: bool = True):
+    """A job's prefill of ``ids`` at slots ``start..`` of ``kv`` (``yield from`` it):
+    returns the last logits [vocab], or None without ``logits`` (KV only: no LM head)."""
+    work = PrefillWork(ids, kv, start, need_logits=logits)
+    yield work
+    return work.logits
