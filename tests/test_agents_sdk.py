@@ -33,13 +33,13 @@ def test_agents_sdk_tool_loop_with_repeated_identical_calls(real_engine):
     engine = Engine(real_engine.runtime, real_engine.tokenizer, CacheConfig(),
                     real_engine.model_name)
     seen: list[list[dict]] = []  # the messages of every chat request the engine got
-    chat = engine.chat
+    submit = engine.submit_chat
 
-    def recording_chat(req, *args, **kwargs):
+    def recording_submit(req, *args, **kwargs):
         seen.append(req.messages)
-        return chat(req, *args, **kwargs)
+        return submit(req, *args, **kwargs)
 
-    engine.chat = recording_chat
+    engine.submit_chat = recording_submit
     rolls: list[int] = []
 
     @function_tool
