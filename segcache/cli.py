@@ -8,6 +8,7 @@ listed in ``segcache --help`` (and by the flags they stand for).
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from pathlib import Path
 
@@ -225,7 +226,58 @@ def build_parser() -> argparse.ArgumentParser:
         "tiers", help="one full hit from RAM, from disk after a restart and from Redis on a second "
                       "server, against cold (starts its own servers)",
         description=tiers_bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+
+    route = sub.add_parser("route", help="request routing across replicas: 'simulate' a trace",
+                           description="Routing across engine replicas (segcache serve --replicas).")
+    route_sub = route.add_subparsers(dest="route_command", metavar="COMMAND")
+    from segcache.deploy import sim_cli
+
+    sim_cli.add_arguments(route_sub.add_parser(
+        "simulate", help="replay a workload or request log through routing policies over N replicas",
+        description=sim_cli.__doc__ + "\n" + (sim_simulate_doc()),
+        formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
+
+
+def sim_simulate_doc() -> str:
+    from segcache.deploy import routing, simulate
+
+    return (simulate.__doc__ or "") + "\n" + (routing.__doc__ or "")
+
+
+def route_bodies(args: argparse.Namespace) -> tuple[list[tuple[str, dict]], str]:
+    """(tenant, chat body) pairs of ``route simulate``'s TRACE, in arrival order: a bench
+    workload (``--copies`` copies, one tenant each, interleaved at random by ``--seed``) or a
+    JSONL request log."""
+    from segcache.bench.workloads import DEFAULT_TURNS, WORKLOADS, WorkloadOptions
+
+    if args.trace in WORKLOADS:
+        from segcache.bench.runner import request_body
+
+        turns = args.turns or DEFAULT_TURNS[args.trace]
+        copies = []
+        for k in range(args.copies):
+            opts = WorkloadOptions(seed=args.seed + k, turns=turns, agents=args.agents)
+            copies.append(WORKLOADS[args.trace](opts))
+        # Copies interleave in a seeded random order (each copy keeps its own order): a strict
+        # rotation would hand round-robin a perfectly sticky assignment.
+        rng = random.Random(args.seed)
+        queues = [(k, list(c)) for k, c in enumerate(copies)]
+        bodies = []
+        while queues:
+            k, requests = queues[rng.randrange(len(queues))] if len(queues) > 1 else queues[0]
+            req = requests.pop(0)
+            messages, extra = request_body(req, "segments")
+            bodies.append((f"team{k}", {"messages": messages, "max_tokens": req.max_tokens, **extra}))
+            queues = [q for q in queues if q[1]]
+        return bodies, f"{args.trace} (seed {args.seed}, {turns} turns, {args.copies} copies)"
+    from segcache.lint.trace import read_requests
+
+    path = Path(args.trace)
+    if not path.is_file():
+        raise ValueError(f"TRACE must be a workload ({', '.join(WORKLOADS)}) or a JSONL file; "
+                         f"{args.trace!r} is neither")
+    return [(r.tenant, r.body) for r in read_requests([path])], str(path)
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -346,6 +398,13 @@ def main(argv: list[str] | None = None) -> int:
 
                 return bench_cli.run(args)
             parser.parse_args(["bench", "--help"])
+        if args.command == "route":
+            if args.route_command == "simulate":
+                from segcache.deploy import sim_cli
+
+                bodies, source = route_bodies(args)
+                return sim_cli.run(bodies, args, source)
+            parser.parse_args(["route", "--help"])
     except ModelNotFoundError as exc:
         print(f"segcache: {exc}", file=sys.stderr)
         return 2
