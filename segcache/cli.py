@@ -18,6 +18,7 @@ from segcache.config import (
     ENVIRONMENT,
     CacheConfig,
     Config,
+    DeployConfig,
     ModelConfig,
     SchedulerConfig,
     ServerConfig,
@@ -173,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="SECONDS", help="per-request limit, 504 beyond (default: %(default)s)")
     serve.add_argument("--max-request-bytes", type=_size, default=ServerConfig.max_request_bytes,
                        help="largest request body (default: 8MiB)")
+    serve.add_argument("--kv-events", default=None, metavar="tcp://HOST:PORT",
+                       help="publish KV cache events in vLLM's format on this ZMQ endpoint (PUB), "
+                            "with a replay socket on the next port, for Dynamo's / llm-d's "
+                            "routers (default: off)")
+    serve.add_argument("--kv-events-replay", default=None, metavar="tcp://HOST:PORT",
+                       help="the replay socket (default: --kv-events' port + 1)")
+    serve.add_argument("--pod-name", default=None,
+                       help="KV events topic kv@POD@MODEL (default: the host name)")
     add_model_args(serve)
 
     gen = sub.add_parser("generate", help="generate a reply to one prompt (smoke test)",
@@ -313,7 +322,13 @@ def _config(args: argparse.Namespace) -> Config:
         prefill_chunk=getattr(args, "prefill_chunk", SchedulerConfig.prefill_chunk),
         decode_pause_s=getattr(args, "decode_pause_ms", SchedulerConfig.decode_pause_s * 1000) / 1000,
         request_timeout_s=getattr(args, "request_timeout", SchedulerConfig.request_timeout_s))
-    return Config(model=model_config(args), cache=cache, scheduler=sched, server=server)
+    deploy = DeployConfig(kv_events=getattr(args, "kv_events", None),
+                          kv_events_replay=getattr(args, "kv_events_replay", None),
+                          pod_name=getattr(args, "pod_name", None),
+                          replicas=getattr(args, "replicas", None),
+                          ray_address=getattr(args, "ray_address", None),
+                          routing=getattr(args, "routing", "prefix"))
+    return Config(model=model_config(args), cache=cache, scheduler=sched, server=server, deploy=deploy)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -356,8 +371,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _config(args)
     engine = Engine.load(cfg)
     print(f"segcache: execution plan: {engine.execution_plan}", file=sys.stderr)
-    serve(engine, cfg.server, cfg.cache)
+    publisher = kv_event_publisher(cfg, engine)
+    try:
+        serve(engine, cfg.server, cfg.cache)
+    finally:
+        if publisher is not None:
+            publisher.close()
     return 0
+
+
+def kv_event_publisher(cfg: Config, engine):
+    """The engine's KV event publisher if ``--kv-events`` asks for one (else None)."""
+    if cfg.deploy.kv_events is None:
+        return None
+    import socket
+
+    from segcache.deploy.kv_events import KVEventPublisher, replay_endpoint_for, topic_for
+
+    replay = cfg.deploy.kv_events_replay or replay_endpoint_for(cfg.deploy.kv_events)
+    topic = topic_for(cfg.deploy.pod_name or socket.gethostname(), cfg.server.model_name or engine.model_name)
+    publisher = KVEventPublisher(cfg.deploy.kv_events, replay, topic).attach_engine(engine)
+    print(f"segcache: KV events on {cfg.deploy.kv_events} (replay {replay}), topic {topic}", file=sys.stderr)
+    return publisher
 
 
 def main(argv: list[str] | None = None) -> int:
