@@ -24,6 +24,7 @@ from segcache.config import (
     ServerConfig,
     read_environment,
 )
+from segcache.deploy.routing import POLICIES
 
 
 def _size(text: str) -> int:
@@ -174,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="SECONDS", help="per-request limit, 504 beyond (default: %(default)s)")
     serve.add_argument("--max-request-bytes", type=_size, default=ServerConfig.max_request_bytes,
                        help="largest request body (default: 8MiB)")
+    serve.add_argument("--replicas", type=int, default=None, metavar="N",
+                       help="run N engine replicas as a Ray Serve application behind a "
+                            "segment-aware router (see DEPLOY.md; default: one process, no Ray)")
+    serve.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="with --replicas: the Ray cluster to join (default: start a local Ray)")
+    serve.add_argument("--routing", choices=POLICIES, default="prefix",
+                       help="with --replicas: the request router's policy (default: %(default)s)")
+    serve.add_argument("--cpus-per-replica", type=float, default=1.0, metavar="N",
+                       help="with --replicas: cores (and threads) each replica gets to itself "
+                            "(default: %(default)s)")
     serve.add_argument("--kv-events", default=None, metavar="tcp://HOST:PORT",
                        help="publish KV cache events in vLLM's format on this ZMQ endpoint (PUB), "
                             "with a replay socket on the next port, for Dynamo's / llm-d's "
@@ -369,6 +380,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from segcache.server.app import serve
 
     cfg = _config(args)
+    if cfg.deploy.replicas is not None:
+        from segcache.deploy import ray_app
+
+        if cfg.deploy.kv_events is not None:
+            raise ValueError("--kv-events is per process: not yet with --replicas")
+        ray_app.run(cfg, cpus_per_replica=args.cpus_per_replica)
+        return 0
     engine = Engine.load(cfg)
     print(f"segcache: execution plan: {engine.execution_plan}", file=sys.stderr)
     publisher = kv_event_publisher(cfg, engine)

@@ -36,7 +36,7 @@ TORCH_EXCEPTIONS: set[str] = set()
 # Torch-free modules of a layer that may otherwise use it: the routing policy and the
 # simulator run in the Ray ingress / router processes and on machines without a model.
 NO_TORCH_MODULES = {"deploy/__init__.py", "deploy/chain.py", "deploy/routing.py",
-                    "deploy/simulate.py", "deploy/sim_cli.py"}
+                    "deploy/simulate.py", "deploy/sim_cli.py", "deploy/ray_router.py"}
 # Layers these modules may import (engine and server load torch).
 NO_TORCH_MODULE_LAYERS = {"config", "kv"}
 

@@ -40,6 +40,14 @@ class RouteKey:
     def prompt_tokens(self) -> int:
         return sum(self.tokens)
 
+    def to_kwargs(self) -> dict[str, Any]:
+        """The form the ingress passes to the engine deployment (``route=``); no text."""
+        return {"chain": list(self.chain), "tokens": list(self.tokens), "decode": self.decode_tokens}
+
+    @classmethod
+    def from_kwargs(cls, route: dict[str, Any]) -> RouteKey:
+        return cls(tuple(route.get("chain", ())), tuple(route.get("tokens", ())), int(route.get("decode", 0)))
+
     @property
     def first(self) -> str | None:
         """The first segment's chain digest: the consistent-hashing key of the request."""
@@ -90,6 +98,20 @@ def request_chain(body: dict[str, Any], namespace: str,
     budget = body.get("max_completion_tokens") or body.get("max_tokens")
     decode = budget if isinstance(budget, int) and budget > 0 else default_max_tokens
     return RouteKey(tuple(chain), tuple(tokens), decode, "".join(texts))
+
+
+# The root of routing chains. Routing ignores tenants and purge generations (the
+# engine's namespaces): the same segments are warm on a replica for whoever sends
+# them next, as far as placement goes; isolation is the engine's business.
+ROUTE_ROOT = namespace_digest("segcache-route", "v1")
+
+
+def route_chain(digests: list[str]) -> str:
+    """The routing chain digest after the unit digests ``digests`` (root to node)."""
+    chain = ROUTE_ROOT
+    for digest in digests:
+        chain = chain_digest(chain, digest)
+    return chain
 
 
 def simulated_namespace(tenant: str = "default") -> str:
