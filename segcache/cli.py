@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-events", default=None, metavar="tcp://HOST:PORT",
                        help="publish KV cache events in vLLM's format on this ZMQ endpoint (PUB), "
                             "with a replay socket on the next port, for Dynamo's / llm-d's "
-                            "routers (default: off)")
+                            "routers; with --replicas, replica R uses PORT + 2R (default: off)")
     serve.add_argument("--kv-events-replay", default=None, metavar="tcp://HOST:PORT",
                        help="the replay socket (default: --kv-events' port + 1)")
     serve.add_argument("--pod-name", default=None,
@@ -383,8 +383,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if cfg.deploy.replicas is not None:
         from segcache.deploy import ray_app
 
-        if cfg.deploy.kv_events is not None:
-            raise ValueError("--kv-events is per process: not yet with --replicas")
         ray_app.run(cfg, cpus_per_replica=args.cpus_per_replica)
         return 0
     engine = Engine.load(cfg)

@@ -49,7 +49,7 @@ class Consumer:
         while time.monotonic() < end:
             if self.sub.poll(50):
                 topic, seq, payload = self.sub.recv_multipart()
-                assert topic.decode().startswith("kv@pod-a@") and len(seq) == 8
+                assert topic.decode().startswith("kv@pod") and len(seq) == 8
                 n = int.from_bytes(seq, "big")
                 self.live.append(n)
                 self.batches[n] = msgpack.unpackb(payload)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import threading
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -36,7 +36,7 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.config import RequestRouterConfig
 
-from segcache.config import CacheConfig, Config, ServerConfig
+from segcache.config import CacheConfig, Config, DeployConfig, ServerConfig
 from segcache.deploy.chain import ROUTE_ROOT, request_chain, route_chain
 from segcache.deploy.routing import POLICIES
 
@@ -111,12 +111,14 @@ class EngineReplica:
     """One segcache engine and its HTTP app, called by handle from the ingress."""
 
     def __init__(self, make_engine: Callable[[], Any], server_cfg: ServerConfig, cache_cfg: CacheConfig,
-                 threads: int) -> None:
+                 threads: int, deploy_cfg: DeployConfig | None = None) -> None:
         from segcache.server.app import create_app
 
         rank = _local_rank()
         self.cores = pin_cores(threads, rank)
         self.engine = make_engine()
+        self.kv_events = _replica_publisher(deploy_cfg, rank, server_cfg.model_name or self.engine.model_name,
+                                            self.engine)
         self.warm = WarmChains(self._standalone)
         for node in self.engine.tree.nodes():  # what a lower tier or warm start brought
             if node.parent is not None:
@@ -156,9 +158,28 @@ class EngineReplica:
             self._inflight.pop(token, None)
 
     def __del__(self) -> None:
+        if getattr(self, "kv_events", None) is not None:
+            self.kv_events.close()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close(drain=False)
+
+
+def _replica_publisher(deploy_cfg: DeployConfig | None, rank: int, model: str, engine: Any) -> Any:
+    """Replica ``rank``'s KV event publisher: ``--kv-events``' port + 2 x rank (its replay
+    socket on the next port), topic ``kv@<host>-<rank>@<model>``; None without the flag."""
+    if deploy_cfg is None or deploy_cfg.kv_events is None:
+        return None
+    import socket
+
+    from segcache.deploy.kv_events import KVEventPublisher, replay_endpoint_for, topic_for
+
+    head, _, port = deploy_cfg.kv_events.rpartition(":")
+    endpoint = f"{head}:{int(port) + 2 * rank}"
+    pod = f"{deploy_cfg.pod_name or socket.gethostname()}-{rank}"
+    publisher = KVEventPublisher(endpoint, replay_endpoint_for(endpoint), topic_for(pod, model))
+    log.info("replica %d: KV events on %s", rank, endpoint)
+    return publisher.attach_engine(engine)
 
 
 def _replica_id() -> str:
@@ -316,7 +337,7 @@ def build_app(cfg: Config, replicas: int, *, make_engine: Callable[[], Any] | No
         request_router_config=router, health_check_period_s=1, health_check_timeout_s=30)
     ingress = serve.deployment(Ingress).options(name="SegcacheIngress", ray_actor_options={"num_cpus": ingress_cpus},
                                                 max_ongoing_requests=1000)
-    return ingress.bind(engine.bind(make_engine, cfg.server, cfg.cache, threads), retries)
+    return ingress.bind(engine.bind(make_engine, cfg.server, cfg.cache, threads, cfg.deploy), retries)
 
 
 def run(cfg: Config, cpus_per_replica: float = 1.0) -> None:
@@ -330,10 +351,12 @@ def run(cfg: Config, cpus_per_replica: float = 1.0) -> None:
     serve.run(app, name="segcache", route_prefix="/")
     log.info("segcache: %d replicas at http://%s:%d/v1 (routing: %s)", cfg.deploy.replicas,
              cfg.server.host, cfg.server.port, cfg.deploy.routing)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        while True:
-            time.sleep(3600)
+        stop.wait()
     except KeyboardInterrupt:
         pass
     finally:
         serve.shutdown()
+        ray.shutdown()
