@@ -169,3 +169,14 @@ def test_route_simulate_reads_a_request_log(tmp_path, capsys):
 def test_route_simulate_refuses_an_unknown_trace(capsys):
     assert main(["route", "simulate", "no-such-workload"]) == 2
     assert "TRACE must be a workload" in capsys.readouterr().err
+
+
+def test_ray_app_builder_checks_its_arguments():
+    from segcache.deploy.ray_app import app_builder
+
+    app = app_builder({"replicas": "2", "routing": "least-load", "cpus_per_replica": "0.5"})
+    assert app is not None
+    with pytest.raises(ValueError, match="routing policy must be one of"):
+        app_builder({"routing": "random"})
+    with pytest.raises(ValueError, match="unknown arguments"):
+        app_builder({"replica": "2"})

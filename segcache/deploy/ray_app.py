@@ -26,8 +26,9 @@ import signal
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -36,7 +37,7 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.config import RequestRouterConfig
 
-from segcache.config import CacheConfig, Config, DeployConfig, ServerConfig
+from segcache.config import CacheConfig, Config, DeployConfig, ModelConfig, ServerConfig
 from segcache.deploy.chain import ROUTE_ROOT, request_chain, route_chain
 from segcache.deploy.routing import POLICIES
 
@@ -317,11 +318,12 @@ def build_app(cfg: Config, replicas: int, *, make_engine: Callable[[], Any] | No
     """The Serve application (ingress bound to the engine deployment)."""
     if policy not in POLICIES:
         raise ValueError(f"routing policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    threads = max(1, int(cpus_per_replica))
     if make_engine is None:
         from segcache.engine.engine import Engine
 
-        make_engine = partial(Engine.load, cfg, False)
-    threads = max(1, int(cpus_per_replica))
+        model = replace(cfg.model, threads=cfg.model.threads or threads)
+        make_engine = partial(Engine.load, replace(cfg, model=model), False)
     if policy == "ray-prefix":
         router = RequestRouterConfig(request_router_class=RAY_PREFIX_ROUTER,
                                      request_routing_stats_period_s=0.5)
@@ -338,6 +340,27 @@ def build_app(cfg: Config, replicas: int, *, make_engine: Callable[[], Any] | No
     ingress = serve.deployment(Ingress).options(name="SegcacheIngress", ray_actor_options={"num_cpus": ingress_cpus},
                                                 max_ongoing_requests=1000)
     return ingress.bind(engine.bind(make_engine, cfg.server, cfg.cache, threads, cfg.deploy), retries)
+
+
+def app_builder(args: dict[str, str]) -> Any:
+    """The application from string arguments: ``serve run segcache.deploy.ray_app:app_builder
+    replicas=2`` and the ``import_path`` of a KubeRay ``RayService`` (DEPLOY.md). Keys:
+    ``replicas``, ``routing``, ``cpus_per_replica``, ``model``, ``dtype``, ``cache_bytes``,
+    ``redis_url``, ``api_keys``, ``kv_events``, ``pod_name``."""
+    known = {"replicas", "routing", "cpus_per_replica", "model", "dtype", "cache_bytes", "redis_url",
+             "api_keys", "kv_events", "pod_name"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"unknown arguments {unknown}; known: {sorted(known)}")
+    cfg = Config(
+        model=ModelConfig(path=args.get("model"), dtype=args.get("dtype", "auto")),
+        cache=CacheConfig(cache_bytes=int(args.get("cache_bytes", CacheConfig.cache_bytes)),
+                          redis_url=args.get("redis_url")),
+        server=ServerConfig(api_keys_file=Path(args["api_keys"]) if args.get("api_keys") else None),
+        deploy=DeployConfig(kv_events=args.get("kv_events"), pod_name=args.get("pod_name"),
+                            replicas=int(args.get("replicas", 1)), routing=args.get("routing", "prefix")))
+    return build_app(cfg, cfg.deploy.replicas or 1, policy=cfg.deploy.routing,
+                     cpus_per_replica=float(args.get("cpus_per_replica", 1.0)))
 
 
 def run(cfg: Config, cpus_per_replica: float = 1.0) -> None:
