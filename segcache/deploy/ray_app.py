@@ -38,8 +38,8 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.config import RequestRouterConfig
 
 from segcache.config import CacheConfig, Config, DeployConfig, ModelConfig, ServerConfig
-from segcache.deploy.chain import ROUTE_ROOT, request_chain, route_chain
-from segcache.deploy.routing import POLICIES
+from segcache.deploy.chain import ROUTE_ROOT, RouteKey, request_chain, route_chain
+from segcache.deploy.routing import POLICIES, matched_tokens
 
 log = logging.getLogger(__name__)
 ROUTED_PATHS = ("/v1/chat/completions",)
@@ -91,6 +91,10 @@ class WarmChains:
             if self._held[chain] <= 0:
                 del self._held[chain]
 
+    def matched_tokens(self, key: RouteKey) -> int:
+        with self._lock:
+            return matched_tokens(key, self._held)
+
     def snapshot(self) -> list[str]:
         with self._lock:
             return list(self._held)
@@ -136,18 +140,13 @@ class EngineReplica:
     def record_routing_stats(self) -> dict[str, Any]:
         """What the router sees: warm routing chains, load in tokens (estimated at arrival:
         prompt tokens not warm here + decode budget, for every request in flight)."""
-        return {"warm": self.warm.snapshot(), "load": sum(self._inflight.values()), "pid": os.getpid()}
+        return {"warm": self.warm.snapshot(), "load": sum(self._inflight.values())}
 
     async def forward(self, request: ForwardRequest, route: dict[str, Any] | None = None) -> AsyncIterator[Any]:
         cost = 0
         if route:
-            warm = set(self.warm.snapshot())
-            hit = 0
-            for chain, n in zip(route["chain"], route["tokens"], strict=False):
-                if chain not in warm:
-                    break
-                hit += n
-            cost = sum(route["tokens"]) - hit + int(route.get("decode", 0))
+            key = RouteKey.from_kwargs(route)
+            cost = key.prompt_tokens - self.warm.matched_tokens(key) + key.decode_tokens
         token = id(request)
         self._inflight[token] = cost
         try:
