@@ -5,6 +5,7 @@ hashing on a cold fleet, and chain digests equal to the engine tree's."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -180,3 +181,39 @@ def test_ray_app_builder_checks_its_arguments():
         app_builder({"routing": "random"})
     with pytest.raises(ValueError, match="unknown arguments"):
         app_builder({"replica": "2"})
+
+
+class _Replica:
+    def __init__(self, rid: str, warm=(), load: int = 0):
+        from types import SimpleNamespace
+
+        self.replica_id = SimpleNamespace(unique_id=rid)
+        self.routing_stats = {"warm": list(warm), "load": load}
+
+
+def _pending(key: RouteKey):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(kwargs={"route": key.to_kwargs()}, routing_context=SimpleNamespace(should_backoff=False))
+
+
+def test_ray_router_ranks_every_replica_backs_off_and_remembers_what_it_sent():
+    """SegmentRouter (the Ray Serve router) without a cluster: reported warm chains pick the
+    replica; a request it just sent counts as warm (and as load) before the next report."""
+    import asyncio
+
+    from segcache.deploy.ray_router import SegmentRouter
+
+    router = SegmentRouter.__new__(SegmentRouter)  # the policy state only: no Ray controller
+    router.initialize_state(policy="prefix")
+    k1, k2 = keys([body([A, B], "x1"), body([A, B], "x2")])
+    replicas = [_Replica("r0"), _Replica("r1", warm=k1.chain[:1])]  # r1 reports A warm
+    pending = _pending(k1)
+    ranks = asyncio.run(router.choose_replicas(replicas, pending))
+    assert [[r.replica_id.unique_id for r in rank] for rank in ranks] == [["r1"], ["r0"]]
+    assert pending.routing_context.should_backoff  # all full: Ray backs off, not spins
+    # send k1 to r0 instead (say r1 was full): r0 now holds A+B+x1 as far as the router knows
+    router.on_request_routed(pending, replicas[0].replica_id, None)
+    ranks = asyncio.run(router.choose_replicas(replicas, _pending(k2)))
+    assert ranks[0][0].replica_id.unique_id == "r0"  # longest chain: A+B on r0 beats A on r1
+    assert router._view(replicas[0], time.monotonic()).load == k1.prompt_tokens + k1.decode_tokens

@@ -42,7 +42,8 @@ from segcache.deploy.chain import ROUTE_ROOT, RouteKey, request_chain, route_cha
 from segcache.deploy.routing import POLICIES, matched_tokens
 
 log = logging.getLogger(__name__)
-ROUTED_PATHS = ("/v1/chat/completions",)
+# Requests routed by their chain; a warm goes where the same segments will be asked for.
+ROUTED_PATHS = ("/v1/chat/completions", "/v1/cache/warm")
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
 RAY_PREFIX_ROUTER = "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router.PrefixCacheAffinityRouter"
 
