@@ -253,3 +253,18 @@ def test_segcache_serve_publishes_kv_events(tmp_path, tokenizer):
             assert consumer.held() == set() and consumer.events()[-1] == {"type": "AllBlocksCleared"}
         finally:
             consumer.close()
+
+
+def test_standalone_blend_entries_are_not_announced(tiny_engine_factory):
+    """CacheBlend's position-independent copies are not prompt prefixes: no events."""
+    engine = tiny_engine_factory(CacheConfig(blend="marked"))
+    events: list[dict] = []
+    from segcache.deploy.kv_events import standalone_predicate
+
+    listener = BlockEvents(events.append, skip=standalone_predicate(engine))
+    engine.tree.listeners.append(listener)
+    engine.warm("default", [SegmentInput("g", GLOBAL), SegmentInput("doc", AGENT, reuse="anywhere")])
+    ns_s = engine.standalone_namespace(engine.namespace("default"))
+    assert engine.tree.nodes(ns_s), "the marked segment has no standalone copy"
+    announced = {h for e in events if e["type"] == "BlockStored" for h in e["block_hashes"]}
+    assert announced == tree_blocks(engine) and announced

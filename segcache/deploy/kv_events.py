@@ -178,9 +178,7 @@ class KVEventPublisher:
     def attach_engine(self, engine: Any) -> KVEventPublisher:
         """Listen to an ``Engine``'s segment tree and radix tail; its standalone
         (position-independent, CacheBlend) entries are not prompt prefixes and stay out."""
-        def standalone(ns: str) -> bool:
-            return any(engine.standalone_namespace(n) == ns for n in engine.tree.namespaces)
-        self.events.skip = standalone
+        self.events.skip = standalone_predicate(engine)
         return self.attach(engine.tree, engine.radix)
 
     def close(self) -> None:
@@ -228,6 +226,24 @@ class KVEventPublisher:
             if seq >= start:
                 self._replay.send_multipart([client, b"", seq.to_bytes(8, "big"), payload])
         self._replay.send_multipart([client, b"", END_SEQ, b""])
+
+
+def standalone_predicate(engine: Any) -> Callable[[str], bool]:
+    """``ns -> True`` for an engine's standalone (CacheBlend) namespaces, remembered (tree
+    callbacks must stay cheap); a "no" is asked again once the tree has a new namespace."""
+    known: dict[str, bool] = {}
+    roots = [0]  # how many namespaces the tree had when ``known`` was filled
+
+    def standalone(ns: str) -> bool:
+        namespaces = engine.tree.namespaces
+        if len(namespaces) != roots[0]:  # a new tenant: its standalone namespace may be asked
+            roots[0] = len(namespaces)
+            for key in [k for k, v in known.items() if not v]:
+                del known[key]
+        if ns not in known:
+            known[ns] = ns in {engine.standalone_namespace(n) for n in namespaces}
+        return known[ns]
+    return standalone
 
 
 def replay_endpoint_for(endpoint: str) -> str:

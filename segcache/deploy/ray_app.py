@@ -39,6 +39,7 @@ from ray.serve.config import RequestRouterConfig
 
 from segcache.config import CacheConfig, Config, DeployConfig, ModelConfig, ServerConfig
 from segcache.deploy.chain import ROUTE_ROOT, RouteKey, request_chain, route_chain
+from segcache.deploy.kv_events import standalone_predicate
 from segcache.deploy.routing import POLICIES, matched_tokens
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class EngineReplica:
         self.engine = make_engine()
         self.kv_events = _replica_publisher(deploy_cfg, rank, server_cfg.model_name or self.engine.model_name,
                                             self.engine)
-        self.warm = WarmChains(self._standalone)
+        self.warm = WarmChains(standalone_predicate(self.engine))
         for node in self.engine.tree.nodes():  # what a lower tier or warm start brought
             if node.parent is not None:
                 self.warm.stored(node)
@@ -134,9 +135,6 @@ class EngineReplica:
         self._inflight: dict[int, int] = {}
         self.replica_id = _replica_id()
         log.info("segcache engine replica %d on cores %s", rank, self.cores)
-
-    def _standalone(self, ns: str) -> bool:
-        return any(self.engine.standalone_namespace(n) == ns for n in self.engine.tree.namespaces)
 
     def record_routing_stats(self) -> dict[str, Any]:
         """What the router sees: warm routing chains, load in tokens (estimated at arrival:
