@@ -265,20 +265,20 @@ def sim_simulate_doc() -> str:
     return (simulate.__doc__ or "") + "\n" + (routing.__doc__ or "")
 
 
-def route_bodies(args: argparse.Namespace) -> tuple[list[tuple[str, dict]], str]:
+def route_bodies(args: argparse.Namespace, trace: str) -> tuple[list[tuple[str, dict]], str]:
     """(tenant, chat body) pairs of ``route simulate``'s TRACE, in arrival order: a bench
     workload (``--copies`` copies, one tenant each, interleaved at random by ``--seed``) or a
     JSONL request log."""
     from segcache.bench.workloads import DEFAULT_TURNS, WORKLOADS, WorkloadOptions
 
-    if args.trace in WORKLOADS:
+    if trace in WORKLOADS:
         from segcache.bench.runner import request_body
 
-        turns = args.turns or DEFAULT_TURNS[args.trace]
+        turns = args.turns or DEFAULT_TURNS[trace]
         copies = []
         for k in range(args.copies):
             opts = WorkloadOptions(seed=args.seed + k, turns=turns, agents=args.agents)
-            copies.append(WORKLOADS[args.trace](opts))
+            copies.append(WORKLOADS[trace](opts))
         # Copies interleave in a seeded random order (each copy keeps its own order): a strict
         # rotation would hand round-robin a perfectly sticky assignment.
         rng = random.Random(args.seed)
@@ -290,13 +290,13 @@ def route_bodies(args: argparse.Namespace) -> tuple[list[tuple[str, dict]], str]
             messages, extra = request_body(req, "segments")
             bodies.append((f"team{k}", {"messages": messages, "max_tokens": req.max_tokens, **extra}))
             queues = [q for q in queues if q[1]]
-        return bodies, f"{args.trace} (seed {args.seed}, {turns} turns, {args.copies} copies)"
+        return bodies, f"seed {args.seed}, {turns} turns, {args.copies} copies"
     from segcache.lint.trace import read_requests
 
-    path = Path(args.trace)
+    path = Path(trace)
     if not path.is_file():
         raise ValueError(f"TRACE must be a workload ({', '.join(WORKLOADS)}) or a JSONL file; "
-                         f"{args.trace!r} is neither")
+                         f"{trace!r} is neither")
     return [(r.tenant, r.body) for r in read_requests([path])], str(path)
 
 
@@ -453,8 +453,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.route_command == "simulate":
                 from segcache.deploy import sim_cli
 
-                bodies, source = route_bodies(args)
-                return sim_cli.run(bodies, args, source)
+                traces = []
+                for trace in [t for t in args.trace.split(",") if t]:
+                    bodies, source = route_bodies(args, trace)
+                    traces.append((Path(trace).name, source, bodies))
+                return sim_cli.run(traces, args)
             parser.parse_args(["route", "--help"])
     except ModelNotFoundError as exc:
         print(f"segcache: {exc}", file=sys.stderr)

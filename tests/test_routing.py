@@ -147,14 +147,16 @@ def test_chain_digests_are_the_engine_tree_chains(tiny_engine_factory):
 
 def test_route_simulate_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "sim.json"
-    assert main(["route", "simulate", "multi-agent", "--replicas", "2,3", "--policy",
+    assert main(["route", "simulate", "multi-agent,fan-out", "--replicas", "2,3", "--policy",
                  "prefix,round-robin,least-load,ray-prefix", "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "hit rate" in text and "ray-prefix" in text and "max/mean" in text
+    assert "hit rate" in text and "ray-prefix" in text and "max/mean" in text and "fan-out" in text
     data = json.loads(out.read_text())
-    assert len(data["results"]) == 8
+    assert len(data["results"]) == 16
     assert {r["policy"] for r in data["results"]} == {"prefix", "round-robin", "least-load", "ray-prefix"}
-    assert all(r["requests"] == 9 for r in data["results"])
+    assert {r["trace"]: r["requests"] for r in data["results"]} == {"multi-agent": 9, "fan-out": 8}
+    # one replica with the whole cache is the same reference for every policy of a trace
+    assert len({(r["trace"], r["replicas"], r["single_hit_rate"]) for r in data["results"]}) == 4
 
 
 def test_route_simulate_reads_a_request_log(tmp_path, capsys):

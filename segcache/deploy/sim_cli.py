@@ -35,9 +35,9 @@ def _policy_list(text: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("trace", metavar="TRACE",
-                   help="a bench workload (multi-agent, agent-loop, fan-out, repo-docs) or a JSONL "
-                        "request log ('serve --request-log', or what 'segcache lint' reads)")
+    p.add_argument("trace", metavar="TRACE[,TRACE...]",
+                   help="bench workloads (multi-agent, agent-loop, fan-out, repo-docs) or JSONL request "
+                        "logs ('serve --request-log', or what 'segcache lint' reads), comma-separated")
     p.add_argument("--replicas", type=_int_list, default=[4], metavar="N[,N...]",
                    help="replica counts to simulate (default: 4)")
     p.add_argument("--policy", type=_policy_list, default=["prefix"], metavar="P[,P...]",
@@ -63,41 +63,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results as JSON")
 
 
-def run_grid(bodies: list[tuple[str, dict[str, Any]]], args: argparse.Namespace) -> list[SimResult]:
+def run_grid(bodies: list[tuple[str, dict[str, Any]]], args: argparse.Namespace,
+             trace: str = "") -> list[SimResult]:
     keys = [request_chain(body, simulated_namespace(tenant), args.chars_per_token) for tenant, body in bodies]
     cache = args.cache_tokens or None
     results = []
     for n in args.replicas:
         for policy in args.policy:
             params = {"balance": args.balance, "slack_tokens": args.slack_tokens} if policy == "prefix" else {}
-            results.append(simulate(keys, n, policy, cache, args.concurrency, **params))
+            results.append(simulate(keys, n, policy, cache, args.concurrency, trace=trace, **params))
     return results
 
 
 def format_table(results: list[SimResult]) -> str:
-    head = f"{'replicas':>8}  {'policy':<12} {'requests':>8} {'prompt tok':>11} {'hit rate':>8} " \
-           f"{'1-replica':>9} {'vs 1':>6} {'max/mean':>8}"
+    head = f"{'trace':<14} {'replicas':>8}  {'policy':<12} {'requests':>8} {'prompt tok':>11} " \
+           f"{'hit rate':>8} {'1-replica':>9} {'vs 1':>6} {'max/mean':>8}"
     lines = [head, "-" * len(head)]
     for r in results:
         vs = "-" if r.hit_rate_vs_single is None else f"{r.hit_rate_vs_single:.1%}"
         mm = "-" if r.max_mean_load is None else f"{r.max_mean_load:.2f}"
-        lines.append(f"{r.replicas:>8}  {r.policy:<12} {r.requests:>8} {r.prompt_tokens:>11} "
+        lines.append(f"{r.trace[:14]:<14} {r.replicas:>8}  {r.policy:<12} {r.requests:>8} {r.prompt_tokens:>11} "
                      f"{r.hit_rate:>8.1%} {r.single_hit_rate:>9.1%} {vs:>6} {mm:>8}")
     return "\n".join(lines)
 
 
-def run(bodies: list[tuple[str, dict[str, Any]]], args: argparse.Namespace, source: str) -> int:
-    if not bodies:
-        print(f"segcache route simulate: no chat requests in {source}")
-        return 2
-    results = run_grid(bodies, args)
-    print(f"trace: {source}, {len(bodies)} requests; cache {args.cache_tokens or 'unbounded'} tokens "
-          f"per replica; load = tokens computed (prefill misses + decode budget)")
+def run(traces: list[tuple[str, str, list[tuple[str, dict[str, Any]]]]], args: argparse.Namespace) -> int:
+    """``traces``: (name, description, (tenant, body) pairs) per trace, simulated in turn."""
+    results = []
+    for name, source, bodies in traces:
+        if not bodies:
+            print(f"segcache route simulate: no chat requests in {source}")
+            return 2
+        print(f"trace {name}: {source}, {len(bodies)} requests")
+        results += run_grid(bodies, args, name)
+    print(f"cache {args.cache_tokens or 'unbounded'} tokens per replica; load = tokens computed "
+          f"(prefill misses + decode budget); 'vs 1' = hit rate / that of one replica with the "
+          f"whole fleet's cache")
     print(format_table(results))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        out = {"trace": source, "cache_tokens": args.cache_tokens, "concurrency": args.concurrency,
-               "balance": args.balance, "slack_tokens": args.slack_tokens,
-               "results": [r.row() for r in results]}
+        out = {"traces": {name: source for name, source, _ in traces}, "cache_tokens": args.cache_tokens,
+               "concurrency": args.concurrency, "balance": args.balance, "slack_tokens": args.slack_tokens,
+               "copies": args.copies, "seed": args.seed, "results": [r.row() for r in results]}
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0

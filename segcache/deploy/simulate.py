@@ -53,6 +53,7 @@ class LruChainCache:
 
 @dataclass
 class SimResult:
+    trace: str
     policy: str
     replicas: int
     requests: int
@@ -96,7 +97,7 @@ def _replay(keys: Sequence[RouteKey], n: int, policy: Policy, cache_tokens: int 
 
 
 def simulate(keys: Sequence[RouteKey], replicas: int, policy: str, cache_tokens: int | None = None,
-             concurrency: int = 0, **params: float) -> SimResult:
+             concurrency: int = 0, trace: str = "", **params: float) -> SimResult:
     """One replay of ``keys`` (in arrival order) plus the single-replica reference."""
     if replicas < 1:
         raise ValueError(f"replicas must be >= 1, got {replicas}")
@@ -108,7 +109,7 @@ def simulate(keys: Sequence[RouteKey], replicas: int, policy: str, cache_tokens:
     prompt = sum(k.prompt_tokens for k in keys)
     mean = sum(work) / replicas
     return SimResult(
-        policy=policy, replicas=replicas, requests=len(keys), prompt_tokens=prompt,
+        trace=trace, policy=policy, replicas=replicas, requests=len(keys), prompt_tokens=prompt,
         hit_tokens=hits, hit_rate=hits / prompt if prompt else 0.0,
         single_hit_rate=single_hits / prompt if prompt else 0.0,
         hit_rate_vs_single=hits / single_hits if single_hits else None,
