@@ -94,6 +94,30 @@ def _replica_actor(replica_id: str):
     raise AssertionError(f"no actor for replica {replica_id}")
 
 
+def _replica_actors() -> list:
+    import ray
+
+    return [ray.get_actor(e["name"], namespace=e["namespace"])
+            for e in ray.util.list_named_actors(all_namespaces=True) if "SegcacheEngine" in e["name"]]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to give each replica its own")
+def test_replicas_report_warm_chains_and_run_on_their_own_cores(fleet):
+    import ray
+
+    label, body = agent_bodies(1)[0]
+    chat(fleet, body)
+    stats = [ray.get(a.record_routing_stats.remote()) for a in _replica_actors()]
+    assert len(stats) == 2
+    cores = [set(s["cores"]) for s in stats]
+    assert cores[0] and cores[1] and not cores[0] & cores[1]
+    # the routing chain of the request's segments is reported by the replica that served it
+    from segcache.deploy.chain import ROUTE_ROOT, request_chain
+
+    key = request_chain(body, ROUTE_ROOT)
+    assert sum(set(key.chain[:3]) <= set(s["warm"]) for s in stats) >= 1
+
+
 def test_a_killed_replica_loses_no_request_and_gets_no_more(fleet):
     import ray
 

@@ -139,7 +139,7 @@ class EngineReplica:
     def record_routing_stats(self) -> dict[str, Any]:
         """What the router sees: warm routing chains, load in tokens (estimated at arrival:
         prompt tokens not warm here + decode budget, for every request in flight)."""
-        return {"warm": self.warm.snapshot(), "load": sum(self._inflight.values())}
+        return {"warm": self.warm.snapshot(), "load": sum(self._inflight.values()), "cores": self.cores}
 
     async def forward(self, request: ForwardRequest, route: dict[str, Any] | None = None) -> AsyncIterator[Any]:
         cost = 0
