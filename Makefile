@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.segcache-installed
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test test-fast lint bench-engine bench-blend clean system-deps
+.PHONY: setup serve test test-fast lint bench-engine bench-blend bench-route clean system-deps
 
 setup: $(STAMP)
 
@@ -49,6 +49,10 @@ bench-engine: setup
 
 bench-blend: setup  # CacheBlend quality against full prefill (real model, ~15 min on 2 cores)
 	$(VENV)/bin/python scripts/blend_eval.py --json bench-out/blend-eval.json
+
+bench-route: setup  # routing policies over 4 and 8 simulated replicas (no model; seconds)
+	$(VENV)/bin/segcache route simulate multi-agent,agent-loop,fan-out --replicas 4,8 \
+	  --policy prefix,round-robin,least-load,ray-prefix --copies 8 --json bench-out/route-simulate.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -8,6 +8,7 @@ listed in ``segcache --help`` (and by the flags they stand for).
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from pathlib import Path
 
@@ -17,11 +18,13 @@ from segcache.config import (
     ENVIRONMENT,
     CacheConfig,
     Config,
+    DeployConfig,
     ModelConfig,
     SchedulerConfig,
     ServerConfig,
     read_environment,
 )
+from segcache.deploy.routing import POLICIES
 
 
 def _size(text: str) -> int:
@@ -174,6 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="SECONDS", help="per-request limit, 504 beyond (default: %(default)s)")
     serve.add_argument("--max-request-bytes", type=_size, default=ServerConfig.max_request_bytes,
                        help="largest request body (default: 8MiB)")
+    serve.add_argument("--replicas", type=int, default=None, metavar="N",
+                       help="run N engine replicas as a Ray Serve application behind a "
+                            "segment-aware router (see DEPLOY.md; default: one process, no Ray)")
+    serve.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="with --replicas: the Ray cluster to join (default: start a local Ray)")
+    serve.add_argument("--routing", choices=POLICIES, default="prefix",
+                       help="with --replicas: the request router's policy (default: %(default)s)")
+    serve.add_argument("--cpus-per-replica", type=float, default=1.0, metavar="N",
+                       help="with --replicas: cores (and threads) each replica gets to itself "
+                            "(default: %(default)s)")
+    serve.add_argument("--kv-events", default=None, metavar="tcp://HOST:PORT",
+                       help="publish KV cache events in vLLM's format on this ZMQ endpoint (PUB), "
+                            "with a replay socket on the next port, for Dynamo's / llm-d's "
+                            "routers; with --replicas, replica R uses PORT + 2R (default: off)")
+    serve.add_argument("--kv-events-replay", default=None, metavar="tcp://HOST:PORT",
+                       help="the replay socket (default: --kv-events' port + 1)")
+    serve.add_argument("--pod-name", default=None,
+                       help="KV events topic kv@POD@MODEL (default: the host name)")
     add_model_args(serve)
 
     gen = sub.add_parser("generate", help="generate a reply to one prompt (smoke test)",
@@ -227,7 +248,58 @@ def build_parser() -> argparse.ArgumentParser:
         "tiers", help="one full hit from RAM, from disk after a restart and from Redis on a second "
                       "server, against cold (starts its own servers)",
         description=tiers_bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+
+    route = sub.add_parser("route", help="request routing across replicas: 'simulate' a trace",
+                           description="Routing across engine replicas (segcache serve --replicas).")
+    route_sub = route.add_subparsers(dest="route_command", metavar="COMMAND")
+    from segcache.deploy import sim_cli
+
+    sim_cli.add_arguments(route_sub.add_parser(
+        "simulate", help="replay a workload or request log through routing policies over N replicas",
+        description=sim_cli.__doc__ + "\n" + (sim_simulate_doc()),
+        formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
+
+
+def sim_simulate_doc() -> str:
+    from segcache.deploy import routing, simulate
+
+    return (simulate.__doc__ or "") + "\n" + (routing.__doc__ or "")
+
+
+def route_bodies(args: argparse.Namespace, trace: str) -> tuple[list[tuple[str, dict]], str]:
+    """(tenant, chat body) pairs of ``route simulate``'s TRACE, in arrival order: a bench
+    workload (``--copies`` copies, one tenant each, interleaved at random by ``--seed``) or a
+    JSONL request log."""
+    from segcache.bench.workloads import DEFAULT_TURNS, WORKLOADS, WorkloadOptions
+
+    if trace in WORKLOADS:
+        from segcache.bench.runner import request_body
+
+        turns = args.turns or DEFAULT_TURNS[trace]
+        copies = []
+        for k in range(args.copies):
+            opts = WorkloadOptions(seed=args.seed + k, turns=turns, agents=args.agents)
+            copies.append(WORKLOADS[trace](opts))
+        # Copies interleave in a seeded random order (each copy keeps its own order): a strict
+        # rotation would hand round-robin a perfectly sticky assignment.
+        rng = random.Random(args.seed)
+        queues = [(k, list(c)) for k, c in enumerate(copies)]
+        bodies = []
+        while queues:
+            k, requests = queues[rng.randrange(len(queues))] if len(queues) > 1 else queues[0]
+            req = requests.pop(0)
+            messages, extra = request_body(req, "segments")
+            bodies.append((f"team{k}", {"messages": messages, "max_tokens": req.max_tokens, **extra}))
+            queues = [q for q in queues if q[1]]
+        return bodies, f"seed {args.seed}, {turns} turns, {args.copies} copies"
+    from segcache.lint.trace import read_requests
+
+    path = Path(trace)
+    if not path.is_file():
+        raise ValueError(f"TRACE must be a workload ({', '.join(WORKLOADS)}) or a JSONL file; "
+                         f"{trace!r} is neither")
+    return [(r.tenant, r.body) for r in read_requests([path])], str(path)
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -263,7 +335,13 @@ def _config(args: argparse.Namespace) -> Config:
         prefill_chunk=getattr(args, "prefill_chunk", SchedulerConfig.prefill_chunk),
         decode_pause_s=getattr(args, "decode_pause_ms", SchedulerConfig.decode_pause_s * 1000) / 1000,
         request_timeout_s=getattr(args, "request_timeout", SchedulerConfig.request_timeout_s))
-    return Config(model=model_config(args), cache=cache, scheduler=sched, server=server)
+    deploy = DeployConfig(kv_events=getattr(args, "kv_events", None),
+                          kv_events_replay=getattr(args, "kv_events_replay", None),
+                          pod_name=getattr(args, "pod_name", None),
+                          replicas=getattr(args, "replicas", None),
+                          ray_address=getattr(args, "ray_address", None),
+                          routing=getattr(args, "routing", "prefix"))
+    return Config(model=model_config(args), cache=cache, scheduler=sched, server=server, deploy=deploy)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -304,10 +382,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from segcache.server.app import serve
 
     cfg = _config(args)
+    if cfg.deploy.replicas is not None:
+        from segcache.deploy import ray_app
+
+        ray_app.run(cfg, cpus_per_replica=args.cpus_per_replica)
+        return 0
     engine = Engine.load(cfg)
     print(f"segcache: execution plan: {engine.execution_plan}", file=sys.stderr)
-    serve(engine, cfg.server, cfg.cache)
+    publisher = kv_event_publisher(cfg, engine)
+    try:
+        serve(engine, cfg.server, cfg.cache)
+    finally:
+        if publisher is not None:
+            publisher.close()
     return 0
+
+
+def kv_event_publisher(cfg: Config, engine):
+    """The engine's KV event publisher if ``--kv-events`` asks for one (else None)."""
+    if cfg.deploy.kv_events is None:
+        return None
+    import socket
+
+    from segcache.deploy.kv_events import KVEventPublisher, replay_endpoint_for, topic_for
+
+    replay = cfg.deploy.kv_events_replay or replay_endpoint_for(cfg.deploy.kv_events)
+    topic = topic_for(cfg.deploy.pod_name or socket.gethostname(), cfg.server.model_name or engine.model_name)
+    publisher = KVEventPublisher(cfg.deploy.kv_events, replay, topic).attach_engine(engine)
+    print(f"segcache: KV events on {cfg.deploy.kv_events} (replay {replay}), topic {topic}", file=sys.stderr)
+    return publisher
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,6 +451,16 @@ def main(argv: list[str] | None = None) -> int:
 
                 return bench_cli.run(args)
             parser.parse_args(["bench", "--help"])
+        if args.command == "route":
+            if args.route_command == "simulate":
+                from segcache.deploy import sim_cli
+
+                traces = []
+                for trace in [t for t in args.trace.split(",") if t]:
+                    bodies, source = route_bodies(args, trace)
+                    traces.append((Path(trace).name, source, bodies))
+                return sim_cli.run(traces, args)
+            parser.parse_args(["route", "--help"])
     except ModelNotFoundError as exc:
         print(f"segcache: {exc}", file=sys.stderr)
         return 2

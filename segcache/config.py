@@ -215,8 +215,29 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class DeployConfig:
+    """Scale-out: KV events for external routers, and the Ray Serve application."""
+
+    kv_events: str | None = None  # tcp://HOST:PORT: publish KV events (vLLM format) there
+    kv_events_replay: str | None = None  # the replay socket (default: the next port)
+    pod_name: str | None = None  # KV event topic kv@<pod>@<model> (default: the host name)
+    replicas: int | None = None  # None: one process (no Ray)
+    ray_address: str | None = None  # None: a local Ray
+    routing: str = "prefix"  # the request router's policy (segcache.deploy.routing.POLICIES)
+
+    def __post_init__(self) -> None:
+        for name in ("kv_events", "kv_events_replay"):
+            value = getattr(self, name)
+            if value is not None and not value.startswith(("tcp://", "ipc://", "inproc://")):
+                raise ValueError(f"{name} must be a ZMQ endpoint like tcp://HOST:PORT, got {value!r}")
+        if self.replicas is not None and self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)

@@ -41,7 +41,9 @@ class ServeProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"segcache serve exited with {self.proc.returncode}{self._tail()}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                r = httpx.get(self.url + "/health", timeout=2)
+                # segcache's answer, not another server's (Ray binds HTTP servers on random ports)
+                if r.status_code == 200 and '"plan"' in r.text:
                     return self
             except httpx.HTTPError:
                 pass

@@ -23,7 +23,8 @@ ALLOWED = {
     "lint": {"config", "kv"},
     "bench": {"config", "kv"},
     "client": {"kv"},
-    "cli": {"config", "kv", "model", "engine", "server", "router", "lint", "bench"},
+    "deploy": {"config", "kv", "engine", "server"},
+    "cli": {"config", "kv", "model", "engine", "server", "router", "deploy", "lint", "bench"},
 }
 STDLIB_ONLY = {"config", "kv"}
 # Packages of a stdlib-only layer that may use these libraries (never torch): the cache tiers
@@ -32,6 +33,12 @@ THIRD_PARTY_OK = {"kv/tiers": {"numpy", "safetensors", "redis"}}
 NO_TORCH = {"server", "router", "lint", "bench", "client"}
 # Modules of a no-torch layer that may use torch because they measure the engine itself.
 TORCH_EXCEPTIONS: set[str] = set()
+# Torch-free modules of a layer that may otherwise use it: the routing policy and the
+# simulator run in the Ray ingress / router processes and on machines without a model.
+NO_TORCH_MODULES = {"deploy/__init__.py", "deploy/chain.py", "deploy/routing.py",
+                    "deploy/simulate.py", "deploy/sim_cli.py", "deploy/ray_router.py"}
+# Layers these modules may import (engine and server load torch).
+NO_TORCH_MODULE_LAYERS = {"config", "kv"}
 
 
 def _layer(rel: Path) -> str:
@@ -91,10 +98,13 @@ def layering_problems(root: Path) -> list[str]:
                 target = parts[1]
                 if target != layer and target not in ALLOWED.get(layer, set()):
                     problems.append(f"{rel} imports {name} ({layer} -> {target})")
+                elif rel.as_posix() in NO_TORCH_MODULES and target not in NO_TORCH_MODULE_LAYERS | {layer}:
+                    problems.append(f"{rel} imports {name} (torch-free module -> {target})")
             elif (layer in STDLIB_ONLY and top not in sys.stdlib_module_names
                   and top not in _third_party_ok(rel)):
                 problems.append(f"{rel} imports third-party {name} (stdlib only)")
-            elif layer in NO_TORCH and top == "torch" and str(rel) not in TORCH_EXCEPTIONS:
+            elif ((layer in NO_TORCH or rel.as_posix() in NO_TORCH_MODULES)
+                  and top == "torch" and str(rel) not in TORCH_EXCEPTIONS):
                 problems.append(f"{rel} imports torch (layer {layer} must not)")
     return problems
 
@@ -143,6 +153,33 @@ def test_layer_rule_catches_planted_violations(tmp_path):
         "server/app.py imports torch (layer server must not)",
         "server/app.py imports segcache.model (server -> model)",
     ]
+
+
+def test_torch_free_deploy_modules_are_caught_importing_torch_or_the_engine(tmp_path):
+    root = _package(tmp_path, {
+        **CLEAN,
+        "deploy/routing.py": "import torch\nfrom segcache.kv import hashing\n",
+        "deploy/simulate.py": "from segcache.engine import engine\nfrom segcache.deploy import routing\n",
+        "deploy/app.py": "import torch\nfrom segcache.server import app\n",  # allowed: not routing code
+    })
+    assert layering_problems(root) == [
+        "deploy/routing.py imports torch (layer deploy must not)",
+        "deploy/simulate.py imports segcache.engine (torch-free module -> engine)",
+    ]
+
+
+def test_routing_modules_load_without_torch():
+    """Importing the policies and the simulator (and running one simulation) loads no torch."""
+    import subprocess
+
+    code = ("import sys; from segcache.deploy import sim_cli, simulate, routing, chain; "
+            "from segcache.deploy.chain import request_chain, simulated_namespace; "
+            "k = request_chain({'messages': [{'role': 'user', 'content': 'hi'}]}, simulated_namespace()); "
+            "simulate.simulate([k, k], 2, 'prefix'); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT.parent)
+    assert out.stdout.strip() == "False"
 
 
 def test_only_kv_walks_tree_links():

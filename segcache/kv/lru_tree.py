@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from segcache.kv.integrity import require
 
@@ -55,6 +55,22 @@ class TreeNode:
 N = TypeVar("N", bound=TreeNode)
 
 
+class TreeListener(Protocol):
+    """Hears of KV entering and leaving a tree (KV events, ``segcache.deploy.kv_events``).
+
+    ``stored(node)``: a node now holds KV of new content (not a payload
+    replaced under the same content, not a radix split, which moves no KV).
+    ``removed(node, reason)``: like ``on_remove``, after the node was unlinked
+    (its ``parent`` still points at its old parent). Both run on the engine's
+    thread inside tree calls: they must be quick, must not raise and must not
+    call back into the tree.
+    """
+
+    def stored(self, node: Any) -> None: ...
+
+    def removed(self, node: Any, reason: str) -> None: ...
+
+
 class LruTree(Generic[N]):
     """Namespaced roots, byte accounting and LRU leaf eviction over opaque KV handles.
 
@@ -80,6 +96,7 @@ class LruTree(Generic[N]):
         self._resident = 0
         self._seq = 0
         self._counters: dict[str, Counter[str]] = {}  # namespace -> event -> count
+        self.listeners: list[TreeListener] = []
 
     # ---------------------------------------------------------------- removal
 
@@ -222,6 +239,12 @@ class LruTree(Generic[N]):
         self._counters[node.namespace][reason] += 1
         if self._on_remove is not None:
             self._on_remove(node, reason)
+        for listener in self.listeners:
+            listener.removed(node, reason)
+
+    def _notify_stored(self, node: N) -> None:
+        for listener in self.listeners:
+            listener.stored(node)
 
     def _evict_lru(self, roots: Sequence[N], used: Callable[[], int], target: int) -> list[N]:
         """Unlink LRU unpinned leaves below ``roots`` while ``used() > target``."""

@@ -364,6 +364,7 @@ class RadixTree(LruTree[RadixNode]):
         parent.children[token_ids[0]] = node
         self._nodes.add(node)
         self._add_bytes(node.namespace, node.nbytes)
+        self._notify_stored(node)
         return node
 
     def _check_handle(self, handle: object, n_tokens: int) -> None:

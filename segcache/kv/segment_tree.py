@@ -253,13 +253,16 @@ class SegmentTree(LruTree[SegmentNode]):
         _check_ttl(ttl_s)
         now = self._clock()
         node = parent.children.get(digest)
-        if node is None:
+        new = node is None
+        if new:
             node = self._add_child(parent, digest)
         elif self._is_expired(node, now):
             self._report(node, "replace")
         else:
             return node
         self._set_payload(node, token_ids, handle, nbytes, ttl_s, now)
+        if new:
+            self._notify_stored(node)
         return node
 
     def set_ttl(self, node: SegmentNode, ttl_s: float | None) -> None:

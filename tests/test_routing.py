@@ -1,0 +1,221 @@
+"""Routing policies and the simulator (segcache.deploy): exact figures on a small
+fixed trace (worked out by hand below), the bounded-load spill rule, consistent
+hashing on a cold fleet, and chain digests equal to the engine tree's."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from segcache.cli import main
+from segcache.deploy.chain import RouteKey, request_chain, simulated_namespace
+from segcache.deploy.routing import (
+    PrefixPolicy,
+    RayPrefixPolicy,
+    ReplicaView,
+    make_policy,
+    rendezvous_order,
+)
+from segcache.deploy.simulate import LruChainCache, simulate
+
+A, B, C = "a" * 100, "b" * 50, "c" * 50
+
+
+def body(segments: list[str], question: str, max_tokens: int = 10) -> dict:
+    return {"segments": [{"id": f"s{i}", "content": c} for i, c in enumerate(segments)],
+            "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens}
+
+
+def keys(bodies: list[dict]) -> list[RouteKey]:
+    # 1 char = 1 token, so every figure below is a character count.
+    return [request_chain(b, simulated_namespace(), chars_per_token=1) for b in bodies]
+
+
+# A+B, A+C, A+B, A+C; each prompt 100 + 50 + 2 = 152 tokens, decode budget 10.
+TRACE = keys([body([A, B], "x1"), body([A, C], "x2"), body([A, B], "x3"), body([A, C], "x4")])
+
+
+def test_route_key_counts_units_and_budget():
+    k = TRACE[0]
+    assert k.tokens == (100, 50, 2) and k.prompt_tokens == 152 and k.decode_tokens == 10
+    assert TRACE[2].chain[:2] == k.chain[:2] and TRACE[2].chain[2] != k.chain[2]
+    assert TRACE[1].chain[0] == k.chain[0] and TRACE[1].chain[1] != k.chain[1]
+
+
+def test_simulator_figures_with_generous_slack_keep_everything_home():
+    """Slack 2048 tokens: nothing is ever over the bound, so all four requests go to the
+    rendezvous home of A. Hits: 0, 100 (A), 150 (A+B), 150 (A+C) = 400 of 608; the home
+    computes 152+10, 52+10, 2+10, 2+10 = 248 tokens, the other replica nothing."""
+    r = simulate(TRACE, 2, "prefix")
+    home = int(rendezvous_order(TRACE[0].first, ["r0", "r1"])[0][1])
+    assert (r.hit_tokens, r.prompt_tokens) == (400, 608)
+    assert r.work[home] == 248 and r.work[1 - home] == 0
+    assert r.max_mean_load == pytest.approx(2.0)
+    assert r.single_hit_rate == pytest.approx(400 / 608) and r.hit_rate_vs_single == pytest.approx(1.0)
+
+
+def test_overload_spills_by_the_documented_rule():
+    """Slack 0, balance 1.25. Request 2 (A+C) would cost its owner 52+10 = 62 on top of 162:
+    224 > 1.25 * (162 + 62) / 2 = 140, so it goes to the idle replica (cost 162). Request 3
+    (A+B) costs the home 12: 174 <= 1.25 * 336 / 2 = 210 fits; request 4 (A+C) costs the
+    other 12: 174 <= 1.25 * 348 / 2 = 217.5 fits. Hits 0 + 0 + 150 + 150 = 300; work 174
+    each."""
+    r = simulate(TRACE, 2, "prefix", balance=1.25, slack_tokens=0)
+    assert r.hit_tokens == 300 and r.work == [174, 174] and r.max_mean_load == pytest.approx(1.0)
+    assert r.hit_rate_vs_single == pytest.approx(300 / 400)
+
+
+def test_baselines_on_the_fixed_trace():
+    # round-robin: r0, r1, r0 (A+B warm), r1 (A+C warm) -> 300; least-load goes the same way.
+    for policy in ("round-robin", "least-load"):
+        r = simulate(TRACE, 2, policy)
+        assert (r.hit_tokens, r.work) == (300, [174, 174]), policy
+    # ray-prefix: request 1 goes to r0 (fewest characters, lowest id); every later one matches
+    # r0's history by >= 10% of its text, so all go there (imbalanced_threshold = inf).
+    r = simulate(TRACE, 2, "ray-prefix")
+    assert (r.hit_tokens, r.work) == (400, [248, 0])
+
+
+def test_lru_cache_model_evicts_least_recent_chains():
+    cache = LruChainCache(capacity=160)
+    assert cache.serve(TRACE[0]) == 0  # holds A, B, x1: 152 tokens
+    assert cache.serve(TRACE[1]) == 100  # A hit; adds C, x2 (204): evicts x1, then B
+    assert TRACE[0].chain[1] not in cache and TRACE[0].chain[0] in cache
+    assert cache.tokens == 152
+    assert cache.serve(TRACE[2]) == 100  # B was evicted: only A hits
+    # the same replay through the simulator: capacity 160 on one replica
+    r = simulate(TRACE, 1, "prefix", cache_tokens=160)
+    assert r.hit_tokens == 100 + 100 + 100
+
+
+def test_cold_fleet_spreads_by_consistent_hash():
+    ids = [f"r{i}" for i in range(4)]
+    policy = make_policy("prefix")
+    firsts = [f"first segment {i} " * 20 for i in range(40)]
+    placed = {}
+    for i, first in enumerate(firsts):
+        k = keys([body([first, B], f"q{i}")])[0]
+        choice = policy.rank(k, [ReplicaView(rid) for rid in ids])[0]
+        assert choice == rendezvous_order(k.first, ids)[0]
+        placed[first] = choice
+    assert set(placed.values()) == set(ids)  # spread, not piled on one replica
+    # same first segment, different rest: same home
+    k2 = keys([body([firsts[0], C], "other")])[0]
+    assert policy.rank(k2, [ReplicaView(rid) for rid in ids])[0] == placed[firsts[0]]
+
+
+def test_owner_overloaded_goes_to_another_holder_then_to_the_ring():
+    k = keys([body([A, B], "x")])[0]
+    policy = PrefixPolicy(balance=1.25, slack_tokens=0)
+    full, partial = set(k.chain[:2]), {k.chain[0]}
+    views = [ReplicaView("owner", full, 1000), ReplicaView("holder", partial, 100),
+             ReplicaView("cold1", set(), 100), ReplicaView("cold2", set(), 100)]
+    assert policy.rank(k, views)[0] == "holder"  # owner over 1.25 x mean; holder has A
+    views[1].load = 1000
+    ring = [rid for rid in rendezvous_order(k.first, ["owner", "holder", "cold1", "cold2"])
+            if rid.startswith("cold")]
+    assert policy.rank(k, views)[0] == ring[0]  # no holder fits: consistent hash on A
+    views[0].load = 0
+    assert policy.rank(k, views)[0] == "owner"  # owner no longer overloaded
+    assert sorted(policy.rank(k, views)) == ["cold1", "cold2", "holder", "owner"]
+
+
+def test_ray_prefix_falls_back_to_the_smallest_tree_below_the_match_threshold():
+    policy = RayPrefixPolicy()
+    views = [ReplicaView("r0"), ReplicaView("r1")]
+    k1, k2 = keys([body([A], "x"), body([B], "y")])
+    policy.on_sent(k1, "r0")
+    assert policy.rank(keys([body([A, C], "z")])[0], views)[0] == "r0"  # match 96/152 >= 10%
+    assert policy.rank(k2, views)[0] == "r1"  # no match: fewest characters
+
+
+def test_chain_digests_are_the_engine_tree_chains(tiny_engine_factory):
+    from segcache.engine.types import ChatRequest, SamplingParams, SegmentInput
+
+    engine = tiny_engine_factory()
+    b = {"segments": [{"id": "g", "content": "Global rules. " * 5}, {"id": "t", "content": "Task."}],
+         "messages": [{"role": "user", "content": "Hi"}],
+         "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}
+    engine.chat(ChatRequest("default", b["messages"], [SegmentInput(**s) for s in b["segments"]],
+                            SamplingParams(max_tokens=2, temperature=0), tools=b["tools"]))
+    k = request_chain(b, engine.namespace("default"))
+    assert len(k.chain) == 4  # two segments, the tools block, one message
+    assert all(engine.tree.get_by_chain(c) is not None for c in k.chain)
+
+
+def test_route_simulate_cli_prints_the_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "sim.json"
+    assert main(["route", "simulate", "multi-agent,fan-out", "--replicas", "2,3", "--policy",
+                 "prefix,round-robin,least-load,ray-prefix", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "hit rate" in text and "ray-prefix" in text and "max/mean" in text and "fan-out" in text
+    data = json.loads(out.read_text())
+    assert len(data["results"]) == 16
+    assert {r["policy"] for r in data["results"]} == {"prefix", "round-robin", "least-load", "ray-prefix"}
+    assert {r["trace"]: r["requests"] for r in data["results"]} == {"multi-agent": 9, "fan-out": 8}
+    # one replica with the whole cache is the same reference for every policy of a trace
+    assert len({(r["trace"], r["replicas"], r["single_hit_rate"]) for r in data["results"]}) == 4
+
+
+def test_route_simulate_reads_a_request_log(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(json.dumps({"tenant": "t", "request": b, "response": "ok"})
+                             for b in (body([A, B], "1"), body([A, B], "2"))) + "\nnot json\n")
+    assert main(["route", "simulate", str(log), "--replicas", "2", "--chars-per-token", "1",
+                 "--json", str(tmp_path / "o.json")]) == 0
+    r = json.loads((tmp_path / "o.json").read_text())["results"][0]
+    assert (r["requests"], r["prompt_tokens"], r["hit_tokens"]) == (2, 302, 150)
+
+
+def test_route_simulate_refuses_an_unknown_trace(capsys):
+    assert main(["route", "simulate", "no-such-workload"]) == 2
+    assert "TRACE must be a workload" in capsys.readouterr().err
+
+
+def test_ray_app_builder_checks_its_arguments():
+    from segcache.deploy.ray_app import app_builder
+
+    app = app_builder({"replicas": "2", "routing": "least-load", "cpus_per_replica": "0.5"})
+    assert app is not None
+    with pytest.raises(ValueError, match="routing policy must be one of"):
+        app_builder({"routing": "random"})
+    with pytest.raises(ValueError, match="unknown arguments"):
+        app_builder({"replica": "2"})
+
+
+class _Replica:
+    def __init__(self, rid: str, warm=(), load: int = 0):
+        from types import SimpleNamespace
+
+        self.replica_id = SimpleNamespace(unique_id=rid)
+        self.routing_stats = {"warm": list(warm), "load": load}
+
+
+def _pending(key: RouteKey):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(kwargs={"route": key.to_kwargs()}, routing_context=SimpleNamespace(should_backoff=False))
+
+
+def test_ray_router_ranks_every_replica_backs_off_and_remembers_what_it_sent():
+    """SegmentRouter (the Ray Serve router) without a cluster: reported warm chains pick the
+    replica; a request it just sent counts as warm (and as load) before the next report."""
+    import asyncio
+
+    from segcache.deploy.ray_router import SegmentRouter
+
+    router = SegmentRouter.__new__(SegmentRouter)  # the policy state only: no Ray controller
+    router.initialize_state(policy="prefix")
+    k1, k2 = keys([body([A, B], "x1"), body([A, B], "x2")])
+    replicas = [_Replica("r0"), _Replica("r1", warm=k1.chain[:1])]  # r1 reports A warm
+    pending = _pending(k1)
+    ranks = asyncio.run(router.choose_replicas(replicas, pending))
+    assert [[r.replica_id.unique_id for r in rank] for rank in ranks] == [["r1"], ["r0"]]
+    assert pending.routing_context.should_backoff  # all full: Ray backs off, not spins
+    # send k1 to r0 instead (say r1 was full): r0 now holds A+B+x1 as far as the router knows
+    router.on_request_routed(pending, replicas[0].replica_id, None)
+    ranks = asyncio.run(router.choose_replicas(replicas, _pending(k2)))
+    assert ranks[0][0].replica_id.unique_id == "r0"  # longest chain: A+B on r0 beats A on r1
+    assert router._view(replicas[0], time.monotonic()).load == k1.prompt_tokens + k1.decode_tokens
