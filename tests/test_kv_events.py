@@ -101,7 +101,7 @@ class Consumer:
 
 def tree_blocks(engine) -> set[int]:
     """Every full 16-token block of every prompt prefix the engine's trees hold."""
-    standalone = {engine.standalone_namespace(n) for n in engine.tree.namespaces}
+    standalone = {engine.blender.standalone_namespace(n) for n in engine.tree.namespaces}
     out: set[int] = set()
     for node in [*engine.tree.nodes(), *engine.radix.nodes()]:
         if node.parent is None or node.namespace in standalone:
@@ -264,7 +264,7 @@ def test_standalone_blend_entries_are_not_announced(tiny_engine_factory):
     listener = BlockEvents(events.append, skip=standalone_predicate(engine))
     engine.tree.listeners.append(listener)
     engine.warm("default", [SegmentInput("g", GLOBAL), SegmentInput("doc", AGENT, reuse="anywhere")])
-    ns_s = engine.standalone_namespace(engine.namespace("default"))
+    ns_s = engine.blender.standalone_namespace(engine.namespace("default"))
     assert engine.tree.nodes(ns_s), "the marked segment has no standalone copy"
     announced = {h for e in events if e["type"] == "BlockStored" for h in e["block_hashes"]}
     assert announced == tree_blocks(engine) and announced

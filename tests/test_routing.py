@@ -143,6 +143,26 @@ def test_chain_digests_are_the_engine_tree_chains(tiny_engine_factory):
     k = request_chain(b, engine.namespace("default"))
     assert len(k.chain) == 4  # two segments, the tools block, one message
     assert all(engine.tree.get_by_chain(c) is not None for c in k.chain)
+    # a leading system message comes before the tools block; named replies keep their key
+    b2 = {"messages": [{"role": "system", "content": "Rules."}, {"role": "user", "content": "Hi"},
+                       {"role": "assistant", "content": "Hello.", "name": "bot"},
+                       {"role": "user", "content": "Go on."}], "tools": b["tools"]}
+    engine.chat(ChatRequest("default", b2["messages"], [], SamplingParams(max_tokens=2, temperature=0),
+                            tools=b2["tools"]))
+    k2 = request_chain(b2, engine.namespace("default"))
+    assert len(k2.chain) == 5 and all(engine.tree.get_by_chain(c) is not None for c in k2.chain)
+
+
+def test_chain_digests_follow_the_chunks_of_blend_auto(tiny_engine_factory):
+    from segcache.config import CacheConfig
+    from segcache.engine.types import ChatRequest, SamplingParams
+
+    engine = tiny_engine_factory(CacheConfig(blend="auto", blend_layer=0))
+    text = "\n\n".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(6)) + "\n\nExplain."
+    messages = [{"role": "user", "content": text}]
+    engine.chat(ChatRequest("default", messages, [], SamplingParams(max_tokens=2, temperature=0)))
+    k = request_chain({"messages": messages}, engine.namespace("default"), chunks=True)
+    assert len(k.chain) > 1 and all(engine.tree.get_by_chain(c) is not None for c in k.chain)
 
 
 def test_route_simulate_cli_prints_the_table_and_writes_json(tmp_path, capsys):

@@ -16,7 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from segcache.kv.autoseg import message_digest, message_text, tools_block
+from segcache.kv.autoseg import (
+    chunk_digest,
+    message_digest,
+    message_text,
+    tools_after_system,
+    tools_block,
+)
+from segcache.kv.chunking import chunk_text
 from segcache.kv.hashing import chain_digest, is_digest, namespace_digest, segment_digest
 
 CHARS_PER_TOKEN = 3.8  # SmolLM2's tokenizer on English prose and code (bench/workloads.py)
@@ -58,8 +65,9 @@ def estimate_tokens(text: str, chars_per_token: float = CHARS_PER_TOKEN) -> int:
     return max(1, round(len(text) / chars_per_token))
 
 
-def _units(body: dict[str, Any]) -> list[tuple[str, str]]:
-    """(digest, text) per unit of ``body``, in prompt order. A segment sent by hash
+def _units(body: dict[str, Any], chunks: bool = False) -> list[tuple[str, str]]:
+    """(digest, text) per unit of ``body``, in prompt order, as ``engine/prompt.py``
+    lays it out (``chunks``: the replicas run ``--blend auto``). A segment sent by hash
     only (or by registry name) has no text here; a name-only segment ends the chain
     (its digest is only known to the replica), so nothing after it is routed on."""
     units = []
@@ -74,23 +82,35 @@ def _units(body: dict[str, Any]) -> list[tuple[str, str]]:
         else:
             return units
     tools = body.get("tools")
+    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+    tools_unit = []
     if isinstance(tools, list) and tools:
         block = tools_block([t for t in tools if isinstance(t, dict)])
-        units.append((segment_digest(block), block))
-    for m in body.get("messages") or []:
-        if isinstance(m, dict):
-            units.append((message_digest(m), message_text(m)))
+        tools_unit = [(segment_digest(block), block)]
+    after = tools_after_system(messages)  # the engine's order: [system, tools | tools], messages
+    if not after:
+        units += tools_unit
+    for i, m in enumerate(messages):
+        text = message_text(m)
+        pieces = (chunk_text(text) or [text]) if chunks and m.get("role") != "assistant" else [text]
+        if len(pieces) == 1:
+            units.append((message_digest(m), text))
+        else:  # --blend auto: the engine keys each content-defined chunk (engine/prompt.py)
+            units += [(chunk_digest(str(m.get("role")), k, p), p) for k, p in enumerate(pieces)]
+        if after and i == 0:
+            units += tools_unit
     return units
 
 
 def request_chain(body: dict[str, Any], namespace: str,
-                  chars_per_token: float = CHARS_PER_TOKEN, default_max_tokens: int = 256) -> RouteKey:
+                  chars_per_token: float = CHARS_PER_TOKEN, default_max_tokens: int = 256,
+                  chunks: bool = False) -> RouteKey:
     """The route key of an OpenAI chat body (optionally with ``segments``) under
     ``namespace`` (``namespace_digest(tenant, model fingerprint)``). Never raises on
     malformed input: what cannot be read is left out (the replica reports the error)."""
     chain, tokens, texts = [], [], []
     parent = namespace
-    for digest, text in _units(body):
+    for digest, text in _units(body, chunks):
         parent = chain_digest(parent, digest)
         chain.append(parent)
         tokens.append(estimate_tokens(text, chars_per_token))

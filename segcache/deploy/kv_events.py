@@ -241,7 +241,7 @@ def standalone_predicate(engine: Any) -> Callable[[str], bool]:
             for key in [k for k, v in known.items() if not v]:
                 del known[key]
         if ns not in known:
-            known[ns] = ns in {engine.standalone_namespace(n) for n in namespaces}
+            known[ns] = ns in {engine.blender.standalone_namespace(n) for n in namespaces}
         return known[ns]
     return standalone
 

@@ -251,10 +251,12 @@ class Ingress:
     """Parses the body of a chat request, computes its routing chain and calls the
     engine deployment with it; everything else is forwarded as is."""
 
-    def __init__(self, engine: Any, retries: int = 3, chars_per_token: float = 3.8) -> None:
+    def __init__(self, engine: Any, retries: int = 3, chars_per_token: float = 3.8,
+                 chunks: bool = False) -> None:
         self.engine = engine.options(stream=True)
         self.retries = retries
         self.chars_per_token = chars_per_token
+        self.chunks = chunks  # the replicas cut messages into chunks (--blend auto)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
@@ -286,7 +288,7 @@ class Ingress:
             return None  # the replica answers the 400
         if not isinstance(body, dict):
             return None
-        key = request_chain(body, ROUTE_ROOT, self.chars_per_token)
+        key = request_chain(body, ROUTE_ROOT, self.chars_per_token, chunks=self.chunks)
         fwd.messages = [{"content": key.text or fwd.path}]  # Ray's router divides by its length
         return key.to_kwargs()
 
@@ -337,7 +339,8 @@ def build_app(cfg: Config, replicas: int, *, make_engine: Callable[[], Any] | No
         request_router_config=router, health_check_period_s=1, health_check_timeout_s=30)
     ingress = serve.deployment(Ingress).options(name="SegcacheIngress", ray_actor_options={"num_cpus": ingress_cpus},
                                                 max_ongoing_requests=1000)
-    return ingress.bind(engine.bind(make_engine, cfg.server, cfg.cache, threads, cfg.deploy), retries)
+    return ingress.bind(engine.bind(make_engine, cfg.server, cfg.cache, threads, cfg.deploy), retries,
+                        chunks=cfg.cache.blend == "auto")
 
 
 def app_builder(args: dict[str, str]) -> Any:
