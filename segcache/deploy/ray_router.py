@@ -24,7 +24,7 @@ from segcache.deploy.routing import ReplicaView, make_policy
 
 
 class SegmentRouter(RequestRouter):
-    def initialize_state(self, policy: str = "prefix", balance: float = 1.25, slack_tokens: int = 2048,
+    def initialize_state(self, policy: str = "prefix", balance: float = 1.25, slack_tokens: int = 512,
                          sent_ttl_s: float = 2.0, **_: Any) -> None:
         params = {"balance": balance, "slack_tokens": slack_tokens} if policy == "prefix" else {}
         self._policy = make_policy(policy, **params)

@@ -15,8 +15,10 @@ period) and its load in tokens (still to prefill + still to decode).
    ``load + cost <= balance * (total load + cost) / n + slack``, where ``cost`` is the
    request's tokens to prefill there (its prompt minus what that replica holds)
    plus its decode budget, ``n`` the number of replicas, ``balance`` = 1.25 and
-   ``slack`` = 2048 tokens (so a lightly loaded fleet never spills on rounding; both
-   are ``PrefixPolicy`` parameters). This is consistent hashing with
+   ``slack`` = 512 tokens (so a lightly loaded fleet never spills on rounding; both
+   are ``PrefixPolicy`` parameters; in the 2026-12-01 simulation of BENCHMARKS.md a
+   2048-token slack kept 95-99% of one replica's hit rate but let max/mean load reach
+   1.5, 512 kept max/mean <= 1.24 for 84-97%). This is consistent hashing with
    bounded loads (Mirrokni, Thorup, Zadimoghaddam 2018) with a cache-aware first choice;
 3. if the owner does not fit, the next replica that also holds part of the chain
    and fits, longest match first;
@@ -88,7 +90,7 @@ class PrefixPolicy(Policy):
 
     name = "prefix"
 
-    def __init__(self, balance: float = 1.25, slack_tokens: int = 2048) -> None:
+    def __init__(self, balance: float = 1.25, slack_tokens: int = 512) -> None:
         if balance < 1:
             raise ValueError(f"balance must be >= 1, got {balance}")
         if slack_tokens < 0:

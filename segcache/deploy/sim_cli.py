@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--balance", type=float, default=1.25,
                    help="prefix policy: a replica may take a request while its load stays within "
                         "BALANCE x the mean load (+ slack) (default: %(default)s)")
-    p.add_argument("--slack-tokens", type=int, default=2048,
+    p.add_argument("--slack-tokens", type=int, default=512,
                    help="prefix policy: tokens of load allowed above the bound (default: %(default)s)")
     p.add_argument("--chars-per-token", type=float, default=CHARS_PER_TOKEN,
                    help="token estimate of the router (no tokenizer) (default: %(default)s)")
