@@ -99,10 +99,15 @@ def kv_data(handle: torch.Tensor) -> KVData:
 
 
 def handle_of(kv: KVData) -> torch.Tensor:
-    """A loaded payload's KV as a tensor [n_layers, 2, n_kv_heads, n_tokens, head_dim]
-    over its (writable) bytes."""
-    data = kv.data if isinstance(kv.data, bytearray) else bytearray(kv.data)
-    return torch.frombuffer(data, dtype=getattr(torch, kv.dtype)).view(kv.shape)
+    """A loaded payload's KV as a tensor [n_layers, 2, n_kv_heads, n_tokens, head_dim]:
+    over its bytes where they are writable (the tiers read into a buffer of their own,
+    which the tensor keeps alive), else over a copy."""
+    dtype = getattr(torch, kv.dtype)
+    view = memoryview(kv.data)
+    if view.nbytes == 0:
+        return torch.empty(kv.shape, dtype=dtype)
+    data = bytearray(view) if view.readonly else view
+    return torch.frombuffer(data, dtype=dtype).view(kv.shape)
 
 
 @dataclass

@@ -53,7 +53,8 @@ str(t.dtype).removeprefix("torch."), tuple(t.shape))`` with no copy (the numpy
 view keeps the tensor alive until the encoder has written it; handles are
 never written after insert, so sharing them is safe). Back:
 ``torch.frombuffer(kv.data, dtype=getattr(torch, kv.dtype)).view(kv.shape)``
-(``kv.data`` is a writable bytearray from ``decode``: no copy).
+(``kv.data`` is a writable view of the buffer the tier read the payload into:
+no copy; the tensor keeps that buffer alive).
 
 Keys: a node's key is ``CacheKey(ns, fingerprint, node.parent.chain,
 node.digest, node.chain)``; for unit i of a prompt it can be computed before

@@ -30,6 +30,7 @@ import secrets
 import threading
 import time
 
+import numpy as np
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -74,7 +75,7 @@ class RedisTier(Tier):
         return f"{self.prefix}:{key.ns_hex}:{hex_of(key.fingerprint)}:{key.chain_hex}"
 
     # ------------------------------------------------------------------ storage
-    def _read(self, key: CacheKey) -> bytes | None:
+    def _read(self, key: CacheKey) -> bytes | memoryview | None:
         base = self._base(key)
         try:
             raw = self._call(lambda: self._client.get(base))
@@ -93,16 +94,16 @@ class RedisTier(Tier):
             return None
         if any(p is None for p in parts):  # chunks expired first: the entry is gone
             return None
-        return b"".join(parts)
+        return _joined(parts)
 
-    def _write(self, key: CacheKey, payload: bytes, gen: int) -> bool:
+    def _write(self, key: CacheKey, payload: bytes | memoryview, gen: int) -> bool:
         base, nonce = self._base(key), secrets.token_hex(6)
-        view = memoryview(payload)
+        view = memoryview(payload).cast("B")
         chunks = [view[i:i + self.chunk_bytes] for i in range(0, len(view), self.chunk_bytes)] or [view]
         manifest = json.dumps({"nonce": nonce, "chunks": len(chunks), "size": len(view)})
         pipe = self._client.pipeline(transaction=True)
         for i, chunk in enumerate(chunks):
-            pipe.set(f"{base}:{nonce}:{i}", bytes(chunk), px=self.ttl_ms)
+            pipe.set(f"{base}:{nonce}:{i}", chunk, px=self.ttl_ms)
         pipe.set(base, manifest, px=self.ttl_ms)  # last: readers find it only with its chunks
         if gen != self.generation(key.namespace):
             return False  # purged since it was queued
@@ -188,3 +189,14 @@ class RedisTier(Tier):
                 return
             self._outage, self._backoff = "", self._backoff_min
         log.info("redis tier: reachable again")
+
+
+def _joined(parts: list[bytes]) -> memoryview:
+    """The chunks as one writable buffer of their own (the engine wraps the KV in it
+    as a tensor without another copy; numpy's, so its pages are not zeroed first)."""
+    out = memoryview(np.empty(sum(len(p) for p in parts), dtype=np.uint8)).cast("B")
+    pos = 0
+    for part in parts:
+        out[pos:pos + len(part)] = part
+        pos += len(part)
+    return out
