@@ -8,6 +8,7 @@ What is here (torch-free; kv/ may use numpy, safetensors and redis, never torch)
     base.py        the Tier contract, TierStats, the bounded write queue
     disk.py        DiskTier(root, budget_bytes): a file per node, atomic, LRU, header-only restart
     redis_tier.py  RedisTier(url, ttl_s, chunk_bytes): chunked, MULTI/EXEC, back-off on outages
+    redis_bulk.py  read_values: a node's chunks off the socket straight into one buffer
     store.py       TieredStore(tiers, layout): demote / publish / fetch (+ promote) / purge / stats
 
 How the engine wires it in (``segcache/engine/tiering.py``, the plan below as built)
