@@ -510,3 +510,15 @@ def test_a_loaded_nodes_tensor_is_the_buffer_the_tier_read_into(tmp_path, redis_
     copied = handle_of(decode(node.payload, node.expect))  # from immutable bytes: a copy
     assert torch.equal(copied, handle) and copied.data_ptr() != np.frombuffer(node.payload, np.uint8).ctypes.data
     tier.close()
+
+
+def test_kv_at_an_odd_address_is_copied_to_an_aligned_tensor():
+    """A payload whose header is not padded to 8 bytes (another writer) leaves the tensor
+    bytes unaligned: the node's tensor is then an aligned copy, with the same values."""
+    node = Node("t", "doc", n_tokens=5)
+    n = int.from_bytes(node.payload[:8], "little")
+    odd = (n + 1).to_bytes(8, "little") + node.payload[8:8 + n] + b" " + node.payload[8 + n:]
+    kv = decode(bytearray(odd), node.expect)
+    assert np.frombuffer(kv.data, dtype=np.uint8).ctypes.data % 4 != 0
+    handle = handle_of(kv)
+    assert handle.data_ptr() % 4 == 0 and torch.equal(handle, torch.from_numpy(node.array))
