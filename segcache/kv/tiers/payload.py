@@ -23,15 +23,16 @@ serves a payload only if every field matches what the caller expects; it
 raises ``PayloadRejected(reason)`` otherwise (the tier deletes and counts it).
 
 XXH3-64, not SHA-256 or CRC32, guards the tensor bytes: it catches torn and
-flipped bytes at ~25 GB/s on the 2-core Xeon host (zlib's CRC32 of format 1 ran
-at 2.5 GB/s there, SHA-256 at 1.2: a third of a disk load), and the *identity*
-of a payload is bound by the key fields, which are compared exactly.
+flipped bytes at ~25 GB/s on the 2-core Xeon host, where zlib's CRC32 (format 1)
+ran at 2.5 GB/s, about a third of a disk load's time, and SHA-256 at 1.2 GB/s.
+The *identity* of a payload is bound by the key fields, which are compared exactly.
 
 ``decode`` returns the tensor as a view of the bytes it was given, never a
 copy: a tier that reads into a writable buffer hands the engine KV it can wrap
-as a tensor as is. It checks the safetensors header itself (the layout the
-library writes, one tensor ``kv`` covering the rest of the buffer exactly) and
-refuses what ``safetensors.deserialize`` would refuse.
+as a tensor as is. So it reads the safetensors header itself, and requires
+what the library requires of a file with one tensor (offsets from 0 covering
+the data exactly, nothing after it) and what this format adds (the one tensor
+``kv``, 5-d, its dtype and token count those of ``__metadata__``).
 """
 
 from __future__ import annotations

@@ -2,19 +2,21 @@
 
 redis-py's parser copies a bulk reply about four times on its way to a ``bytes``
 (``recv`` -> a ``BytesIO`` -> ``read`` -> ``+=`` -> a slice), holding the GIL for
-each, and the chunks are then joined once more: at ~100 MB a full hit that was
-about half the load time on the 2-core host. ``read_values`` sends one pipeline,
-``STRLEN`` of every key and then ``GET`` of every key, on a connection of the
-client's own pool (so connecting, AUTH, SELECT and TLS stay redis-py's), learns
-the sizes from the ``STRLEN`` replies, allocates one buffer for all the values
-and ``recv_into``s each value's bytes at its place: one copy, out of the kernel.
+each, and the chunks were then joined once more: reading ~100 MB of KV that way
+took about twice as long as this on the 2-core host. ``read_values`` sends one
+pipeline, ``STRLEN`` of every key and then ``GET`` of every key, on a connection
+of the client's own pool (so connecting, AUTH, SELECT and TLS stay redis-py's),
+learns the sizes from the ``STRLEN`` replies, allocates one buffer for all the
+values and ``recv_into``s each value's bytes at its place: one copy, out of the
+kernel.
 
-Only RESP2 replies are read here (the tier's client asks for protocol 2; a
-connection of another protocol, from a ``?protocol=3`` URL, goes through
-redis-py's pipeline instead); a reply of any other shape, a value whose size changed between its ``STRLEN`` and
-its ``GET`` (the tier never rewrites a chunk, so it cannot happen short of
-another writer), a timeout or a socket error disconnects the connection (it is
-never returned to the pool with unread bytes) and raises a ``redis.RedisError``.
+Only RESP2 replies are read here: the tier's client asks for protocol 2, and a
+connection of another protocol (a ``?protocol=3`` URL wins) goes through
+redis-py's pipeline instead. A reply of any other shape, a value whose size
+changed between its ``STRLEN`` and its ``GET`` (the tier never rewrites a chunk,
+so only another writer could do it), a timeout or a socket error disconnects the
+connection (it never goes back to the pool with unread bytes) and raises a
+``redis.RedisError``.
 """
 
 from __future__ import annotations
