@@ -31,12 +31,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from segcache.kv.integrity import require
 from segcache.kv.tiers.base import Tier, log
 from segcache.kv.tiers.keys import CacheKey
-from segcache.kv.tiers.payload import MAX_HEADER_BYTES, PayloadRejected, read_metadata
+from segcache.kv.tiers.payload import MAX_HEADER_BYTES, PayloadRejected, read_buffer, read_metadata
 
 SUFFIX = ".safetensors"
 TMP_PREFIX = ".tmp-"
@@ -245,11 +243,10 @@ class DiskTier(Tier):
 
 def _read_file(path: Path) -> memoryview:
     """The whole file, read straight into a buffer of its own (one copy out of the
-    page cache; numpy's, so the pages are not zeroed first as a bytearray's are),
-    which the engine then wraps as the node's KV tensor without another copy."""
+    page cache), which the engine then wraps as the node's KV tensor as is."""
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
-        view = memoryview(np.empty(size, dtype=np.uint8)).cast("B")
+        view = read_buffer(size)
         done = 0
         while done < size:
             n = f.readinto(view[done:])

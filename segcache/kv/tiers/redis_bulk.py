@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import socket
 
-import numpy as np
 import redis
+
+from segcache.kv.tiers.payload import read_buffer
 
 _LINE_MAX = 1 << 16  # a reply header line is a few bytes; more is not Redis speaking
 
@@ -43,7 +44,7 @@ def read_values(client: redis.Redis, keys: list[str]) -> memoryview | None:
                                                     + [("GET", k) for k in keys]))
         replies = _Replies(sock)
         sizes = [replies.integer() for _ in keys]
-        out = memoryview(np.empty(sum(sizes), dtype=np.uint8)).cast("B")
+        out = read_buffer(sum(sizes))
         pos, missing = 0, False
         for size in sizes:
             missing |= not replies.bulk_into(out[pos:pos + size])
@@ -70,7 +71,7 @@ def _read_by_pipeline(client: redis.Redis, keys: list[str]) -> memoryview | None
     parts = pipe.execute()
     if any(p is None for p in parts):
         return None
-    out = memoryview(np.empty(sum(len(p) for p in parts), dtype=np.uint8)).cast("B")
+    out = read_buffer(sum(len(p) for p in parts))
     pos = 0
     for part in parts:
         out[pos:pos + len(part)] = part
