@@ -27,8 +27,8 @@ ALLOWED = {
 }
 STDLIB_ONLY = {"config", "kv"}
 # Packages of a stdlib-only layer that may use these libraries (never torch): the cache tiers
-# encode payloads with safetensors/numpy and talk to Redis.
-THIRD_PARTY_OK = {"kv/tiers": {"numpy", "safetensors", "redis"}}
+# encode payloads with safetensors/numpy, checksum them with xxhash and talk to Redis.
+THIRD_PARTY_OK = {"kv/tiers": {"numpy", "safetensors", "xxhash", "redis"}}
 NO_TORCH = {"server", "router", "lint", "bench", "client"}
 # Modules of a no-torch layer that may use torch because they measure the engine itself.
 TORCH_EXCEPTIONS: set[str] = set()
