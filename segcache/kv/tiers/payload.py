@@ -23,8 +23,9 @@ serves a payload only if every field matches what the caller expects; it
 raises ``PayloadRejected(reason)`` otherwise (the tier deletes and counts it).
 
 XXH3-64, not SHA-256 or CRC32, guards the tensor bytes: it catches torn and
-flipped bytes at ~25 GB/s on the 2-core Xeon host, where zlib's CRC32 (format 1)
-ran at 2.5 GB/s, about a third of a disk load's time, and SHA-256 at 1.2 GB/s.
+flipped bytes at ~25 GB/s on the 2-core Xeon host (4+ GB/s from memory with the
+cores shared), and it releases the GIL. zlib's CRC32 (format 1) ran at 2.5 GB/s
+there, about a third of a disk load's time; SHA-256 at 1.2 GB/s.
 The *identity* of a payload is bound by the key fields, which are compared exactly.
 
 ``decode`` returns the tensor as a view of the bytes it was given, never a
@@ -144,8 +145,9 @@ def read_buffer(nbytes: int) -> memoryview:
     """A writable buffer of its own for a tier to read a payload into (the node's KV
     tensor is later made over it as is). Anonymous memory from ``mmap``, not a numpy
     array: numpy asks for transparent huge pages on arrays of 4 MB and more, and
-    faulting those in made a load ~4x slower on the 2-core VM host (540 vs 125 ms
-    per 100 MB read); not a bytearray either, which zeroes its pages first."""
+    faulting those in made a read ~4x slower on the 2-core VM host (540 vs 125 ms
+    per 100 MB, the cores shared with other work); not a bytearray either, which
+    zeroes its pages first."""
     if nbytes == 0:
         return memoryview(bytearray())
     return memoryview(mmap.mmap(-1, nbytes))
