@@ -68,6 +68,7 @@ DTYPES = {
 _CODE_TO_DTYPE = {code: name for name, (code, _) in DTYPES.items()}
 _KEY_FIELDS = ("namespace", "fingerprint", "parent_chain", "segment_digest", "chain")
 MAX_HEADER_BYTES = 1 << 20  # a payload header is ~1 KB; anything bigger is not ours
+MMAP_BYTES = 4 << 20  # payloads read into a mapping of their own from this size on (read_buffer)
 
 
 class PayloadRejected(Exception):
@@ -143,13 +144,14 @@ def token_digest(token_ids: Sequence[int]) -> str:
 
 def read_buffer(nbytes: int) -> memoryview:
     """A writable buffer of its own for a tier to read a payload into (the node's KV
-    tensor is later made over it as is). Anonymous memory from ``mmap``, not a numpy
-    array: numpy asks for transparent huge pages on arrays of 4 MB and more, and
-    faulting those in made a read ~4x slower on the 2-core VM host (540 vs 125 ms
-    per 100 MB, the cores shared with other work); not a bytearray either, which
-    zeroes its pages first."""
-    if nbytes == 0:
-        return memoryview(bytearray())
+    tensor is later made over it as is). From ``MMAP_BYTES`` on, anonymous memory
+    from ``mmap``, not a numpy array: numpy asks for transparent huge pages on arrays
+    of 4 MB and more, and faulting those in made a read ~4x slower on the 2-core VM
+    host (540 vs 125 ms per 100 MB, the cores shared with other work); nor a
+    bytearray, which zeroes its pages first. Below it a bytearray: a mapping per
+    small node could run into the kernel's limit on mappings (vm.max_map_count)."""
+    if nbytes < MMAP_BYTES:
+        return memoryview(bytearray(nbytes))
     return memoryview(mmap.mmap(-1, nbytes))
 
 
