@@ -4,16 +4,24 @@ tier, isolation, budgets, fingerprints, bad payloads, stats."""
 
 from __future__ import annotations
 
+import gc
+import os
 import shutil
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from segcache.config import CacheConfig, SchedulerConfig
+from segcache.engine.tiering import handle_of
 from segcache.engine.types import ChatRequest, SamplingParams, SegmentInput
-from segcache.kv.tiers import DiskTier
+from segcache.kv.tiers import DiskTier, decode
+from segcache.kv.tiers.payload import MMAP_BYTES
+from segcache.kv.tiers.redis_tier import RedisTier
+from tests.tier_helpers import Node
 
 A = "Global rules: answer in English, cite files, never invent APIs. " * 12
 B = "Backend agent: Python, SQL, migrations, pytest. " * 6
@@ -483,3 +491,39 @@ def test_servers_sharing_redis_agree_on_a_tenant_whichever_purged(tiny_engine_fa
     chat(a, "t", AGENTS[1])  # A, now at generation 1, computes; B (generation 0) loads it
     settle(a)
     assert tiers_of(chat(b, "t", AGENTS[1])) == ["ram", "redis", "redis"]  # A+C+E; A was in B's RAM
+
+
+@pytest.mark.parametrize("tier_name", ["disk", "redis"])
+@pytest.mark.parametrize("n_tokens", [7, 300])  # 1.3 KB; 14 MB, past MMAP_BYTES (another buffer kind)
+def test_a_loaded_nodes_tensor_is_the_buffer_the_tier_read_into(tmp_path, redis_server, tier_name, n_tokens):
+    """No copy between the tier's read and the node's KV: the tensor wraps the tier's
+    buffer, and keeps it alive once the hit is gone. Bytes a caller cannot write are copied."""
+    big = n_tokens > 7
+    node = Node("t", "doc", n_tokens=n_tokens, **({"n_layers": 30, "head_dim": 64} if big else {}))
+    assert (len(node.payload) > MMAP_BYTES) == big
+    tier = (DiskTier(tmp_path, 1 << 30) if tier_name == "disk"
+            else RedisTier(redis_server.url, 60, 4 << 20 if big else 256))
+    assert tier.put(node.key, node.payload)
+    hit = tier.get(node.expect)
+    handle = handle_of(hit.kv)
+    assert not memoryview(hit.kv.data).readonly
+    assert handle.data_ptr() == np.frombuffer(hit.kv.data, dtype=np.uint8).ctypes.data
+    del hit
+    gc.collect()
+    garbage = [bytearray(os.urandom(1 << 16)) for _ in range(64)]  # reuse any freed memory
+    assert garbage and torch.equal(handle, torch.from_numpy(node.array))
+    copied = handle_of(decode(node.payload, node.expect))  # from immutable bytes: a copy
+    assert torch.equal(copied, handle) and copied.data_ptr() != np.frombuffer(node.payload, np.uint8).ctypes.data
+    tier.close()
+
+
+def test_kv_at_an_odd_address_is_copied_to_an_aligned_tensor():
+    """A payload whose header is not padded to 8 bytes (another writer) leaves the tensor
+    bytes unaligned: the node's tensor is then an aligned copy, with the same values."""
+    node = Node("t", "doc", n_tokens=5)
+    n = int.from_bytes(node.payload[:8], "little")
+    odd = (n + 1).to_bytes(8, "little") + node.payload[8:8 + n] + b" " + node.payload[8 + n:]
+    kv = decode(bytearray(odd), node.expect)
+    assert np.frombuffer(kv.data, dtype=np.uint8).ctypes.data % 4 != 0
+    handle = handle_of(kv)
+    assert handle.data_ptr() % 4 == 0 and torch.equal(handle, torch.from_numpy(node.array))

@@ -425,3 +425,21 @@ class DiskMachine(RuleBasedStateMachine):
 
 DiskMachine.TestCase.settings = settings(max_examples=30, stateful_step_count=30, deadline=None)
 TestDiskMachine = DiskMachine.TestCase
+
+
+def test_a_file_of_an_older_format_is_deleted_at_start_and_never_served(tmp_path):
+    """An upgrade that changes the payload format (1: CRC32, 2: XXH3-64) starts over:
+    files of the old one are refused by their header, counted and deleted."""
+    tier = DiskTier(tmp_path, 1 << 20)
+    old, kept = Node("t", "old"), Node("t", "kept", seed=1)
+    tier.put(old.key, old.payload)
+    tier.put(kept.key, kept.payload)
+    path = _file(tier, old)
+    data = path.read_bytes()
+    assert data.count(b'"version":"2"') == 1
+    path.write_bytes(data.replace(b'"version":"2"', b'"version":"1"'))
+    again = DiskTier(tmp_path, 1 << 20)
+    assert again.startup.entries == 1 and again.startup.removed_bad == 1
+    assert again.stats().rejected == {"version": 1} and not path.exists()
+    assert again.get(old.expect) is None and again.get(kept.expect) is not None
+    again.check_integrity()

@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 import safetensors
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from segcache.kv.hashing import segment_digest
 from segcache.kv.tiers import (
@@ -20,7 +22,7 @@ from segcache.kv.tiers import (
     encode,
     token_digest,
 )
-from segcache.kv.tiers.payload import read_metadata
+from segcache.kv.tiers.payload import FORMAT_VERSION, read_metadata
 from tests.tier_helpers import FP_OTHER, LAYOUT, Node
 
 
@@ -82,7 +84,9 @@ def test_a_truncated_payload_is_rejected(cut):
 def test_garbage_is_malformed_and_an_old_version_is_refused():
     node = Node("t", "x")
     assert _reason(b"\x10" + bytes(40), node.expect) == "malformed"
-    old = node.payload.replace(b'"version":"1"', b'"version":"0"')
+    # Format 1 (a CRC32 checksum) is refused as such, not checked against XXH3.
+    assert FORMAT_VERSION == "2" and read_metadata(node.payload)["checksum"].startswith("xxh3_64:")
+    old = node.payload.replace(b'"version":"2"', b'"version":"1"')
     assert old != node.payload and _reason(old, node.expect) == "version"
 
 
@@ -153,3 +157,83 @@ def test_fingerprint_with_engine_settings_names_another_namespace():
     assert namespace_digest("t", a) != namespace_digest("t", fingerprint_with(base, prefill_chunk=128))
     with pytest.raises(ValueError):
         fingerprint_with("not a digest", prefill_chunk=256)
+
+
+def _rebuilt(payload: bytes, edit) -> bytes:
+    """``payload`` with its safetensors header passed through ``edit(header) -> header``
+    (the tensor bytes kept), re-padded to 8 bytes as safetensors writes it."""
+    n = int.from_bytes(payload[:8], "little")
+    header = edit(json.loads(payload[8:8 + n]))
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + payload[8 + n:]
+
+
+def _tensor_edit(**fields):
+    def edit(header):
+        header["kv"].update(fields)
+        return header
+    return edit
+
+
+@pytest.mark.parametrize("name, edit, tail", [
+    ("bytes after the tensor", None, b"\0" * 8),
+    ("a second tensor", lambda h: h | {"extra": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}, b""),
+    ("no tensor", lambda h: {"__metadata__": h["__metadata__"]}, b""),
+    ("offsets not from 0", _tensor_edit(data_offsets=[8, 8 + 1536]), b"\0" * 8),
+    ("offsets short of the shape", _tensor_edit(data_offsets=[0, 8]), b""),
+    ("a float in the shape", _tensor_edit(shape=[2, 2, 3, 4.0, 8]), b""),
+    ("a 4-d shape", _tensor_edit(shape=[4, 3, 4, 8]), b""),
+    ("n_tokens differing from the shape", _tensor_edit(shape=[2, 2, 3, 2, 16]), b""),
+    ("a dtype the header does not name", _tensor_edit(dtype="F16", shape=[2, 2, 3, 4, 16]), b""),
+    ("an unknown dtype", _tensor_edit(dtype="I64"), b""),
+    ("a list as dtype", _tensor_edit(dtype=["F32"]), b""),
+])
+def test_a_header_safetensors_would_refuse_or_that_misdescribes_the_kv_is_malformed(name, edit, tail):
+    """``decode`` reads the tensor in place (no ``safetensors.deserialize``): it refuses
+    every header that library refuses and every one that does not describe our one tensor."""
+    node = Node("t", "x", n_tokens=4)  # [2, 2, 3, 4, 8] float32: 1536 bytes
+    data = (node.payload if edit is None else _rebuilt(node.payload, edit)) + tail
+    assert _reason(data, node.expect) == "malformed", name
+    try:
+        tensors = dict(safetensors.deserialize(data))
+    except Exception:  # refused by safetensors too
+        return
+    t = tensors.get("kv")  # read by safetensors, but not as the one KV tensor the header names
+    assert len(tensors) != 1 or t is None or t["dtype"] != "F32" or t["shape"] != [2, 2, 3, 4, 8]
+
+
+def test_the_kv_is_a_view_of_the_buffer_it_was_read_into_and_readable_by_safetensors():
+    node = Node("t", "x", n_tokens=6)
+    buffer = bytearray(node.payload)
+    kv = decode(buffer, node.expect)
+    view = memoryview(kv.data)
+    assert not view.readonly and np.array_equal(kv.array(), node.array)
+    view[0] ^= 1  # the same memory: no copy was made
+    n = int.from_bytes(node.payload[:8], "little")
+    assert buffer[8 + n] == node.payload[8 + n] ^ 1
+    (name, tensor), = safetensors.deserialize(node.payload)  # still a plain safetensors file
+    assert name == "kv" and tensor["data"] == node.kv.array().tobytes()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_a_damaged_payload_is_refused_or_yields_exactly_the_original_kv(data):
+    """Any flipped bytes, anywhere (header, key, checksum, tensor), or a cut: ``decode``
+    raises PayloadRejected (never another error) or returns the original KV bit for
+    bit (a flip in the header's padding changes nothing that is read)."""
+    node = _DAMAGE_NODE
+    payload = bytearray(node.payload)
+    for _ in range(data.draw(st.integers(1, 3))):
+        i = data.draw(st.integers(0, len(payload) - 1))
+        payload[i] ^= data.draw(st.integers(1, 255))
+    if data.draw(st.booleans()):
+        payload = payload[:data.draw(st.integers(0, len(payload)))]
+    try:
+        kv = decode(payload, node.expect)
+    except PayloadRejected:
+        return
+    assert kv.dtype == "float32" and np.array_equal(kv.array(), node.array)
+
+
+_DAMAGE_NODE = Node("t", "damage", n_tokens=3)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 
 import pytest
 import redis
 
+from segcache.kv.tiers.redis_bulk import read_values
 from segcache.kv.tiers.redis_tier import DEFAULT_PREFIX, RedisTier
 from tests.tier_helpers import FP_OTHER, Node
 
@@ -145,3 +147,62 @@ def test_an_unreachable_url_from_the_start_only_misses(tmp_path):
     assert not tier.contains(node.key)
     tier.delete_namespace(node.ns)
     assert tier.stats().errors == 1 and tier.stats().disabled
+
+
+def _pool_idle(client: redis.Redis) -> bool:
+    return not client.connection_pool._in_use_connections
+
+
+def test_values_are_read_straight_into_one_buffer_and_the_connection_stays_clean(redis_server, raw):
+    rng = random.Random(7)
+    values = [rng.randbytes(n) for n in (0, 1, 5 << 20, 3, 70_000, 2 << 20)]  # > any socket buffer
+    keys = [f"bulk:{i}" for i in range(len(values))]
+    for k, v in zip(keys, values, strict=True):
+        raw.set(k, v)
+    client = redis.Redis.from_url(redis_server.url, protocol=2)
+    for _ in range(3):  # the same connection again and again: nothing left unread on it
+        out = read_values(client, keys)
+        assert not out.readonly and bytes(out) == b"".join(values)
+        assert read_values(client, keys[::-1]) == b"".join(values[::-1])
+        assert read_values(client, [*keys[:2], "bulk:none", keys[2]]) is None
+        assert client.ping() and _pool_idle(client)
+    client.close()
+
+
+def test_a_reply_that_is_not_a_value_raises_and_drops_the_connection(redis_server, raw):
+    raw.set("bulk:a", b"x" * 100_000)
+    raw.rpush("bulk:list", "not a string")
+    client = redis.Redis.from_url(redis_server.url, protocol=2)
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        read_values(client, ["bulk:a", "bulk:list"])  # fails after the first value's size
+    assert _pool_idle(client) and client.get("bulk:a") == b"x" * 100_000  # a fresh connection
+    assert bytes(read_values(client, ["bulk:a"])) == b"x" * 100_000
+    client.close()
+
+
+def test_a_stalled_redis_times_out_and_the_tier_misses(redis_server, raw):
+    tier = _tier(redis_server, timeout_s=0.3, backoff_s=(0.05, 0.05))
+    node = Node("t", "doc", n_tokens=64)
+    tier.put(node.key, node.payload)
+    keys = [k for k in _keys(raw) if k != _base(node)]
+    raw.execute_command("CLIENT", "PAUSE", 1500, "ALL")  # every command waits 1.5 s
+    with pytest.raises(redis.TimeoutError):
+        read_values(tier._client, keys)
+    assert _pool_idle(tier._client)
+    time.sleep(1.6)
+    hit = tier.get(node.expect)
+    assert hit is not None and hit.payload == node.payload
+    tier.close()
+
+
+def test_a_resp3_url_reads_through_the_pipeline_and_gets_the_same_bytes(redis_server):
+    tier3 = RedisTier(redis_server.url + "?protocol=3", ttl_s=600, chunk_bytes=4096)
+    tier2 = _tier(redis_server, chunk_bytes=4096)
+    node = Node("t", "doc", n_tokens=300)
+    assert tier2.put(node.key, node.payload)
+    for tier in (tier2, tier3):
+        hit = tier.get(node.expect)
+        assert hit is not None and hit.payload == node.payload and not memoryview(hit.kv.data).readonly
+    assert tier3._client.connection_pool.connection_kwargs["protocol"] == 3
+    tier2.close()
+    tier3.close()

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
 import torch
 
 from segcache.config import CacheConfig
@@ -99,10 +100,17 @@ def kv_data(handle: torch.Tensor) -> KVData:
 
 
 def handle_of(kv: KVData) -> torch.Tensor:
-    """A loaded payload's KV as a tensor [n_layers, 2, n_kv_heads, n_tokens, head_dim]
-    over its (writable) bytes."""
-    data = kv.data if isinstance(kv.data, bytearray) else bytearray(kv.data)
-    return torch.frombuffer(data, dtype=getattr(torch, kv.dtype)).view(kv.shape)
+    """A loaded payload's KV as a tensor [n_layers, 2, n_kv_heads, n_tokens, head_dim]:
+    over its bytes where they are writable and aligned (the tiers read into a buffer of
+    their own, which the tensor keeps alive; safetensors pads the header to 8 bytes),
+    else over a copy."""
+    dtype = getattr(torch, kv.dtype)
+    view = memoryview(kv.data)
+    if view.nbytes == 0:
+        return torch.empty(kv.shape, dtype=dtype)
+    aligned = np.frombuffer(view, dtype=np.uint8).ctypes.data % dtype.itemsize == 0
+    data = view if aligned and not view.readonly else bytearray(view)
+    return torch.frombuffer(data, dtype=dtype).view(kv.shape)
 
 
 @dataclass

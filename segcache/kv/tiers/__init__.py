@@ -8,6 +8,7 @@ What is here (torch-free; kv/ may use numpy, safetensors and redis, never torch)
     base.py        the Tier contract, TierStats, the bounded write queue
     disk.py        DiskTier(root, budget_bytes): a file per node, atomic, LRU, header-only restart
     redis_tier.py  RedisTier(url, ttl_s, chunk_bytes): chunked, MULTI/EXEC, back-off on outages
+    redis_bulk.py  read_values: a node's chunks off the socket straight into one buffer
     store.py       TieredStore(tiers, layout): demote / publish / fetch (+ promote) / purge / stats
 
 How the engine wires it in (``segcache/engine/tiering.py``, the plan below as built)
@@ -53,7 +54,8 @@ str(t.dtype).removeprefix("torch."), tuple(t.shape))`` with no copy (the numpy
 view keeps the tensor alive until the encoder has written it; handles are
 never written after insert, so sharing them is safe). Back:
 ``torch.frombuffer(kv.data, dtype=getattr(torch, kv.dtype)).view(kv.shape)``
-(``kv.data`` is a writable bytearray from ``decode``: no copy).
+(``kv.data`` is a writable view of the buffer the tier read the payload into:
+no copy; the tensor keeps that buffer alive).
 
 Keys: a node's key is ``CacheKey(ns, fingerprint, node.parent.chain,
 node.digest, node.chain)``; for unit i of a prompt it can be computed before

@@ -109,10 +109,13 @@ class TierStats:
 
 @dataclass(frozen=True)
 class Hit:
-    """A verified entry: the KV and the payload bytes it came from (to promote them as is)."""
+    """A verified entry: the KV and the payload bytes it came from (to promote them as
+    is). ``kv.data`` is a view of ``payload``, writable where the tier read into a
+    buffer of its own (disk, Redis): nothing else holds it, and it is never written
+    (a promotion only reads it)."""
 
     kv: KVData
-    payload: bytes
+    payload: bytes | memoryview
 
 
 class Tier(ABC):
@@ -155,10 +158,10 @@ class Tier(ABC):
         with self._lock:
             self._stats.hits += 1
             self._stats.load_s += time.perf_counter() - t0
-            self._stats.load_bytes += len(data)
-        return Hit(kv, bytes(data))
+            self._stats.load_bytes += memoryview(data).nbytes
+        return Hit(kv, data)
 
-    def put(self, key: CacheKey, payload: bytes, gen: int | None = None) -> bool:
+    def put(self, key: CacheKey, payload: bytes | memoryview, gen: int | None = None) -> bool:
         """Store ``payload`` now. ``gen`` is the namespace generation the write
         was queued under (None: the current one)."""
         if self._stats.disabled:
@@ -170,12 +173,12 @@ class Tier(ABC):
             return True
         return False
 
-    def put_async(self, key: CacheKey, payload: bytes) -> bool:
+    def put_async(self, key: CacheKey, payload: bytes | memoryview) -> bool:
         if self._stats.disabled or self._closed:
             self._count("dropped")
             return False
         self._start_writer()
-        if not self._queue.offer((key, payload, self.generation(key.namespace)), len(payload)):
+        if not self._queue.offer((key, payload, self.generation(key.namespace)), memoryview(payload).nbytes):
             self._count("dropped")
             return False
         return True
@@ -220,7 +223,7 @@ class Tier(ABC):
     def _read(self, key: CacheKey) -> bytes | memoryview | None: ...
 
     @abstractmethod
-    def _write(self, key: CacheKey, payload: bytes, gen: int) -> bool:
+    def _write(self, key: CacheKey, payload: bytes | memoryview, gen: int) -> bool:
         """Store; discard (return False) if ``gen`` is no longer the namespace's."""
 
     @abstractmethod

@@ -34,7 +34,7 @@ from pathlib import Path
 from segcache.kv.integrity import require
 from segcache.kv.tiers.base import Tier, log
 from segcache.kv.tiers.keys import CacheKey
-from segcache.kv.tiers.payload import MAX_HEADER_BYTES, PayloadRejected, read_metadata
+from segcache.kv.tiers.payload import MAX_HEADER_BYTES, PayloadRejected, read_buffer, read_metadata
 
 SUFFIX = ".safetensors"
 TMP_PREFIX = ".tmp-"
@@ -135,15 +135,14 @@ class DiskTier(Tier):
     def _path(self, slot: Slot) -> Path:
         return self.root / slot[0] / (slot[1] + SUFFIX)
 
-    def _read(self, key: CacheKey) -> bytes | None:
+    def _read(self, key: CacheKey) -> memoryview | None:
         slot = (key.ns_hex, key.chain_hex)
         with self._lock:
             if slot not in self._index:
                 return None
             self._index.move_to_end(slot)
         try:
-            with open(self._path(slot), "rb") as f:
-                return f.read()
+            return _read_file(self._path(slot))
         except FileNotFoundError:  # deleted behind our back: forget it
             self._forget(slot)
             return None
@@ -152,8 +151,8 @@ class DiskTier(Tier):
             self._count("errors")
             return None
 
-    def _write(self, key: CacheKey, payload: bytes, gen: int) -> bool:
-        size = len(payload)
+    def _write(self, key: CacheKey, payload: bytes | memoryview, gen: int) -> bool:
+        size = memoryview(payload).nbytes
         if size > self.budget_bytes:
             self._count("dropped")
             return False
@@ -180,7 +179,7 @@ class DiskTier(Tier):
             return False
         return True
 
-    def _write_file(self, path: Path, payload: bytes) -> None:
+    def _write_file(self, path: Path, payload: bytes | memoryview) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             view = memoryview(payload)
@@ -240,6 +239,21 @@ class DiskTier(Tier):
             on_disk = {(p.parent.name, p.name[:-len(SUFFIX)]): p.stat().st_size
                        for p in self.root.glob(f"*/*{SUFFIX}")}
             require(on_disk == dict(self._index), "index differs from the files on disk")
+
+
+def _read_file(path: Path) -> memoryview:
+    """The whole file, read straight into a buffer of its own (one copy out of the
+    page cache), which the engine then wraps as the node's KV tensor as is."""
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        view = read_buffer(size)
+        done = 0
+        while done < size:
+            n = f.readinto(view[done:])
+            if not n:  # shrunk since fstat: the payload check refuses what is there
+                return view[:done]
+            done += n
+        return view
 
 
 def _read_header(path: Path) -> bytes:
