@@ -100,7 +100,10 @@ def _turns_against_cold_with(make_engine) -> None:
     assert calls[-1] > q1_tokens and q1_tokens not in calls
     calls.clear()
     second = warm.chat(ChatRequest("t", Q2, segments, GREEDY))
-    assert [u.status for u in second.segments] == ["hit", "hit", "hit", "miss"]
+    # Q2's unit starts with the template tokens that also start the kept reply (its
+    # sibling): a partial hit of those few, the rest computed as a cold prefill would
+    assert [u.status for u in second.segments][:3] == ["hit", "hit", "hit"]
+    assert second.segments[3].status in ("miss", "partial")
     assert len(calls) == 1 and calls[0] > second.segments[-1].tokens
     # A cold engine computes the first question alone (it is not last here).
     cold = make_engine()
