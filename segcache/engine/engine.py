@@ -6,7 +6,9 @@ Request path (``chat``), in KV slots of one buffer:
                                           response_format / forced tool call compiled)
     walk the tenant's tree                matched = units[0:h]            -> pinned
     copy matched KV into the buffer       slots [0, p_h)
-    prefill missing units one by one      slots [p_h, p_n), a node inserted (pinned) after each
+    prefill missing units one by one      slots [p_h, p_n), a node inserted (pinned) after each;
+                                          a unit's head a cached sibling shares is copied, not
+                                          computed (a partial hit, ``kv.partial``)
     prefill the tail                      slots [p_n, P)  (always >= 1 token: fresh logits)
     decode                                slots [P, P + completion); choices 1..n-1 in
                                           copies of slots [0, P) (``engine.decode``)
@@ -14,8 +16,11 @@ Request path (``chat``), in KV slots of one buffer:
                                           message's digest (only for a clean finish), per choice
     unpin everything                      on success, error and cancellation alike
 
-Units are explicit segments, the tools block and each message (see
-``segcache.engine.prompt``). Node payloads are torch tensors
+Units are explicit segments, the tools block and each message, or each content-defined
+chunk of a message under ``--blend auto`` (see ``segcache.engine.prompt``). Blending is
+``Blender``'s (``segcache.engine.blend``), the lower tiers ``Tiering``'s; the runner, the
+KV buffer pool and the run state have their own modules; ``EngineClient``
+(``segcache.engine.types``) is what the server sees of all this. Node payloads are torch tensors
 ``[n_layers, 2, n_kv_heads, n_tokens, head_dim]`` in the runtime's KV dtype; the
 tree only sees them as opaque handles.
 
