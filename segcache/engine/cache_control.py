@@ -1,19 +1,50 @@
-"""Cache control for the engine: stats, purge, metrics and the named segment
-registry. A mixin over ``Engine``'s tree, registry, memo and lock."""
+"""Cache administration for one engine: stats, purge, metrics and the named
+segment registry (``CacheAdmin``)."""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
+from segcache.config import CacheConfig
+from segcache.engine.prompt import TokenMemo
 from segcache.engine.types import EngineError, NotFoundError, QuotaExceededError
 from segcache.kv.hashing import segment_digest
-from segcache.kv.registry import RegistryEntry, RegistryFull
+from segcache.kv.radix import RadixTree
+from segcache.kv.registry import RegistryEntry, RegistryFull, SegmentRegistry
+from segcache.kv.segment_tree import SegmentTree
 
 
-class CacheControl:
-    # Provided by Engine: tree, radix, registry, memo, cache_cfg, model_name,
-    # fingerprint, _lock (tree, radix), namespace(), blender.
+class CacheAdmin:
+    """What an operator or a tenant asks of the cache itself. It reads the engine's
+    tree, radix tail, registry and memo (under the engine's ``lock``) and reaches the
+    rest of the engine through the callables it is given: ``namespace(tenant)``, the
+    tenant's current namespace; ``retire(tenant)``, which moves the tenant to a new
+    namespace, drops what it held in RAM and returns (old namespace, its standalone
+    namespace, nodes removed); ``standalone_namespace(ns)``; ``tier_stats()`` and
+    ``purge_tiers(*namespaces)`` of the lower tiers; ``check_text_size(n_chars, param)``."""
+
+    def __init__(self, *, tree: SegmentTree, radix: RadixTree, registry: SegmentRegistry,
+                 memo: TokenMemo, lock: threading.RLock, cache_cfg: CacheConfig, model_name: str,
+                 fingerprint: str, namespace: Callable[[str], str],
+                 retire: Callable[[str], tuple[str, str, int]],
+                 standalone_namespace: Callable[[str], str],
+                 tier_stats: Callable[[], dict[str, Any]],
+                 purge_tiers: Callable[..., None],
+                 check_text_size: Callable[[int, str], None]) -> None:
+        self.tree, self.radix, self.registry, self.memo = tree, radix, registry, memo
+        self._lock = lock
+        self.cache_cfg = cache_cfg
+        self.model_name = model_name
+        self.fingerprint = fingerprint
+        self.namespace = namespace
+        self._retire = retire
+        self.standalone_namespace = standalone_namespace
+        self.tier_stats = tier_stats
+        self._purge_tiers = purge_tiers
+        self._check_text_size = check_text_size
 
     def cache_stats(self, tenant: str) -> dict[str, Any]:
         with self._lock:
@@ -22,7 +53,7 @@ class CacheControl:
             radix = self.radix.stats(ns)
             stats["radix"] = {k: radix[k] for k in ("nodes", "bytes", "tokens", "hits", "pinned",
                                                     "evictions")}
-            standalone = self.tree.stats(self.blender.standalone_namespace(ns), max_depth=0)
+            standalone = self.tree.stats(self.standalone_namespace(ns), max_depth=0)
             stats["standalone"] = {"entries": standalone.get("nodes", 0),
                                    "bytes": standalone.get("bytes", 0),
                                    "tokens": standalone.get("tokens", 0)}
@@ -38,20 +69,11 @@ class CacheControl:
 
     def purge(self, tenant: str) -> int:
         """Drop everything this tenant's earlier requests left: cached KV, standalone
-        copies, token ids and registered names. The tenant moves to a new namespace,
-        so nothing from before is reachable once this returns, whatever requests or
-        background jobs are still running: what they hold or insert later stays in
-        the retired namespace, swept when they end (``_sweep_retired``)."""
+        copies, token ids and registered names, on every tier. The tenant moves to a
+        new namespace (``retire``), so nothing from before is reachable once this
+        returns, whatever requests or background jobs are still running."""
         self.registry.purge(tenant)
-        with self._lock:
-            ns = self.namespace(tenant)
-            ns_s = self.blender.standalone_namespace(ns)
-            self._purges[ns_s] = self._purges.get(ns_s, 0) + 1  # queued background jobs skip work
-            self._generation[tenant] = self._generation.get(tenant, 0) + 1
-            removed = (len(self.tree.purge(ns)) + len(self.tree.purge(ns_s))
-                       + len(self.radix.purge(ns)))
-            self._retired |= {ns, ns_s}
-            self._sweep_retired()
+        ns, ns_s, removed = self._retire(tenant)
         self.memo.forget(ns)
         self._purge_tiers(ns, ns_s)  # every lower tier too (blocking I/O, outside the lock)
         return removed

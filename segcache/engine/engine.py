@@ -49,7 +49,7 @@ import torch
 
 from segcache.config import CacheConfig, Config, SchedulerConfig
 from segcache.engine.blend import Blender
-from segcache.engine.cache_control import CacheControl
+from segcache.engine.cache_control import CacheAdmin
 from segcache.engine.decode import Decoder, Sequence
 from segcache.engine.detok import TextStream
 from segcache.engine.grammar import Constraint, Grammars, grammar_for
@@ -113,7 +113,7 @@ def model_id(file_stem: str) -> str:
     return _QUANT_SUFFIX.sub("", file_stem) or file_stem
 
 
-class Engine(CacheControl, Tiering):
+class Engine(Tiering):
     def __init__(self, runtime: ModelRuntime, tokenizer: ChatTokenizer, cache: CacheConfig,
                  model_name: str, scheduler: SchedulerConfig | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -153,6 +153,18 @@ class Engine(CacheControl, Tiering):
                                scheduler=self.scheduler, inflight=self._inflight, purges=self._purges,
                                sink=sink_ids(tokenizer), enforce_budget=self._enforce_budget,
                                sweep_retired=self._sweep_retired)
+        self.cache = CacheAdmin(tree=self.tree, radix=self.radix, registry=self.registry,
+                                memo=self.memo, lock=self._lock, cache_cfg=cache,
+                                model_name=model_name, fingerprint=self.fingerprint,
+                                namespace=self.namespace, retire=self._retire,
+                                standalone_namespace=self.blender.standalone_namespace,
+                                tier_stats=self.tier_stats, purge_tiers=self._purge_tiers,
+                                check_text_size=self._check_text_size)
+        # EngineClient's cache calls
+        self.cache_stats, self.purge, self.metrics = (self.cache.cache_stats, self.cache.purge,
+                                                      self.cache.metrics)
+        self.put_segment, self.get_segment, self.delete_segment = (
+            self.cache.put_segment, self.cache.get_segment, self.cache.delete_segment)
 
     def close(self, drain: bool = True) -> None:
         """Stop taking requests; with ``drain`` finish the ones already queued; then
@@ -551,6 +563,22 @@ class Engine(CacheControl, Tiering):
         if ns is not None:
             self._enforce_budget(ns)
         self._sweep_retired()
+
+    def _retire(self, tenant: str) -> tuple[str, str, int]:
+        """Move ``tenant`` to a new namespace (its next generation) and drop what its
+        old one and that one's standalone copies hold in RAM; returns (old namespace,
+        its standalone namespace, nodes removed). Requests and background jobs still
+        running insert into the retired namespaces, swept when they end."""
+        with self._lock:
+            ns = self.namespace(tenant)
+            ns_s = self.blender.standalone_namespace(ns)
+            self._purges[ns_s] = self._purges.get(ns_s, 0) + 1  # queued background jobs skip work
+            self._generation[tenant] = self._generation.get(tenant, 0) + 1
+            removed = (len(self.tree.purge(ns)) + len(self.tree.purge(ns_s))
+                       + len(self.radix.purge(ns)))
+            self._retired |= {ns, ns_s}
+            self._sweep_retired()
+        return ns, ns_s, removed
 
     def _sweep_retired(self) -> None:
         """Drop what jobs that outlived a purge left in retired namespaces (engine

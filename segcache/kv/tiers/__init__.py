@@ -120,7 +120,7 @@ already binds the exact message content).
    ``Fetched.tier`` for a promoted node, None for a miss or a blended unit
    (computed, not loaded); ``as_dict`` writes it for every segment.
 
-5. Purge and stats. ``CacheControl.purge`` (``DELETE /v1/cache``) also calls
+5. Purge and stats. ``CacheAdmin.purge`` (``DELETE /v1/cache``) also calls
    ``self.store.purge(ns)`` and ``self.store.purge(ns_s)`` (the standalone
    namespace): every tier drops the tenant's entries and every write of the
    tenant queued before the purge is discarded. ``cache_stats`` (``GET
