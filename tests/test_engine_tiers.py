@@ -89,7 +89,7 @@ def test_eviction_demotes_and_a_miss_in_ram_promotes_back(tiny_engine_factory, t
     # RAM for about one agent's prompt: the next agents evict the earlier ones' nodes
     engine = tiny_engine_factory(disk_cfg(tmp_path, cache_bytes=one + 1000))
     # no write-through (as if every publish had been dropped): only demotion fills the disk
-    monkeypatch.setattr(engine, "_publish", lambda node, handle: None)
+    monkeypatch.setattr(engine.tiers, "publish", lambda node, handle: None)
     first = chat(engine, "t", AGENTS[0])
     settle(engine)
     assert engine.store.tiers[0].stats().entries == 0

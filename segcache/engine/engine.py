@@ -18,7 +18,7 @@ Request path (``chat``), in KV slots of one buffer:
 
 Units are explicit segments, the tools block and each message, or each content-defined
 chunk of a message under ``--blend auto`` (see ``segcache.engine.prompt``). Blending is
-``Blender``'s (``segcache.engine.blend``), the lower tiers ``Tiering``'s; the runner, the
+``Blender``'s (``segcache.engine.blend``), the lower tiers ``Tiers``'; the runner, the
 KV buffer pool and the run state have their own modules; ``EngineClient``
 (``segcache.engine.types``) is what the server sees of all this. Node payloads are torch tensors
 ``[n_layers, 2, n_kv_heads, n_tokens, head_dim]`` in the runtime's KV dtype; the
@@ -65,7 +65,7 @@ from segcache.engine.scheduler import (
     WaitFor,
     prefill,
 )
-from segcache.engine.tiering import Tiering
+from segcache.engine.tiering import Tiers, build_store
 from segcache.engine.toolcalls import ToolCallFilter, parse_tool_calls
 from segcache.engine.types import (
     ChatRequest,
@@ -113,7 +113,7 @@ def model_id(file_stem: str) -> str:
     return _QUANT_SUFFIX.sub("", file_stem) or file_stem
 
 
-class Engine(Tiering):
+class Engine:
     def __init__(self, runtime: ModelRuntime, tokenizer: ChatTokenizer, cache: CacheConfig,
                  model_name: str, scheduler: SchedulerConfig | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -128,9 +128,12 @@ class Engine(Tiering):
         self.context_window = runtime.arch.max_position
         self.vocab_size = runtime.arch.vocab_size
         self.execution_plan = runtime.describe()  # which code computes tokens (/health, /v1/models)
-        self._init_tiers(cache, KV_LAYOUT_VERSION)  # disk, Redis (self.store None: RAM only)
-        self.tree = SegmentTree(cache.cache_bytes, clock=clock, on_remove=self._on_tree_remove,
+        self.tree = SegmentTree(cache.cache_bytes, clock=clock,
+                                on_remove=lambda node, reason: self.tiers.on_tree_remove(node, reason),
                                 tenant_quota_bytes=cache.tenant_quota_bytes)
+        # disk, Redis (store None: RAM only)
+        self.tiers = Tiers(build_store(cache, KV_LAYOUT_VERSION), self.tree, self.fingerprint, cache,
+                           self._enforce_budget)
         self.radix = RadixTree(cache.cache_bytes, split_handle=split_kv, bytes_of=kv_bytes,
                                handle_len=lambda h: h.shape[3], clock=clock)
         self.registry = SegmentRegistry(clock, cache.registry_bytes, cache.tenant_registry_bytes,
@@ -158,7 +161,7 @@ class Engine(Tiering):
                                 model_name=model_name, fingerprint=self.fingerprint,
                                 namespace=self.namespace, retire=self._retire,
                                 standalone_namespace=self.blender.standalone_namespace,
-                                tier_stats=self.tier_stats, purge_tiers=self._purge_tiers,
+                                tier_stats=self.tiers.stats, purge_tiers=self.tiers.purge,
                                 check_text_size=self._check_text_size)
         # EngineClient's cache calls
         self.cache_stats, self.purge, self.metrics = (self.cache.cache_stats, self.cache.purge,
@@ -166,11 +169,16 @@ class Engine(Tiering):
         self.put_segment, self.get_segment, self.delete_segment = (
             self.cache.put_segment, self.cache.get_segment, self.cache.delete_segment)
 
+    @property
+    def store(self):
+        """The lower tiers' store (None: RAM only)."""
+        return self.tiers.store
+
     def close(self, drain: bool = True) -> None:
         """Stop taking requests; with ``drain`` finish the ones already queued; then
         finish the writes queued for the lower tiers."""
         self.scheduler.stop(drain)
-        self._close_tiers()
+        self.tiers.close()
 
     @classmethod
     def load(cls, cfg: Config, progress: bool = True) -> Engine:
@@ -189,8 +197,7 @@ class Engine(Tiering):
         if not generation:
             return namespace_digest(tenant, self.fingerprint)
         ns = namespace_digest(tenant, self.fingerprint + f"#{generation}")
-        if self.store is not None:  # tier entries are keyed by generation 0: Tiering._tier_root
-            self._tier_roots[ns] = namespace_digest(tenant, self.fingerprint)
+        self.tiers.note_generation(ns, namespace_digest(tenant, self.fingerprint))  # Tiers.tier_root
         return ns
 
     # ------------------------------------------------------------------ requests
@@ -249,7 +256,7 @@ class Engine(Tiering):
         run = self._start(ns, prompt, req.sampling.max_tokens)
         self.memo.commit(ns, pending)
         try:
-            if self.store is not None and self.cache_cfg.blend != "off":
+            if self.tiers.store is not None and self.cache_cfg.blend != "off":
                 # exact KV from a lower tier before any approximate (blended) reuse
                 yield from self._prefill_units(job, run, prompt, loaded_only=True)
             plan = yield from self.blender.plan(job, run, prompt)
@@ -450,7 +457,7 @@ class Engine(Tiering):
                 continue
             self._inflight[key] = job.id
             try:
-                node, tier = (yield from self._promote(run, prompt, i, stop)) or (None, None)
+                node, tier = (yield from self.tiers.promote(run, prompt, i, stop)) or (None, None)
                 if node is None and loaded_only:
                     return
                 reused = 0
@@ -507,7 +514,7 @@ class Engine(Tiering):
                                 ttl_s=ttl_s or self.cache_cfg.default_ttl_s)
         self.tree.pin([node])
         run.pinned.append(node)
-        self._publish(node, handle)
+        self.tiers.publish(node, handle)
         self._enforce_budget(run.parent.namespace)
         return node
 

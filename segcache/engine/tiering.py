@@ -1,9 +1,9 @@
-"""The engine side of the cache tiers (RAM -> disk -> Redis). A mixin over ``Engine``.
+"""The engine side of the cache tiers (RAM -> disk -> Redis): ``Tiers``, one per engine.
 
 The storage is ``segcache.kv.tiers`` (torch-free); this module is the adapter:
 keys from tree nodes, torch tensors <-> ``KVData``, and the four hooks.
 
-    write-through   ``_insert`` -> ``_publish(node)``: every lower tier gets the node,
+    write-through   ``_insert`` -> ``publish(node)``: every lower tier gets the node,
                     behind the request (the store's encoder and writer threads), so a
                     restart or a crash loses nothing and a second server finds it.
     demotion        the tree's ``on_remove(node, "evict")`` -> ``store.demote``: a node
@@ -11,11 +11,11 @@ keys from tree nodes, torch tensors <-> ``KVData``, and the four hooks.
                     there already; it covers a write-through dropped by a full queue).
                     Expiry, purge and replacement drop the node: they never demote.
     promotion       ``_prefill_units``, before computing a unit missing from RAM, calls
-                    ``_promote``: the unit's KV loaded from the first tier that has it,
+                    ``promote``: the unit's KV loaded from the first tier that has it,
                     verified, inserted into the tree (pinned) and copied into the
                     request's buffer; None (compute it) on a miss.
     overlap         the chains of every unit of a prompt are known before any of it is
-                    computed, so ``_promote`` keeps ``WINDOW`` loads in flight on the
+                    computed, so ``promote`` keeps ``WINDOW`` loads in flight on the
                     store's loader threads ahead of the unit being computed: while the
                     engine thread prefills unit k, unit k+1 is being read. The request
                     waits (``LoadWait``: the scheduler runs other jobs meanwhile) only for
@@ -28,7 +28,7 @@ message's content) and only when its token count is the prompt's for that unit
 the runtime's KV dtype and shape, or it is computed instead.
 
 Keys are rooted at the tenant's generation-0 namespace whatever generation its tree
-is at (``_tier_root``): generations are per process, tier entries outlive it.
+is at (``tier_root``): generations are per process, tier entries outlive it.
 
 The radix tail is not tiered (its nodes have no chain digest); neither are blend
 standalone entries promoted (they are demoted like any node under their own
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,7 +52,7 @@ from segcache.config import CacheConfig
 from segcache.engine.prompt import Prompt
 from segcache.engine.scheduler import LoadWait
 from segcache.kv.hashing import chain_digest
-from segcache.kv.segment_tree import SegmentNode
+from segcache.kv.segment_tree import SegmentNode, SegmentTree
 from segcache.kv.tiers import (
     CacheKey,
     DiskTier,
@@ -132,21 +133,31 @@ class Loads:
                 self.futures[j] = store.fetch_async(self.expects[j - self.start])
 
 
-class Tiering:
-    # Provided by Engine: tree, fingerprint, runtime, _lock, _enforce_budget, cache_cfg.
-    store: TieredStore | None = None
-    _promoted: Counter[str]  # tier name -> nodes loaded back into RAM
-    _purged: set[str]  # namespaces purged in this process: nothing of theirs is written again
-    # A purged tenant's tree namespace -> the namespace its tier entries live under (below)
-    _tier_roots: dict[str, str]
+class Tiers:
+    """The engine's lower tiers: ``store`` (None: RAM only) and the hooks above. It
+    reads and inserts into the engine's ``tree`` (on the engine thread) and calls
+    ``enforce_budget(namespace)`` after a promotion."""
 
-    def _init_tiers(self, cache: CacheConfig, layout: str) -> None:
-        self.store = build_store(cache, layout)
-        self._promoted = Counter()
-        self._purged = set()
-        self._tier_roots = {}
+    def __init__(self, store: TieredStore | None, tree: SegmentTree, fingerprint: str,
+                 cache_cfg: CacheConfig, enforce_budget: Callable[[str], None]) -> None:
+        self.store = store
+        self.tree = tree
+        self.fingerprint = fingerprint
+        self.cache_cfg = cache_cfg
+        self._enforce_budget = enforce_budget
+        self._promoted: Counter[str] = Counter()  # tier name -> nodes loaded back into RAM
+        # namespaces purged in this process: nothing of theirs is written again
+        self._purged: set[str] = set()
+        # a purged tenant's tree namespace -> the namespace its tier entries live under
+        self._tier_roots: dict[str, str] = {}
 
-    def _tier_root(self, ns: str) -> str:
+    def note_generation(self, ns: str, base: str) -> None:
+        """Tree namespace ``ns`` (a purged tenant's later generation) keys its tier
+        entries under ``base`` (its generation 0)."""
+        if self.store is not None:
+            self._tier_roots[ns] = base
+
+    def tier_root(self, ns: str) -> str:
         """The namespace tier entries of tree namespace ``ns`` are keyed under: the
         tenant's namespace of generation 0. A purge moves the tenant's tree to a new
         namespace (``Engine.namespace``), but generations are per process: a restarted
@@ -156,7 +167,7 @@ class Tiering:
         return self._tier_roots.get(ns, ns)
 
     def _tier_key(self, node: SegmentNode) -> CacheKey:
-        root = self._tier_root(node.namespace)
+        root = self.tier_root(node.namespace)
         if root == node.namespace:
             return CacheKey(node.namespace, self.fingerprint, node.parent.chain, node.digest, node.chain)
         path = []
@@ -173,20 +184,20 @@ class Tiering:
         return keys
 
     # ------------------------------------------------------------------ writes
-    def _publish(self, node: SegmentNode, handle: object) -> None:
+    def publish(self, node: SegmentNode, handle: object) -> None:
         """Write-through of a just-inserted node to every lower tier (queued); nothing
         when the tree kept an existing node (its KV is not ``handle``: written already)."""
         if self.store is not None and node.handle is handle and node.namespace not in self._purged:
             self.store.publish(self._tier_key(node), kv_data(node.handle), token_digest(node.token_ids))
 
-    def _on_tree_remove(self, node: SegmentNode, reason: str) -> None:
+    def on_tree_remove(self, node: SegmentNode, reason: str) -> None:
         """The tree's ``on_remove``: an evicted node is demoted (queued); the others dropped."""
         if (reason == "evict" and self.store is not None and node.handle is not None
                 and node.namespace not in self._purged):
             self.store.demote(self._tier_key(node), kv_data(node.handle), token_digest(node.token_ids))
 
     # ------------------------------------------------------------------ reads
-    def _promote(self, run: Any, prompt: Prompt, i: int, stop: int | None):
+    def promote(self, run: Any, prompt: Prompt, i: int, stop: int | None):
         """Unit ``i``'s KV from a lower tier: inserted into the tree after ``run.parent``
         (pinned), copied into ``run.kv`` at ``run.pos``; returns (node, tier name), or
         None to compute it. Yields ``LoadWait`` while its load is in flight."""
@@ -220,7 +231,7 @@ class Tiering:
     def _plan_loads(self, run: Any, prompt: Prompt, i: int, end: int) -> Loads:
         """What units ``i..end`` would be read as (keys chained from the tier namespace
         over every unit before them)."""
-        root = self._tier_root(run.parent.namespace)
+        root = self.tier_root(run.parent.namespace)
         keys = self._chain_keys(root, [u.key.digest for u in prompt.units[:end]])[i:]
         expects = []
         for unit, key in zip(prompt.units[i:end], keys, strict=True):
@@ -237,7 +248,7 @@ class Tiering:
                 == (buf.shape[0], buf.shape[1], buf.shape[2], buf.shape[4]))
 
     # ------------------------------------------------------------------ control
-    def _purge_tiers(self, *namespaces: str) -> None:
+    def purge(self, *namespaces: str) -> None:
         """Every tier drops these namespaces' entries (blocking I/O: not under the lock),
         and what requests still running in them insert later is never written: a purged
         tenant moves to a new namespace, and an entry left under the old one would be
@@ -245,9 +256,9 @@ class Tiering:
         if self.store is not None:
             self._purged.update(namespaces)
             for ns in namespaces:
-                self.store.purge(self._tier_root(ns))
+                self.store.purge(self.tier_root(ns))
 
-    def tier_stats(self) -> dict[str, Any]:
+    def stats(self) -> dict[str, Any]:
         """Per tier: bytes, entries, hits, misses, puts, errors, dropped, load seconds
         (mean load latency = load_s / hits), rejected payloads by reason, disabled (and
         why), ``promotions`` (nodes loaded back into RAM from it) and, for the first tier,
@@ -266,6 +277,6 @@ class Tiering:
         out[first]["demotions"] = out["store"]["demotions"]
         return out
 
-    def _close_tiers(self) -> None:
+    def close(self) -> None:
         if self.store is not None:
             self.store.close()

@@ -154,7 +154,7 @@ _TIER_COUNTERS = {
 
 
 def tier_metrics(tiers: dict[str, Any]) -> Iterator[Metric]:
-    """Prometheus families for ``engine.metrics()["tiers"]`` (see ``Engine.tier_stats``)."""
+    """Prometheus families for ``engine.metrics()["tiers"]`` (see ``Tiers.stats``)."""
     stats = {name: s for name, s in tiers.items() if name != "store"}
     if not stats:
         return

@@ -20,7 +20,7 @@ runs for every configured tier, disk included, not only with Redis (a restart or
 queue); a loaded message unit is served only when its token count is the prompt's
 for that unit; the window of loads is ``tiering.WINDOW`` (3); since a purge moves a
 tenant's tree to a new namespace generation (per process), tier keys are rooted at the
-tenant's generation-0 namespace (``Tiering._tier_root``) and a purge deletes the
+tenant's generation-0 namespace (``Tiers.tier_root``) and a purge deletes the
 tenant's entries on every tier; with blending on, units a tier holds are loaded
 before any blended reuse is planned.
 
