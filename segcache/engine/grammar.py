@@ -23,6 +23,7 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
+import numpy as np
 import torch
 
 from segcache.engine.toolcalls import CLOSE, OPEN
@@ -135,29 +136,49 @@ class Grammars:
 
 
 class Constraint:
-    """One sequence's grammar state. ``mask`` the logits before choosing a token,
-    then ``advance`` with the token chosen (EOS included: it ends the grammar)."""
+    """One sequence's grammar state. Each step: the tokens allowed next (``allows`` one
+    token, or ``mask`` a logits row), then ``advance`` with the token chosen (EOS
+    included: it ends the grammar). The allowed set is computed once per state, by
+    llguidance straight into the constraint's own bitmask (no Python per token)."""
 
     def __init__(self, matcher: llguidance.LLMatcher, eos_ids: frozenset[int]) -> None:
         self.matcher = matcher
         self.eos_ids = eos_ids
+        # [4 * ceil(vocab / 32)] uint8: llguidance's little-endian 32-bit words, so token
+        # t is bit t % 8 of byte t // 8; sized by the logits' width on first use
+        self._bits: np.ndarray | None = None
+        self._fresh = False  # _bits holds the current state's set
 
     def copy(self) -> Constraint:
         return Constraint(self.matcher.deep_copy(), self.eos_ids)
 
+    def _allowed(self, vocab_size: int) -> np.ndarray:
+        """The current state's bitmask. A grammar that allows nothing (an error state)
+        allows EOS: the sequence ends instead of sampling from an all -inf row."""
+        if not self._fresh:
+            if self._bits is None:
+                self._bits = np.empty(4 * ((vocab_size + 31) // 32), dtype=np.uint8)
+            self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+            if not self._bits.any():
+                for t in self.eos_ids:
+                    self._bits[t >> 3] |= 1 << (t & 7)
+            self._fresh = True
+        return self._bits
+
+    def allows(self, token: int, vocab_size: int) -> bool:
+        """Whether the grammar allows ``token`` next (``vocab_size``: the logits' width)."""
+        return bool((self._allowed(vocab_size)[token >> 3] >> (token & 7)) & 1)
+
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits`` [vocab] with every token the grammar forbids at -inf. A grammar
-        that allows nothing (an error state) allows EOS: the sequence ends."""
-        allowed = torch.frombuffer(bytearray(self.matcher.compute_logit_bias()), dtype=torch.uint8)
-        n = min(len(allowed), logits.shape[-1])
-        keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
-        keep[:n] = allowed[:n] > 0
-        if not keep.any():
-            keep[list(self.eos_ids)] = True
-        return logits.masked_fill(~keep, float("-inf"))
+        """A copy of ``logits`` [vocab] with every token the grammar forbids at -inf."""
+        vocab = logits.shape[-1]
+        bits = np.unpackbits(self._allowed(vocab), bitorder="little")[:vocab]  # [vocab] 0/1
+        keep = torch.from_numpy(bits).view(torch.bool).to(logits.device, non_blocking=True)
+        return logits.masked_fill(keep.logical_not(), float("-inf"))
 
     def advance(self, token: int) -> None:
         self.matcher.consume_token(token)
+        self._fresh = False
 
     @property
     def failed(self) -> bool:

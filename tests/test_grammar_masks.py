@@ -1,0 +1,165 @@
+"""Grammar masks in batched decoding: the allowed set computed once per state into a
+bitmask, a greedy choice the grammar allows taken without masking the row, and
+requests with and without constraints in one batch each answering as they do alone
+(greedy, float32)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+
+from segcache.engine.grammar import Constraint, grammar_for
+from segcache.engine.sampling import argmax
+from segcache.engine.types import ChatRequest, SamplingParams
+from tests.test_structured_output import PERSON, USER, WEATHER, schema_format
+
+
+def _request(text: str, fmt=None, tools=(), tool_choice=None, **sampling) -> ChatRequest:
+    return ChatRequest("t", [{"role": "user", "content": text}], response_format=fmt,
+                       tools=list(tools), tool_choice=tool_choice,
+                       sampling=SamplingParams(**{"max_tokens": 40, "temperature": 0, **sampling}))
+
+
+@pytest.fixture
+def count_masks(monkeypatch):
+    """How many rows ``Constraint.mask`` masked (the greedy shortcut masks none)."""
+    calls = [0]
+    mask = Constraint.mask
+
+    def counted(self, logits):
+        calls[0] += 1
+        return mask(self, logits)
+
+    monkeypatch.setattr(Constraint, "mask", counted)
+    return calls
+
+
+def test_a_mixed_batch_decodes_every_request_as_alone(tiny_engine_factory, count_masks):
+    """Constrained (greedy, greedy with logprobs, sampled with n=2, a forced tool
+    call) and plain requests decoding in the same steps: each gets exactly the tokens
+    it gets alone on a cold engine, and the constrained ones validate."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    forced = _request("weather?", tools=[WEATHER], tool_choice=named, max_tokens=120)
+    jobs = [_request("json please", schema_format(PERSON)),
+            _request("plain please"),
+            _request("an object", {"type": "json_object"}, logprobs=2),
+            _request("sampled json", schema_format(PERSON), temperature=1.0, seed=7, n=2),
+            _request("sampled plain", temperature=0.8, seed=3),
+            forced]
+    alone = [tiny_engine_factory().chat(r) for r in jobs]
+    engine = tiny_engine_factory()
+    results: dict[int, object] = {}
+    start = threading.Barrier(len(jobs))
+
+    def run(i):
+        start.wait()
+        results[i] = engine.chat(jobs[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    steps = engine.scheduler.steps
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, cold in enumerate(alone):
+        assert [c.token_ids for c in results[i].choices()] == [c.token_ids for c in cold.choices()], i
+    assert results[2].logprobs == alone[2].logprobs
+    decoded = sum(results[i].completion_tokens for i in range(len(jobs)))
+    assert engine.scheduler.steps - steps < decoded  # some steps decoded several requests
+    for choice in (results[0], *results[3].choices()):
+        jsonschema.validate(json.loads(choice.text), PERSON)
+    assert isinstance(json.loads(results[2].text), dict)
+    (call,) = results[5].tool_calls
+    assert call["function"]["name"] == "get_weather"
+    assert count_masks[0] > 0  # the tiny model's choices often need the mask
+
+
+def test_the_greedy_shortcut_chooses_what_the_full_mask_does(tiny_engine_factory, count_masks):
+    """Asking for logprobs makes every step mask its row (logprobs come from the masked
+    logits); without them a greedy step masks only when its best token is not allowed.
+    The tokens are the same, and the shortcut was taken on most steps."""
+    engine = tiny_engine_factory()
+    fmt = schema_format({"type": "object", "properties": {"note": {"type": "string"}},
+                         "required": ["note"], "additionalProperties": False})
+    masked = engine.chat(_request("a note", fmt, max_tokens=60, logprobs=0))
+    assert count_masks[0] == masked.completion_tokens
+    count_masks[0] = 0
+    shortcut = engine.chat(_request("a note", fmt, max_tokens=60))
+    assert shortcut.token_ids == masked.token_ids
+    assert 0 < count_masks[0] < shortcut.completion_tokens / 2  # inside the string: no mask
+
+
+def test_allowed_bits_agree_with_llguidance_and_the_mask(property_engine):
+    """Along a sampled path, in every state: ``allows`` says yes for exactly the tokens
+    llguidance's own logit bias allows, ``mask`` leaves exactly those finite, and the
+    mask is recomputed after each token (not reused from the previous state)."""
+    grammars, eos = property_engine.grammars, property_engine.tokenizer.eos_ids
+    vocab = property_engine.runtime.arch.vocab_size
+    c = Constraint(grammars.compile(grammar_for(_request("x", schema_format(PERSON))),
+                                    "response_format"), eos)
+    reference = c.matcher.deep_copy()
+    g = torch.Generator().manual_seed(0)
+    sizes = set()
+    for _ in range(30):
+        logits = torch.randn(vocab, generator=g)
+        masked = c.mask(logits)
+        finite = torch.isfinite(masked)
+        expected = torch.from_numpy(np.frombuffer(reference.compute_logit_bias(), np.uint8)[:vocab] > 0)
+        assert torch.equal(finite, expected)
+        assert torch.equal(masked[finite], logits[finite])
+        probe = torch.nonzero(expected).flatten()[:50].tolist() + [argmax(logits), 0, vocab - 1]
+        assert [c.allows(t, vocab) for t in probe] == [bool(expected[t]) for t in probe]
+        token = argmax(masked)
+        sizes.add(int(expected.sum()))
+        if token in eos:
+            break
+        c.advance(token)
+        reference.consume_token(token)
+    assert len(sizes) > 2  # states with different allowed sets were visited
+
+
+def test_argmax_is_torch_argmax():
+    """The CPU float32 shortcut picks what ``torch.argmax`` picks: the first of equal
+    maxima, an all -inf row, and the fallback dtypes."""
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randn(49152, generator=g) for _ in range(5)]
+    tied = torch.zeros(100)
+    tied[[7, 40, 90]] = 3.0
+    rows += [tied, torch.full((10,), float("-inf")), rows[0].to(torch.bfloat16),
+             torch.randn(8, 300, generator=g)[3]]  # a row of a batch (a view)
+    for row in rows:
+        assert argmax(row) == int(torch.argmax(row))
+    assert argmax(tied) == 7
+
+
+@pytest.fixture(scope="module")
+def property_engine(tokenizer):
+    from segcache.config import CacheConfig
+    from segcache.engine.engine import Engine
+    from tests.tiny import tiny_runtime
+
+    engine = Engine(tiny_runtime(), tokenizer, CacheConfig(), "tiny")
+    yield engine
+    engine.close(drain=False)
+
+
+@pytest.mark.slow
+def test_greedy_shortcut_on_the_real_model(real_engine, count_masks):
+    """The real model, prompted for the format, mostly picks allowed tokens itself:
+    the shortcut answers as the fully masked run does, masking few rows."""
+    fmt = schema_format(PERSON)
+    req = ChatRequest("grammar-masks", USER, response_format=fmt,
+                      sampling=SamplingParams(max_tokens=50, temperature=0))
+    masked_req = ChatRequest("grammar-masks", USER, response_format=fmt,
+                             sampling=SamplingParams(max_tokens=50, temperature=0, logprobs=0))
+    masked = real_engine.chat(masked_req)
+    count_masks[0] = 0
+    shortcut = real_engine.chat(req)
+    assert shortcut.token_ids == masked.token_ids
+    jsonschema.validate(json.loads(shortcut.text), PERSON)
+    assert count_masks[0] < shortcut.completion_tokens
