@@ -25,6 +25,7 @@ from segcache.bench.constrained import FACTS_FORMAT, _prompt
 from segcache.config import CacheConfig, Config, ModelConfig, read_environment
 from segcache.engine import decode as decode_mod
 from segcache.engine.engine import Engine
+from segcache.engine.grammar import Constraint
 from segcache.engine.scheduler import Scheduler
 from segcache.engine.types import ChatRequest, SamplingParams
 
@@ -87,6 +88,8 @@ def profile(engine: Engine, n: int, max_tokens: int, constrained: bool, top: int
     runner = engine.scheduler.runner
     tick, run_decode = Scheduler._tick, runner.decode
     original_choose = decode_mod.Decoder._choose
+    allowed, mask = _Timer(), _Timer()
+    original_allowed, original_mask = Constraint._allowed, Constraint.mask
 
     def profiled_tick(self):
         prof.enable()
@@ -98,11 +101,13 @@ def profile(engine: Engine, n: int, max_tokens: int, constrained: bool, top: int
     if top:
         Scheduler._tick = profiled_tick
     decode_mod.Decoder._choose = choose.wrap(original_choose)
+    Constraint._allowed, Constraint.mask = allowed.wrap(original_allowed), mask.wrap(original_mask)
     runner.decode = forward.wrap(run_decode)
     try:
         results = _round(engine, n, max_tokens, constrained, 0)
     finally:
         Scheduler._tick, decode_mod.Decoder._choose = tick, original_choose
+        Constraint._allowed, Constraint.mask = original_allowed, original_mask
         runner.decode = run_decode
     kind = "constrained" if constrained else "plain"
     tokens = sum(r.completion_tokens for r in results)
@@ -110,6 +115,10 @@ def profile(engine: Engine, n: int, max_tokens: int, constrained: bool, top: int
     print(f"choose: {1e3 * choose.seconds / max(choose.calls, 1):.3f} ms per sequence-step "
           f"({choose.calls} calls); forward: {1e3 * forward.seconds / max(forward.calls, 1):.2f} "
           f"ms per step")
+    if constrained:  # mask() includes the _allowed() it calls
+        print(f"  of which allowed set (llguidance): {1e3 * allowed.seconds / choose.calls:.3f} ms; "
+              f"masking rows: {1e3 * mask.seconds / choose.calls:.3f} ms "
+              f"({mask.calls} of {choose.calls} choices needed a masked row)")
     if top:
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)

@@ -94,33 +94,43 @@ def test_the_greedy_shortcut_chooses_what_the_full_mask_does(tiny_engine_factory
     assert 0 < count_masks[0] < shortcut.completion_tokens / 2  # inside the string: no mask
 
 
-def test_allowed_bits_agree_with_llguidance_and_the_mask(property_engine):
-    """Along a sampled path, in every state: ``allows`` says yes for exactly the tokens
-    llguidance's own logit bias allows, ``mask`` leaves exactly those finite, and the
-    mask is recomputed after each token (not reused from the previous state)."""
-    grammars, eos = property_engine.grammars, property_engine.tokenizer.eos_ids
-    vocab = property_engine.runtime.arch.vocab_size
+def test_allows_and_mask_agree_with_llguidance(property_engine):
+    """Along a sampled path, in every state: ``mask`` leaves finite exactly the tokens
+    llguidance's own logit bias allows (recomputed after each token, not reused from
+    the previous state); ``allows`` (the parser's check, no mask) says yes only to
+    tokens the mask allows: all of them that were probed where no bytes are forced,
+    none where some are (there the parser accepts tokens the mask refuses: ``{``
+    where the mask wants ``{"``), and never EOS (left to the mask)."""
+    grammars, tok = property_engine.grammars, property_engine.tokenizer
+    vocab, eos = property_engine.runtime.arch.vocab_size, tok.eos_ids
     c = Constraint(grammars.compile(grammar_for(_request("x", schema_format(PERSON))),
                                     "response_format"), eos)
     reference = c.matcher.deep_copy()
+    brace = tok.encode("{")[0]
+    assert reference.validate_tokens([brace]) == 1 and not c.allows(brace)
     g = torch.Generator().manual_seed(0)
-    sizes = set()
-    for _ in range(30):
+    sizes, forced_states = set(), 0
+    for _ in range(40):
         logits = torch.randn(vocab, generator=g)
+        expected = torch.from_numpy(np.frombuffer(reference.compute_logit_bias(), np.uint8)[:vocab] > 0)
+        forced = bool(reference.compute_ff_bytes())
+        probe = torch.nonzero(expected).flatten()[:50].tolist() + [argmax(logits), brace] + \
+            torch.randint(vocab, (200,), generator=g).tolist()
+        allowed = [c.allows(t) for t in probe]  # before the mask, as the decoder asks
+        assert allowed == [not forced and t not in eos and bool(expected[t]) for t in probe]
+        assert not any(c.allows(t) for t in eos)
         masked = c.mask(logits)
         finite = torch.isfinite(masked)
-        expected = torch.from_numpy(np.frombuffer(reference.compute_logit_bias(), np.uint8)[:vocab] > 0)
         assert torch.equal(finite, expected)
         assert torch.equal(masked[finite], logits[finite])
-        probe = torch.nonzero(expected).flatten()[:50].tolist() + [argmax(logits), 0, vocab - 1]
-        assert [c.allows(t, vocab) for t in probe] == [bool(expected[t]) for t in probe]
         token = argmax(masked)
         sizes.add(int(expected.sum()))
+        forced_states += forced
         if token in eos:
             break
         c.advance(token)
         reference.consume_token(token)
-    assert len(sizes) > 2  # states with different allowed sets were visited
+    assert len(sizes) > 2 and forced_states > 1  # varied states, forced and free
 
 
 def test_argmax_is_torch_argmax():

@@ -111,12 +111,12 @@ class Decoder:
         """(the logits the token was chosen from, the token) under ``s``'s grammar.
         Greedy without logprobs: the best token of the unmasked row, when the grammar
         allows it, is the best of the masked row too (the first maximum either way), so
-        the row is masked only when it is not (most steps of a model that follows the
-        format need no mask at all)."""
+        the allowed set is computed and the row masked only when it is not (a model that
+        follows the format needs neither on most steps)."""
         c = s.constraint
         if s.sampler.params.greedy and s.logprobs is None:
             token = s.sampler.sample(logits)
-            if c.allows(token, logits.shape[-1]):
+            if c.allows(token):
                 return logits, token
         logits = c.mask(logits)
         return logits, s.sampler.sample(logits)
