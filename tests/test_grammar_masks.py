@@ -109,7 +109,7 @@ def test_allows_and_mask_agree_with_llguidance(property_engine):
     brace = tok.encode("{")[0]
     assert reference.validate_tokens([brace]) == 1 and not c.allows(brace)
     g = torch.Generator().manual_seed(0)
-    sizes, forced_states = set(), 0
+    sizes, forced_states, shortcuts = set(), 0, set()
     for _ in range(40):
         logits = torch.randn(vocab, generator=g)
         expected = torch.from_numpy(np.frombuffer(reference.compute_logit_bias(), np.uint8)[:vocab] > 0)
@@ -119,10 +119,16 @@ def test_allows_and_mask_agree_with_llguidance(property_engine):
         allowed = [c.allows(t) for t in probe]  # before the mask, as the decoder asks
         assert allowed == [not forced and t not in eos and bool(expected[t]) for t in probe]
         assert not any(c.allows(t) for t in eos)
+        rows = _rows_for_best_allowed(logits, expected, eos)
+        best = [c.best_allowed(row) for row in rows.values()]
         masked = c.mask(logits)
         finite = torch.isfinite(masked)
         assert torch.equal(finite, expected)
         assert torch.equal(masked[finite], logits[finite])
+        for (kind, row), b in zip(rows.items(), best, strict=True):
+            assert b is None or b == argmax(c.mask(row)), (kind, b, argmax(c.mask(row)))
+            if b is not None:
+                shortcuts.add((kind, forced))
         token = argmax(masked)
         sizes.add(int(expected.sum()))
         forced_states += forced
@@ -131,6 +137,43 @@ def test_allows_and_mask_agree_with_llguidance(property_engine):
         c.advance(token)
         reference.consume_token(token)
     assert len(sizes) > 2 and forced_states > 1  # varied states, forced and free
+    # best_allowed answered (not only deferred to the mask) for every kind of row
+    assert {("random", False), ("third", False), ("tie", False), ("random", True)} <= shortcuts
+
+
+def test_best_allowed_where_the_grammar_may_end(property_engine):
+    """After ``1`` an integer may end or go on: with EOS the best logit the masked
+    choice is EOS, and ``best_allowed`` must not pass over it to a digit."""
+    tok, vocab = property_engine.tokenizer, property_engine.runtime.arch.vocab_size
+    c = Constraint(property_engine.grammars.compile(
+        grammar_for(_request("x", schema_format({"type": "integer"}))), "response_format"),
+        tok.eos_ids)
+    one, two = tok.encode("1")[0], tok.encode("2")[0]
+    c.advance(one)
+    logits = torch.zeros(vocab)
+    logits[min(tok.eos_ids)], logits[two] = 9.0, 8.0
+    assert argmax(c.mask(logits)) == min(tok.eos_ids)
+    assert c.best_allowed(logits) in (None, min(tok.eos_ids))
+    logits[min(tok.eos_ids)] = 7.0  # now the digit leads, and is allowed
+    assert c.best_allowed(logits) == two == argmax(c.mask(logits))
+
+
+def _rows_for_best_allowed(logits: torch.Tensor, expected: torch.Tensor,
+                           eos) -> dict[str, torch.Tensor]:
+    """Rows whose masked argmax ``best_allowed`` must find or defer: the random one; one
+    where refused tokens lead (the best allowed token is third); one where two allowed
+    tokens tie for the best (the lower id wins); one led by EOS."""
+    ok, refused = torch.nonzero(expected).flatten(), torch.nonzero(~expected).flatten()
+    rows = {"random": logits}
+    if len(ok) >= 2:
+        rows["third"] = logits.clone()
+        rows["third"][refused[:2]] = torch.tensor([9.0, 8.0])
+        rows["third"][ok[-1]] = 7.0
+        rows["tie"] = logits.clone()
+        rows["tie"][ok[-1]] = rows["tie"][ok[0]] = 9.0
+    rows["eos"] = logits.clone()
+    rows["eos"][min(eos)] = 9.0
+    return rows
 
 
 def test_argmax_is_torch_argmax():

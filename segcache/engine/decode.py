@@ -109,16 +109,14 @@ class Decoder:
     @staticmethod
     def _constrained(s: Sequence, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(the logits the token was chosen from, the token) under ``s``'s grammar.
-        Greedy without logprobs: the best token of the unmasked row, when the grammar
-        allows it, is the best of the masked row too (the first maximum either way), so
-        the allowed set is computed and the row masked only when it is not (a model that
-        follows the format needs neither on most steps)."""
-        c = s.constraint
+        Greedy without logprobs, the grammar usually names the masked row's best token
+        without the row being masked (``Constraint.best_allowed``): a model that follows
+        the format needs no allowed set on most steps."""
         if s.sampler.params.greedy and s.logprobs is None:
-            token = s.sampler.sample(logits)
-            if c.allows(token):
+            token = s.constraint.best_allowed(logits)
+            if token is not None:
                 return logits, token
-        logits = c.mask(logits)
+        logits = s.constraint.mask(logits)
         return logits, s.sampler.sample(logits)
 
     def _send(self, s: Sequence, text: str, final: bool = False) -> None:
