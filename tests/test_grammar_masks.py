@@ -1,7 +1,7 @@
-"""Grammar masks in batched decoding: the allowed set computed once per state into a
-bitmask, a greedy choice the grammar allows taken without masking the row, and
-requests with and without constraints in one batch each answering as they do alone
-(greedy, float32)."""
+"""Grammar masks in batched decoding: the allowed set computed at most once per state,
+into a bitmask; a greedy choice made without it where the parser can vouch for the
+best tokens; and requests with and without constraints in one batch each answering as
+they do alone (greedy, float32)."""
 
 from __future__ import annotations
 
@@ -26,20 +26,20 @@ def _request(text: str, fmt=None, tools=(), tool_choice=None, **sampling) -> Cha
 
 
 @pytest.fixture
-def count_masks(monkeypatch):
-    """How many rows ``Constraint.mask`` masked (the greedy shortcut masks none)."""
-    calls = [0]
-    mask = Constraint.mask
+def count_sets(monkeypatch):
+    """How many allowed sets (llguidance masks) the constraints computed."""
+    computed = [0]
+    allowed = Constraint._allowed
 
-    def counted(self, logits):
-        calls[0] += 1
-        return mask(self, logits)
+    def counted(self, vocab_size):
+        computed[0] += not self._fresh
+        return allowed(self, vocab_size)
 
-    monkeypatch.setattr(Constraint, "mask", counted)
-    return calls
+    monkeypatch.setattr(Constraint, "_allowed", counted)
+    return computed
 
 
-def test_a_mixed_batch_decodes_every_request_as_alone(tiny_engine_factory, count_masks):
+def test_a_mixed_batch_decodes_every_request_as_alone(tiny_engine_factory):
     """Constrained (greedy, greedy with logprobs, sampled with n=2, a forced tool
     call) and plain requests decoding in the same steps: each gets exactly the tokens
     it gets alone on a cold engine, and the constrained ones validate."""
@@ -76,22 +76,22 @@ def test_a_mixed_batch_decodes_every_request_as_alone(tiny_engine_factory, count
     assert isinstance(json.loads(results[2].text), dict)
     (call,) = results[5].tool_calls
     assert call["function"]["name"] == "get_weather"
-    assert count_masks[0] > 0  # the tiny model's choices often need the mask
 
 
-def test_the_greedy_shortcut_chooses_what_the_full_mask_does(tiny_engine_factory, count_masks):
+def test_the_greedy_shortcut_chooses_what_the_full_mask_does(tiny_engine_factory, count_sets):
     """Asking for logprobs makes every step mask its row (logprobs come from the masked
-    logits); without them a greedy step masks only when its best token is not allowed.
-    The tokens are the same, and the shortcut was taken on most steps."""
+    logits); without them a greedy step computes the allowed set only when the parser
+    cannot vouch for one of its best tokens. The tokens are the same, and inside the
+    string (most of the reply) no set was computed."""
     engine = tiny_engine_factory()
     fmt = schema_format({"type": "object", "properties": {"note": {"type": "string"}},
                          "required": ["note"], "additionalProperties": False})
     masked = engine.chat(_request("a note", fmt, max_tokens=60, logprobs=0))
-    assert count_masks[0] == masked.completion_tokens
-    count_masks[0] = 0
+    assert count_sets[0] == masked.completion_tokens
+    count_sets[0] = 0
     shortcut = engine.chat(_request("a note", fmt, max_tokens=60))
     assert shortcut.token_ids == masked.token_ids
-    assert 0 < count_masks[0] < shortcut.completion_tokens / 2  # inside the string: no mask
+    assert 0 < count_sets[0] < shortcut.completion_tokens / 2
 
 
 def test_allows_and_mask_agree_with_llguidance(property_engine):
@@ -119,16 +119,19 @@ def test_allows_and_mask_agree_with_llguidance(property_engine):
         allowed = [c.allows(t) for t in probe]  # before the mask, as the decoder asks
         assert allowed == [not forced and t not in eos and bool(expected[t]) for t in probe]
         assert not any(c.allows(t) for t in eos)
-        rows = _rows_for_best_allowed(logits, expected, eos)
-        best = [c.best_allowed(row) for row in rows.values()]
+        rows = _rows_for_greedy_choice(logits, expected, eos)
+        best = {}
+        for kind, row in rows.items():
+            c._fresh = False  # (white box) to see whether this choice computed the set
+            best[kind] = c.greedy_choice(row)
+            if not c._fresh:
+                shortcuts.add((kind, forced))
         masked = c.mask(logits)
         finite = torch.isfinite(masked)
         assert torch.equal(finite, expected)
         assert torch.equal(masked[finite], logits[finite])
-        for (kind, row), b in zip(rows.items(), best, strict=True):
-            assert b is None or b == argmax(c.mask(row)), (kind, b, argmax(c.mask(row)))
-            if b is not None:
-                shortcuts.add((kind, forced))
+        for kind, row in rows.items():
+            assert best[kind] == argmax(c.mask(row)), (kind, best[kind], argmax(c.mask(row)))
         token = argmax(masked)
         sizes.add(int(expected.sum()))
         forced_states += forced
@@ -137,13 +140,14 @@ def test_allows_and_mask_agree_with_llguidance(property_engine):
         c.advance(token)
         reference.consume_token(token)
     assert len(sizes) > 2 and forced_states > 1  # varied states, forced and free
-    # best_allowed answered (not only deferred to the mask) for every kind of row
-    assert {("random", False), ("third", False), ("tie", False), ("random", True)} <= shortcuts
+    # rows answered without the allowed set: every kind, where no bytes are forced
+    assert {"random", "third", "tie"} <= {kind for kind, forced in shortcuts if not forced}
+    assert not any(forced for _, forced in shortcuts)
 
 
-def test_best_allowed_where_the_grammar_may_end(property_engine):
+def test_greedy_choice_where_the_grammar_may_end(property_engine):
     """After ``1`` an integer may end or go on: with EOS the best logit the masked
-    choice is EOS, and ``best_allowed`` must not pass over it to a digit."""
+    choice is EOS, and ``greedy_choice`` must not pass over it to a digit."""
     tok, vocab = property_engine.tokenizer, property_engine.runtime.arch.vocab_size
     c = Constraint(property_engine.grammars.compile(
         grammar_for(_request("x", schema_format({"type": "integer"}))), "response_format"),
@@ -153,14 +157,15 @@ def test_best_allowed_where_the_grammar_may_end(property_engine):
     logits = torch.zeros(vocab)
     logits[min(tok.eos_ids)], logits[two] = 9.0, 8.0
     assert argmax(c.mask(logits)) == min(tok.eos_ids)
-    assert c.best_allowed(logits) in (None, min(tok.eos_ids))
+    assert c.greedy_choice(logits) == min(tok.eos_ids)
     logits[min(tok.eos_ids)] = 7.0  # now the digit leads, and is allowed
-    assert c.best_allowed(logits) == two == argmax(c.mask(logits))
+    assert c.greedy_choice(logits) == two == argmax(c.mask(logits))
+    assert c.greedy_choice(logits.to(torch.bfloat16)) is None  # not a numpy row: mask it
 
 
-def _rows_for_best_allowed(logits: torch.Tensor, expected: torch.Tensor,
-                           eos) -> dict[str, torch.Tensor]:
-    """Rows whose masked argmax ``best_allowed`` must find or defer: the random one; one
+def _rows_for_greedy_choice(logits: torch.Tensor, expected: torch.Tensor,
+                            eos) -> dict[str, torch.Tensor]:
+    """Rows whose masked argmax ``greedy_choice`` must find: the random one; one
     where refused tokens lead (the best allowed token is third); one where two allowed
     tokens tie for the best (the lower id wins); one led by EOS."""
     ok, refused = torch.nonzero(expected).flatten(), torch.nonzero(~expected).flatten()
@@ -202,17 +207,18 @@ def property_engine(tokenizer):
 
 
 @pytest.mark.slow
-def test_greedy_shortcut_on_the_real_model(real_engine, count_masks):
-    """The real model, prompted for the format, mostly picks allowed tokens itself:
-    the shortcut answers as the fully masked run does, masking few rows."""
+def test_greedy_shortcut_on_the_real_model(real_engine, count_sets):
+    """The real model picks allowed tokens itself where the answer is free (the
+    values): the shortcut answers as the fully masked run does, computing fewer
+    allowed sets."""
     fmt = schema_format(PERSON)
     req = ChatRequest("grammar-masks", USER, response_format=fmt,
                       sampling=SamplingParams(max_tokens=50, temperature=0))
     masked_req = ChatRequest("grammar-masks", USER, response_format=fmt,
                              sampling=SamplingParams(max_tokens=50, temperature=0, logprobs=0))
     masked = real_engine.chat(masked_req)
-    count_masks[0] = 0
+    count_sets[0] = 0
     shortcut = real_engine.chat(req)
     assert shortcut.token_ids == masked.token_ids
     jsonschema.validate(json.loads(shortcut.text), PERSON)
-    assert count_masks[0] < shortcut.completion_tokens
+    assert count_sets[0] < shortcut.completion_tokens  # (PERSON's keys are forced bytes)

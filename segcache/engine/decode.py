@@ -109,11 +109,11 @@ class Decoder:
     @staticmethod
     def _constrained(s: Sequence, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(the logits the token was chosen from, the token) under ``s``'s grammar.
-        Greedy without logprobs, the grammar usually names the masked row's best token
-        without the row being masked (``Constraint.best_allowed``): a model that follows
-        the format needs no allowed set on most steps."""
+        Greedy without logprobs, the masked row's best token is found without masking
+        the row (``Constraint.greedy_choice``): a model that follows the format needs
+        no allowed set on most steps."""
         if s.sampler.params.greedy and s.logprobs is None:
-            token = s.constraint.best_allowed(logits)
+            token = s.constraint.greedy_choice(logits)
             if token is not None:
                 return logits, token
         logits = s.constraint.mask(logits)

@@ -135,6 +135,10 @@ class Grammars:
         return self.tokenizer.decode_bytes([token])
 
 
+def _numpy_row(logits: torch.Tensor) -> bool:
+    return logits.device.type == "cpu" and logits.dtype == torch.float32
+
+
 class Constraint:
     """One sequence's grammar state. Each step: whether one token is allowed next
     (``allows``) or which are (``mask`` a logits row), then ``advance`` with the token
@@ -175,44 +179,39 @@ class Constraint:
         return (token not in self.eos_ids and not self.matcher.compute_ff_bytes()
                 and self.matcher.validate_tokens([token]) == 1)
 
-    def best_allowed(self, logits: torch.Tensor, tries: int = 4) -> int | None:
+    def greedy_choice(self, logits: torch.Tensor, tries: int = 4) -> int | None:
         """The token a greedy choice from ``mask(logits)`` makes (the first of the largest
-        allowed logits), without masking the row: the best tokens are asked about in
-        turn (largest first, lower id first among equals), so the first one allowed is
-        that choice; where bytes are forced, the allowed set is one token llguidance
-        computes cheaply. None when none of ``tries`` tokens is allowed, or EOS comes
-        first, or ``logits`` is not a CPU float32 row: then ask ``mask``."""
-        if logits.device.type != "cpu" or logits.dtype != torch.float32:
+        allowed logits), without the allowed set where that can be: the best tokens are
+        asked about in turn (largest first, lower id first among equals), so the first
+        one allowed is that choice. Only when none of ``tries`` is, or EOS leads, or
+        bytes are forced, is the allowed set computed. None when ``logits`` is not a
+        CPU float32 row: then ``mask`` it."""
+        if not _numpy_row(logits):
             return None
         row = logits.numpy()  # [vocab], copied before the first write
-        if self.matcher.compute_ff_bytes():
-            return self._forced_token(row)
         for i in range(tries):
             token = int(row.argmax())
-            if token in self.eos_ids:
-                return None
+            if token in self.eos_ids or self.matcher.compute_ff_bytes():
+                break  # (``allows`` refuses every token where bytes are forced)
             if self.allows(token):
                 return token
             row = row.copy() if i == 0 else row
             row[token] = -np.inf
-        return None
-
-    def _forced_token(self, row: np.ndarray) -> int | None:
-        """The one token allowed, when only one is (and its logit is not -inf, where the
-        masked row's argmax would be token 0)."""
-        bits = self._allowed(len(row))
-        nonzero = np.flatnonzero(bits)
-        if len(nonzero) != 1 or bits[nonzero[0]] & (bits[nonzero[0]] - 1):
-            return None
-        token = int(nonzero[0]) * 8 + int(bits[nonzero[0]]).bit_length() - 1
-        return token if row[token] > -np.inf else None
+        return int(self._masked(logits.numpy()).argmax())
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """A copy of ``logits`` [vocab] with every token the grammar forbids at -inf."""
-        vocab = logits.shape[-1]
-        bits = np.unpackbits(self._allowed(vocab), bitorder="little")[:vocab]  # [vocab] 0/1
-        keep = torch.from_numpy(bits).view(torch.bool).to(logits.device, non_blocking=True)
+        if _numpy_row(logits):  # numpy's select is several times faster than torch's here
+            return torch.from_numpy(self._masked(logits.numpy()))
+        keep = torch.from_numpy(self._keep(logits.shape[-1])).to(logits.device)
         return logits.masked_fill(keep.logical_not(), float("-inf"))
+
+    def _keep(self, vocab_size: int) -> np.ndarray:
+        """[vocab] bool: the allowed set."""
+        return np.unpackbits(self._allowed(vocab_size), bitorder="little")[:vocab_size].view(bool)
+
+    def _masked(self, row: np.ndarray) -> np.ndarray:
+        return np.where(self._keep(len(row)), row, np.float32(-np.inf))
 
     def advance(self, token: int) -> None:
         self.matcher.consume_token(token)
