@@ -2,9 +2,10 @@
 
 Builds an engine (the real default model, or ``--tiny`` random weights), runs
 ``--streams`` greedy requests at once, plain and then constrained by the
-``segcache bench constrained`` schema, and prints for each kind: the time per
+``segcache bench constrained`` schema, and prints for each kind: the CPU time per
 sequence per step spent choosing tokens (``Decoder._choose``: bias, mask,
-sampling, detokenisation) against the batched forward (``decode``), and with
+sampling, detokenisation; of it, llguidance's allowed sets and masking rows)
+against the batched forward's wall time (``decode``), and with
 ``--top N`` the engine thread's cProfile (the top functions by own time).
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python scripts/profile_constrained_step.py [--tiny] [--top 25]
@@ -31,19 +32,23 @@ from segcache.engine.types import ChatRequest, SamplingParams
 
 
 class _Timer:
-    """Wall time and call count of a wrapped function (the engine thread only calls it)."""
+    """Time and call count of a wrapped function. ``clock``: ``time.thread_time`` (CPU
+    time of the calling thread: steady on a loaded machine, where a preempted thread's
+    wall time is not) for work done in the engine thread, ``time.perf_counter`` for
+    work spread over other threads (the forward's)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock=time.thread_time) -> None:
+        self.clock = clock
         self.seconds = 0.0
         self.calls = 0
 
     def wrap(self, fn):
         def timed(*args, **kw):
-            t = time.perf_counter()
+            t = self.clock()
             try:
                 return fn(*args, **kw)
             finally:
-                self.seconds += time.perf_counter() - t
+                self.seconds += self.clock() - t
                 self.calls += 1
         return timed
 
@@ -84,7 +89,7 @@ def profile(engine: Engine, n: int, max_tokens: int, constrained: bool, top: int
     (which inflates small functions: the per-call figures are from a run without it)."""
     _round(engine, n, 4, constrained, 1000)  # warm-up: tokenizer, grammar compiler
     prof = cProfile.Profile()
-    choose, forward = _Timer(), _Timer()
+    choose, forward = _Timer(), _Timer(time.perf_counter)
     runner = engine.scheduler.runner
     tick, run_decode = Scheduler._tick, runner.decode
     original_choose = decode_mod.Decoder._choose
@@ -112,9 +117,9 @@ def profile(engine: Engine, n: int, max_tokens: int, constrained: bool, top: int
     kind = "constrained" if constrained else "plain"
     tokens = sum(r.completion_tokens for r in results)
     print(f"\n=== {kind}: {n} streams, {tokens} tokens, {forward.calls} batched steps")
-    print(f"choose: {1e3 * choose.seconds / max(choose.calls, 1):.3f} ms per sequence-step "
+    print(f"choose: {1e3 * choose.seconds / max(choose.calls, 1):.3f} ms CPU per sequence-step "
           f"({choose.calls} calls); forward: {1e3 * forward.seconds / max(forward.calls, 1):.2f} "
-          f"ms per step")
+          f"ms wall per step")
     if constrained:  # mask() includes the _allowed() it calls
         print(f"  of which allowed set (llguidance): {1e3 * allowed.seconds / choose.calls:.3f} ms; "
               f"masking rows: {1e3 * mask.seconds / choose.calls:.3f} ms "

@@ -189,11 +189,12 @@ class Constraint:
         if not _numpy_row(logits):
             return None
         row = logits.numpy()  # [vocab], copied before the first write
-        for i in range(tries):
+        free = not self.matcher.compute_ff_bytes()  # else ``allows`` refuses every token
+        for i in range(tries if free else 0):
             token = int(row.argmax())
-            if token in self.eos_ids or self.matcher.compute_ff_bytes():
-                break  # (``allows`` refuses every token where bytes are forced)
-            if self.allows(token):
+            if token in self.eos_ids:
+                break
+            if self.matcher.validate_tokens([token]) == 1:  # ``allows``, where free
                 return token
             row = row.copy() if i == 0 else row
             row[token] = -np.inf
