@@ -5,7 +5,8 @@ A request's constraint comes from ``response_format`` (``json_object``,
 function, ``strict`` tool schemas): ``grammar_for`` turns them into one Lark
 grammar, checked before any compute (a bad schema is a 400). Each generated
 sequence gets its own ``Constraint`` (a matcher); in a decode step the engine
-masks that sequence's logits row and tells it the token chosen. Masks change
+masks that sequence's logits row (greedy: asks the parser about its best tokens
+first, which usually spares the mask) and tells it the token chosen. Masks change
 only the choice of the next token: the KV cache, and so every cached segment,
 is the same as for an unconstrained request.
 
@@ -171,11 +172,12 @@ class Constraint:
 
     def allows(self, token: int) -> bool:
         """Whether ``token`` is among the tokens ``mask`` allows, from the parser alone
-        (~1 us, where the whole allowed set takes 50-250 us). Where the grammar forces
-        bytes (``{"facts": [`` at the start of the bench's schema) llguidance's mask
-        allows only their canonical first token while its parser accepts any token that
-        spells them (``{`` too), and EOS it allows where its parser refuses it: there,
-        and for EOS, the answer is False and the choice is left to the mask."""
+        (~1 us, where the whole allowed set takes 50-250 us). llguidance's parser and
+        mask disagree in two places: where the grammar forces bytes (``{"facts": [``
+        at the start of the bench's schema) the mask allows only their canonical first
+        token (``{"``) while the parser accepts any token that spells them (``{``);
+        and the mask allows EOS where the JSON is complete while the parser may refuse
+        it. There, and for EOS, the answer is False: the choice is left to the mask."""
         return (token not in self.eos_ids and not self.matcher.compute_ff_bytes()
                 and self.matcher.validate_tokens([token]) == 1)
 
@@ -202,7 +204,7 @@ class Constraint:
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """A copy of ``logits`` [vocab] with every token the grammar forbids at -inf."""
-        if _numpy_row(logits):  # numpy's select is several times faster than torch's here
+        if _numpy_row(logits):  # numpy's select: a little faster than masked_fill here
             return torch.from_numpy(self._masked(logits.numpy()))
         keep = torch.from_numpy(self._keep(logits.shape[-1])).to(logits.device)
         return logits.masked_fill(keep.logical_not(), float("-inf"))
