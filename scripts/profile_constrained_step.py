@@ -94,7 +94,9 @@ def profile(engine: Engine, n: int, max_tokens: int, constrained: bool, top: int
     tick, run_decode = Scheduler._tick, runner.decode
     original_choose = decode_mod.Decoder._choose
     allowed, mask = _Timer(), _Timer()
-    original_allowed, original_mask = Constraint._allowed, Constraint.mask
+    # (an older tree without ``_allowed``: its masks are timed whole)
+    original_allowed = getattr(Constraint, "_allowed", None)
+    original_mask = Constraint.mask
 
     def profiled_tick(self):
         prof.enable()
@@ -106,13 +108,17 @@ def profile(engine: Engine, n: int, max_tokens: int, constrained: bool, top: int
     if top:
         Scheduler._tick = profiled_tick
     decode_mod.Decoder._choose = choose.wrap(original_choose)
-    Constraint._allowed, Constraint.mask = allowed.wrap(original_allowed), mask.wrap(original_mask)
+    Constraint.mask = mask.wrap(original_mask)
+    if original_allowed is not None:
+        Constraint._allowed = allowed.wrap(original_allowed)
     runner.decode = forward.wrap(run_decode)
     try:
         results = _round(engine, n, max_tokens, constrained, 0)
     finally:
         Scheduler._tick, decode_mod.Decoder._choose = tick, original_choose
-        Constraint._allowed, Constraint.mask = original_allowed, original_mask
+        Constraint.mask = original_mask
+        if original_allowed is not None:
+            Constraint._allowed = original_allowed
         runner.decode = run_decode
     kind = "constrained" if constrained else "plain"
     tokens = sum(r.completion_tokens for r in results)

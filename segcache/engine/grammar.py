@@ -137,7 +137,7 @@ class Grammars:
 
 
 def _numpy_row(logits: torch.Tensor) -> bool:
-    return logits.device.type == "cpu" and logits.dtype == torch.float32
+    return logits.is_cpu and logits.dtype == torch.float32
 
 
 class Constraint:

@@ -14,7 +14,7 @@ def argmax(logits: torch.Tensor) -> int:
     """The first index of the largest of ``logits`` [vocab], as ``torch.argmax``; on
     the CPU through numpy, ~20x faster on a vocabulary row (torch's single-row
     reduction takes ~60 us a call, once per sequence per step)."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+    if logits.is_cpu and logits.dtype == torch.float32:
         return int(logits.numpy().argmax())
     return int(torch.argmax(logits))
 
