@@ -97,17 +97,18 @@ def test_the_greedy_shortcut_chooses_what_the_full_mask_does(tiny_engine_factory
 def test_allows_and_mask_agree_with_llguidance(property_engine):
     """Along a sampled path, in every state: ``mask`` leaves finite exactly the tokens
     llguidance's own logit bias allows (recomputed after each token, not reused from
-    the previous state); ``allows`` (the parser's check, no mask) says yes only to
-    tokens the mask allows: all of them that were probed where no bytes are forced,
-    none where some are (there the parser accepts tokens the mask refuses: ``{``
-    where the mask wants ``{"``), and never EOS (left to the mask)."""
+    the previous state); ``allows`` answers exactly as the mask for every token
+    probed and for EOS, from the parser alone where no bytes are forced (where they
+    are, the parser accepts tokens the mask refuses: ``{`` where the mask wants
+    ``{"``); ``greedy_choice`` gives the masked row's argmax, without computing the
+    allowed set where it can."""
     grammars, tok = property_engine.grammars, property_engine.tokenizer
     vocab, eos = property_engine.runtime.arch.vocab_size, tok.eos_ids
     c = Constraint(grammars.compile(grammar_for(_request("x", schema_format(PERSON))),
                                     "response_format"), eos)
     reference = c.matcher.deep_copy()
     brace = tok.encode("{")[0]
-    assert reference.validate_tokens([brace]) == 1 and not c.allows(brace)
+    assert reference.validate_tokens([brace]) == 1 and not c.allows(brace, vocab)
     g = torch.Generator().manual_seed(0)
     sizes, forced_states, shortcuts = set(), 0, set()
     for _ in range(40):
@@ -116,9 +117,11 @@ def test_allows_and_mask_agree_with_llguidance(property_engine):
         forced = bool(reference.compute_ff_bytes())
         probe = torch.nonzero(expected).flatten()[:50].tolist() + [argmax(logits), brace] + \
             torch.randint(vocab, (200,), generator=g).tolist()
-        allowed = [c.allows(t) for t in probe]  # before the mask, as the decoder asks
-        assert allowed == [not forced and t not in eos and bool(expected[t]) for t in probe]
-        assert not any(c.allows(t) for t in eos)
+        probe = [t for t in probe if t not in eos]
+        c._fresh = False  # (white box) to see which answers needed the allowed set
+        assert [c.allows(t, vocab) for t in probe] == [bool(expected[t]) for t in probe]
+        assert c._fresh == forced  # the parser alone answered where no bytes are forced
+        assert [c.allows(t, vocab) for t in eos] == [bool(expected[t]) for t in eos]
         rows = _rows_for_greedy_choice(logits, expected, eos)
         best = {}
         for kind, row in rows.items():
@@ -143,6 +146,7 @@ def test_allows_and_mask_agree_with_llguidance(property_engine):
     # rows answered without the allowed set: every kind, where no bytes are forced
     assert {"random", "third", "tie"} <= {kind for kind, forced in shortcuts if not forced}
     assert not any(forced for _, forced in shortcuts)
+    assert ("eos", False) not in shortcuts  # EOS is asked of the allowed set
 
 
 def test_greedy_choice_where_the_grammar_may_end(property_engine):
@@ -161,6 +165,34 @@ def test_greedy_choice_where_the_grammar_may_end(property_engine):
     logits[min(tok.eos_ids)] = 7.0  # now the digit leads, and is allowed
     assert c.greedy_choice(logits) == two == argmax(c.mask(logits))
     assert c.greedy_choice(logits.to(torch.bfloat16)) is None  # not a numpy row: mask it
+
+
+def test_sampling_without_the_mask_draws_as_from_the_masked_row(property_engine, monkeypatch):
+    """A token drawn from the unmasked row is kept when allowed, else the masked row is
+    drawn from: the tokens still come out with the masked row's probabilities. After
+    ``1`` an integer may end or go on; a refused token holds most of the mass."""
+    from segcache.engine.decode import Decoder, Sequence
+    from segcache.engine.sampling import Sampler
+
+    tok, vocab = property_engine.tokenizer, property_engine.runtime.arch.vocab_size
+    c = Constraint(property_engine.grammars.compile(
+        grammar_for(_request("x", schema_format({"type": "integer"}))), "response_format"),
+        tok.eos_ids)
+    c.advance(tok.encode("1")[0])
+    eos, two, three, letter = min(tok.eos_ids), tok.encode("2")[0], tok.encode("3")[0], tok.encode("a")[0]
+    logits = torch.full((vocab,), -1e4)
+    logits[[letter, eos, two, three]] = torch.tensor([2.0, 1.0, 1.0, 0.0])
+    expected = torch.softmax(torch.tensor([1.0, 1.0, 0.0]), -1).tolist()  # eos, 2, 3
+    masks = [0]
+    mask = Constraint.mask
+    monkeypatch.setattr(Constraint, "mask", lambda self, row: (masks.__setitem__(0, masks[0] + 1),
+                                                                mask(self, row))[1])
+    seq = Sequence(0, torch.empty(0), 0, Sampler(SamplingParams(temperature=1.0, seed=11)), None, c)
+    draws = [Decoder._constrained(seq, logits)[1] for _ in range(3000)]
+    for token, p in zip((eos, two, three), expected, strict=True):
+        assert abs(draws.count(token) / len(draws) - p) < 0.03, (token, draws.count(token), p)
+    assert letter not in draws
+    assert 0.4 < masks[0] / len(draws) < 0.7  # ~53% of the first draws were the refused letter
 
 
 def _rows_for_greedy_choice(logits: torch.Tensor, expected: torch.Tensor,

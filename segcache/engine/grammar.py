@@ -5,8 +5,8 @@ A request's constraint comes from ``response_format`` (``json_object``,
 function, ``strict`` tool schemas): ``grammar_for`` turns them into one Lark
 grammar, checked before any compute (a bad schema is a 400). Each generated
 sequence gets its own ``Constraint`` (a matcher); in a decode step the engine
-masks that sequence's logits row (greedy: asks the parser about its best tokens
-first, which usually spares the mask) and tells it the token chosen. Masks change
+masks that sequence's logits row, or asks whether the token chosen without a mask
+is allowed (which usually spares the mask), and tells it the token chosen. Masks change
 only the choice of the next token: the KV cache, and so every cached segment,
 is the same as for an unconstrained request.
 
@@ -141,10 +141,11 @@ def _numpy_row(logits: torch.Tensor) -> bool:
 
 
 class Constraint:
-    """One sequence's grammar state. Each step: whether one token is allowed next
+    """One sequence's grammar state. Each step: whether a token is allowed next
     (``allows``) or which are (``mask`` a logits row), then ``advance`` with the token
     chosen (EOS included: it ends the grammar). The allowed set is computed at most
-    once per state, by llguidance straight into the constraint's own bitmask."""
+    once per state (and only when needed), by llguidance straight into the
+    constraint's own bitmask."""
 
     def __init__(self, matcher: llguidance.LLMatcher, eos_ids: frozenset[int]) -> None:
         self.matcher = matcher
@@ -170,34 +171,34 @@ class Constraint:
             self._fresh = True
         return self._bits
 
-    def allows(self, token: int) -> bool:
-        """Whether ``token`` is among the tokens ``mask`` allows, from the parser alone
-        (~1 us, where the whole allowed set takes 50-250 us). llguidance's parser and
-        mask disagree in two places: where the grammar forces bytes (``{"facts": [``
-        at the start of the bench's schema) the mask allows only their canonical first
-        token (``{"``) while the parser accepts any token that spells them (``{``);
-        and the mask allows EOS where the JSON is complete while the parser may refuse
-        it. There, and for EOS, the answer is False: the choice is left to the mask."""
-        return (token not in self.eos_ids and not self.matcher.compute_ff_bytes()
-                and self.matcher.validate_tokens([token]) == 1)
+    def allows(self, token: int, vocab_size: int) -> bool:
+        """Exactly whether ``mask`` allows ``token`` (``vocab_size``: the logits' width):
+        from the parser alone (~1 us, where the whole allowed set takes 50-250 us),
+        except where the two disagree and the allowed set answers. They disagree where
+        the grammar forces bytes (``{"facts": [`` at the start of the bench's schema:
+        the mask allows only their canonical first token, ``{"``, the parser any token
+        that spells them, ``{`` too) and on EOS (the mask allows it where the JSON is
+        complete, the parser may refuse it)."""
+        if token in self.eos_ids or self.matcher.compute_ff_bytes():
+            return bool((self._allowed(vocab_size)[token >> 3] >> (token & 7)) & 1)
+        return self.matcher.validate_tokens([token]) == 1
 
     def greedy_choice(self, logits: torch.Tensor, tries: int = 4) -> int | None:
         """The token a greedy choice from ``mask(logits)`` makes (the first of the largest
         allowed logits), without the allowed set where that can be: the best tokens are
         asked about in turn (largest first, lower id first among equals), so the first
-        one allowed is that choice. Only when none of ``tries`` is, or EOS leads, or
-        bytes are forced, is the allowed set computed. None when ``logits`` is not a
-        CPU float32 row: then ``mask`` it."""
+        one allowed is that choice; once the allowed set has been computed (or after
+        ``tries`` refusals) the masked row's argmax is taken. None when ``logits`` is
+        not a CPU float32 row: then ``mask`` it."""
         if not _numpy_row(logits):
             return None
         row = logits.numpy()  # [vocab], copied before the first write
-        free = not self.matcher.compute_ff_bytes()  # else ``allows`` refuses every token
-        for i in range(tries if free else 0):
+        for i in range(tries):
             token = int(row.argmax())
-            if token in self.eos_ids:
-                break
-            if self.matcher.validate_tokens([token]) == 1:  # ``allows``, where free
+            if self.allows(token, len(row)):
                 return token
+            if self._fresh:
+                break
             row = row.copy() if i == 0 else row
             row[token] = -np.inf
         return int(self._masked(logits.numpy()).argmax())
