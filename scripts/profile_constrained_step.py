@@ -1,14 +1,14 @@
 """Where a constrained decode step's time goes, in one process (no HTTP).
 
 Builds an engine (the real default model, or ``--tiny`` random weights), runs
-``--streams`` greedy requests at once, plain and then constrained by the
+``--streams`` requests at once (greedy, or ``--temperature``), plain and then constrained by the
 ``segcache bench constrained`` schema, and prints for each kind: the CPU time per
 sequence per step spent choosing tokens (``Decoder._choose``: bias, mask,
 sampling, detokenisation; of it, llguidance's allowed sets and masking rows)
 against the batched forward's wall time (``decode``), and with
 ``--top N`` the engine thread's cProfile (the top functions by own time).
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python scripts/profile_constrained_step.py [--tiny] [--top 25]
+    PYTHONPATH=. OMP_NUM_THREADS=1 python scripts/profile_constrained_step.py [--tiny] [--temperature 1] [--top 25]
 
 Figures from a shared machine are for the breakdown, not for publishing.
 """
@@ -66,13 +66,15 @@ def _engine(tiny: bool) -> Engine:
     return Engine(tiny_runtime(), tok, CacheConfig(), "tiny")
 
 
-def _round(engine: Engine, n: int, max_tokens: int, constrained: bool, offset: int) -> list:
+def _round(engine: Engine, n: int, max_tokens: int, constrained: bool, offset: int,
+           temperature: float = 0.0) -> list:
     results: list = [None] * n
     fmt = FACTS_FORMAT if constrained else None
 
     def ask(i: int) -> None:
         req = ChatRequest("p", [{"role": "user", "content": _prompt(offset + i)}],
-                          sampling=SamplingParams(max_tokens=max_tokens, temperature=0),
+                          sampling=SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                                  seed=offset + i),
                           response_format=fmt)
         results[i] = engine.chat(req)
 
@@ -84,7 +86,8 @@ def _round(engine: Engine, n: int, max_tokens: int, constrained: bool, offset: i
     return results
 
 
-def profile(engine: Engine, n: int, max_tokens: int, constrained: bool, top: int) -> None:
+def profile(engine: Engine, n: int, max_tokens: int, constrained: bool, top: int,
+            temperature: float = 0.0) -> None:
     """One round of ``n`` streams; ``top`` > 0 also runs the engine thread under cProfile
     (which inflates small functions: the per-call figures are from a run without it)."""
     _round(engine, n, 4, constrained, 1000)  # warm-up: tokenizer, grammar compiler
@@ -113,7 +116,7 @@ def profile(engine: Engine, n: int, max_tokens: int, constrained: bool, top: int
         Constraint._allowed = allowed.wrap(original_allowed)
     runner.decode = forward.wrap(run_decode)
     try:
-        results = _round(engine, n, max_tokens, constrained, 0)
+        results = _round(engine, n, max_tokens, constrained, 0, temperature)
     finally:
         Scheduler._tick, decode_mod.Decoder._choose = tick, original_choose
         Constraint.mask = original_mask
@@ -141,13 +144,14 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="the tiny random model (fast)")
     p.add_argument("--streams", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top", type=int, default=0,
                    help="also profile with cProfile and show this many functions (default: 0, off)")
     args = p.parse_args()
     engine = _engine(args.tiny)
     try:
         for constrained in (False, True):
-            profile(engine, args.streams, args.max_tokens, constrained, args.top)
+            profile(engine, args.streams, args.max_tokens, constrained, args.top, args.temperature)
     finally:
         engine.close(drain=False)
 

@@ -1,7 +1,8 @@
 """Grammar masks in batched decoding: the allowed set computed at most once per state,
 into a bitmask; a greedy choice made without it where the parser can vouch for the
-best tokens; and requests with and without constraints in one batch each answering as
-they do alone (greedy, float32)."""
+best tokens, a sampled one kept when the grammar allows it; requests with and without
+constraints in one batch each answering as they do alone (greedy, float32); and the
+CPU shortcuts of the choice itself (argmax, draws)."""
 
 from __future__ import annotations
 
@@ -254,3 +255,20 @@ def test_greedy_shortcut_on_the_real_model(real_engine, count_sets):
     assert shortcut.token_ids == masked.token_ids
     jsonschema.validate(json.loads(shortcut.text), PERSON)
     assert count_sets[0] < shortcut.completion_tokens  # (PERSON's keys are forced bytes)
+
+
+def test_sampler_draws_follow_the_distribution():
+    """The CPU draw (inverse cumulative sum) gives each token its probability, never a
+    token of probability 0 (before, after or between the others), and the same tokens
+    again for the same seed."""
+    from segcache.engine.sampling import Sampler
+
+    probs = torch.zeros(1000)
+    probs[[3, 500, 998]] = torch.tensor([0.2, 0.5, 0.3])
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=5))
+    draws = [sampler._draw(probs * 7.0) for _ in range(5000)]  # any positive sum
+    assert set(draws) == {3, 500, 998}
+    for token, p in ((3, 0.2), (500, 0.5), (998, 0.3)):
+        assert abs(draws.count(token) / len(draws) - p) < 0.025
+    again = Sampler(SamplingParams(temperature=1.0, seed=5))
+    assert [again._draw(probs * 7.0) for _ in range(200)] == draws[:200]
