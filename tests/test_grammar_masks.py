@@ -272,3 +272,14 @@ def test_sampler_draws_follow_the_distribution():
         assert abs(draws.count(token) / len(draws) - p) < 0.025
     again = Sampler(SamplingParams(temperature=1.0, seed=5))
     assert [again._draw(probs * 7.0) for _ in range(200)] == draws[:200]
+
+
+def test_sampler_draw_edges():
+    """Zero-probability tokens around a single one are never drawn; a nan row is
+    refused as torch.multinomial refuses it (not turned into some token)."""
+    from segcache.engine.sampling import Sampler
+
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=0))
+    assert {sampler._draw(torch.tensor([0.0, 1.0, 0.0, 0.0])) for _ in range(200)} == {1}
+    with pytest.raises(RuntimeError):
+        sampler._draw(torch.tensor([float("nan"), 1.0]))

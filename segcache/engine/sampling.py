@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from segcache.engine.types import SamplingParams
@@ -69,8 +71,10 @@ class Sampler:
         ``torch.multinomial`` takes ~1 ms, once per sampled sequence per step). A token
         of probability 0 is never drawn: the first sum above the target is never one
         that a zero added nothing to."""
-        if not probs.is_cpu:
+        cum = torch.cumsum(probs, 0, dtype=torch.float64) if probs.is_cpu else None
+        total = float(cum[-1]) if cum is not None else 0.0  # float64: no drift over the vocab
+        if not 0.0 < total < math.inf:  # not on the CPU, or nan: multinomial (it raises on nan)
             return int(torch.multinomial(probs, 1, generator=self.generator))
-        cum = torch.cumsum(probs, 0, dtype=torch.float64)  # float64: no drift over the vocab
-        target = torch.rand(1, generator=self.generator, dtype=torch.float64) * cum[-1]
-        return min(int(torch.searchsorted(cum, target, right=True)), len(cum) - 1)
+        u = float(torch.rand(1, generator=self.generator, dtype=torch.float64))
+        target = min(u * total, math.nextafter(total, 0.0))  # below the last sum, always
+        return int(torch.searchsorted(cum, torch.tensor([target], dtype=torch.float64), right=True))
