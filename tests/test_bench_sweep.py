@@ -78,3 +78,38 @@ def test_constrained_bench_runs_against_a_server(tmp_path, tiny_engine_factory):
             max_tokens=200, temperature=0, response_format=fmt,
             logit_bias={str(engine.tokenizer.encode("\n")[0]): -100})
         assert isinstance(json.loads(r.choices[0].message.content)["facts"], list)
+
+
+def test_constrained_bench_rounds_alternate_and_report_spread(tiny_engine_factory, monkeypatch):
+    """Each counted round runs both kinds on the same prompts, cached first, plain first
+    in even rounds and constrained first in odd ones, after the uncounted warm-up
+    rounds; the row holds every round and the median and range of each figure."""
+    from segcache.bench import constrained
+
+    calls: list[tuple[int, bool]] = []
+    real_run_streams = constrained.run_streams
+
+    def recorded(client, model, n, max_tokens, is_constrained, offset):
+        if not calls or calls[-1][0] != offset:  # the round's first run: its prompts cached?
+            usage = client.chat.completions.create(
+                model=model, max_tokens=1, messages=[{"role": "user",
+                                                      "content": constrained._prompt(offset + n - 1)}]).usage
+            assert usage.prompt_tokens_details.cached_tokens >= usage.prompt_tokens - 8  # message hit
+        calls.append((offset, is_constrained))
+        return real_run_streams(client, model, n, max_tokens, is_constrained, offset)
+
+    monkeypatch.setattr(constrained, "run_streams", recorded)
+    engine = tiny_engine_factory()
+    with running_server(engine) as url:
+        from openai import OpenAI
+
+        client = OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        row = constrained.measure(client, "tiny", 2, 5, rounds=3, warmup=1)
+    assert calls == [(100000, False), (100000, True), (0, False), (0, True), (100, True),
+                     (100, False), (200, False), (200, True)]
+    assert len(row["rounds"]) == 3 and row["plain_tokens"] == 10
+    for key in ("overhead", "steady_overhead", "plain_decode_tok_s", "json_decode_tok_s"):
+        values = [r[key] for r in row["rounds"]]
+        low, high = row[f"{key}_range"]
+        assert low == min(values) and high == max(values) and low <= row[key] <= high
+        assert row[key] == sorted(values)[1]

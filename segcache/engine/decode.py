@@ -4,8 +4,9 @@ Each choice is a ``Sequence`` with its own KV buffer (choice 0 decodes in the
 request's buffer; the others in copies of its prompt slots: the prompt is
 computed once), sampler, text stream and, for constrained requests, grammar
 state. A step chooses a token for every live sequence from its own logits row
-(bias, then grammar mask, then sampling), then yields one ``DecodeWork`` per
-sequence: the scheduler runs them in the same batched step as other requests'.
+(bias, then grammar mask, then sampling; a choice the grammar allows, greedy or
+drawn from the whole distribution, needs no mask), then yields one ``DecodeWork``
+per sequence: the scheduler runs them in the same batched step as other requests'.
 
 Per sequence, as before ``n`` existed: EOS or a stop string ends it without a
 decode; otherwise its token is decoded, also after the last one (``max_tokens``),
@@ -82,9 +83,10 @@ class Decoder:
 
     def _choose(self, s: Sequence, logits: torch.Tensor) -> None:
         logits = s.sampler.adjust(logits)
-        if s.constraint is not None:
-            logits = s.constraint.mask(logits)
-        token = s.sampler.sample(logits)
+        if s.constraint is None:
+            token = s.sampler.sample(logits)
+        else:
+            logits, token = self._constrained(s, logits)
         s.sampled += 1
         s.ttft = s.ttft or time.perf_counter() - self.t0
         if s.constraint is not None:
@@ -103,6 +105,28 @@ class Decoder:
         if s.stream.stopped or (s.constraint is not None and s.constraint.failed):
             s.finish = "stop"
         s.token = token
+
+    @staticmethod
+    def _constrained(s: Sequence, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(the logits the token was chosen from, the token) under ``s``'s grammar,
+        masking the row only when needed (without logprobs, which come from the masked
+        row). Greedy: the masked row's best token is found among the row's best
+        (``Constraint.greedy_choice``). Sampled from the whole distribution (no top-k,
+        top-p): a token drawn from the unmasked row is kept if the grammar allows it,
+        else one is drawn from the masked row; a token then comes out with probability
+        p / (mass of the allowed tokens), as from the masked row, and a model that
+        follows the format keeps its first draw."""
+        p, c = s.sampler.params, s.constraint
+        if s.logprobs is None and p.greedy:
+            token = c.greedy_choice(logits)
+            if token is not None:
+                return logits, token
+        elif s.logprobs is None and p.top_k == 0 and p.top_p >= 1.0:
+            token = s.sampler.sample(logits)
+            if c.allows(token, logits.shape[-1]):
+                return logits, token
+        logits = c.mask(logits)
+        return logits, s.sampler.sample(logits)
 
     def _send(self, s: Sequence, text: str, final: bool = False) -> None:
         """Emit ``text`` with the logprobs of the tokens not yet sent (tokens still

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from segcache.engine.types import SamplingParams
 
 _SMALL_TEMPERATURE = 1e-3
 _TINY_TEMPERATURE = 1e-30  # float32 logits 1e-6 apart are then e^-1e24 apart: 0
+
+
+def argmax(logits: torch.Tensor) -> int:
+    """The first index of the largest of ``logits`` [vocab], as ``torch.argmax``; on
+    the CPU through numpy, ~20x faster on a vocabulary row (torch's single-row
+    reduction takes ~60 us a call, once per sequence per step)."""
+    if logits.is_cpu and logits.dtype == torch.float32:
+        return int(logits.numpy().argmax())
+    return int(torch.argmax(logits))
 
 
 class Sampler:
@@ -33,7 +44,7 @@ class Sampler:
         """``logits``: [vocab] float32, already ``adjust``ed. Returns a token id."""
         p = self.params
         if p.greedy:
-            return int(torch.argmax(logits))
+            return argmax(logits)
         if p.temperature >= _SMALL_TEMPERATURE:
             logits = logits / p.temperature
         else:
@@ -52,4 +63,18 @@ class Sampler:
             drop = cum - sorted_p > p.top_p
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return self._draw(probs)
+
+    def _draw(self, probs: torch.Tensor) -> int:
+        """One token from ``probs`` [vocab] (>= 0, any positive sum) with the request's
+        generator: on the CPU by inverting the cumulative sum (~40 us a row where
+        ``torch.multinomial`` takes ~1 ms, once per sampled sequence per step). A token
+        of probability 0 is never drawn: the first sum above the target is never one
+        that a zero added nothing to."""
+        cum = torch.cumsum(probs, 0, dtype=torch.float64) if probs.is_cpu else None
+        total = float(cum[-1]) if cum is not None else 0.0  # float64: no drift over the vocab
+        if not 0.0 < total < math.inf:  # not on the CPU, or nan: multinomial (it raises on nan)
+            return int(torch.multinomial(probs, 1, generator=self.generator))
+        u = float(torch.rand(1, generator=self.generator, dtype=torch.float64))
+        target = min(u * total, math.nextafter(total, 0.0))  # below the last sum, always
+        return int(torch.searchsorted(cum, torch.tensor([target], dtype=torch.float64), right=True))
