@@ -313,9 +313,12 @@ async def _rest(gen: Any) -> AsyncIterator[bytes]:
 
 
 def build_app(cfg: Config, replicas: int, *, make_engine: Callable[[], Any] | None = None,
-              cpus_per_replica: float = 1.0, ingress_cpus: float = 0.5, max_ongoing_requests: int | None = None,
+              cpus_per_replica: float = 1.0, ingress_cpus: float = 0.0, max_ongoing_requests: int | None = None,
               policy: str = "prefix", retries: int = 3, router_kwargs: dict[str, Any] | None = None) -> Any:
-    """The Serve application (ingress bound to the engine deployment)."""
+    """The Serve application (ingress bound to the engine deployment). The ingress
+    reserves no CPU by default (``ingress_cpus``): it parses JSON and hashes, and N
+    replicas of one core each must fit an N-core host (with 0.5 for the ingress, two
+    replicas on a 2-core machine were never scheduled)."""
     if policy not in POLICIES:
         raise ValueError(f"routing policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     threads = max(1, int(cpus_per_replica))
