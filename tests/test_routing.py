@@ -239,3 +239,43 @@ def test_ray_router_ranks_every_replica_backs_off_and_remembers_what_it_sent():
     ranks = asyncio.run(router.choose_replicas(replicas, _pending(k2)))
     assert ranks[0][0].replica_id.unique_id == "r0"  # longest chain: A+B on r0 beats A on r1
     assert router._view(replicas[0], time.monotonic()).load == k1.prompt_tokens + k1.decode_tokens
+
+
+def test_a_sent_request_stops_counting_once_a_later_report_covers_it():
+    """A sequential client: the request sent before has finished and two reports came
+    since; it must not count as load any more (it sent the next request away from its
+    warm replica in a real 2-replica run)."""
+    from segcache.deploy.ray_router import SegmentRouter
+
+    router = SegmentRouter.__new__(SegmentRouter)
+    router.initialize_state(policy="prefix")
+    k1, k2 = keys([body([A, B], "x1"), body([A, B], "x2")])
+    r0 = _Replica("r0")
+    r0.routing_stats["seq"] = 5
+    router._view(r0, time.monotonic())  # the router has seen report 5
+    router.on_request_routed(_pending(k1), r0.replica_id, None)
+    assert router._view(r0, time.monotonic()).load == k1.prompt_tokens + k1.decode_tokens
+    r0.routing_stats = {"warm": list(k1.chain), "load": 0, "seq": 6}  # may predate the request
+    assert router._view(r0, time.monotonic()).load > 0
+    r0.routing_stats = {"warm": list(k1.chain), "load": 0, "seq": 7}  # computed after it
+    assert router._view(r0, time.monotonic()).load == 0
+    assert set(k1.chain) <= router._view(r0, time.monotonic()).warm
+
+
+def test_a_sent_request_counts_only_what_it_costs_that_replica():
+    """Load is tokens to compute: a request whose prefix is warm on the replica it was sent
+    to adds its new tokens and decode budget, not its whole prompt."""
+    import asyncio
+
+    from segcache.deploy.ray_router import SegmentRouter
+
+    router = SegmentRouter.__new__(SegmentRouter)
+    router.initialize_state(policy="prefix")
+    k1, k2 = keys([body([A, B], "x1"), body([A, B], "x2")])
+    r0 = _Replica("r0", warm=k1.chain)
+    pending = _pending(k2)
+    asyncio.run(router.choose_replicas([r0], pending))
+    router.on_request_routed(pending, r0.replica_id, None)
+    warm = sum(n for c, n in zip(k2.chain, k2.tokens, strict=True) if c in set(k1.chain))
+    assert warm > 0
+    assert router._view(r0, time.monotonic()).load == k2.prompt_tokens - warm + k2.decode_tokens

@@ -133,13 +133,16 @@ class EngineReplica:
         self.engine.tree.listeners.append(self.warm)
         self.app = create_app(self.engine, server_cfg, cache_cfg)
         self._inflight: dict[int, int] = {}
+        self._stats_seq = 0  # reports made (record_routing_stats)
         self.replica_id = _replica_id()
         log.info("segcache engine replica %d on cores %s", rank, self.cores)
 
     def record_routing_stats(self) -> dict[str, Any]:
         """What the router sees: warm routing chains, load in tokens (estimated at arrival:
         prompt tokens not warm here + decode budget, for every request in flight)."""
-        return {"warm": self.warm.snapshot(), "load": sum(self._inflight.values()), "cores": self.cores}
+        self._stats_seq += 1  # the router drops what it sent once a later report covers it
+        return {"warm": self.warm.snapshot(), "load": sum(self._inflight.values()), "cores": self.cores,
+                "seq": self._stats_seq}
 
     async def forward(self, request: ForwardRequest, route: dict[str, Any] | None = None) -> AsyncIterator[Any]:
         cost = 0
