@@ -138,23 +138,27 @@ class EngineReplica:
         log.info("segcache engine replica %d on cores %s", rank, self.cores)
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """What the router sees: warm routing chains, load in tokens (estimated at arrival:
-        prompt tokens not warm here + decode budget, for every request in flight)."""
+        """What the router sees: warm routing chains, load in tokens (for every request in
+        flight: prompt tokens not warm here + decode budget, down to the decode budget once
+        its response streams), and ``seq``, the report's number."""
         self._stats_seq += 1  # the router drops what it sent once a later report covers it
         return {"warm": self.warm.snapshot(), "load": sum(self._inflight.values()), "cores": self.cores,
                 "seq": self._stats_seq}
 
     async def forward(self, request: ForwardRequest, route: dict[str, Any] | None = None) -> AsyncIterator[Any]:
-        cost = 0
+        cost = decode = 0
         if route:
             key = RouteKey.from_kwargs(route)
-            cost = key.prompt_tokens - self.warm.matched_tokens(key) + key.decode_tokens
+            decode = key.decode_tokens
+            cost = key.prompt_tokens - self.warm.matched_tokens(key) + decode
         token = id(request)
         self._inflight[token] = cost
         try:
             async for item in asgi_stream(self.app, request):
                 if isinstance(item, dict):  # the head: say who answered
                     item["headers"].append(("x-segcache-replica", self.replica_id))
+                else:  # body bytes flow: the prompt is computed, only decoding is left
+                    self._inflight[token] = min(self._inflight[token], decode)
                 yield item
         finally:
             self._inflight.pop(token, None)
