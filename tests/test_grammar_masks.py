@@ -7,7 +7,6 @@ CPU shortcuts of the choice itself (argmax, draws)."""
 from __future__ import annotations
 
 import json
-import threading
 
 import jsonschema
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 from segcache.engine.grammar import Constraint, grammar_for
 from segcache.engine.sampling import argmax
 from segcache.engine.types import ChatRequest, SamplingParams
-from tests.test_structured_output import PERSON, USER, WEATHER, schema_format
+from tests.test_structured_output import PERSON, USER, WEATHER, chat_together, schema_format
 
 
 def _request(text: str, fmt=None, tools=(), tool_choice=None, **sampling) -> ChatRequest:
@@ -54,19 +53,8 @@ def test_a_mixed_batch_decodes_every_request_as_alone(tiny_engine_factory):
             forced]
     alone = [tiny_engine_factory().chat(r) for r in jobs]
     engine = tiny_engine_factory()
-    results: dict[int, object] = {}
-    start = threading.Barrier(len(jobs))
-
-    def run(i):
-        start.wait()
-        results[i] = engine.chat(jobs[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
     steps = engine.scheduler.steps
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = chat_together(engine, jobs)
     for i, cold in enumerate(alone):
         assert [c.token_ids for c in results[i].choices()] == [c.token_ids for c in cold.choices()], i
     assert results[2].logprobs == alone[2].logprobs

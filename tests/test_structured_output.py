@@ -5,6 +5,7 @@ the mask makes them valid); the real model answers through the openai client."""
 from __future__ import annotations
 
 import json
+import threading
 
 import httpx
 import jsonschema
@@ -67,6 +68,24 @@ def stream_chunks(url: str, **body) -> list[dict]:
     return [json.loads(e) for e in events[:-1]]
 
 
+
+def chat_together(engine, jobs) -> list:
+    """The results of ``jobs`` sent to ``engine`` at once (one thread each, released
+    together), in order: they decode in shared steps."""
+    results: dict[int, object] = {}
+    start = threading.Barrier(len(jobs))
+
+    def run(i):
+        start.wait()
+        results[i] = engine.chat(jobs[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [results[i] for i in range(len(jobs))]
+
 def test_json_schema_answers_validate(tiny):
     _, url = tiny
     for temperature, seed in ((0, None), (1.0, 1), (1.0, 2)):
@@ -115,7 +134,6 @@ def test_constrained_and_plain_requests_share_the_cache(tiny_engine_factory):
 def test_masks_are_per_request_inside_one_batched_decode(tiny_engine_factory):
     """A constrained and a plain request decoding in the same steps: each gets its
     own mask (or none) and answers as it does alone."""
-    import threading
 
     engine = tiny_engine_factory()
 
@@ -126,19 +144,8 @@ def test_masks_are_per_request_inside_one_batched_decode(tiny_engine_factory):
     jobs = [req(schema_format(PERSON), "json please"), req(None, "plain please"),
             req({"type": "json_object"}, "an object")]
     alone = [tiny_engine_factory().chat(r).token_ids for r in jobs]
-    results: dict[int, object] = {}
-    start = threading.Barrier(len(jobs))
-
-    def run(i):
-        start.wait()
-        results[i] = engine.chat(jobs[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
     steps = engine.scheduler.steps
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = chat_together(engine, jobs)
     assert [results[i].token_ids for i in range(len(jobs))] == alone
     decoded = sum(results[i].completion_tokens for i in range(len(jobs)))
     assert engine.scheduler.steps - steps < decoded  # some steps decoded several requests

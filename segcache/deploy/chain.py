@@ -19,11 +19,11 @@ from typing import Any
 from segcache.kv.autoseg import (
     chunk_digest,
     message_digest,
+    message_pieces,
     message_text,
     tools_after_system,
     tools_block,
 )
-from segcache.kv.chunking import chunk_text
 from segcache.kv.hashing import chain_digest, is_digest, namespace_digest, segment_digest
 
 CHARS_PER_TOKEN = 3.8  # SmolLM2's tokenizer on English prose and code (bench/workloads.py)
@@ -92,7 +92,7 @@ def _units(body: dict[str, Any], chunks: bool = False) -> list[tuple[str, str]]:
         units += tools_unit
     for i, m in enumerate(messages):
         text = message_text(m)
-        pieces = (chunk_text(text) or [text]) if chunks and m.get("role") != "assistant" else [text]
+        pieces = message_pieces(str(m.get("role")), text, chunks)
         if len(pieces) == 1:
             units.append((message_digest(m), text))
         else:  # --blend auto: the engine keys each content-defined chunk (engine/prompt.py)

@@ -28,11 +28,11 @@ from segcache.engine.types import (
 from segcache.kv.autoseg import (
     chunk_digest,
     message_digest,
+    message_pieces,
     message_text,
     tools_after_system,
     tools_block,
 )
-from segcache.kv.chunking import chunk_text
 from segcache.kv.hashing import is_digest, segment_digest
 from segcache.kv.registry import SegmentRegistry
 from segcache.model.tokenizer import ChatTokenizer, PromptPart
@@ -252,8 +252,7 @@ def build_prompt(tokenizer: ChatTokenizer, memo: TokenMemo, namespace: str,
         if with_name and m.get("name") is not None:
             msg["name"] = m["name"]
         render.append(msg)
-        # (an empty text is one empty unit: its template text must stay in a unit of its own)
-        texts = (chunk_text(text) or [text]) if chunks and m.get("role") != "assistant" else [text]
+        texts = message_pieces(str(m.get("role")), text, chunks)
         pieces.append(texts)
         if len(texts) == 1:
             keys.append(UnitKey(f"messages[{i}]", "message", message_digest(m, with_name)))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from segcache.kv.chunking import chunk_text
 from segcache.kv.hashing import segment_digest
 
 TOOLS_HEADER = (
@@ -90,6 +91,17 @@ def message_digest(message: dict[str, Any], with_name: bool = False) -> str:
     if with_name and message.get("name") is not None:
         key["name"] = message["name"]
     return segment_digest(canonical_json(key))
+
+
+def message_pieces(role: str, text: str, chunks: bool) -> list[str]:
+    """The texts a message is keyed and tokenized as: its whole text, or with ``chunks``
+    (``--blend auto``) the content-defined chunks of any message but an assistant's (a
+    kept reply stays one unit). An empty text stays one piece: its template text must
+    stay in a unit of its own. Two or more pieces are keyed by ``chunk_digest``, one by
+    ``message_digest``. The engine, the router and the linter all cut by this."""
+    if not chunks or role == "assistant":
+        return [text]
+    return chunk_text(text) or [text]
 
 
 def chunk_digest(role: str, index: int, text: str, name: str | None = None) -> str:

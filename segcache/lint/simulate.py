@@ -40,8 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from segcache.config import BLEND_MODES
-from segcache.kv.autoseg import chunk_digest, reply_digest
-from segcache.kv.chunking import chunk_text
+from segcache.kv.autoseg import chunk_digest, message_pieces, reply_digest
 from segcache.kv.hashing import chain_digest, namespace_digest
 from segcache.kv.partial import reusable_tokens
 from segcache.lint.trace import GENERATION_PROMPT, Unit, frame
@@ -198,8 +197,7 @@ def sim_units(view: RequestView, blend: str) -> list[SimUnit]:
     enc = view.counter.encode
     for i, u in enumerate(view.units):
         lead = (END if i else "") + f"<|im_start|>{u.role}\n"
-        chunked = blend == "auto" and u.kind == "message" and u.role != "assistant"
-        pieces = chunk_text(u.content) if chunked else [u.content]
+        pieces = message_pieces(u.role, u.content, blend == "auto" and u.kind == "message")
         if len(pieces) <= 1:
             eligible = u.kind == "segment" and (blend == "auto" or blend == "marked" and _anywhere(view, u))
             out.append(SimUnit(u.digest, view.tokens[i], enc(lead) + enc(u.content), len(enc(lead)),
