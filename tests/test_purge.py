@@ -59,7 +59,7 @@ def test_a_standalone_job_in_flight_at_the_purge_inserts_nothing_servable(tiny_e
     assert purged, "the background job never ran"
     engine.runtime.unrope_keys = orig
     assert engine.cache_stats("t")["standalone"]["entries"] == 0
-    assert engine._retired == set()  # what the job inserted late was swept when it ended
+    assert engine.residency.retired == set()  # what the job inserted late was swept when it ended
     nothing_served(engine, "t")
     engine.tree.check_integrity()
 

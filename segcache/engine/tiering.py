@@ -10,7 +10,7 @@ keys from tree nodes, torch tensors <-> ``KVData``, and the four hooks.
                     RAM lets go of reaches disk (a no-op where the write-through put it
                     there already; it covers a write-through dropped by a full queue).
                     Expiry, purge and replacement drop the node: they never demote.
-    promotion       ``_prefill_units``, before computing a unit missing from RAM, calls
+    promotion       ``CachePath.prefill_units``, before computing a unit missing from RAM, calls
                     ``promote``: the unit's KV loaded from the first tier that has it,
                     verified, inserted into the tree (pinned) and copied into the
                     request's buffer; None (compute it) on a miss.

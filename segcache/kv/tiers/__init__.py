@@ -66,7 +66,7 @@ the model's generated ids, not the re-tokenized message) pass
 ``token_digest=None`` and take ``n_tokens`` from the payload (the chain
 already binds the exact message content).
 
-1. Demotion (RAM -> disk). ``Engine._insert`` calls ``_enforce_budget``,
+1. Demotion (RAM -> disk). ``CachePath.insert`` calls ``Residency.enforce``,
    which runs ``radix.evict_until`` and ``tree.evict_until``; ``LruTree.
    _evict_lru`` unlinks leaves and reports each through the tree's
    ``on_remove(node, reason)`` *after* unlinking, with ``node.parent`` and
@@ -81,18 +81,18 @@ already binds the exact message content).
    Pinned nodes are never evicted, so never demoted. The radix tail is not
    tiered: its nodes are token-keyed and have no chain digest (a later issue
    could key them by H(ns, token-id prefix)). Also call ``store.publish`` in
-   ``_insert`` (write-through to every tier, behind the request) when Redis
+   ``CachePath.insert`` (write-through to every tier, behind the request) when Redis
    is configured, so server B finds what A computed without waiting for A's
    eviction, and so a crash loses nothing; ``demote`` is then a no-op for
    entries the disk already holds. Entries of the blend standalone namespace
    (``standalone_namespace(ns)``) are keyed the same way under that namespace.
 
-2. Promotion on a miss in the unit walk. ``Engine._start`` matches the RAM
-   tree (``tree.match`` -> units[0:h]); ``_prefill_units`` then computes units
+2. Promotion on a miss in the unit walk. ``CachePath.start`` matches the RAM
+   tree (``tree.match`` -> units[0:h]); ``CachePath.prefill_units`` then computes units
    h.. one by one. With a store, before computing unit i it consults the
    lower tiers: ``Fetched`` -> insert the node into the tree with the loaded
    handle (``tree.insert(run.parent, digest, unit ids, handle, nbytes)``, pin
-   it), copy it into ``run.kv[:, :, :, pos:pos+n]`` and ``_advance`` with
+   it), copy it into ``run.kv[:, :, :, pos:pos+n]`` and ``CachePath.advance`` with
    status "hit"; None -> prefill it as today. A fetch is blocking I/O, so it
    runs on the store's loader threads (``fetch_async``) and the request's
    generator yields a new scheduler work item, ``LoadWait(future)`` (next to
@@ -102,7 +102,7 @@ already binds the exact message content).
    that KV next.
 
 3. Overlap: loading node k+1 while prefilling what is missing. Because all
-   chains of the prompt are known up front, ``_prefill_units`` keeps a window
+   chains of the prompt are known up front, ``CachePath.prefill_units`` keeps a window
    of ``fetch_async`` futures for the next W (2-4) units after the RAM match,
    issued in order when the run starts. At unit i: if its future is done and
    hit, use it; if it missed, prefill unit i while the loads for i+1..i+W
@@ -116,7 +116,7 @@ already binds the exact message content).
 
 4. ``usage.segcache.segments[].tier``: ``SegmentUsage`` (engine/types.py)
    gains ``tier: "ram" | "disk" | "redis" | None``: "ram" for a tree hit
-   (``_start`` and the in-flight re-match in ``_prefill_units``),
+   (``CachePath.start`` and the in-flight re-match in ``CachePath.prefill_units``),
    ``Fetched.tier`` for a promoted node, None for a miss or a blended unit
    (computed, not loaded); ``as_dict`` writes it for every segment.
 
