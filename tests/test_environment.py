@@ -39,7 +39,7 @@ def test_config_and_cli_defaults_follow_the_environment(monkeypatch, tmp_path):
     from segcache.cli import build_parser
 
     args = build_parser().parse_args(["serve"])
-    assert args.cache_dir == tmp_path and args.api_keys is None
+    assert args.cache_dir == tmp_path and args.api_keys_file is None
 
 
 def test_help_lists_every_variable(capsys):
