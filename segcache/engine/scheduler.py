@@ -19,7 +19,9 @@ plain Python and *yields* the model work it needs:
 One tick: admit waiting jobs, advance every job that is not waiting on work,
 run one batched decode step for all decoding jobs, then prefill chunks (one
 while others decode, so their streams keep moving; a few when idle), shortest
-job first. Chunk boundaries are fixed relative to each unit's start, so KV never
+job first; a background job's chunks (``submit_background``: standalone blend copies)
+run only in ticks where no request prefills, so they never add to a time to first
+token beyond the one chunk already running. Chunk boundaries are fixed relative to each unit's start, so KV never
 depends on load. While others decode, a chunk that would take longer than
 ``decode_pause_s`` runs a few layers per tick (same arithmetic, bit-identical KV).
 Cancellation and deadlines are checked every tick: a cancelled job gets
@@ -127,6 +129,7 @@ class Job:
     arrived: float = 0.0
     priority: int = 0  # cached prefix tokens, set at admission time by ``estimate``
     meta: Any = None  # what ``estimate`` needs (the engine's namespace and prompt)
+    background: bool = False  # nobody waits for it: its prefill gives way to requests'
     gen: JobGen | None = None
     work: Work | None = None
 
@@ -233,7 +236,8 @@ class Scheduler:
         """Queue a job nobody waits for (its errors are logged); None when the
         queue is full or the server is stopping."""
         now = time.monotonic()
-        job = Job(gen_factory, tenant, lambda: False, now + self.cfg.request_timeout_s, arrived=now)
+        job = Job(gen_factory, tenant, lambda: False, now + self.cfg.request_timeout_s, arrived=now,
+                  background=True)
         job.future.add_done_callback(_log_failure)
         with self._cv:
             if self._stopping or len(self._waiting) + self._preparing.total() >= self.cfg.max_waiting:
@@ -312,6 +316,10 @@ class Scheduler:
         chunks = 1 if decoding else self.cfg.idle_prefill_chunks
         prefilling = sorted((j for j in self._running if isinstance(j.work, PrefillWork)),
                             key=lambda j: (j.work.remaining, j.id))
+        if any(not j.background for j in prefilling):
+            # A request's prefill is its time to first token: background work (standalone
+            # blend copies) waits for it, and runs beside decoding or when idle.
+            prefilling = [j for j in prefilling if not j.background]
         for job in prefilling:
             while chunks > 0 and job in self._running and isinstance(job.work, PrefillWork):
                 if self._check_cancel(job):
