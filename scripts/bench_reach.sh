@@ -8,7 +8,8 @@
 #   scripts/first_move.py --mode segments on A, --mode flat on B
 #   scripts/framework_agents.py on A (OpenAI Agents SDK, three agents, plain requests)
 # Environment: OUT (default bench-out/reach-<time>), ROUNDS (2), OBJECTS (16),
-# PORT_A (8093), PORT_B (8094), THREADS (2).
+# PORT_A (8093), PORT_B (8094), THREADS (2), PARTS ("repo-docs first-move framework": which
+# of the three to run).
 set -euo pipefail
 export COLUMNS=${COLUMNS:-160}
 cd "$(dirname "$0")/.."
@@ -18,6 +19,8 @@ OBJECTS=${OBJECTS:-16}
 PORT_A=${PORT_A:-8093}
 PORT_B=${PORT_B:-8094}
 THREADS=${THREADS:-2}
+PARTS=${PARTS:-repo-docs first-move framework}
+part() { [[ " $PARTS " == *" $1 "* ]]; }
 SEGCACHE=.venv/bin/segcache
 PY=.venv/bin/python
 mkdir -p "$OUT"
@@ -42,6 +45,7 @@ serve "$PORT_A" "$OUT/server-marked.log"
 serve "$PORT_B" "$OUT/server-auto.log" --blend auto
 log "servers up: A (--blend marked) $A, B (--blend auto) $B; commit $(git rev-parse --short HEAD)"
 for r in $(seq 1 "$ROUNDS"); do
+    part repo-docs || break
     log "round $r: repo-docs segments (A)"
     "$SEGCACHE" bench repo-docs --url "$A" --mode segments --objects "$OBJECTS" \
         --json "$OUT/repo-docs.segments.r$r.json" >"$OUT/repo-docs.segments.r$r.txt" 2>&1
@@ -53,17 +57,22 @@ for r in $(seq 1 "$ROUNDS"); do
         --json "$OUT/repo-docs.flat-auto.r$r.json" >"$OUT/repo-docs.flat-auto.r$r.txt" 2>&1
 done
 for r in $(seq 1 "$ROUNDS"); do
+    part repo-docs || break
     "$SEGCACHE" bench table --title "repo-docs round $r" "segments (marked)=$OUT/repo-docs.segments.r$r.json" \
         "flat, --blend auto=$OUT/repo-docs.flat-auto.r$r.json" "flat, prefix only=$OUT/repo-docs.prefix.r$r.json" \
         | tee "$OUT/repo-docs.table.r$r.txt"
 done
-log "first move, segments (A)"
-$PY scripts/first_move.py --url "$A" --mode segments --rounds 3 --json "$OUT/first-move.segments.json" \
-    | tee "$OUT/first-move.segments.txt"
-log "first move, flat (B)"
-$PY scripts/first_move.py --url "$B" --mode flat --rounds 3 --json "$OUT/first-move.flat.json" \
-    | tee "$OUT/first-move.flat.txt"
-log "framework agents (A)"
-curl -sf -X DELETE "$A/cache" >/dev/null
-$PY scripts/framework_agents.py --url "$A" --json "$OUT/framework.json" | tee "$OUT/framework.txt"
+if part first-move; then
+    log "first move, segments (A)"
+    $PY scripts/first_move.py --url "$A" --mode segments --rounds 3 --json "$OUT/first-move.segments.json" \
+        | tee "$OUT/first-move.segments.txt"
+    log "first move, flat (B)"
+    $PY scripts/first_move.py --url "$B" --mode flat --rounds 3 --json "$OUT/first-move.flat.json" \
+        | tee "$OUT/first-move.flat.txt"
+fi
+if part framework; then
+    log "framework agents (A)"
+    curl -sf -X DELETE "$A/cache" >/dev/null
+    $PY scripts/framework_agents.py --url "$A" --json "$OUT/framework.json" | tee "$OUT/framework.txt"
+fi
 log "done"
