@@ -298,6 +298,11 @@ def test_route_simulate_refuses_an_unknown_trace(capsys):
     assert "TRACE must be a workload" in capsys.readouterr().err
 
 
+def test_route_simulate_refuses_a_negative_idle_factor(capsys):
+    assert main(["route", "simulate", "fan-out", "--idle-factor", "-1"]) == 2
+    assert "idle_factor must be >= 0, got -1.0" in capsys.readouterr().err
+
+
 def test_ray_app_builder_checks_its_arguments():
     from segcache.deploy.ray_app import app_builder
 
