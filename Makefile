@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.segcache-installed
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test test-fast lint bench-engine bench-blend bench-route clean system-deps
+.PHONY: setup serve test test-fast lint bench-engine bench-blend bench-route clean system-deps dynamo-venv
 
 setup: $(STAMP)
 
@@ -35,10 +35,20 @@ system-deps:
 	command -v chromium >/dev/null && command -v redis-server >/dev/null || \
 	  ($(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium redis-server)
 
-test: setup system-deps
+# Dynamo's KV router core (ai-dynamo-runtime, no torch, ~280 MB) for tests/test_kv_events_dynamo.py,
+# in a venv of its own: it pins pydantic <= 2.13.5, older than the server's.
+DYNAMO_VENV := .venv-dynamo
+dynamo-venv: $(DYNAMO_VENV)/.installed
+
+$(DYNAMO_VENV)/.installed:
+	$(PYTHON) -m venv $(DYNAMO_VENV)
+	$(DYNAMO_VENV)/bin/python -m pip --disable-pip-version-check -q install ai-dynamo-runtime==1.6.1
+	touch $@
+
+test: setup system-deps dynamo-venv
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-test-fast: setup system-deps
+test-fast: setup system-deps dynamo-venv
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
@@ -55,4 +65,4 @@ bench-route: setup  # routing policies over 4 and 8 simulated replicas (no model
 	  --policy prefix,round-robin,least-load,ray-prefix --copies 8 --json bench-out/route-simulate.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(DYNAMO_VENV) .pytest_cache .ruff_cache .hypothesis

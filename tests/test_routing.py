@@ -45,7 +45,7 @@ def test_route_key_counts_units_and_budget():
 
 
 def test_simulator_figures_with_generous_slack_keep_everything_home():
-    """Slack 2048 tokens: nothing is ever over the bound, so all four requests go to the
+    """Defaults: nothing is ever over the bound, so all four requests go to the
     rendezvous home of A. Hits: 0, 100 (A), 150 (A+B), 150 (A+C) = 400 of 608; the home
     computes 152+10, 52+10, 2+10, 2+10 = 248 tokens, the other replica nothing."""
     r = simulate(TRACE, 2, "prefix")
@@ -57,14 +57,118 @@ def test_simulator_figures_with_generous_slack_keep_everything_home():
 
 
 def test_overload_spills_by_the_documented_rule():
-    """Slack 0, balance 1.25. Request 2 (A+C) would cost its owner 52+10 = 62 on top of 162:
-    224 > 1.25 * (162 + 62) / 2 = 140, so it goes to the idle replica (cost 162). Request 3
-    (A+B) costs the home 12: 174 <= 1.25 * 336 / 2 = 210 fits; request 4 (A+C) costs the
-    other 12: 174 <= 1.25 * 348 / 2 = 217.5 fits. Hits 0 + 0 + 150 + 150 = 300; work 174
-    each."""
-    r = simulate(TRACE, 2, "prefix", balance=1.25, slack_tokens=0)
+    """Balance 1.25: request 2 (A+C) costs its owner 52+10 = 62 on top of 162, and 224 <=
+    1.25 * 224 / 2 + 512 fits; with slack 0 it still fits, 224 <= 140 + 100 (the 100 tokens of
+    A the owner holds: a spill would recompute them). Balance 1, slack 0 and no cold-start
+    rule (idle_factor 0): 224 > 224 / 2 + 100 = 212, so it goes to the idle
+    replica (cost 162). Request 3 (A+B) costs the home 12: 174 <= 336 / 2 + 150 fits;
+    request 4 (A+C) goes to the other, which holds A+C (150 tokens, more than the home's
+    100): 174 <= 348 / 2 + 150. Hits 0 + 0 + 150 + 150 = 300; work 174 each."""
+    for slack in (512, 0):
+        r = simulate(TRACE, 2, "prefix", balance=1.25, slack_tokens=slack)
+        assert (r.hit_tokens, sorted(r.work)) == (400, [0, 248])
+    r = simulate(TRACE, 2, "prefix", balance=1.0, slack_tokens=0, idle_factor=0)
     assert r.hit_tokens == 300 and r.work == [174, 174] and r.max_mean_load == pytest.approx(1.0)
     assert r.hit_rate_vs_single == pytest.approx(300 / 400)
+
+
+def test_a_holder_may_run_over_the_bound_by_what_a_spill_would_recompute():
+    """A+B+x: prompt 151, decode 10. The owner holds A+B (150 tokens), so the request costs
+    it 11; the other replica (load 100, not idle: no cold-start rule) would pay 161. Slack 0:
+    the owner fits while L + 11 <= 1.25 * (L + 100 + 11) / 2 + 150, i.e. L <= 555.67 (without
+    the 150, L <= 155.67). At L = 556 the other takes it: 261 <= 1.25 * 817 / 2."""
+    k = keys([body([A, B], "x")])[0]
+    policy = PrefixPolicy(balance=1.25, slack_tokens=0)
+
+    def first(owner_load: int) -> str:
+        return policy.rank(k, [ReplicaView("owner", set(k.chain[:2]), owner_load),
+                               ReplicaView("other", set(), 100)])[0]
+
+    assert first(156) == first(555) == "owner"
+    assert first(556) == "other"
+
+
+def test_cold_start_keeps_a_shared_prefix_home_while_a_replica_is_idle():
+    """Four replicas, three idle. P+x: prompt 100 + 31 + 1 = 132, decode 10, cold 142. The home
+    holds P (100 tokens): the request costs it 42. With load L the balanced bound (slack 0)
+    is 1.25 * (L + 42) / 4 + 100, so L <= 103 fits; the cold-start rule (an idle replica holds
+    none of it) lets the home take it while L + 42 <= 2 * 142, i.e. L <= 242. Once no replica
+    is idle (the others at load 10) the balanced bound alone decides: 1.25 * (L + 72) / 4 + 100."""
+    k = keys([body(["p" * 100, "x" * 31], "a")])[0]
+    assert (k.prompt_tokens, k.decode_tokens) == (132, 10)
+    policy = PrefixPolicy(balance=1.25, slack_tokens=0, idle_factor=2)
+    ids = ["home", "c1", "c2", "c3"]
+
+    def first(home_load: int, others: int = 0, pol: PrefixPolicy = policy) -> str:
+        views = [ReplicaView("home", {k.chain[0]}, home_load)] + [ReplicaView(r, set(), others) for r in ids[1:]]
+        return pol.rank(k, views)[0]
+
+    next_in_ring = [r for r in rendezvous_order(k.first, ids) if r != "home"][0]
+    assert first(103) == first(242) == "home"
+    assert first(243) == next_in_ring
+    assert first(104, pol=PrefixPolicy(balance=1.25, slack_tokens=0, idle_factor=0)) == next_in_ring
+    assert first(104, others=10) == "home"  # 146 <= 1.25 * 176 / 4 + 100 = 155
+    assert first(200, others=10) == next_in_ring  # 242 > 1.25 * 272 / 4 + 100 = 185; no one idle
+
+
+def test_a_new_first_segment_goes_to_the_least_loaded_replica_that_fits():
+    """Nobody holds the request (cold 161): the idle replica fits, one at load 50 fits too
+    (211 <= 1.25 * (350 + 161) / 3 + 0 = 212.9), one at 300 does not. Least load first,
+    whatever the hash order says; the hash order only breaks ties."""
+    k = keys([body([A, B], "x")])[0]
+    ring = rendezvous_order(k.first, ["r0", "r1", "r2"])
+    load = {ring[0]: 50, ring[1]: 300, ring[2]: 0}
+    views = [ReplicaView(rid, set(), load[rid]) for rid in ring]
+    assert PrefixPolicy(balance=1.25, slack_tokens=0).rank(k, views) == [ring[2], ring[0], ring[1]]
+    assert PrefixPolicy().rank(k, [ReplicaView(rid) for rid in ring]) == ring  # all idle: hash order
+
+
+# Two teams, each: a shared 100-token block, a 31-token agent block, a 1-token question.
+P0, P1, X = "p" * 100, "q" * 100, "x" * 30
+TEAMS = keys([body([P0, X + "0"], "a"), body([P0, X + "1"], "b"), body([P1, X + "2"], "c"),
+              body([P1, X + "3"], "d")])
+
+
+def test_two_teams_whose_first_segments_hash_to_one_replica_get_one_replica_each():
+    """Both first segments rank r1 first. Request a: all idle, hash order: r1 (142). b: r1
+    holds P0 (cost 42): 184 <= 1.25 * 184 / 2 + 512 + 100. c: nobody holds P1; r0 is idle,
+    r1 fits too (326 <= 1.25 * 326 / 2 + 512), least load: r0. d: r0 holds P1. Hits 100 + 100,
+    work 184 each. (The rule before 2026-12-02, first fit in hash order, sent all four to r1:
+    work [0, 368]; with slack 0 it spread team P0 on both replicas: 0 hits.)"""
+    assert rendezvous_order(TEAMS[0].first, ["r0", "r1"])[0] == "r1"
+    assert rendezvous_order(TEAMS[2].first, ["r0", "r1"])[0] == "r1"
+    for slack in (512, 0):
+        r = simulate(TEAMS, 2, "prefix", slack_tokens=slack)
+        assert (r.hit_tokens, r.prompt_tokens, r.work) == (200, 528, [184, 184])
+        assert r.hit_rate_vs_single == pytest.approx(1.0)
+
+
+def test_cold_start_rule_on_a_fixed_trace():
+    """Four replicas, slack 0: three requests of team P (cold 142), then three teams with one
+    request each (cold 141, first segments hashed to r2, r1, r3). Team P's home r1 keeps its
+    second and third requests by the cold-start rule (184, 226 <= 2 * 142) while the others
+    are idle, and the three new teams take one idle replica each: hits 200, work
+    [141, 226, 141, 141]. Without the rule (idle_factor 0) P's second request spills to an
+    idle replica, which the last team then lacks: hits 100, work [141, 184, 142, 282]."""
+    trace = keys([body([P0, X + "0"], "a"), body([P0, X + "1"], "b"), body([P0, X + "2"], "c"),
+                  body(["s" * 100, X], "d"), body(["t" * 100, X], "e"), body(["u" * 100, X], "f")])
+    r = simulate(trace, 4, "prefix", slack_tokens=0)
+    assert (r.hit_tokens, r.work) == (200, [141, 226, 141, 141])
+    r = simulate(trace, 4, "prefix", slack_tokens=0, idle_factor=0)
+    assert (r.hit_tokens, r.work) == (100, [141, 184, 142, 282])
+
+
+def test_prefix_meets_the_scale_out_target_on_the_bench_workloads(tmp_path, capsys):
+    """Issue 18's target: 8 teams of each workload over 4 and 8 replicas, ``prefix`` keeps >= 90%
+    of the hit rate of one replica with the whole cache at max/mean load <= 1.25 (fan-out on 8
+    replicas was 83.9% before the cold-start and least-load rules)."""
+    out = tmp_path / "sim.json"
+    assert main(["route", "simulate", "multi-agent,agent-loop,fan-out", "--replicas", "4,8", "--policy",
+                 "prefix", "--copies", "8", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["idle_factor"] == 2.0 and len(data["results"]) == 6
+    for r in data["results"]:
+        assert r["hit_rate_vs_single"] >= 0.9 and r["max_mean_load"] <= 1.25, r
 
 
 def test_baselines_on_the_fixed_trace():
@@ -192,6 +296,11 @@ def test_route_simulate_reads_a_request_log(tmp_path, capsys):
 def test_route_simulate_refuses_an_unknown_trace(capsys):
     assert main(["route", "simulate", "no-such-workload"]) == 2
     assert "TRACE must be a workload" in capsys.readouterr().err
+
+
+def test_route_simulate_refuses_a_negative_idle_factor(capsys):
+    assert main(["route", "simulate", "fan-out", "--idle-factor", "-1"]) == 2
+    assert "idle_factor must be >= 0, got -1.0" in capsys.readouterr().err
 
 
 def test_ray_app_builder_checks_its_arguments():

@@ -29,8 +29,9 @@ from segcache.deploy.routing import ReplicaView, make_policy, matched_tokens
 
 class SegmentRouter(RequestRouter):
     def initialize_state(self, policy: str = "prefix", balance: float = 1.25, slack_tokens: int = 512,
-                         sent_ttl_s: float = 2.0, **_: Any) -> None:
-        params = {"balance": balance, "slack_tokens": slack_tokens} if policy == "prefix" else {}
+                         idle_factor: float = 2.0, sent_ttl_s: float = 2.0, **_: Any) -> None:
+        params = ({"balance": balance, "slack_tokens": slack_tokens, "idle_factor": idle_factor}
+                  if policy == "prefix" else {})
         self._policy = make_policy(policy, **params)
         self._sent_ttl_s = sent_ttl_s
         # replica -> (sent at, chain, cost, the replica's report seq when sent)

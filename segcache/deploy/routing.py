@@ -7,26 +7,46 @@ Replicas are seen through ``ReplicaView``: the chain digests a replica reports w
 (plus, in the Ray router, those just sent to it: a burst does not wait a stats
 period) and its load in tokens (still to prefill + still to decode).
 
-``prefix`` (the default), the segment-aware policy, with bounded loads:
+``prefix`` (the default), the segment-aware policy, with bounded loads. ``cost`` of
+a request on a replica: its tokens to prefill there (its prompt minus what that
+replica holds of it) plus its decode budget; ``cold``: its cost on a replica holding
+none of it; ``n``: the number of replicas.
 
 1. owner = the replica holding the longest warm chain of the request, measured in
    tokens (ties: lower load, then the request's consistent-hash order);
 2. a replica *fits* when it is idle (load 0) or
-   ``load + cost <= balance * (total load + cost) / n + slack``, where ``cost`` is the
-   request's tokens to prefill there (its prompt minus what that replica holds)
-   plus its decode budget, ``n`` the number of replicas, ``balance`` = 1.25 and
-   ``slack`` = 512 tokens (so a lightly loaded fleet never spills on rounding; both
-   are ``PrefixPolicy`` parameters; in the 2026-12-01 simulation of BENCHMARKS.md a
-   2048-token slack kept 95-99% of one replica's hit rate but let max/mean load reach
-   1.5, 512 kept max/mean <= 1.24 for 84-97%). This is consistent hashing with
-   bounded loads (Mirrokni, Thorup, Zadimoghaddam 2018) with a cache-aware first choice;
-3. if the owner does not fit, the next replica that also holds part of the chain
+   ``load + cost <= balance * (total load + cost) / n + slack + matched``:
+   ``balance`` = 1.25, ``slack`` = 512 tokens (so a lightly loaded fleet never spills
+   on rounding), ``matched`` = the tokens of the request it holds. A holder may run
+   over the balanced bound by what sending the request elsewhere would recompute: a
+   spill must not add more work to the fleet than it takes off the holder. This is
+   consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam 2018) with
+   a cache-aware first choice;
+3. cold start: while a replica holding none of the request is idle, a holder also
+   fits while ``load + cost <= idle_factor * cold + slack`` (``idle_factor`` = 2: it
+   finishes the request within twice the time the idle replica would). At the start
+   of a burst the mean load is a fraction of one request and rule 2 alone would send
+   a shared prefix's second request to an idle replica; that replica is kept for a
+   request with a first segment nobody holds yet;
+4. if the owner does not fit, the next replica that also holds part of the chain
    and fits, longest match first;
-4. else (and for a request nobody holds: a cold fleet) the first replica that fits
-   in the rendezvous-hash order of the request's first segment (its first chain
-   digest), so requests sharing a first segment agree on a home and different
-   first segments spread;
-5. replicas that do not fit come last, least loaded first.
+5. else (and for a request nobody holds: a cold fleet) the replica that fits with
+   the least load, ties in the rendezvous-hash order of the request's first segment
+   (its first chain digest): a new first segment goes to an idle replica when there
+   is one (not to one that already serves another first segment), and requests
+   sharing a first segment agree on a home;
+6. replicas that do not fit come last, least loaded first.
+
+``balance``, ``slack_tokens`` and ``idle_factor`` are ``PrefixPolicy`` parameters.
+Simulated with 8 teams (``segcache route simulate multi-agent,agent-loop,fan-out
+--replicas 4,8 --copies 8``, seeds 0-2), rules 2 (``+ matched``), 3 and 5 (least load
+before hash order) took ``prefix`` from 84-98% of one replica's hit rate at max/mean
+load up to 1.29 to 100-102% at max/mean <= 1.01. Seed 0 without rule 3 (``idle_factor``
+0): multi-agent on 8 replicas 97.8% at max/mean 1.58, fan-out on 8 94.7% at 1.40
+(a team spread early takes the idle replica a later team needed); ``idle_factor`` 1.5
+still leaves fan-out on 8 at 94.7% / 1.40; 2, 2.5 and 3 all give 100% at <= 1.01.
+The price: one team alone (one shared prefix) is spread less: fan-out's 8 agents
+(``--copies 1``) on 8 replicas use 2 of them, 4 requests each.
 
 ``round-robin``, ``least-load`` and ``ray-prefix`` (a re-implementation of Ray's
 ``PrefixCacheAffinityRouter``, see ``RayPrefixPolicy``) are the baselines.
@@ -90,13 +110,16 @@ class PrefixPolicy(Policy):
 
     name = "prefix"
 
-    def __init__(self, balance: float = 1.25, slack_tokens: int = 512) -> None:
+    def __init__(self, balance: float = 1.25, slack_tokens: int = 512, idle_factor: float = 2.0) -> None:
         if balance < 1:
             raise ValueError(f"balance must be >= 1, got {balance}")
         if slack_tokens < 0:
             raise ValueError(f"slack_tokens must be >= 0, got {slack_tokens}")
+        if idle_factor < 0:
+            raise ValueError(f"idle_factor must be >= 0, got {idle_factor}")
         self.balance = balance
         self.slack_tokens = slack_tokens
+        self.idle_factor = idle_factor
 
     def rank(self, key: RouteKey, replicas: Sequence[ReplicaView]) -> list[str]:
         if not replicas:
@@ -106,19 +129,25 @@ class PrefixPolicy(Policy):
         ring = rendezvous_order(key.first or "", [r.id for r in replicas])
         ring_pos = {rid: i for i, rid in enumerate(ring)}
         total = sum(load.values())
-
-        def cost(rid: str) -> int:
-            return key.prompt_tokens - matched[rid] + key.decode_tokens
+        cold = key.prompt_tokens + key.decode_tokens
+        idle_cold = any(load[rid] == 0 and matched[rid] == 0 for rid in ring)
 
         def fits(rid: str) -> bool:
-            cap = self.balance * (total + cost(rid)) / len(replicas) + self.slack_tokens
-            return load[rid] == 0 or load[rid] + cost(rid) <= cap
+            cost = cold - matched[rid]
+            after = load[rid] + cost
+            bound = self.balance * (total + cost) / len(replicas) + self.slack_tokens
+            if load[rid] == 0 or after <= bound + matched[rid]:  # rule 2
+                return True
+            return matched[rid] > 0 and idle_cold and after <= self.idle_factor * cold + self.slack_tokens
+
+        def by_load(rid: str) -> tuple[int, int]:
+            return load[rid], ring_pos[rid]
 
         holders = sorted((rid for rid in ring if matched[rid] > 0),
                          key=lambda rid: (-matched[rid], load[rid], ring_pos[rid]))
         order = [rid for rid in holders if fits(rid)]
-        order += [rid for rid in ring if rid not in order and fits(rid)]
-        order += sorted((rid for rid in ring if rid not in order), key=lambda rid: (load[rid], ring_pos[rid]))
+        order += sorted((rid for rid in ring if rid not in order and fits(rid)), key=by_load)
+        order += sorted((rid for rid in ring if rid not in order), key=by_load)
         return order
 
 
@@ -221,7 +250,8 @@ class RayPrefixPolicy(Policy):
 
 
 def make_policy(name: str, **params: float) -> Policy:
-    """The policy called ``name`` (one of ``POLICIES``); ``params`` go to ``PrefixPolicy``."""
+    """The policy called ``name`` (one of ``POLICIES``); ``params`` go to ``PrefixPolicy``
+    (``balance``, ``slack_tokens``, ``idle_factor``)."""
     if name == "prefix":
         return PrefixPolicy(**params)
     if params:

@@ -52,6 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "BALANCE x the mean load (+ slack) (default: %(default)s)")
     p.add_argument("--slack-tokens", type=int, default=512,
                    help="prefix policy: tokens of load allowed above the bound (default: %(default)s)")
+    p.add_argument("--idle-factor", type=float, default=2.0,
+                   help="prefix policy: while a replica holding none of a request is idle, a replica "
+                        "holding part of it keeps it if it finishes within IDLE_FACTOR x the idle "
+                        "replica's time (default: %(default)s)")
     p.add_argument("--chars-per-token", type=float, default=CHARS_PER_TOKEN,
                    help="token estimate of the router (no tokenizer) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
@@ -70,7 +74,8 @@ def run_grid(bodies: list[tuple[str, dict[str, Any]]], args: argparse.Namespace,
     results = []
     for n in args.replicas:
         for policy in args.policy:
-            params = {"balance": args.balance, "slack_tokens": args.slack_tokens} if policy == "prefix" else {}
+            params = ({"balance": args.balance, "slack_tokens": args.slack_tokens, "idle_factor": args.idle_factor}
+                      if policy == "prefix" else {})
             results.append(simulate(keys, n, policy, cache, args.concurrency, trace=trace, **params))
     return results
 
@@ -104,6 +109,7 @@ def run(traces: list[tuple[str, str, list[tuple[str, dict[str, Any]]]]], args: a
         args.json.parent.mkdir(parents=True, exist_ok=True)
         out = {"traces": {name: source for name, source, _ in traces}, "cache_tokens": args.cache_tokens,
                "concurrency": args.concurrency, "balance": args.balance, "slack_tokens": args.slack_tokens,
-               "copies": args.copies, "seed": args.seed, "results": [r.row() for r in results]}
+               "idle_factor": args.idle_factor, "copies": args.copies, "seed": args.seed,
+               "results": [r.row() for r in results]}
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
