@@ -34,6 +34,8 @@ ENVIRONMENT = {
     "CC": "the C compiler the block kernels are built with (default: cc, else gcc)",
     "SEGCACHE_LONG_TESTS": "set (and not 0/false): property, fuzz and load tests run their long mode",
     "SEGCACHE_METRICS_KEY": "serve's --metrics-key (an admin key for /metrics) when the flag is not given",
+    "SEGCACHE_DYNAMO_PYTHON": "tests: the interpreter that has ai-dynamo-runtime (default: .venv-dynamo, "
+                              "made by `make dynamo-venv`)",
 }
 
 
@@ -69,6 +71,7 @@ class Environment:
     cc: str | None = None
     long_tests: bool = False
     metrics_key: str | None = None
+    dynamo_python: Path | None = None
 
 
 def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
@@ -79,8 +82,10 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
     cache_dir = env.get("SEGCACHE_CACHE_DIR") or str(Path(base) / "segcache")
     keys = env.get("SEGCACHE_API_KEYS")
     ci = _flag(env.get("CI", ""))
+    dynamo = env.get("SEGCACHE_DYNAMO_PYTHON")
     return Environment(Path(cache_dir), Path(keys) if keys else None, ci, env.get("CC") or None,
-                       _flag(env.get("SEGCACHE_LONG_TESTS", "")), env.get("SEGCACHE_METRICS_KEY") or None)
+                       _flag(env.get("SEGCACHE_LONG_TESTS", "")), env.get("SEGCACHE_METRICS_KEY") or None,
+                       Path(dynamo) if dynamo else None)
 
 
 def _flag(value: str) -> bool:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from segcache.config import CacheConfig
+from segcache.config import CacheConfig, read_environment
 from segcache.deploy.kv_events import BLOCK_SIZE, KVEventPublisher, path_tokens, topic_for
 from segcache.engine.types import SegmentInput
 from tests.tier_helpers import free_port
@@ -33,11 +32,11 @@ AGENT = "Backend agent: owns the auth module and its tests. " * 3
 
 def dynamo_python() -> str | None:
     """The interpreter that has Dynamo: $SEGCACHE_DYNAMO_PYTHON, .venv-dynamo, or this one."""
-    env = os.environ.get("SEGCACHE_DYNAMO_PYTHON")
-    if env:
-        if not Path(env).exists():
+    env = read_environment().dynamo_python
+    if env is not None:
+        if not env.exists():
             raise FileNotFoundError(f"SEGCACHE_DYNAMO_PYTHON={env} does not exist")
-        return env
+        return str(env)
     local = ROOT / ".venv-dynamo" / "bin" / "python"
     if local.exists():
         return str(local)
@@ -55,7 +54,7 @@ def test_dynamo_selection_service_picks_the_replica_with_the_longer_prefix(tiny_
     python = dynamo_python()
     if python is None:
         message = "ai-dynamo-runtime is not installed: run `make dynamo-venv` (or set SEGCACHE_DYNAMO_PYTHON)"
-        if os.environ.get("CI"):  # `make test` builds it: in CI its absence is a failure
+        if read_environment().ci:  # `make test` builds it: in CI its absence is a failure
             pytest.fail(message)
         pytest.skip(message)
     engines, publishers, workers = [], [], []
