@@ -62,6 +62,25 @@ def check_budgets(engine) -> None:
 
 
 
+def test_each_unit_is_read_from_disk_at_most_once_per_request(tiny_engine_factory, tmp_path):
+    """The loads kept in flight ahead of the unit being computed are issued once per unit:
+    a unit loaded (or found missing) is not read again when the walk moves on, nor in the
+    second pass after the loads-only one (a disk hit used to read every unit twice)."""
+    first = tiny_engine_factory(disk_cfg(tmp_path))
+    cold = chat(first, "t", AGENTS[0])
+    first.close()
+    second = tiny_engine_factory(disk_cfg(tmp_path))
+    for pairs, expect in ((AGENTS[0], ["disk"] * 3), ([("A", A), ("B", B), ("E", E)], ["ram", "ram", None])):
+        before = second.store.stats()["disk"]
+        r = chat(second, "t", pairs)
+        after = second.store.stats()["disk"]
+        assert tiers_of(r) == expect
+        assert after.hits - before.hits == sum(u.tier == "disk" for u in r.segments)
+        assert (after.hits + after.misses - before.hits - before.misses  # a lookup per unit not in RAM
+                == sum(u.tier != "ram" for u in r.segments))
+    assert chat(second, "t", AGENTS[0]).token_ids == cold.token_ids
+
+
 def test_restart_on_the_same_disk_is_a_full_hit_from_disk_and_equals_cold(tiny_engine_factory, tmp_path):
     first = tiny_engine_factory(disk_cfg(tmp_path))
     cold = [chat(first, "t", a) for a in AGENTS]
