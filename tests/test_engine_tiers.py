@@ -9,6 +9,7 @@ import os
 import shutil
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from segcache.config import CacheConfig, SchedulerConfig
-from segcache.engine.tiering import handle_of
+from segcache.engine.tiering import Loads, handle_of
 from segcache.engine.types import ChatRequest, SamplingParams, SegmentInput
 from segcache.kv.tiers import DiskTier, decode
 from segcache.kv.tiers.payload import MMAP_BYTES
@@ -60,6 +61,28 @@ def check_budgets(engine) -> None:
             tier.check_integrity()
 
 
+
+
+def test_loads_are_issued_once_each_in_order_and_a_taken_one_is_gone():
+    class Store:
+        def __init__(self) -> None:
+            self.fetched = []
+
+        def fetch_async(self, expect):
+            self.fetched.append(expect)
+            done = Future()
+            done.set_result(None)
+            return done
+
+    store, loads = Store(), Loads(2, ["u2", "u3", "u4", "u5", "u6"])  # what units 2..6 would be read as
+    loads.issue(store, 2 + 3)
+    assert store.fetched == ["u2", "u3", "u4"] and loads.covers(6) and not loads.covers(7)
+    assert loads.take(2) is not None
+    loads.issue(store, 3 + 3)  # the walk moved on: only the unit new to the window
+    assert store.fetched == ["u2", "u3", "u4", "u5"]
+    assert loads.take(2) is None  # taken: the caller computes it, nothing is read again
+    loads.issue(store, 100)
+    assert store.fetched == ["u2", "u3", "u4", "u5", "u6"]
 
 
 def test_each_unit_is_read_from_disk_at_most_once_per_request(tiny_engine_factory, tmp_path):
