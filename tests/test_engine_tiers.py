@@ -9,6 +9,7 @@ import os
 import shutil
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from segcache.config import CacheConfig, SchedulerConfig
-from segcache.engine.tiering import handle_of
+from segcache.engine.tiering import Loads, handle_of
 from segcache.engine.types import ChatRequest, SamplingParams, SegmentInput
 from segcache.kv.tiers import DiskTier, decode
 from segcache.kv.tiers.payload import MMAP_BYTES
@@ -60,6 +61,47 @@ def check_budgets(engine) -> None:
             tier.check_integrity()
 
 
+
+
+def test_loads_are_issued_once_each_in_order_and_a_taken_one_is_gone():
+    class Store:
+        def __init__(self) -> None:
+            self.fetched = []
+
+        def fetch_async(self, expect):
+            self.fetched.append(expect)
+            done = Future()
+            done.set_result(None)
+            return done
+
+    store, loads = Store(), Loads(2, ["u2", "u3", "u4", "u5", "u6"])  # what units 2..6 would be read as
+    loads.issue(store, 2 + 3)
+    assert store.fetched == ["u2", "u3", "u4"] and loads.covers(6) and not loads.covers(7)
+    assert loads.take(2) is not None
+    loads.issue(store, 3 + 3)  # the walk moved on: only the unit new to the window
+    assert store.fetched == ["u2", "u3", "u4", "u5"]
+    assert loads.take(2) is None  # taken: the caller computes it, nothing is read again
+    loads.issue(store, 100)
+    assert store.fetched == ["u2", "u3", "u4", "u5", "u6"]
+
+
+def test_each_unit_is_read_from_disk_at_most_once_per_request(tiny_engine_factory, tmp_path):
+    """The loads kept in flight ahead of the unit being computed are issued once per unit:
+    a unit loaded (or found missing) is not read again when the walk moves on, nor in the
+    second pass after the loads-only one (a disk hit used to read every unit twice)."""
+    first = tiny_engine_factory(disk_cfg(tmp_path))
+    cold = chat(first, "t", AGENTS[0])
+    first.close()
+    second = tiny_engine_factory(disk_cfg(tmp_path))
+    for pairs, expect in ((AGENTS[0], ["disk"] * 3), ([("A", A), ("B", B), ("E", E)], ["ram", "ram", None])):
+        before = second.store.stats()["disk"]
+        r = chat(second, "t", pairs)
+        after = second.store.stats()["disk"]
+        assert tiers_of(r) == expect
+        assert after.hits - before.hits == sum(u.tier == "disk" for u in r.segments)
+        assert (after.hits + after.misses - before.hits - before.misses  # a lookup per unit not in RAM
+                == sum(u.tier != "ram" for u in r.segments))
+    assert chat(second, "t", AGENTS[0]).token_ids == cold.token_ids
 
 
 def test_restart_on_the_same_disk_is_a_full_hit_from_disk_and_equals_cold(tiny_engine_factory, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -12,10 +13,13 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -443,3 +447,53 @@ def test_a_file_of_an_older_format_is_deleted_at_start_and_never_served(tmp_path
     assert again.stats().rejected == {"version": 1} and not path.exists()
     assert again.get(old.expect) is None and again.get(kept.expect) is not None
     again.check_integrity()
+
+
+def _resident_pages(view: memoryview) -> int:
+    """How many of ``view``'s pages are in RAM now (the "present" bit of each page's
+    entry in /proc/self/pagemap)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = np.frombuffer(view, dtype=np.uint8).ctypes.data
+    first, last = start // page, (start + view.nbytes - 1) // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        entries = np.frombuffer(f.read((last - first + 1) * 8), dtype="<u8")
+    return int(((entries >> np.uint64(63)) & np.uint64(1)).sum())
+
+
+@pytest.mark.skipif(not hasattr(payload_mod.mmap, "MAP_POPULATE") or not Path("/proc/self/pagemap").exists(),
+                    reason="MAP_POPULATE and /proc/self/pagemap are Linux's")
+def test_a_large_read_buffer_is_mapped_in_before_the_read_touches_it_and_unmapped_after():
+    """The read then takes no page fault per 4 KB (the cost of a disk hit's load on a VM)."""
+    view = payload_mod.read_buffer(payload_mod.MMAP_BYTES + 12345)
+    assert view.nbytes == payload_mod.MMAP_BYTES + 12345 and not view.readonly
+    assert _resident_pages(view) == -(-view.nbytes // os.sysconf("SC_PAGE_SIZE"))
+    assert not any(view[:: 1 << 12])  # zeroed like any fresh mapping
+    view[-1] = 7
+    tensor = torch.frombuffer(view, dtype=torch.uint8)  # what handle_of makes of it
+    mapping = weakref.ref(view.obj)
+    del view
+    gc.collect()
+    assert tensor[-1] == 7 and mapping() is not None  # the tensor keeps the mapping alive...
+    del tensor
+    gc.collect()
+    assert mapping() is None  # ...and it is unmapped with the last view
+
+
+def test_a_large_payload_round_trips_bit_identical_and_a_damaged_one_is_refused(tmp_path):
+    """Payloads past MMAP_BYTES go through the populated mapping: the same bytes come back,
+    and a flipped byte or a cut file is still caught before anything is served."""
+    tier = DiskTier(tmp_path, 1 << 30)
+    a, b, c = (Node("t", x, n_tokens=300, seed=s, n_layers=30, head_dim=64) for s, x in enumerate("abc"))
+    assert len(a.payload) > payload_mod.MMAP_BYTES
+    for node in (a, b, c):
+        assert tier.put(node.key, node.payload)
+    hit = tier.get(a.expect)
+    assert hit is not None and bytes(hit.payload) == a.payload and (hit.kv.array() == a.array).all()
+    data = bytearray(_file(tier, b).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    _file(tier, b).write_bytes(bytes(data))
+    os.truncate(_file(tier, c), len(c.payload) - 1)
+    assert tier.get(b.expect) is None and tier.get(c.expect) is None
+    assert tier.stats().rejected == {"checksum": 1, "truncated": 1}
+    tier.check_integrity()

@@ -225,7 +225,9 @@ def test_restart_on_the_same_disk_cache_is_a_full_hit_equal_to_cold(tmp_path):
         assert all(u["status"] == "hit" and u["tier"] == "disk" for u in units)  # user message too
         assert warm["usage"]["cached_prefix_tokens"] == sum(u["tokens"] for u in units)
         assert text(warm) == text(cold)
-        assert tier_stats(srv.url)["disk"]["promotions"] == len(units)
+        disk_stats = tier_stats(srv.url)["disk"]
+        assert disk_stats["promotions"] == len(units)
+        assert disk_stats["hits"] + disk_stats["misses"] == len(units)  # each unit read once
 
 
 @pytest.mark.slow

@@ -117,20 +117,30 @@ def handle_of(kv: KVData) -> torch.Tensor:
 @dataclass
 class Loads:
     """One request's loads from the lower tiers: what is expected of units ``start..``
-    (their chains follow from the parent chain at ``start``) and the futures issued."""
+    (their chains follow from the parent chain at ``start``), the futures issued and not
+    yet taken, and ``issued``: units ``start..issued - 1`` have had their load issued
+    (a taken future is gone from ``futures``; its unit is never loaded again)."""
 
     start: int
     expects: list[Expected]
     futures: dict[int, Future] = field(default_factory=dict)
+    issued: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.issued = self.start
 
     def covers(self, i: int) -> bool:
         return 0 <= i - self.start < len(self.expects)
 
     def issue(self, store: TieredStore, upto: int) -> None:
-        """Loads of units ``start..upto`` not issued yet (on the store's loader threads)."""
-        for j in range(self.start, min(upto, self.start + len(self.expects))):
-            if j not in self.futures:
-                self.futures[j] = store.fetch_async(self.expects[j - self.start])
+        """Loads of units ``issued..upto - 1`` (on the store's loader threads), in order."""
+        for j in range(self.issued, min(upto, self.start + len(self.expects))):
+            self.futures[j] = store.fetch_async(self.expects[j - self.start])
+            self.issued = j + 1
+
+    def take(self, i: int) -> Future | None:
+        """The future of unit ``i``'s load (issued before), or None if it was taken already."""
+        return self.futures.pop(i, None)
 
 
 class Tiers:
@@ -209,7 +219,9 @@ class Tiers:
             run.loads.issue(self.store, i + WINDOW)
         except RuntimeError:  # the store was closed under a request still running: compute
             return None
-        future = run.loads.futures.pop(i)
+        future = run.loads.take(i)
+        if future is None:  # loaded once already and not used then: compute it
+            return None
         while not future.done():
             yield LoadWait(future)
         fetched: Fetched | None = future.result()
