@@ -4,6 +4,7 @@ isolation, fingerprints, eviction, TTL, warm, registry, bad input."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from segcache.config import CacheConfig
 from segcache.engine.types import (
@@ -271,3 +272,46 @@ def test_a_kept_buffer_that_holds_the_matched_nodes_is_not_copied_into_again(tin
     engine.purge("t")
     chat(engine, "t", AGENTS[0])
     assert taken[-1] == 0
+
+
+def _resident_fraction(t: torch.Tensor) -> float:
+    """Share of ``t``'s pages in RAM now (the "present" bit in /proc/self/pagemap)."""
+    import os
+
+    import numpy as np
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    start, n = t.data_ptr(), t.numel() * t.element_size()
+    first, last = start // page, (start + n - 1) // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        entries = np.frombuffer(f.read((last - first + 1) * 8), dtype="<u8")
+    return float(((entries >> np.uint64(63)) & np.uint64(1)).mean())
+
+
+def test_a_prepared_buffer_is_resident_and_serves_the_first_request(tiny_engine_factory):
+    """``KVPool.prepare`` (what ``Engine.load`` does at start-up) leaves one buffer in
+    the pool with its pages already in RAM (a fresh mapping's are faulted in only as they
+    are written), and the first request that fits takes it instead of faulting a fresh one
+    in; its answer is a cold engine's."""
+    import mmap
+
+    from segcache.engine.kv_pool import KVPool
+
+    def new(n: int) -> torch.Tensor:  # a fresh anonymous mapping, 4 KB a token
+        return torch.frombuffer(mmap.mmap(-1, n << 12), dtype=torch.uint8).view(n, 1 << 12)
+
+    assert _resident_fraction(new(1024)) == 0.0
+    pool = KVPool(new, 1 << 30)
+    pool.prepare(1000)
+    ((buffer, held),) = pool._free
+    assert buffer.shape[0] == 1024 and held == [] and _resident_fraction(buffer) == 1.0
+
+    engine = tiny_engine_factory()
+    engine._kv_pool.prepare(1000)
+    ((buffer, _),) = engine._kv_pool._free
+    req = ChatRequest("t", [{"role": "user", "content": "alpha beta gamma " * 120}], [],
+                      SamplingParams(max_tokens=6, temperature=0.0))
+    got = engine.chat(req)
+    assert [b.data_ptr() for b, _ in engine._kv_pool._free] == [buffer.data_ptr()]
+    assert got.token_ids == tiny_engine_factory().chat(req).token_ids

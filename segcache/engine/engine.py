@@ -64,7 +64,7 @@ from segcache.engine.cache_control import CacheAdmin
 from segcache.engine.cache_path import CachePath, Residency
 from segcache.engine.generate import CancelCheck, ChoiceFilter, Generation
 from segcache.engine.grammar import Constraint, Grammars, grammar_for
-from segcache.engine.kv_pool import KV_POOL_BYTES, KVPool, kv_bytes, split_kv
+from segcache.engine.kv_pool import KV_POOL_BYTES, PREPARED_TOKENS, KVPool, kv_bytes, split_kv
 from segcache.engine.limits import Limits, chat_chars
 from segcache.engine.prompt import Prompt, TokenMemo, build_prompt, resolve_segments, sink_ids
 from segcache.engine.run import RunState
@@ -176,13 +176,16 @@ class Engine:
 
     @classmethod
     def load(cls, cfg: Config, progress: bool = True) -> Engine:
-        """Find (and on first use convert) the model, then build the engine."""
+        """Find (and on first use convert) the model, then build the engine, with one
+        request buffer ready (``KVPool.prepare``)."""
         resolved = resolve_model(cfg.model.path, cfg.model.cache_dir, progress=progress)
         arch = load_arch(resolved.directory)
         tokenizer = ChatTokenizer.load(resolved.directory, arch.eos_token_ids)
         runtime = ModelRuntime.load(resolved, cfg.model, tokenizer_digest=tokenizer.digest)
-        return cls(runtime, tokenizer, cfg.cache, cfg.server.model_name or model_id(resolved.name),
-                   cfg.scheduler)
+        engine = cls(runtime, tokenizer, cfg.cache, cfg.server.model_name or model_id(resolved.name),
+                     cfg.scheduler)
+        engine._kv_pool.prepare(min(PREPARED_TOKENS, engine.context_window))
+        return engine
 
     def namespace(self, tenant: str) -> str:
         """The root of the tenant's cache: its id, the model fingerprint and how many
