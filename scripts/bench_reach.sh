@@ -9,7 +9,7 @@
 #   scripts/framework_agents.py on A (OpenAI Agents SDK, three agents, plain requests)
 # Environment: OUT (default bench-out/reach-<time>), ROUNDS (2), OBJECTS (16),
 # PORT_A (8093), PORT_B (8094), THREADS (2), PARTS ("repo-docs first-move framework": which
-# of the three to run).
+# of the three to run). Each timed run starts once both servers are idle.
 set -euo pipefail
 export COLUMNS=${COLUMNS:-160}
 cd "$(dirname "$0")/.."
@@ -39,6 +39,14 @@ serve() {  # port, log, flags...
     done
     echo "server on $port did not start" >&2; tail -n 30 "$logf" >&2; exit 1
 }
+cpu_ticks() { local t=0 p; for p in "${PIDS[@]}"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
+settle() {  # until both servers are idle (background blend jobs of the last run done), at most 120 s
+    local a b
+    for _ in $(seq 1 120); do
+        a=$(cpu_ticks); sleep 1; b=$(cpu_ticks)
+        (( b - a < 5 )) && return 0
+    done
+}
 A=http://127.0.0.1:$PORT_A/v1
 B=http://127.0.0.1:$PORT_B/v1
 serve "$PORT_A" "$OUT/server-marked.log"
@@ -46,12 +54,15 @@ serve "$PORT_B" "$OUT/server-auto.log" --blend auto
 log "servers up: A (--blend marked) $A, B (--blend auto) $B; commit $(git rev-parse --short HEAD)"
 for r in $(seq 1 "$ROUNDS"); do
     part repo-docs || break
+    settle
     log "round $r: repo-docs segments (A)"
     "$SEGCACHE" bench repo-docs --url "$A" --mode segments --objects "$OBJECTS" \
         --json "$OUT/repo-docs.segments.r$r.json" >"$OUT/repo-docs.segments.r$r.txt" 2>&1
+    settle
     log "round $r: repo-docs flat, prefix only (A)"
     "$SEGCACHE" bench repo-docs --url "$A" --mode flat --objects "$OBJECTS" \
         --json "$OUT/repo-docs.prefix.r$r.json" >"$OUT/repo-docs.prefix.r$r.txt" 2>&1
+    settle
     log "round $r: repo-docs flat, --blend auto (B)"
     "$SEGCACHE" bench repo-docs --url "$B" --mode flat --objects "$OBJECTS" \
         --json "$OUT/repo-docs.flat-auto.r$r.json" >"$OUT/repo-docs.flat-auto.r$r.txt" 2>&1
