@@ -64,7 +64,7 @@ from segcache.engine.cache_control import CacheAdmin
 from segcache.engine.cache_path import CachePath, Residency
 from segcache.engine.generate import CancelCheck, ChoiceFilter, Generation
 from segcache.engine.grammar import Constraint, Grammars, grammar_for
-from segcache.engine.kv_pool import KV_POOL_BYTES, PREPARED_TOKENS, KVPool, kv_bytes, split_kv
+from segcache.engine.kv_pool import KV_POOL_BYTES, KVPool, kv_bytes, split_kv
 from segcache.engine.limits import Limits, chat_chars
 from segcache.engine.prompt import Prompt, TokenMemo, build_prompt, resolve_segments, sink_ids
 from segcache.engine.run import RunState
@@ -184,7 +184,9 @@ class Engine:
         runtime = ModelRuntime.load(resolved, cfg.model, tokenizer_digest=tokenizer.digest)
         engine = cls(runtime, tokenizer, cfg.cache, cfg.server.model_name or model_id(resolved.name),
                      cfg.scheduler)
-        engine._kv_pool.prepare(min(PREPARED_TOKENS, engine.context_window))
+        # one buffer of the whole context window (189 MB for SmolLM2-135M), for prompts of
+        # half the window or more: the long ones, whose buffers cost most to fault in
+        engine._kv_pool.prepare(engine.context_window)
         return engine
 
     def namespace(self, tenant: str) -> str:

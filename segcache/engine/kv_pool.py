@@ -75,9 +75,6 @@ class KVPool:
 
 
 KV_POOL_BYTES = 256 << 20  # ~3 buffers of 4k tokens for SmolLM2-135M
-# The buffer a served engine keeps ready from start-up (``KVPool.prepare``): it serves
-# requests of 2k-4k tokens (prompt + max_tokens), ~94 MB for SmolLM2-135M.
-PREPARED_TOKENS = 4096
 
 
 def split_kv(handle: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
