@@ -1,6 +1,7 @@
 """``segcache`` command line: serve, generate, bench, prepare.
 
-Flags mirror ``segcache.config``; environment variables exist only where a
+Most flags are generated from the fields of ``segcache.config`` that declare one
+(``add_config_options``, ``config_from_args``); environment variables exist only where a
 deployment needs them, are read by ``config.read_environment`` alone and are
 listed in ``segcache --help`` (and by the flags they stand for).
 """
@@ -61,6 +62,17 @@ def _format_size(n: int) -> str:
     return str(n)
 
 
+def _shown(spec, value) -> str:
+    """A flag's default as ``--help`` says it."""
+    if spec.shown is not None:
+        return spec.shown
+    if value is None:
+        return "none"
+    if spec.kind == "size":
+        return _format_size(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def add_config_options(group, cls: type, include: tuple[str, ...] | None = None,
                        exclude: tuple[str, ...] = (), choices: dict[str, tuple] | None = None) -> None:
     """One option per field of the config dataclass ``cls`` that declares a flag
@@ -80,19 +92,12 @@ def add_config_options(group, cls: type, include: tuple[str, ...] | None = None,
             value = f.default_factory() if f.default is dataclasses.MISSING else f.default
         if value is not None and spec.scale != 1:
             value = value * spec.scale
-        if spec.shown is not None:
-            shown = spec.shown
-        elif value is None:
-            shown = "none"
-        else:
-            shown = _format_size(value) if spec.kind == "size" else \
-                f"{value:g}" if isinstance(value, float) else str(value)
         reader = _READERS[spec.kind] if spec.kind else type(value)
         metavar = spec.metavar or ("BYTES" if spec.kind == "size" else
                                    None if spec.choices else spec.name.lstrip("-").upper().replace("-", "_"))
         kwargs = dict(dest=f.name, default=value, metavar=metavar,
                       choices=(choices or {}).get(f.name, spec.choices),
-                      help=f"{spec.help} (default: {shown})".replace("%", "%%"))
+                      help=f"{spec.help} (default: {_shown(spec, value)})".replace("%", "%%"))
         if spec.many:
             kwargs["nargs"] = "+"
         group.add_argument(spec.name, type=reader, **kwargs)

@@ -18,9 +18,12 @@ and the tiers' loads).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from segcache.config import CacheConfig
+from segcache.engine.decode import Sequence
 from segcache.engine.kv_pool import KVPool
 from segcache.engine.prompt import Prompt, TokenMemo, Unit
 from segcache.engine.run import RunState
@@ -74,7 +77,7 @@ class CachePath:
 
     def __init__(self, *, tree: SegmentTree, tiers: Tiers, residency: Residency, kv_pool: KVPool,
                  inflight: dict[tuple[str, str], int], cache_cfg: CacheConfig, prefill_chunk: int,
-                 independent_rows: int, check_context) -> None:
+                 independent_rows: int, check_context: Callable[[int, int], None]) -> None:
         self.tree, self.tiers, self.residency, self.kv_pool = tree, tiers, residency, kv_pool
         self.inflight = inflight
         self.cache_cfg = cache_cfg
@@ -205,8 +208,8 @@ class CachePath:
             run.prefix_chain = node.chain
 
     def keep_replies(self, run: RunState, tail: tuple[int, ...], result: GenerationResult,
-                     seqs: list) -> None:
-        """Store tail + generated ids of each choice (``engine.decode.Sequence``s) under
+                     seqs: list[Sequence]) -> None:
+        """Store tail + generated ids of each choice under
         the digest of the assistant message the client will send back next turn. Only a
         finished reply is kept: a cancelled or failed one inserts nothing, nor one cut
         by a stop string (not what was generated)."""

@@ -19,10 +19,10 @@ plain Python and *yields* the model work it needs:
 One tick: admit waiting jobs, advance every job that is not waiting on work,
 run one batched decode step for all decoding jobs, then prefill chunks (one
 while others decode, so their streams keep moving; a few when idle), shortest
-job first; a background job's chunks (``submit_background``: standalone blend copies)
-run only in ticks where no request prefills, so they never add to a time to first
-token beyond the one chunk already running. Chunk boundaries are fixed relative to each unit's start, so KV never
-depends on load. While others decode, a chunk that would take longer than
+job first; a background job's chunks (``submit_background``: standalone blend
+copies) run only in ticks where no request prefills, so they never add to a time to
+first token beyond the one chunk already running. Chunk boundaries are fixed
+relative to each unit's start, so KV never depends on load. While others decode, a chunk that would take longer than
 ``decode_pause_s`` runs a few layers per tick (same arithmetic, bit-identical KV).
 Cancellation and deadlines are checked every tick: a cancelled job gets
 ``_Cancelled`` thrown in (it returns a "cancelled" result and releases its
