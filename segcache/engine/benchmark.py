@@ -108,15 +108,17 @@ class _Segcache:
     def decode(self, ids, steps: int) -> Callable[[], None]:
         import torch
 
+        from segcache.engine.sampling import argmax
+
         n = len(ids)
         kv = self.rt.new_kv(n + steps)
         self.rt.prefill(ids, torch.arange(n), kv, 0)
 
-        def run() -> None:
+        def run() -> None:  # the server's greedy step: the runtime's decode, then sampling.argmax
             tok = torch.tensor([int(ids[-1])])
             for i in range(steps):
                 logits = self.rt.decode(tok, torch.tensor([n + i]), kv, n + i)
-                tok = logits[0].argmax().view(1)
+                tok = torch.tensor([argmax(logits[0])])
 
         return run
 

@@ -63,8 +63,5 @@ void prefill_layers(const Net *net, int T, float *x, const int64_t *pos, int sta
                     const int64_t *kv_strides, int l0, int l1, int nthreads);
 
 /* pool.c: the worker pool every kernel shares (threads started on first use): how many
-   threads it started, whether it now runs on the caller alone (a worker was found parked
-   holding a task: the machine is busy), and how many times that happened. */
+   threads it started. */
 int seg_pool_workers(void);
-int seg_pool_solo(void);
-uint64_t seg_pool_stalls(void);
