@@ -8,6 +8,7 @@ import platform
 import shutil
 import stat
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +123,24 @@ def test_pool_serves_concurrent_callers(kernels):
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_the_fingerprint_follows_the_model_code(tmp_path, monkeypatch):
+    """KV outlives the process (disk, Redis): the torch layer and the rest of the
+    Python under segcache/model/ are part of the fingerprint, as csrc/ is."""
+    from segcache.model import runtime as runtime_mod
+
+    model_dir = Path(runtime_mod.__file__).parent
+    assert runtime_mod.MODEL_CODE_VERSION == "py-" + K.sources_digest(model_dir, (".py",))[:16]
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy, ignore=shutil.ignore_patterns("csrc", "__pycache__"))
+    before = K.sources_digest(copy, (".py",))
+    with open(copy / "llama.py", "a") as f:
+        f.write("\n# a change\n")
+    assert K.sources_digest(copy, (".py",)) != before
+    plan = runtime_mod.ExecPlan.dense(torch.float32)
+    from tests.tiny import TINY as arch
+
+    same = runtime_mod._fingerprint(arch, plan, "", "w", "t")
+    monkeypatch.setattr(runtime_mod, "MODEL_CODE_VERSION", "py-other")
+    assert runtime_mod._fingerprint(arch, plan, "", "w", "t") != same

@@ -42,17 +42,23 @@ CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-pthread")
 MAX_GROUP = 8  # SEG_MAX_GROUP in segkernels.h: query heads per KV head the attention takes
 
 
-def _source_digest() -> str:
-    """sha256 over every file in csrc/ (name and bytes) and the compile flags."""
+def sources_digest(directory: Path, suffixes: tuple[str, ...], extra: str = "") -> str:
+    """sha256 over every file of ``directory`` with one of ``suffixes`` (name and
+    bytes, in name order) and ``extra``."""
     h = hashlib.sha256()
-    for path in sorted(CSRC.iterdir()):
-        if path.suffix in (".c", ".h"):
+    for path in sorted(directory.iterdir()):
+        if path.suffix in suffixes:
             h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    h.update(" ".join(CFLAGS).encode())
+    h.update(extra.encode())
     return h.hexdigest()
 
 
-# Part of the model fingerprint: KV computed by other kernel sources is never served.
+def _source_digest() -> str:
+    """The digest of csrc/ and the compile flags."""
+    return sources_digest(CSRC, (".c", ".h"), " ".join(CFLAGS))
+
+
+# Part of the model fingerprint: KV computed by other kernel sources or flags is never served.
 KERNEL_VERSION = "csrc-" + _source_digest()[:16]
 
 

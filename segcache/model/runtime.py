@@ -26,6 +26,7 @@ from segcache.model.kernels import (
     KernelProbe,
     PackedLinear,
     probe_kernels,
+    sources_digest,
 )
 from segcache.model.llama import Linear, LlamaModel, Weights, finish
 from segcache.model.plan import (
@@ -41,6 +42,11 @@ log = logging.getLogger("segcache.model")
 
 # Bump when the layout or meaning of stored KV changes: old KV can then never be served.
 KV_LAYOUT_VERSION = "kv1:[layers,2,kv_heads,tokens,head_dim]:k-after-rope"
+# The Python that computes KV (the torch layer, the weight conversion and packing, the
+# routes), derived from its sources as KERNEL_VERSION is from csrc/: KV stored by another
+# version of this code is never served. Any edit counts, comments too: a needless
+# recompute after an upgrade costs time, serving KV of other arithmetic costs answers.
+MODEL_CODE_VERSION = "py-" + sources_digest(Path(__file__).parent, (".py",))[:16]
 
 
 class ModelRuntime:
@@ -304,6 +310,7 @@ def _fingerprint(arch: ModelArch, plan: ExecPlan, block_formats: str, source_dig
         "plan": plan.as_dict(),  # every route and threshold: which code computed the KV
         "block_formats": block_formats,
         "kernels": KERNEL_VERSION if plan.uses_kernels else "",
+        "code": MODEL_CODE_VERSION,
         "kv_layout": KV_LAYOUT_VERSION,
     }
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
