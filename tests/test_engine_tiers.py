@@ -20,7 +20,7 @@ from segcache.config import CacheConfig, SchedulerConfig
 from segcache.engine.tiering import Loads, handle_of
 from segcache.engine.types import ChatRequest, SamplingParams, SegmentInput
 from segcache.kv.tiers import DiskTier, decode
-from segcache.kv.tiers.payload import MMAP_BYTES
+from segcache.kv.tiers.buffers import MMAP_BYTES, BufferReserve
 from segcache.kv.tiers.redis_tier import RedisTier
 from tests.tier_helpers import Node
 
@@ -536,17 +536,27 @@ def test_servers_sharing_redis_agree_on_a_tenant_whichever_purged(tiny_engine_fa
 
 
 @pytest.mark.parametrize("tier_name", ["disk", "redis"])
-@pytest.mark.parametrize("n_tokens", [7, 300])  # 1.3 KB; 14 MB, past MMAP_BYTES (another buffer kind)
-def test_a_loaded_nodes_tensor_is_the_buffer_the_tier_read_into(tmp_path, redis_server, tier_name, n_tokens):
+# 1.3 KB; 14 MB, past MMAP_BYTES (another buffer kind), into a fresh or a ready buffer
+@pytest.mark.parametrize("n_tokens,ready", [(7, False), (300, False), (300, True)])
+def test_a_loaded_nodes_tensor_is_the_buffer_the_tier_read_into(tmp_path, redis_server, tier_name,
+                                                                 n_tokens, ready):
     """No copy between the tier's read and the node's KV: the tensor wraps the tier's
-    buffer, and keeps it alive once the hit is gone. Bytes a caller cannot write are copied."""
+    buffer (a ready one, ``ready``), and keeps it alive once the hit is gone. Bytes a
+    caller cannot write are copied."""
     big = n_tokens > 7
     node = Node("t", "doc", n_tokens=n_tokens, **({"n_layers": 30, "head_dim": 64} if big else {}))
     assert (len(node.payload) > MMAP_BYTES) == big
     tier = (DiskTier(tmp_path, 1 << 30) if tier_name == "disk"
             else RedisTier(redis_server.url, 60, 4 << 20 if big else 256))
     assert tier.put(node.key, node.payload)
+    if ready:
+        tier.buffers = BufferReserve(1, 16 << 20)
+        tier.buffers.start()
+        assert tier.buffers.wait_ready(30)
     hit = tier.get(node.expect)
+    if ready:
+        assert tier.buffers.counts["taken"] == 1
+        tier.buffers.close()
     handle = handle_of(hit.kv)
     assert not memoryview(hit.kv.data).readonly
     assert handle.data_ptr() == np.frombuffer(hit.kv.data, dtype=np.uint8).ctypes.data

@@ -24,6 +24,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+import segcache.kv.tiers.buffers as buffers_mod
 import segcache.kv.tiers.payload as payload_mod
 from segcache.kv.tiers import DiskTier
 from segcache.kv.tiers.disk import SUFFIX, TMP_PREFIX
@@ -461,12 +462,16 @@ def _resident_pages(view: memoryview) -> int:
     return int(((entries >> np.uint64(63)) & np.uint64(1)).sum())
 
 
-@pytest.mark.skipif(not hasattr(payload_mod.mmap, "MAP_POPULATE") or not Path("/proc/self/pagemap").exists(),
-                    reason="MAP_POPULATE and /proc/self/pagemap are Linux's")
+LINUX_MAPS = pytest.mark.skipif(not hasattr(buffers_mod.mmap, "MAP_POPULATE")
+                                or not Path("/proc/self/pagemap").exists(),
+                                reason="MAP_POPULATE and /proc/self/pagemap are Linux's")
+
+
+@LINUX_MAPS
 def test_a_large_read_buffer_is_mapped_in_before_the_read_touches_it_and_unmapped_after():
     """The read then takes no page fault per 4 KB (the cost of a disk hit's load on a VM)."""
-    view = payload_mod.read_buffer(payload_mod.MMAP_BYTES + 12345)
-    assert view.nbytes == payload_mod.MMAP_BYTES + 12345 and not view.readonly
+    view = buffers_mod.read_buffer(buffers_mod.MMAP_BYTES + 12345)
+    assert view.nbytes == buffers_mod.MMAP_BYTES + 12345 and not view.readonly
     assert _resident_pages(view) == -(-view.nbytes // os.sysconf("SC_PAGE_SIZE"))
     assert not any(view[:: 1 << 12])  # zeroed like any fresh mapping
     view[-1] = 7
@@ -480,12 +485,38 @@ def test_a_large_read_buffer_is_mapped_in_before_the_read_touches_it_and_unmappe
     assert mapping() is None  # ...and it is unmapped with the last view
 
 
+@LINUX_MAPS
+def test_ready_buffers_are_mapped_in_shrunk_to_the_load_and_refilled():
+    """A load that fits takes a ready mapping (every page already mapped), cut to its
+    size; the background thread makes another; what does not fit gets a fresh one."""
+    mb = buffers_mod.MMAP_BYTES
+    reserve = buffers_mod.BufferReserve(2, 2 * mb)
+    try:
+        assert buffers_mod.read_buffer(mb, reserve).nbytes == mb and reserve.counts["fresh"] == 1  # not started
+        reserve.start()
+        assert reserve.wait_ready(30) and reserve.ready() == 2
+        view = buffers_mod.read_buffer(mb + 4096, reserve)
+        assert view.nbytes == mb + 4096 and not view.readonly and reserve.counts["taken"] == 1
+        assert _resident_pages(view) == view.nbytes // os.sysconf("SC_PAGE_SIZE")
+        assert not any(view[:: 1 << 12])  # fresh anonymous memory: zeroed
+        view[-1] = 9
+        assert torch.frombuffer(view, dtype=torch.uint8)[-1] == 9
+        assert reserve.wait_ready(30) and reserve.counts["made"] == 3  # refilled behind the take
+        for size in (mb - 1, 2 * mb + 1):  # below MMAP_BYTES, past a piece: not from the reserve
+            assert buffers_mod.read_buffer(size, reserve).nbytes == size
+        assert reserve.counts["taken"] == 1 and reserve.ready() == 2
+    finally:
+        reserve.close()
+    assert reserve.ready() == 0
+    assert buffers_mod.read_buffer(mb, reserve).nbytes == mb and reserve.counts["fresh"] == 2  # none ready
+
+
 def test_a_large_payload_round_trips_bit_identical_and_a_damaged_one_is_refused(tmp_path):
     """Payloads past MMAP_BYTES go through the populated mapping: the same bytes come back,
     and a flipped byte or a cut file is still caught before anything is served."""
     tier = DiskTier(tmp_path, 1 << 30)
     a, b, c = (Node("t", x, n_tokens=300, seed=s, n_layers=30, head_dim=64) for s, x in enumerate("abc"))
-    assert len(a.payload) > payload_mod.MMAP_BYTES
+    assert len(a.payload) > buffers_mod.MMAP_BYTES
     for node in (a, b, c):
         assert tier.put(node.key, node.payload)
     hit = tier.get(a.expect)

@@ -177,7 +177,8 @@ class Engine:
     @classmethod
     def load(cls, cfg: Config, progress: bool = True) -> Engine:
         """Find (and on first use convert) the model, then build the engine, with one
-        request buffer ready (``KVPool.prepare``)."""
+        request buffer ready (``KVPool.prepare``) and, with cache tiers, read buffers
+        for their loads (``Tiers.prepare``)."""
         resolved = resolve_model(cfg.model.path, cfg.model.cache_dir, progress=progress)
         arch = load_arch(resolved.directory)
         tokenizer = ChatTokenizer.load(resolved.directory, arch.eos_token_ids)
@@ -187,6 +188,7 @@ class Engine:
         # one buffer of the whole context window (189 MB for SmolLM2-135M), for prompts of
         # half the window or more: the long ones, whose buffers cost most to fault in
         engine._kv_pool.prepare(engine.context_window)
+        engine.tiers.prepare()  # and read buffers for the first loads from disk or Redis
         return engine
 
     def namespace(self, tenant: str) -> str:

@@ -289,6 +289,11 @@ class Tiers:
         out[first]["demotions"] = out["store"]["demotions"]
         return out
 
+    def prepare(self) -> None:
+        """Keep read buffers ready for loads from now on (``TieredStore.prepare_buffers``)."""
+        if self.store is not None:
+            self.store.prepare_buffers()
+
     def close(self) -> None:
         if self.store is not None:
             self.store.close()

@@ -41,6 +41,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
 
+from segcache.kv.tiers.buffers import BufferReserve
 from segcache.kv.tiers.keys import CacheKey
 from segcache.kv.tiers.payload import Expected, KVData, PayloadRejected, decode
 
@@ -128,6 +129,7 @@ class Tier(ABC):
     """
 
     name = "tier"
+    buffers: BufferReserve | None = None  # ready read buffers (the store's), if any
 
     def __init__(self, queue_size: int = 64, queue_bytes: int = 256 << 20) -> None:
         self._lock = threading.RLock()

@@ -33,8 +33,9 @@ from pathlib import Path
 
 from segcache.kv.integrity import require
 from segcache.kv.tiers.base import Tier, log
+from segcache.kv.tiers.buffers import BufferReserve, read_buffer
 from segcache.kv.tiers.keys import CacheKey
-from segcache.kv.tiers.payload import MAX_HEADER_BYTES, PayloadRejected, read_buffer, read_metadata
+from segcache.kv.tiers.payload import MAX_HEADER_BYTES, PayloadRejected, read_metadata
 
 SUFFIX = ".safetensors"
 TMP_PREFIX = ".tmp-"
@@ -142,7 +143,7 @@ class DiskTier(Tier):
                 return None
             self._index.move_to_end(slot)
         try:
-            return _read_file(self._path(slot))
+            return _read_file(self._path(slot), self.buffers)
         except FileNotFoundError:  # deleted behind our back: forget it
             self._forget(slot)
             return None
@@ -241,12 +242,13 @@ class DiskTier(Tier):
             require(on_disk == dict(self._index), "index differs from the files on disk")
 
 
-def _read_file(path: Path) -> memoryview:
+def _read_file(path: Path, buffers: BufferReserve | None = None) -> memoryview:
     """The whole file, read straight into a buffer of its own (one copy out of the
-    page cache), which the engine then wraps as the node's KV tensor as is."""
+    page cache; a ready one from ``buffers`` where it fits), which the engine then
+    wraps as the node's KV tensor as is."""
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
-        view = read_buffer(size)
+        view = read_buffer(size, buffers)
         done = 0
         while done < size:
             n = f.readinto(view[done:])

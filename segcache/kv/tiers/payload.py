@@ -41,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import mmap
 import struct
 from array import array
 from collections.abc import Sequence
@@ -68,9 +67,6 @@ DTYPES = {
 _CODE_TO_DTYPE = {code: name for name, (code, _) in DTYPES.items()}
 _KEY_FIELDS = ("namespace", "fingerprint", "parent_chain", "segment_digest", "chain")
 MAX_HEADER_BYTES = 1 << 20  # a payload header is ~1 KB; anything bigger is not ours
-MMAP_BYTES = 4 << 20  # payloads read into a mapping of their own from this size on (read_buffer)
-# that mapping: private, anonymous, every page mapped in by the call (Linux; elsewhere faulted in)
-_ANON_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
 
 
 class PayloadRejected(Exception):
@@ -142,23 +138,6 @@ def token_digest(token_ids: Sequence[int]) -> str:
     if a.itemsize != 8:  # pragma: no cover - every CPython platform has an 8-byte "q"
         raise RuntimeError("array('q') is not 8 bytes here")
     return "sha256:" + hashlib.sha256(a.tobytes()).hexdigest()
-
-
-def read_buffer(nbytes: int) -> memoryview:
-    """A writable buffer of its own for a tier to read a payload into (the node's KV
-    tensor is later made over it as is). From ``MMAP_BYTES`` on, anonymous memory
-    from ``mmap``, not a numpy array: numpy asks for transparent huge pages on arrays
-    of 4 MB and more, and faulting those in made a read ~4x slower on the 2-core VM
-    host (540 vs 125 ms per 100 MB, the cores shared with other work); nor a
-    bytearray, which zeroes its pages first. Below it a bytearray: a mapping per
-    small node could run into the kernel's limit on mappings (vm.max_map_count).
-    The mapping is populated when it is made (``MAP_POPULATE``, Linux): one call maps
-    every page, where the read would take a page fault per 4 KB, which on the VM host
-    made a 26 MB read cost ~13 ms against ~7 ms populated (the GIL is released meanwhile,
-    as for the read)."""
-    if nbytes < MMAP_BYTES:
-        return memoryview(bytearray(nbytes))
-    return memoryview(mmap.mmap(-1, nbytes, flags=_ANON_FLAGS))
 
 
 def checksum(data: bytes | memoryview) -> str:

@@ -25,26 +25,28 @@ import socket
 
 import redis
 
-from segcache.kv.tiers.payload import read_buffer
+from segcache.kv.tiers.buffers import BufferReserve, read_buffer
 
 _LINE_MAX = 1 << 16  # a reply header line is a few bytes; more is not Redis speaking
 
 
-def read_values(client: redis.Redis, keys: list[str]) -> memoryview | None:
-    """The values of ``keys`` end to end in one writable buffer of their own, or None
-    if a key is missing. Raises ``redis.RedisError`` (see the module docstring)."""
+def read_values(client: redis.Redis, keys: list[str], buffers: BufferReserve | None = None,
+                ) -> memoryview | None:
+    """The values of ``keys`` end to end in one writable buffer of their own (a ready one
+    from ``buffers`` where it fits), or None if a key is missing. Raises
+    ``redis.RedisError`` (see the module docstring)."""
     pool = client.connection_pool
     conn = pool.get_connection()
     sock = getattr(conn, "_sock", None)
     if not isinstance(sock, socket.socket) or str(getattr(conn, "protocol", 2)) != "2":
         pool.release(conn)  # RESP3 (a ``?protocol=3`` URL wins over the tier's choice)
-        return _read_by_pipeline(client, keys)
+        return _read_by_pipeline(client, keys, buffers)
     try:
         conn.send_packed_command(conn.pack_commands([("STRLEN", k) for k in keys]
                                                     + [("GET", k) for k in keys]))
         replies = _Replies(sock)
         sizes = [replies.integer() for _ in keys]
-        out = read_buffer(sum(sizes))
+        out = read_buffer(sum(sizes), buffers)
         pos, missing = 0, False
         for size in sizes:
             missing |= not replies.bulk_into(out[pos:pos + size])
@@ -63,7 +65,8 @@ def read_values(client: redis.Redis, keys: list[str]) -> memoryview | None:
         pool.release(conn)
 
 
-def _read_by_pipeline(client: redis.Redis, keys: list[str]) -> memoryview | None:
+def _read_by_pipeline(client: redis.Redis, keys: list[str], buffers: BufferReserve | None,
+                      ) -> memoryview | None:
     """``read_values`` through redis-py's parser, joined into one buffer of their own."""
     pipe = client.pipeline(transaction=False)
     for k in keys:
@@ -71,7 +74,7 @@ def _read_by_pipeline(client: redis.Redis, keys: list[str]) -> memoryview | None
     parts = pipe.execute()
     if any(p is None for p in parts):
         return None
-    out = read_buffer(sum(len(p) for p in parts))
+    out = read_buffer(sum(len(p) for p in parts), buffers)
     pos = 0
     for part in parts:
         out[pos:pos + len(part)] = part

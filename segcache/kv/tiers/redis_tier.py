@@ -94,7 +94,7 @@ class RedisTier(Tier):
                 return b""
             keys = [f"{base}:{nonce}:{i}" for i in range(n)]
             # None: a chunk expired before the manifest, the entry is gone
-            return self._call(lambda: read_values(self._client, keys))
+            return self._call(lambda: read_values(self._client, keys, self.buffers))
         except _Down:
             return None
 

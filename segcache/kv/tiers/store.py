@@ -25,8 +25,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from segcache.kv.tiers.base import Tier, TierStats, WriteQueue, log
+from segcache.kv.tiers.buffers import BufferReserve
 from segcache.kv.tiers.keys import CacheKey
 from segcache.kv.tiers.payload import Expected, KVData, encode
+
+# Read buffers kept ready (``buffers.BufferReserve``): 128 MB, four nodes of up to ~1.4k
+# tokens of SmolLM2-135M's float16 KV (23 KB a token); bigger payloads get fresh ones.
+READY_BUFFERS = 4
+READY_BUFFER_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,8 @@ class TieredStore:
     (written into every payload, required of every payload read)."""
 
     def __init__(self, tiers: Sequence[Tier], layout: str, *, queue_size: int = 256,
-                 queue_bytes: int = 512 << 20, loaders: int = 2) -> None:
+                 queue_bytes: int = 512 << 20, loaders: int = 2,
+                 ready_buffers: int = READY_BUFFERS, ready_buffer_bytes: int = READY_BUFFER_BYTES) -> None:
         names = [t.name for t in tiers]
         if len(set(names)) != len(names):
             raise ValueError(f"tier names must be distinct, got {names}")
@@ -55,6 +62,16 @@ class TieredStore:
         self._encoder = threading.Thread(target=self._drain, name="segcache-tier-encoder", daemon=True)
         self._encoder.start()
         self._loaders = ThreadPoolExecutor(max(1, loaders), thread_name_prefix="segcache-tier-load")
+        # read buffers kept faulted in for the loads (``buffers``) from ``prepare_buffers`` on:
+        # every tier reads into them
+        self.buffers = BufferReserve(ready_buffers, ready_buffer_bytes)
+        for tier in self.tiers:
+            tier.buffers = self.buffers
+
+    def prepare_buffers(self) -> None:
+        """Keep read buffers ready for the loads from now on (a served engine calls it
+        at start-up: its first hits after a restart then read into them)."""
+        self.buffers.start()
 
     # ------------------------------------------------------------------ writes
     def demote(self, key: CacheKey, kv: KVData, tokens_digest: str) -> bool:
@@ -134,11 +151,13 @@ class TieredStore:
             tier.delete_namespace(namespace)
 
     def stats(self) -> dict[str, TierStats | dict[str, int]]:
-        """``{tier name: TierStats, "store": {demotions, publishes, promotions, dropped, errors}}``."""
+        """``{tier name: TierStats, "store": {demotions, publishes, promotions, dropped, errors,
+        buffers_taken, buffers_fresh}}`` (loads read into a ready buffer / a fresh one)."""
         out: dict[str, TierStats | dict[str, int]] = {t.name: t.stats() for t in self.tiers}
         with self._lock:
             out["store"] = {k: self._counts[k] for k in
                             ("demotions", "publishes", "promotions", "dropped", "errors")}
+        out["store"] |= {f"buffers_{k}": self.buffers.counts[k] for k in ("taken", "fresh")}
         return out
 
     def flush(self) -> None:
@@ -154,5 +173,6 @@ class TieredStore:
         self._queue.stop()
         self._encoder.join()
         self._loaders.shutdown(wait=True)
+        self.buffers.close()
         for tier in self.tiers:
             tier.close()
