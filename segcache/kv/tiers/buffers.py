@@ -18,9 +18,9 @@ out of the page cache into fresh mappings took 56-72 ms, into mappings made
 earlier 27-35 ms (2026-12-02, one thread). ``BufferReserve`` therefore keeps a few
 populated mappings ready, made at start-up and then by a background thread at the
 lowest CPU priority once loads have stopped taking them for ``REFILL_AFTER_S`` (so,
-in practice, between requests), and a load that fits one takes it, shrunk to its size (``mremap``: the
-pages it keeps stay mapped, the rest go back). A load it cannot serve (too small,
-too big, or none ready) gets a fresh mapping as before.
+in practice, between requests), and a load that fits one takes it, shrunk to its
+size (``mremap``: the pages it keeps stay mapped, the rest go back). A load it
+cannot serve (too small, too big, or none ready) gets a fresh mapping as before.
 """
 
 from __future__ import annotations
@@ -32,19 +32,19 @@ import time
 from collections import Counter
 
 MMAP_BYTES = 4 << 20  # payloads read into a mapping of their own from this size on
+# that mapping: private, anonymous, every page mapped in by the call (Linux; elsewhere faulted in)
+_ANON_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
 # A refill waits until no load has taken a buffer for this long: making a mapping holds
 # the process's memory-map lock, which the loads' own mappings (and shrinking) wait for.
 REFILL_AFTER_S = 0.25
-# that mapping: private, anonymous, every page mapped in by the call (Linux; elsewhere faulted in)
-_ANON_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
 
 
 class BufferReserve:
     """Up to ``pieces`` populated mappings of ``piece_bytes`` each, ready for loads of
-    ``MMAP_BYTES`` .. ``piece_bytes``; made by ``start``, then refilled (whenever one
-    is taken) by a background thread at nice 19. Thread-safe; ``close`` stops
-    the thread and drops the mappings not taken (a taken one lives as long as the
-    buffer made over it)."""
+    ``MMAP_BYTES`` .. ``piece_bytes``; made by ``start``, then remade by a background
+    thread at nice 19 once no load has taken one for ``REFILL_AFTER_S``. Thread-safe;
+    ``close`` stops the thread and drops the mappings not taken (a taken one lives as
+    long as the buffer made over it)."""
 
     def __init__(self, pieces: int, piece_bytes: int) -> None:
         if pieces < 0 or piece_bytes < MMAP_BYTES:
@@ -66,9 +66,13 @@ class BufferReserve:
             missing = self.pieces - len(self._ready)
         made = [mmap.mmap(-1, self.piece_bytes, flags=_ANON_FLAGS) for _ in range(missing)]
         with self._cond:
+            if self._closed:  # closed meanwhile
+                for buf in made:
+                    buf.close()
+                return
             self._ready += made
             self.counts["made"] += len(made)
-            if not self._closed and not self._thread.is_alive():
+            if not self._thread.is_alive():
                 self._thread.start()
 
     def take(self, nbytes: int) -> memoryview | None:
@@ -83,7 +87,11 @@ class BufferReserve:
             self.counts["taken"] += 1
             self._last_take = time.monotonic()
             self._cond.notify()
-        buf.resize(nbytes)
+        try:
+            buf.resize(nbytes)
+        except (OSError, SystemError):  # no mremap here: the caller makes a fresh one
+            buf.close()
+            return None
         return memoryview(buf)
 
     def ready(self) -> int:
