@@ -16,18 +16,18 @@ plain Python and *yields* the model work it needs:
     LoadWait(future)             -> a unit's KV is being read from a lower cache tier
                                     (disk, Redis) on a loader thread; resume when done
 
-One tick: admit waiting jobs, advance every job that is not waiting on work,
-run one batched decode step for all decoding jobs, then prefill chunks (one
-while others decode, so their streams keep moving; a few when idle), shortest
-job first; a background job's chunks (``submit_background``: standalone blend
-copies) run only in ticks where no request prefills, so they never add to a time to
-first token beyond the one chunk already running. Chunk boundaries are fixed
-relative to each unit's start, so KV never depends on load. While others decode, a chunk that would take longer than
-``decode_pause_s`` runs a few layers per tick (same arithmetic, bit-identical KV).
-Cancellation and deadlines are checked every tick: a cancelled job gets
-``_Cancelled`` thrown in (it returns a "cancelled" result and releases its
-pins); a job past its deadline is closed (its ``finally`` releases the pins)
-and fails with 504.
+One tick: admit waiting jobs, advance every job that is not waiting on work, run one
+batched decode step for all decoding jobs, then prefill chunks (one while others
+decode, so their streams keep moving; a few when idle), shortest job first; a
+background job's chunks (``submit_background``: standalone blend copies) run only in
+ticks where no request prefills, so they never add to a time to first token beyond
+the one chunk already running. Chunk boundaries are fixed relative to each unit's
+start, so KV never depends on load. While others decode, a chunk that would take
+longer than ``decode_pause_s`` runs a few layers per tick (same arithmetic, bit-
+identical KV). Cancellation and deadlines are checked every tick: a cancelled job
+gets ``_Cancelled`` thrown in (it returns a "cancelled" result and releases its
+pins); a job past its deadline is closed (its ``finally`` releases the pins) and
+fails with 504.
 
 Admission: across tenants, the tenant with the fewest running requests goes first,
 then the one admitted least recently (round robin), then the oldest request, so a

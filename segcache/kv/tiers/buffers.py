@@ -64,7 +64,7 @@ class BufferReserve:
             if not self.pieces or self._closed or self._thread.is_alive():
                 return
             missing = self.pieces - len(self._ready)
-        made = [mmap.mmap(-1, self.piece_bytes, flags=_ANON_FLAGS) for _ in range(missing)]
+        made = [self._new_piece() for _ in range(missing)]
         with self._cond:
             if self._closed:  # closed meanwhile
                 for buf in made:
@@ -113,6 +113,9 @@ class BufferReserve:
         if self._thread.is_alive():
             self._thread.join()
 
+    def _new_piece(self) -> mmap.mmap:
+        return mmap.mmap(-1, self.piece_bytes, flags=_ANON_FLAGS)
+
     def _fill(self) -> None:
         try:  # this thread only (Linux: a thread's id is a process id for setpriority)
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
@@ -125,7 +128,7 @@ class BufferReserve:
                     self._cond.wait(wait)  # loads are still taking buffers: let them finish
                 if self._closed:
                     return
-            buf = mmap.mmap(-1, self.piece_bytes, flags=_ANON_FLAGS)
+            buf = self._new_piece()
             with self._cond:
                 if self._closed:
                     buf.close()
