@@ -23,9 +23,9 @@ background job's chunks (``submit_background``: standalone blend copies) run onl
 ticks where no request prefills, so they never add to a time to first token beyond
 the one chunk already running. Chunk boundaries are fixed relative to each unit's
 start, so KV never depends on load. While others decode, a chunk that would take
-longer than ``decode_pause_s`` runs a few layers per tick (same arithmetic, bit-
-identical KV). Cancellation and deadlines are checked every tick: a cancelled job
-gets ``_Cancelled`` thrown in (it returns a "cancelled" result and releases its
+longer than ``decode_pause_s`` runs a few layers per tick (same arithmetic,
+bit-identical KV). Cancellation and deadlines are checked every tick: a cancelled
+job gets ``_Cancelled`` thrown in (it returns a "cancelled" result and releases its
 pins); a job past its deadline is closed (its ``finally`` releases the pins) and
 fails with 504.
 
