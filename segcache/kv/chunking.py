@@ -37,6 +37,16 @@ How a cut is decided (content-defined chunking over lines, not bytes):
    so a fenced block, a function or a section is its own chunk(s) in every
    prompt it appears in, and a short section stays a short chunk.
 
+4. **The head.** The text's first atom, if a paragraph that would be weak
+   anywhere else (it counts as strong: nothing comes before it), is a chunk of its own from
+   half of ``min_chars`` on (still counted toward the next selected cut, so
+   its size crossing that bound moves only the cut after it): a message usually opens with what it shares with others (a role, rules,
+   an instruction; seed 001's "stable content first") and goes on with what
+   differs, and a head of its own is then a prefix hit at position 0 (RepoAgent's
+   ~250-character instruction is, not the instruction joined to the object
+   named after it). Only the text's start is concerned, so a block later in
+   the text chunks as before.
+
 An edit inside one atom changes whether that atom is selected and the distance
 seen by the next selected atom: only those two cuts can move, so the edit
 changes the chunk holding it and at most the next one (short of a forced
@@ -179,13 +189,13 @@ def _line_pieces(lines: list[str]) -> list[_Atom]:
 
 
 def _group(atoms: list[_Atom], min_chars: int, max_chars: int) -> list[str]:
-    """Join atoms into chunks (rule 3 of the module docstring)."""
+    """Join atoms into chunks (rules 3 and 4 of the module docstring)."""
     chunks: list[str] = []
     cur: list[str] = []
     cur_len = 0
     since_selected = 0  # characters since the last selected atom's start (or the run's start)
     run_start = 0  # index in ``chunks`` of the first chunk of the current run of small atoms
-    for text, strong, _ in atoms:
+    for i, (text, strong, is_fence) in enumerate(atoms):
         n = len(text)
         anchor = n >= min_chars
         selected = not (strong or anchor) and _selected(text)
@@ -198,9 +208,13 @@ def _group(atoms: list[_Atom], min_chars: int, max_chars: int) -> list[str]:
                 run_start = len(chunks)
         if strong or anchor or selected:
             since_selected = 0
-        if anchor:  # a chunk of its own
+        head = (not i and n >= (min_chars + 1) // 2 and not is_fence  # rule 4
+                and not _STRONG_PROSE.match(text.lstrip()))
+        if anchor or head:  # a chunk of its own
             chunks.append(text)
             run_start = len(chunks)
+            if head and not anchor:  # it still counts toward the next selected cut, so
+                since_selected += n  # its size crossing the bound moves no later cut
             continue
         cur.append(text)
         cur_len += n
