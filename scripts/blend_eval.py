@@ -170,7 +170,8 @@ class Evaluator:
         return kv
 
     def run(self, s: Sample, method: str, ratio: float | None, handles: list[torch.Tensor],
-            cached_prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+            cached_prefix: torch.Tensor, filter_from: int | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
         """(first-token logits, KV, TTFT seconds, recomputed fraction of document tokens)."""
         rest = [t for lead, block in zip(s.leads, s.blocks, strict=True) for t in lead + block] + s.tail
         p0 = len(s.prefix)
@@ -194,7 +195,7 @@ class Evaluator:
             reused[off + len(lead):off + len(lead) + len(block)] = True
             off += len(lead) + len(block)
         logits, recomputed = self.rt.blend(torch.tensor(rest), torch.arange(p0, n), kv, p0, reused,
-                                           self.layer, ratio)
+                                           self.layer, ratio, filter_from)
         ttft = time.perf_counter() - t0
         frac = float((recomputed & reused).sum()) / max(1, int(reused.sum()))
         return logits[-1], kv, ttft, frac
@@ -226,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratios", default="0,0.05,0.15,0.3,1.0", help="blend ratios (default: %(default)s)")
     p.add_argument("--derived-ratios", default="0.15",
                    help="ratios for the derived entries (default: %(default)s; '' for none)")
+    p.add_argument("--gradual-ratios", default="",
+                   help="ratios for blends with gradual filtering from layer --filter-from "
+                        "(default: none)")
+    p.add_argument("--filter-from", type=int, default=1,
+                   help="gradual filtering: layers 0..F run for every token (default: %(default)s)")
     p.add_argument("--layer", type=int, default=CacheConfig.blend_layer,
                    help="blend layer c (default: the server's, %(default)s)")
     p.add_argument("--gen-tokens", type=int, default=32, help="greedy tokens (default: %(default)s)")
@@ -244,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     ev = Evaluator(rt, tok, args.gen_tokens, args.layer)
     ratios = [float(r) for r in args.ratios.split(",")]
     derived = [float(r) for r in args.derived_ratios.split(",") if r.strip()]
+    gradual = [float(r) for r in args.gradual_ratios.split(",") if r.strip()]
     methods = (["full", "prefix"] + [f"blend r={r:g}" for r in ratios]
-               + [f"derived r={r:g}" for r in derived])
+               + [f"gradual r={r:g}" for r in gradual] + [f"derived r={r:g}" for r in derived])
     stats = {m: MethodStats() for m in methods}
 
     rng = random.Random(args.seed)
@@ -284,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                     logits, kv, t, frac = ev.run(s, "blend", ratio,
                                                  [derived_by_module[d.module] for d in docs],
                                                  cached_prefix)
+                elif m.startswith("gradual"):
+                    logits, kv, t, frac = ev.run(s, "blend", ratio, handles, cached_prefix, args.filter_from)
                 else:
                     logits, kv, t, frac = ev.run(s, m.split()[0], ratio, handles, cached_prefix)
                 st = stats[m]
@@ -327,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['mean_matching_prefix']:.1f} | {r['recomputed_fraction']:.0%} | "
               f"{r['ttft_ms_median']:.0f} | {r['ttft_speedup_vs_full']:.2f}x |")
     meta = {"samples": args.samples, "docs": modules, "doc_chars": args.doc_chars,
-            "layer": args.layer, "gen_tokens": args.gen_tokens, "threads": args.threads,
+            "layer": args.layer, "filter_from": args.filter_from, "gen_tokens": args.gen_tokens, "threads": args.threads,
             "date": time.strftime("%Y-%m-%d %H:%M"), "model": resolved.name}
     print(json.dumps(meta))
     if args.json:

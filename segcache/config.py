@@ -154,8 +154,15 @@ class CacheConfig:
     # Layers 0..blend_layer run for every token; reused tokens are scored at this one.
     # 3, not the paper's 1: on SmolLM2-135M (30 layers) it measured better on every
     # quality figure at a TTFT still ~3x below a full prefill (BENCHMARKS.md).
-    blend_layer: int = flag("--blend-layer", "layers 0..C run for every token; reused tokens are "
-                            "scored at layer C", default=3, metavar="C")
+    blend_layer: int = flag("--blend-layer", "reused tokens are chosen for recomputation at "
+                            "layer C", default=3, metavar="C")
+    # CacheBlend's gradual filtering: layers 0..F run for every token, and from F to C
+    # the reused tokens kept shrink from 2R to R, each layer choosing among the last's.
+    # 1 against F = C (every token through layer C): 15% less blend time for the
+    # same quality on scripts/blend_eval.py (BENCHMARKS.md, 2026-12-02).
+    blend_filter_layer: int = flag("--blend-filter-layer", "layers 0..F run for every token; "
+                                   "from F to C the reused tokens kept shrink from 2R to R "
+                                   "(F >= C: every token through layer C)", default=1, metavar="F")
     # State beside the KV that grows with input, bounded in bytes per tenant and in all
     # (purged with the tenant's cache): token ids of contents sent (a memo, so repeated
     # segments are not re-tokenized) and the named segment registry.
@@ -196,6 +203,8 @@ class CacheConfig:
             raise ValueError("blend_ratio must be between 0 and 1")
         if self.blend_layer < 0:
             raise ValueError("blend_layer must be >= 0")
+        if self.blend_filter_layer < 1:
+            raise ValueError("blend_filter_layer must be >= 1 (layer 0's V never depends on context)")
         if self.cache_bytes < 0:
             raise ValueError("cache_bytes must be >= 0")
         if self.default_ttl_s is not None and self.default_ttl_s <= 0:

@@ -103,6 +103,54 @@ def test_moved_segment_error_shrinks_with_the_ratio():
     assert errs[0.25] < errs[0.0]
 
 
+def _blend_run(rt, prefix, block, tail, handle, ratio, layer, filter_from=None):
+    """(recomputed [T] bool, KV) of a blend of ``block`` (reused) + ``tail`` after ``prefix``."""
+    n = len(prefix) + len(block) + len(tail)
+    kv = rt.new_kv(n)
+    with torch.inference_mode():
+        rt.prefill(torch.tensor(prefix), torch.arange(len(prefix)), kv, 0)
+        rt.place_keys(kv, handle, len(prefix))
+        reused = torch.zeros(len(block) + len(tail), dtype=torch.bool)
+        reused[:len(block)] = True
+        logits, recomputed = rt.blend(torch.tensor(block + tail), torch.arange(len(prefix), n), kv,
+                                      len(prefix), reused, layer, ratio, filter_from)
+    return logits, recomputed, kv
+
+
+def test_gradual_filtering_chooses_among_the_earlier_layers_choice_tiny():
+    """Layers 0..F for every token, then the kept share shrinks from 2r at F to r at C:
+    the tokens recomputed at the end are ceil(r * reused) of the top 2r chosen at
+    layer F (what a one-step blend scored at F keeps), the others keep their reused
+    K/V in every layer after F; F >= C is the one-step blend, and r = 1 a full prefill."""
+    from dataclasses import replace
+
+    from tests.tiny import TINY as TINY_ARCH
+    rt = tiny_runtime(arch=replace(TINY_ARCH, n_layers=6))
+    g = torch.Generator().manual_seed(4)
+    sink, prefix, block, tail = ([int(t) for t in torch.randint(3, 200, (n,), generator=g)]
+                                 for n in (3, 30, 80, 4))
+    handle = _standalone(rt, sink, block)
+    pre = sink + prefix
+    at_f, rec_f, _ = _blend_run(rt, pre, block, tail, handle, 0.3, layer=1)  # one step at F = 1
+    got, rec, kv = _blend_run(rt, pre, block, tail, handle, 0.15, layer=4, filter_from=1)
+    assert int(rec[:len(block)].sum()) == 12  # ceil(0.15 * 80)
+    assert bool(rec[len(block):].all())
+    assert bool((rec & ~rec_f).sum() == 0)  # chosen among layer 1's top 2r (24 tokens)
+    assert int(rec_f[:len(block)].sum()) == 24
+    dropped = (~rec_f[:len(block)]).nonzero().squeeze(1) + len(pre)
+    placed = rt.new_kv(len(pre) + len(block) + len(tail))
+    rt.place_keys(placed, handle, len(pre))
+    for layer in range(2, 6):  # dropped at layer 1: the reused K/V stay
+        assert torch.equal(kv[layer][:, :, dropped], placed[layer][:, :, dropped])
+    one_step, rec_one, _ = _blend_run(rt, pre, block, tail, handle, 0.15, layer=4)
+    same, rec_same, _ = _blend_run(rt, pre, block, tail, handle, 0.15, layer=4, filter_from=4)
+    assert torch.equal(one_step, same) and torch.equal(rec_one, rec_same)
+    assert not torch.equal(rec_one, rec)  # choosing at layer 4 among all is another choice
+    full, _, _ = _blend_run(rt, pre, block, tail, handle, 1.0, layer=4, filter_from=1)
+    ref, _ = _full_logits(rt, pre + block + tail)
+    assert (full[-1] - ref).abs().max().item() < 1e-4
+
+
 def test_last_token_must_be_computed():
     rt = tiny_runtime()
     kv = rt.new_kv(4)

@@ -114,7 +114,7 @@ class Blender:
                 reused[off + unit.lead:off + len(unit.ids)] = True
             off += len(unit.ids)
         work = BlendWork(tuple(ids), run.kv, run.pos, reused=reused, layer=self.cache_cfg.blend_layer,
-                         ratio=self.cache_cfg.blend_ratio)
+                         ratio=self.cache_cfg.blend_ratio, filter_from=self.cache_cfg.blend_filter_layer)
         yield work
         off = 0
         for i, unit in enumerate(units, plan.at):

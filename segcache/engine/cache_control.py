@@ -58,7 +58,8 @@ class CacheAdmin:
                                    "bytes": standalone.get("bytes", 0),
                                    "tokens": standalone.get("tokens", 0)}
             stats["blend"] = {"mode": self.cache_cfg.blend, "ratio": self.cache_cfg.blend_ratio,
-                              "layer": self.cache_cfg.blend_layer}
+                              "layer": self.cache_cfg.blend_layer,
+                              "filter_layer": self.cache_cfg.blend_filter_layer}
             stats["budget_bytes"] = self.cache_cfg.cache_bytes
             stats["tenant_quota_bytes"] = self.cache_cfg.tenant_quota_bytes
             stats["registered_segments"] = self.registry.names(tenant)

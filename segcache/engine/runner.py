@@ -70,7 +70,7 @@ class Runner:
             work.slices = (len(work.ids), self.runtime.blend_steps(
                 torch.tensor(work.ids, dtype=torch.long),
                 torch.arange(work.start, work.start + len(work.ids)), work.kv, work.start,
-                work.reused, work.layer, work.ratio), 0)
+                work.reused, work.layer, work.ratio, work.filter_from), 0)
         steps, n_layers = work.slices[1], self.runtime.arch.n_layers
         t0 = last = time.perf_counter()
         while (done := step_layers(steps, n_layers))[1] is None:

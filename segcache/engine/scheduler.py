@@ -93,6 +93,7 @@ class BlendWork(PrefillWork):
     reused: torch.Tensor | None = None  # [T] bool: K/V already placed in ``kv``
     layer: int = 1
     ratio: float = 0.15
+    filter_from: int | None = None  # gradual filtering from this layer (None: from ``layer``)
     recomputed: torch.Tensor | None = None  # [T] bool, once done
 
 

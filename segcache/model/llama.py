@@ -261,12 +261,14 @@ class LlamaModel:
         return apply_rope(k.float(), cos, -sin if inverse else sin)
 
     def blend(self, w: Weights, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
-              start: int, reused: torch.Tensor, layer: int, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+              start: int, reused: torch.Tensor, layer: int, ratio: float,
+              filter_from: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``blend_steps`` run to the end."""
-        return finish(self.blend_steps(w, ids, positions, kv, start, reused, layer, ratio))
+        return finish(self.blend_steps(w, ids, positions, kv, start, reused, layer, ratio, filter_from))
 
     def blend_steps(self, w: Weights, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
                     start: int, reused: torch.Tensor, layer: int, ratio: float,
+                    filter_from: int | None = None,
                     ) -> Generator[int, None, tuple[torch.Tensor, torch.Tensor]]:
         """Selective recomputation (CacheBlend) of ``ids`` at slots ``start..start+T-1``,
         yielding the number of layers done after each layer but the last (the caller
@@ -274,11 +276,15 @@ class LlamaModel:
 
         ``reused`` ([T] bool) marks the tokens whose K/V for every layer the caller
         has already written into ``kv`` (reused from another context, K rotated
-        for these positions); the others have none. Layers ``0..layer`` run for
-        every token. At ``layer`` each reused token is scored by how far its fresh
-        V moved from the reused one; the top ``ratio`` of reused tokens and every
-        token without reused KV run the remaining layers, their fresh K/V written
-        over the reused ones. Attention is exactly causal by slot throughout.
+        for these positions); the others have none. Layers ``0..F`` (``filter_from``,
+        default ``layer``) run for every token; at each layer ``i`` of ``F..layer``
+        the reused tokens still running are scored by how far their fresh V moved
+        from the reused one and the top ones kept, a share of all reused tokens
+        shrinking linearly from ``2 * ratio`` at ``F`` to ``ratio`` at ``layer``
+        (CacheBlend's gradual filtering: the later layers' selection at a fraction
+        of the earlier layers' cost); the tokens kept at ``layer`` and every token
+        without reused KV run the remaining layers, their fresh K/V written over the
+        reused ones. Attention is exactly causal by slot throughout.
 
         Returns (logits of the last token [1, vocab], recomputed [T] bool: the
         tokens that ran every layer). The last token must not be reused."""
@@ -286,33 +292,44 @@ class LlamaModel:
         if bool(reused[-1]):
             raise ValueError("the last token of a blend must be computed, not reused")
         end = start + n_new
-        layer = min(layer, len(w.layers) - 1)  # past the last layer: a full prefill
+        n_layers = len(w.layers)
+        layer = min(layer, n_layers - 1)  # past the last layer: a full prefill
+        first = layer if filter_from is None else min(max(1, filter_from), layer)
         x = F.embedding(ids, w.embed)
         cos, sin = self.rope.at(positions, w.dtype)
-        v_reused = kv[layer, 1, :, start:end].to(torch.float32, copy=True)  # [Hkv, T, D]
-        n_layers = len(w.layers)
+        # The reused V of every scoring layer, before the fresh V overwrites it.
+        v_reused = {i: kv[i, 1, :, start:end].to(torch.float32, copy=True) for i in range(first, layer + 1)}
+        candidates = reused.nonzero().squeeze(1)  # reused tokens still running, by index
+        rows = torch.arange(n_new, device=self.device)  # tokens still running
+        mask = slots = None
         for i in range(layer + 1):
-            x = self._layer(w.layers[i], x, cos, sin, kv[i], start, None)
+            x = self._layer(w.layers[i], x, cos, sin, kv[i], start, mask, slots)
+            if i >= first:
+                share = ratio if i == layer else ratio * (1 + (layer - i) / (layer - first))
+                n_keep = math.ceil(min(1.0, share) * int(reused.sum()) - 1e-9)
+                if n_keep < candidates.numel():
+                    at = slots if slots is not None else torch.arange(start, end, device=self.device)
+                    fresh = kv[i, 1].index_select(1, at).float()  # [Hkv, R, D]
+                    deviation = (fresh - v_reused[i][:, rows]).square().sum((0, 2))  # [R]
+                    running = torch.zeros(n_new, dtype=torch.bool, device=self.device)
+                    running[rows] = True
+                    dev_all = torch.full((n_new,), -1.0, device=self.device)
+                    dev_all[rows] = deviation
+                    kept = candidates[dev_all[candidates].topk(n_keep).indices] if n_keep > 0 else candidates[:0]
+                    keep = ~reused
+                    keep[kept] = True
+                    candidates = kept.sort().values
+                    sel = keep[rows]  # which of the running rows stay
+                    rows = rows[sel]
+                    x, cos, sin = x[sel], cos[sel], sin[sel]
+                    slots = start + rows
+                    mask = torch.arange(end, device=self.device)[None, :] <= slots[:, None]  # [R, S]
             if i + 1 < n_layers:
                 yield i + 1
-        deviation = (kv[layer, 1, :, start:end].float() - v_reused).square().sum((0, 2))  # [T]
-        candidates = reused.nonzero().squeeze(1)
-        n_pick = math.ceil(ratio * candidates.numel() - 1e-9)
-        recompute = ~reused
-        if n_pick > 0:
-            recompute[candidates[deviation[candidates].topk(n_pick).indices]] = True
-        if bool(recompute.all()):  # every token: the plain prefill from here on
-            for i in range(layer + 1, n_layers):
-                x = self._layer(w.layers[i], x, cos, sin, kv[i], start, None)
-                if i + 1 < n_layers:
-                    yield i + 1
-            return self.head(w, x, None), recompute
-        rows = recompute.nonzero().squeeze(1)
-        x, cos, sin = x[rows], cos[rows], sin[rows]
-        slots = start + rows
-        rest_mask = torch.arange(end, device=self.device)[None, :] <= slots[:, None]  # [R, S]
+        recompute = torch.zeros(n_new, dtype=torch.bool, device=self.device)
+        recompute[rows] = True
         for i in range(layer + 1, n_layers):
-            x = self._layer(w.layers[i], x, cos, sin, kv[i], start, rest_mask, slots)
+            x = self._layer(w.layers[i], x, cos, sin, kv[i], start, mask, slots)
             if i + 1 < n_layers:
                 yield i + 1
         return self.head(w, x, None), recompute

@@ -194,17 +194,18 @@ class ModelRuntime:
         return self._dense_model, self._dense_w
 
     def blend(self, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor, start: int,
-              reused: torch.Tensor, layer: int, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+              reused: torch.Tensor, layer: int, ratio: float,
+              filter_from: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Selective recomputation over reused K/V (``LlamaModel.blend``), on the
         prefill weights. Returns (last logits [1, vocab], recomputed [T] bool)."""
-        return finish(self.blend_steps(ids, positions, kv, start, reused, layer, ratio))
+        return finish(self.blend_steps(ids, positions, kv, start, reused, layer, ratio, filter_from))
 
     def blend_steps(self, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor, start: int,
-                    reused: torch.Tensor, layer: int, ratio: float,
+                    reused: torch.Tensor, layer: int, ratio: float, filter_from: int | None = None,
                     ) -> Generator[int, None, tuple[torch.Tensor, torch.Tensor]]:
         """``blend`` one layer at a time (``LlamaModel.blend_steps``)."""
         model, w = self._torch(self.plan.blend_route())
-        return model.blend_steps(w, ids, positions, kv, start, reused, layer, ratio)
+        return model.blend_steps(w, ids, positions, kv, start, reused, layer, ratio, filter_from)
 
     def unrope_keys(self, handle: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """A copy of KV ``handle`` [n_layers, 2, n_kv_heads, T, head_dim] whose keys,
