@@ -242,6 +242,10 @@ class SchedulerConfig:
                                  "prefill runs in slices of layers of about this long, so streams "
                                  "pause at most ~this much (same arithmetic)", default=0.5,
                                  kind="positive", scale=1000)
+    # Background work (blend's standalone copies) runs one slice of layers of about this
+    # long per tick, whether or not requests decode: a request that arrives meanwhile
+    # waits at most this long for its prefill to start, and streams pause this much.
+    background_pause_s: float = 0.05
     max_wait_s: float = 10.0  # a waiting request older than this is admitted first
     # Most places one tenant may hold in the waiting queue (None: three quarters of
     # max_waiting), so one tenant's flood leaves room for the others.
@@ -256,8 +260,8 @@ class SchedulerConfig:
         for name in ("max_running", "max_waiting", "prefill_chunk", "idle_prefill_chunks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.max_wait_s <= 0 or self.request_timeout_s <= 0 or self.decode_pause_s <= 0:
-            raise ValueError("max_wait_s, request_timeout_s and decode_pause_s must be > 0")
+        if min(self.max_wait_s, self.request_timeout_s, self.decode_pause_s, self.background_pause_s) <= 0:
+            raise ValueError("max_wait_s, request_timeout_s, decode_pause_s and background_pause_s must be > 0")
         if self.tenant_max_waiting is not None and self.tenant_max_waiting < 1:
             raise ValueError("tenant_max_waiting must be >= 1")
 

@@ -1,6 +1,7 @@
 """Background work (the standalone copies blending needs) gives way to requests: while
 a request prefills (its time to first token), no background chunk runs; the background
-job goes on after it, beside decoding and when the engine is idle. (A request waiting
+job goes on after it, beside decoding and when the engine is idle, one short slice of
+layers per tick, so a request that arrives meanwhile waits for one slice at most. (A request waiting
 for a background job's unit does not prefill meanwhile, so the job runs: test_blend.)"""
 
 from __future__ import annotations
@@ -16,9 +17,14 @@ class RecordingRunner:
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self.pauses: dict[str, set] = {}
+        self.on_call = None  # called with the job's name before each call
 
     def prefill(self, work, n, pause_s=None) -> None:
+        if self.on_call is not None:
+            self.on_call(work.kv)
         self.calls.append(work.kv)  # the "kv" is the job's name here
+        self.pauses.setdefault(work.kv, set()).add(pause_s)
         work.done = min(len(work.ids), work.done + n)
         if work.remaining == 0:
             work.logits = "logits"
@@ -61,3 +67,28 @@ def test_background_work_runs_when_the_engine_is_otherwise_idle():
     finally:
         sched.stop()
     assert runner.calls == ["bg"] * 4
+
+
+def test_a_request_arriving_during_background_work_waits_one_slice_at_most():
+    """Idle, the engine runs up to idle_prefill_chunks chunks of a request per tick, but a
+    background job gets one slice of about background_pause_s: the request that arrives
+    during the first one prefills next (before, the idle tick ran four whole chunks)."""
+    runner = RecordingRunner()
+    cfg = SchedulerConfig(prefill_chunk=4, idle_prefill_chunks=4)
+    sched = Scheduler(cfg, runner, lambda key: False, threading.RLock())
+    request = []
+
+    def arrive(name):
+        if name == "bg" and not request:
+            with sched.reserve("t") as place:
+                request.append(sched.enqueue(_job("req", 8), "t", None, place=place))
+
+    runner.on_call = arrive
+    try:
+        background = sched.submit_background(_job("bg", 16), "t")
+        background.future.result(timeout=10)
+        assert request[0].result(timeout=10) == "req"
+    finally:
+        sched.stop()
+    assert runner.calls == ["bg", "req", "req", "bg", "bg", "bg"]
+    assert runner.pauses == {"bg": {cfg.background_pause_s}, "req": {None}}

@@ -20,8 +20,9 @@ One tick: admit waiting jobs, advance every job that is not waiting on work, run
 batched decode step for all decoding jobs, then prefill chunks (one while others
 decode, so their streams keep moving; a few when idle), shortest job first; a
 background job's chunks (``submit_background``: standalone blend copies) run only in
-ticks where no request prefills, so they never add to a time to first token beyond
-the one chunk already running. Chunk boundaries are fixed relative to each unit's
+ticks where no request prefills, one slice of layers of about ``background_pause_s``
+per tick, so they add at most that to a time to first token (whole chunks, up to
+``idle_prefill_chunks`` of them a tick, kept the next request waiting up to ~1 s). Chunk boundaries are fixed relative to each unit's
 start, so KV never depends on load. While others decode, a chunk that would take
 longer than ``decode_pause_s`` runs a few layers per tick (same arithmetic,
 bit-identical KV). Cancellation and deadlines are checked every tick: a cancelled
@@ -326,8 +327,10 @@ class Scheduler:
                 if self._check_cancel(job):
                     break
                 # While others decode, a long chunk runs in slices of layers (one per tick).
-                self.runner.prefill(job.work, self.cfg.prefill_chunk,
-                                    self.cfg.decode_pause_s if decoding else None)
+                pause = self.cfg.decode_pause_s if decoding else None
+                if job.background:  # nobody waits for it: one short slice, then the queue
+                    pause, chunks = self.cfg.background_pause_s, 1
+                self.runner.prefill(job.work, self.cfg.prefill_chunk, pause)
                 chunks -= 1
                 if job.work.remaining == 0:
                     self._advance(job, resume=True)
