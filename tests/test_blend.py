@@ -599,8 +599,9 @@ def test_plain_prompt_blocks_that_move_are_blended_with_blend_auto(tiny_engine_f
 def test_real_model_repoagent_plain_prompts_blend_moved_code(real_engine):
     """Issue 16 on the real model: RepoAgent's own template as plain text (the bench's
     repo-docs workload, flat), no marks, --blend auto: code blocks seen before are
-    blended where they now stand, and the first answer token agrees with a full
-    prefill's (what scripts/blend_eval.py measures as top-1 agreement)."""
+    blended where they now stand (gradual filtering, the default), the fixed
+    instruction at the head is a prefix hit, and the first answer token agrees with a
+    full prefill's (what scripts/blend_eval.py measures as top-1 agreement)."""
     from segcache.bench.runner import request_body
     from segcache.bench.workloads import WorkloadOptions, repo_docs
     from segcache.engine.engine import Engine
@@ -620,6 +621,9 @@ def test_real_model_repoagent_plain_prompts_blend_moved_code(real_engine):
             assert {u.kind for u in r.segments} <= {"chunk", "message"}
             if i == 0:
                 continue
+            # The fixed instruction heads every prompt as a chunk of its own (chunking
+            # rule 4): an exact prefix hit, although the object named after it is new.
+            assert r.segments[0].status == "hit" and r.cached_tokens == r.segments[0].tokens > 0
             cold = engine_with("auto")
             c = cold.chat(ChatRequest("t", messages, [], sampling))
             cold.close(drain=False)
