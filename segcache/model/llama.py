@@ -310,12 +310,9 @@ class LlamaModel:
                 if n_keep < candidates.numel():
                     at = slots if slots is not None else torch.arange(start, end, device=self.device)
                     fresh = kv[i, 1].index_select(1, at).float()  # [Hkv, R, D]
-                    deviation = (fresh - v_reused[i][:, rows]).square().sum((0, 2))  # [R]
-                    running = torch.zeros(n_new, dtype=torch.bool, device=self.device)
-                    running[rows] = True
-                    dev_all = torch.full((n_new,), -1.0, device=self.device)
-                    dev_all[rows] = deviation
-                    kept = candidates[dev_all[candidates].topk(n_keep).indices] if n_keep > 0 else candidates[:0]
+                    deviation = torch.zeros(n_new, device=self.device)  # by token; candidates run
+                    deviation[rows] = (fresh - v_reused[i][:, rows]).square().sum((0, 2))
+                    kept = candidates[deviation[candidates].topk(n_keep).indices]
                     keep = ~reused
                     keep[kept] = True
                     candidates = kept.sort().values
