@@ -12,7 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from segcache.bench.repo_docs import SHORT_INSTRUCTIONS, repo_docs_prompts
-from segcache.kv.chunking import _STRONG_PROSE, MAX_CHARS, MIN_CHARS, _atoms, chunk_digests, chunk_text
+from segcache.kv.chunking import (
+    _STRONG_PROSE,
+    MAX_CHARS,
+    MIN_CHARS,
+    _atoms,
+    chunk_digests,
+    chunk_text,
+)
 from segcache.kv.hashing import segment_digest
 
 WORDS = ("cache prefix token segment review module request shared stable history plan check "
