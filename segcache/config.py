@@ -151,8 +151,8 @@ class CacheConfig:
     blend_ratio: float = flag("--blend-ratio", "fraction of a blended segment's tokens recomputed in "
                               "the later layers; 1 reproduces a full prefill", default=0.15,
                               metavar="R")
-    # Layers 0..blend_layer run for every token; reused tokens are scored at this one.
-    # 3, not the paper's 1: on SmolLM2-135M (30 layers) it measured better on every
+    # Reused tokens are finally chosen at this layer (gradual filtering below narrows
+    # them down from blend_filter_layer on). 3, not the paper's 1: on SmolLM2-135M (30 layers) it measured better on every
     # quality figure at a TTFT still ~3x below a full prefill (BENCHMARKS.md).
     blend_layer: int = flag("--blend-layer", "reused tokens are chosen for recomputation at "
                             "layer C", default=3, metavar="C")
