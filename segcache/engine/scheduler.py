@@ -23,12 +23,12 @@ background job's chunks (``submit_background``: standalone blend copies) run onl
 ticks where no request prefills, one slice of layers of about ``background_pause_s``
 per tick, so they add at most that to a time to first token (whole chunks, up to
 ``idle_prefill_chunks`` of them a tick, kept the next request waiting up to ~1 s).
-Chunk boundaries are fixed relative to each unit's start, so KV never depends on load. While others decode, a chunk that would take
-longer than ``decode_pause_s`` runs a few layers per tick (same arithmetic,
-bit-identical KV). Cancellation and deadlines are checked every tick: a cancelled
-job gets ``_Cancelled`` thrown in (it returns a "cancelled" result and releases its
-pins); a job past its deadline is closed (its ``finally`` releases the pins) and
-fails with 504.
+Chunk boundaries are fixed relative to each unit's start, so KV never depends on
+load. While others decode, a chunk that would take longer than ``decode_pause_s``
+runs a few layers per tick (same arithmetic, bit-identical KV). Cancellation and
+deadlines are checked every tick: a cancelled job gets ``_Cancelled`` thrown in (it
+returns a "cancelled" result and releases its pins); a job past its deadline is
+closed (its ``finally`` releases the pins) and fails with 504.
 
 Admission: across tenants, the tenant with the fewest running requests goes first,
 then the one admitted least recently (round robin), then the oldest request, so a

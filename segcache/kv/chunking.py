@@ -38,14 +38,15 @@ How a cut is decided (content-defined chunking over lines, not bytes):
    prompt it appears in, and a short section stays a short chunk.
 
 4. **The head.** The text's first atom, if a paragraph that would be weak
-   anywhere else (it counts as strong: nothing comes before it), is a chunk of its own from
-   half of ``min_chars`` on (still counted toward the next selected cut, so
-   its size crossing that bound moves only the cut after it): a message usually opens with what it shares with others (a role, rules,
-   an instruction; seed 001's "stable content first") and goes on with what
-   differs, and a head of its own is then a prefix hit at position 0 (RepoAgent's
-   ~250-character instruction is, not the instruction joined to the object
-   named after it). Only the text's start is concerned, so a block later in
-   the text chunks as before.
+   anywhere else (it counts as strong: nothing comes before it), is a chunk of
+   its own from half of ``min_chars`` on (still counted toward the next selected
+   cut, so its size crossing that bound moves only the cut after it): a message
+   usually opens with what it shares with others (a role, rules, an
+   instruction; seed 001's "stable content first") and goes on with what
+   differs, and a head of its own is then a prefix hit at position 0
+   (RepoAgent's ~250-character instruction is, not the instruction joined to the
+   object named after it). Only the text's start is concerned, so a block later
+   in the text chunks as before.
 
 An edit inside one atom changes whether that atom is selected and the distance
 seen by the next selected atom: only those two cuts can move, so the edit

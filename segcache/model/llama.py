@@ -300,27 +300,26 @@ class LlamaModel:
         # The reused V of every scoring layer, before the fresh V overwrites it.
         v_reused = {i: kv[i, 1, :, start:end].to(torch.float32, copy=True) for i in range(first, layer + 1)}
         candidates = reused.nonzero().squeeze(1)  # reused tokens still running, by index
+        n_reused = candidates.numel()
         rows = torch.arange(n_new, device=self.device)  # tokens still running
         mask = slots = None
         for i in range(layer + 1):
             x = self._layer(w.layers[i], x, cos, sin, kv[i], start, mask, slots)
-            if i >= first:
-                share = ratio if i == layer else ratio * (1 + (layer - i) / (layer - first))
-                n_keep = math.ceil(min(1.0, share) * int(reused.sum()) - 1e-9)
-                if n_keep < candidates.numel():
-                    at = slots if slots is not None else torch.arange(start, end, device=self.device)
-                    fresh = kv[i, 1].index_select(1, at).float()  # [Hkv, R, D]
-                    deviation = torch.zeros(n_new, device=self.device)  # by token; candidates run
-                    deviation[rows] = (fresh - v_reused[i][:, rows]).square().sum((0, 2))
-                    kept = candidates[deviation[candidates].topk(n_keep).indices]
-                    keep = ~reused
-                    keep[kept] = True
-                    candidates = kept.sort().values
-                    sel = keep[rows]  # which of the running rows stay
-                    rows = rows[sel]
-                    x, cos, sin = x[sel], cos[sel], sin[sel]
-                    slots = start + rows
-                    mask = torch.arange(end, device=self.device)[None, :] <= slots[:, None]  # [R, S]
+            share = ratio if i == layer else ratio * (1 + (layer - i) / max(1, layer - first))
+            n_keep = math.ceil(min(1.0, share) * n_reused - 1e-9)
+            if i >= first and n_keep < candidates.numel():
+                # Score the running reused tokens by their V's move at layer i; keep the top.
+                fresh = kv[i, 1, :, start:end].index_select(1, rows).float()  # [Hkv, R, D]
+                deviation = torch.zeros(n_new, device=self.device)  # by token
+                deviation[rows] = (fresh - v_reused[i][:, rows]).square().sum((0, 2))
+                candidates = candidates[deviation[candidates].topk(n_keep).indices].sort().values
+                keep = ~reused
+                keep[candidates] = True
+                sel = keep[rows]  # which of the running rows stay
+                rows = rows[sel]
+                x, cos, sin = x[sel], cos[sel], sin[sel]
+                slots = start + rows
+                mask = torch.arange(end, device=self.device)[None, :] <= slots[:, None]  # [R, S]
             if i + 1 < n_layers:
                 yield i + 1
         recompute = torch.zeros(n_new, dtype=torch.bool, device=self.device)
