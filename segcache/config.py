@@ -20,6 +20,7 @@ from pathlib import Path
 
 DTYPES = ("auto", "bfloat16", "float32")
 DEVICES = ("cpu", "cuda")
+SWITCH = ("on", "off")
 GiB = 1 << 30
 MiB = 1 << 20
 
@@ -116,6 +117,10 @@ class ModelConfig:
                            default_factory=default_cache_dir, kind="path", env="cache_dir")
     threads: int | None = flag("--threads", "torch CPU threads", default=None, kind="int",
                                shown="all cores")
+    share_cores: str = flag("--share-cores", "on: a bfloat16 prefill slice runs torch at one thread "
+                            "while other processes' busy threads would leave it fewer cores than "
+                            "--threads (same bits either way; see segcache.model.threads)",
+                            default="on", choices=SWITCH)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -124,6 +129,8 @@ class ModelConfig:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.share_cores not in SWITCH:
+            raise ValueError(f"share_cores must be one of {SWITCH}, got {self.share_cores!r}")
 
 
 BLEND_MODES = ("off", "marked", "auto")

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from segcache.config import DTYPES, default_cache_dir
+from segcache.config import DTYPES, SWITCH, default_cache_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contend", type=int, default=0, metavar="N",
                         help="also measure every figure with N busy processes beside it (quiet and "
                              "contended alternate in each repeat); reports contended/quiet")
+    parser.add_argument("--share-cores", choices=SWITCH, default="on",
+                        help="segcache's --share-cores: on, a bfloat16 prefill slice runs torch at one "
+                             "thread while other processes hold the cores (default: on)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here too")
 
 
@@ -76,11 +79,13 @@ def _seconds(fn: Callable[[], None]) -> float:
 class _Segcache:
     name = "segcache"
 
-    def __init__(self, resolved, dtype: str, cache_dir: Path, threads: int, chunk: int = 0) -> None:
+    def __init__(self, resolved, dtype: str, cache_dir: Path, threads: int, chunk: int = 0,
+                 share_cores: str = "on") -> None:
         from segcache.config import ModelConfig
         from segcache.model.runtime import ModelRuntime
 
-        cfg = ModelConfig(path=str(resolved.source), dtype=dtype, cache_dir=cache_dir, threads=threads)
+        cfg = ModelConfig(path=str(resolved.source), dtype=dtype, cache_dir=cache_dir, threads=threads,
+                          share_cores=share_cores)
         self.rt = ModelRuntime.load(resolved, cfg)
         self.chunk = chunk
         plan = self.rt.plan
@@ -88,7 +93,8 @@ class _Segcache:
         self.describe = (f"plan {plan.name}: prefill {_short(plan.prefill_dtype)}"
                          f"{f' in {chunk}-token chunks' if chunk else ' in one call'}, decode "
                          f"{_short(plan.decode_dtype)} activations with {weights} weights "
-                         f"({plan.decode_route().value}), KV {_short(plan.kv_dtype)}")
+                         f"({plan.decode_route().value}), KV {_short(plan.kv_dtype)}"
+                         f"{', prefill slices at 1 thread under load' if self.rt.core_share else ''}")
 
     def prefill(self, ids) -> Callable[[], None]:
         import torch
@@ -257,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
 
     t0 = time.perf_counter()
-    engines = [_Segcache(resolved, args.dtype, cache_dir, args.threads, args.prefill_chunk)]
+    engines = [_Segcache(resolved, args.dtype, cache_dir, args.threads, args.prefill_chunk, args.share_cores)]
     console.print(f"segcache: {engines[0].describe} (loaded in {time.perf_counter() - t0:.1f} s)")
     if not args.no_reference:
         ref_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
@@ -297,6 +303,6 @@ def run(args: argparse.Namespace) -> int:
             "model": resolved.name, "dtype": args.dtype, "threads": args.threads, "cpu": _cpu_name(),
             "torch": torch.__version__, "segcache": ours_desc, "reference": ref_desc,
             "repeats": args.repeats, "decode_tokens": args.decode_tokens, "tokens_per_s": results,
-            "prefill_chunk": args.prefill_chunk, "contend": args.contend,
+            "prefill_chunk": args.prefill_chunk, "contend": args.contend, "share_cores": args.share_cores,
         }, indent=2))
     return 0

@@ -177,12 +177,15 @@ class LlamaModel:
 
     ``decode_attention`` (optional) replaces SDPA for single-token steps;
     ``prefill_attention`` (optional) for causal prefills of 2 .. ``prefill_attention_tokens``
-    tokens (they read K/V as stored, so a float16 past is not copied to float32)."""
+    tokens (they read K/V as stored, so a float16 past is not copied to float32).
+    ``split_products``: (M, K, N) products of the layers' projections computed as two row
+    halves (those whose bits depend on torch's thread count: ``threads.unstable_gemm_shapes``)."""
 
     def __init__(self, arch: ModelArch, device: str = "cpu",
                  decode_attention: DecodeAttention | None = None,
                  prefill_attention: PrefillAttention | None = None,
-                 prefill_attention_tokens: int = 0) -> None:
+                 prefill_attention_tokens: int = 0,
+                 split_products: frozenset[tuple[int, int, int]] = frozenset()) -> None:
         self.arch = arch
         self.device = device
         self.rope = RopeTable(arch, device)
@@ -190,6 +193,7 @@ class LlamaModel:
         self.decode_attention = decode_attention
         self.prefill_attention = prefill_attention
         self.prefill_attention_tokens = prefill_attention_tokens if prefill_attention is not None else 0
+        self.split_products = split_products
 
     def new_kv(self, capacity: int, dtype: torch.dtype) -> torch.Tensor:
         a = self.arch
@@ -355,7 +359,7 @@ class LlamaModel:
         a = self.arch
         n_new = x.shape[0]
         h = F.rms_norm(x, (a.hidden_size,), lw.attn_norm, a.rms_eps)
-        qkv = linear(h, lw.qkv, lw.qkv_bias)  # [T, q_dim + 2*kv_dim]
+        qkv = self._linear(h, lw.qkv, lw.qkv_bias)  # [T, q_dim + 2*kv_dim]
         qk, v = qkv.split([a.q_dim + a.kv_dim, a.kv_dim], -1)
         # One RoPE over the query and key heads together (half the ops of two calls).
         qk = apply_rope(qk.view(n_new, a.n_heads + a.n_kv_heads, a.head_dim).transpose(0, 1), cos, sin)
@@ -366,10 +370,18 @@ class LlamaModel:
         """The rest of the layer for rows ``x`` [T, hidden] given their attention output
         ``attn`` [Hq, T, D]: output projection and MLP, each with its residual."""
         a = self.arch
-        x = x + linear(attn.transpose(0, 1).reshape(x.shape[0], a.q_dim), lw.o)
+        x = x + self._linear(attn.transpose(0, 1).reshape(x.shape[0], a.q_dim), lw.o)
         h = F.rms_norm(x, (a.hidden_size,), lw.mlp_norm, a.rms_eps)
-        gate, up = linear(h, lw.gate_up).chunk(2, -1)  # [T, inter] each
-        return x + linear(F.silu(gate) * up, lw.down)
+        gate, up = self._linear(h, lw.gate_up).chunk(2, -1)  # [T, inter] each
+        return x + self._linear(F.silu(gate) * up, lw.down)
+
+    def _linear(self, x: torch.Tensor, w: Linear, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``linear``, with a product in ``split_products`` computed as two row halves."""
+        if self.split_products and isinstance(w, torch.Tensor) and x.shape[0] >= 2 \
+                and (x.shape[0], w.shape[1], w.shape[0]) in self.split_products:
+            half = x.shape[0] // 2
+            return torch.cat([self._linear(x[:half], w, bias), self._linear(x[half:], w, bias)])
+        return linear(x, w, bias)
 
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                    mask: torch.Tensor | None, start: int = 0) -> torch.Tensor:

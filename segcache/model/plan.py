@@ -46,6 +46,11 @@ Which code computes what, for the plans ``choose_plan`` returns (P = 256 =
 | blend (CacheBlend)            | torch-dense                                 | torch-blocks                    | torch-dense (bfloat16)           |
 | rows independent of the call  | no (0)                                      | 2..P tokens (``independent_rows``) | no (0)                        |
 
+Under load (``ModelConfig.share_cores``), the bfloat16 plan's chunked prefill slices run
+torch at one thread while other processes' busy threads hold the other cores
+(``segcache.model.threads``); the products whose bits depend on the thread count run as two
+row halves (the runtime's ``split_products``, part of the fingerprint), so the bits do not.
+
 Where the architecture rules a kernel out, the route falls back one step:
 ``c-step``/``c-layers`` need every projection in blocks (inputs a multiple of
 32), head_dim a multiple of 8 (16 for ``c-layers`` and ``attend_prefill``) and
@@ -182,6 +187,14 @@ class ExecPlan:
         if self.prefill_weights == "blocks":
             return Route.C_LAYERS if n_tokens <= self.c_layers_tokens else Route.TORCH_BLOCKS
         return Route.TORCH_DENSE
+
+    @property
+    def shares_cores(self) -> bool:
+        """Whether chunked prefills run torch's bfloat16 GEMM (torch-dense in bfloat16 with
+        the block LM head), whose slices ``threads.CoreShare`` may run at one thread while
+        other processes hold the cores. The dense plans' LM head is torch's GEMM over the
+        vocabulary, not checked at both thread counts, so they keep theirs."""
+        return self.uses_kernels and self.prefill_dtype == torch.bfloat16 and self.prefill_weights == "dense"
 
     def blend_route(self) -> Route:
         """Selective recomputation (``LlamaModel.blend_steps``) on the prefill weights."""

@@ -30,12 +30,14 @@ from segcache.model.kernels import (
 )
 from segcache.model.llama import Linear, LlamaModel, Weights, finish
 from segcache.model.plan import (
+    PREFILL_ATTENTION_TOKENS,
     ExecPlan,
     Route,
     choose_plan,
     cpu_has_bf16_gemm,
 )
 from segcache.model.quant import QUANT_VERSION, BlockLinear, load_blocks, save_blocks, to_blocks
+from segcache.model.threads import CoreShare, halves_suffice, unstable_gemm_shapes
 from segcache.model.weights import ResolvedModel, load_arch, load_state_dict
 
 log = logging.getLogger("segcache.model")
@@ -61,9 +63,14 @@ class ModelRuntime:
 
     def __init__(self, arch: ModelArch, state_dict: dict[str, torch.Tensor], plan: ExecPlan,
                  device: str = "cpu", source_digest: str = "", tokenizer_digest: str = "",
-                 kernels: BlockKernels | None = None, block_cache: Path | None = None) -> None:
+                 kernels: BlockKernels | None = None, block_cache: Path | None = None,
+                 core_share: CoreShare | None = None,
+                 split_products: frozenset[tuple[int, int, int]] = frozenset()) -> None:
         """``kernels``: required by a plan with block weights. ``block_cache``: a file where
         the block form of the weights is kept between starts (packing takes seconds).
+        ``core_share``: chooses torch's threads for each slice of a torch-dense prefill of
+        up to ``core_share.max_rows`` tokens, whose products in ``split_products`` (those
+        with bits that depend on the thread count) run as two row halves; ``load`` finds them.
         Raises ValueError where ``plan`` asks for code these weights cannot run."""
         if plan.uses_kernels and kernels is None:
             raise ValueError("a plan with block weights needs the block kernels (kernels.probe_kernels)")
@@ -71,7 +78,9 @@ class ModelRuntime:
         self.plan = plan
         self.device = device
         # torch-dense: SDPA throughout. [vocab/hidden/...] shapes as in llama.Weights.
-        self._dense_model = LlamaModel(arch, device)
+        self._dense_model = LlamaModel(arch, device, split_products=split_products)
+        self.core_share = core_share
+        self.split_products = split_products
         dense_w = Weights.from_state_dict(arch, state_dict, plan.prefill_dtype, device)
         self._dense_w: Weights | None = dense_w
         self._block_w: Weights | None = None
@@ -93,7 +102,8 @@ class ModelRuntime:
                 self._dense_w = None  # every route runs on the blocks: the dense copy is not kept
             elif plan.block_head:
                 self._dense_w = _with_head(dense_w, self._block_w.lm_head)
-        self.fingerprint = _fingerprint(arch, plan, self.block_formats, source_digest, tokenizer_digest)
+        self.fingerprint = _fingerprint(arch, plan, self.block_formats, source_digest, tokenizer_digest,
+                                        split_products)
         self.kernel_probe: KernelProbe | None = None  # set by load(): how the kernels were had
 
     @classmethod
@@ -114,8 +124,19 @@ class ModelRuntime:
         if resolved.source_digest.startswith("sha256:"):
             digest = resolved.source_digest.removeprefix("sha256:")[:24]
             block_cache = Path(cfg.cache_dir) / "blocks" / f"{digest}-{QUANT_VERSION}.safetensors"
+        core_share, split = None, frozenset()
+        threads = torch.get_num_threads()
+        if cfg.share_cores == "on" and 1 < threads <= CoreShare.MAX_THREADS and plan.shares_cores:
+            split = unstable_gemm_shapes(_products(arch), PREFILL_ATTENTION_TOKENS, threads,
+                                         plan.prefill_dtype, Path(cfg.cache_dir))
+            if halves_suffice(split):
+                core_share = CoreShare(threads, max_rows=PREFILL_ATTENTION_TOKENS)
+            else:
+                log.warning("torch's %s GEMM gives other bits at 1 and %d threads even for row halves "
+                            "here; prefills keep %d threads under load", plan.prefill_dtype, threads, threads)
+                split = frozenset()
         runtime = cls(arch, sd, plan, cfg.device, resolved.source_digest, tokenizer_digest, kernels,
-                      block_cache)
+                      block_cache, core_share, split)
         runtime.kernel_probe = probe
         log.info("execution plan: %s", runtime.describe())
         return runtime
@@ -138,9 +159,13 @@ class ModelRuntime:
         why = ""
         if not p.uses_kernels and self.kernel_probe is not None:
             why = f"; block kernels {self.kernel_probe.status}: {self.kernel_probe.reason}"
+        share = ""
+        if self.core_share is not None:
+            share = (f"; prefill slices drop to 1 of {self.core_share.threads} threads while other "
+                     f"processes hold the cores ({len(self.split_products)} products in row halves)")
         return (f"plan {p.name}: prefill {p.prefill_dtype}, decode {p.decode_dtype} with {weights}, "
                 f"KV {p.kv_dtype}; decode {p.decode_route().value}, prefill of 256 tokens "
-                f"{p.prefill_route(256).value}{why}")
+                f"{p.prefill_route(256).value}{share}{why}")
 
     def new_kv(self, capacity: int) -> torch.Tensor:
         """Empty KV buffer [n_layers, 2, n_kv_heads, capacity, head_dim] in the KV dtype."""
@@ -170,7 +195,11 @@ class ModelRuntime:
         if route is Route.C_LAYERS:
             return (yield from self._c_layer_steps(ids, positions, kv, start, layers_per_step, logits_at))
         model, w = self._torch(Route.TORCH_BLOCKS if route is Route.C_STEP else route)
-        return (yield from model.forward_steps(w, ids, positions, kv, start, layers_per_step, logits_at))
+        steps = model.forward_steps(w, ids, positions, kv, start, layers_per_step, logits_at)
+        if self.core_share is not None and route is Route.TORCH_DENSE \
+                and ids.shape[0] <= self.core_share.max_rows:
+            steps = self.core_share.run(steps)
+        return (yield from steps)
 
     def _c_layer_steps(self, ids: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor, start: int,
                        layers_per_step: int, logits_at: torch.Tensor | None,
@@ -302,14 +331,21 @@ def _fused_decoder(arch: ModelArch, w: Weights, kernels: BlockKernels, model: Ll
                            model.rope.cos, model.rope.sin, kv)
 
 
+def _products(arch: ModelArch) -> list[tuple[int, int]]:
+    """(inputs, outputs) of each projection of a layer (q/k/v and gate/up fused)."""
+    return [(arch.hidden_size, arch.q_dim + 2 * arch.kv_dim), (arch.q_dim, arch.hidden_size),
+            (arch.hidden_size, 2 * arch.intermediate_size), (arch.intermediate_size, arch.hidden_size)]
+
+
 def _fingerprint(arch: ModelArch, plan: ExecPlan, block_formats: str, source_digest: str,
-                 tokenizer_digest: str) -> str:
+                 tokenizer_digest: str, split_products: frozenset[tuple[int, int, int]] = frozenset()) -> str:
     parts = {
         "arch": arch.as_dict(),
         "weights": source_digest,
         "tokenizer": tokenizer_digest,
         "plan": plan.as_dict(),  # every route and threshold: which code computed the KV
         "block_formats": block_formats,
+        "split_products": sorted(split_products),  # products computed as two row halves
         "kernels": KERNEL_VERSION if plan.uses_kernels else "",
         "code": MODEL_CODE_VERSION,
         "kv_layout": KV_LAYOUT_VERSION,
