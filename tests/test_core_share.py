@@ -39,7 +39,10 @@ class Machine:
         self.used += seconds * cores
 
     def share(self, threads: int = 2, cpus: int = 2) -> CoreShare:
-        return CoreShare(threads, 256, cpus=cpus, meter=lambda: self.used, clock=lambda: self.now)
+        return CoreShare(threads, 256, cpus=cpus, meter=lambda: self.used, clock=lambda: self.now,
+                         runnable=lambda: self.runnable)
+
+    runnable = 2  # what procs_running reads
 
 
 def test_a_busy_neighbour_takes_the_prefill_to_one_thread_and_back():
@@ -54,6 +57,16 @@ def test_a_busy_neighbour_takes_the_prefill_to_one_thread_and_back():
     assert counts == [2, 2, 2, 1, 1, 1, 1, 1, 2, 2]
     assert cs.shared_slices == 5
     m.run(0.01, 2.0)  # a window under 50 ms is not read: the last decision stands
+    assert cs.threads_now() == 2
+    for _ in range(2):
+        m.run(0.1, 1.0)
+        cs.threads_now()
+    assert cs.threads_now() == 1
+    m.run(0.01, 0.0)  # the neighbour stops; too short a window to read
+    assert cs.threads_now() == 1
+    m.runnable = 1  # only the asking thread runs: back at once
+    assert cs.threads_now() == 2
+    m.run(0.2, 0.0)
     assert cs.threads_now() == 2
 
 

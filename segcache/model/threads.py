@@ -12,7 +12,8 @@ use (the machine's busy time in ``/proc/stat`` less this process's own); while t
 the cores torch's threads need busy, the slice runs torch at one thread, and at the
 configured count again once they stop. (A count of runnable threads, ``procs_running``
 less this process's own, was tried first: the two reads race with this process's own
-threads going to sleep, and a quiet machine read as busy in 2 of 10 samples.) A reading
+threads going to sleep, and a quiet machine read as busy in 2 of 10 samples. It serves
+only to see at once that a neighbour has stopped.) A reading
 costs ~15 us against a slice of tens of milliseconds.
 
 Bits: a prefill's KV must not depend on that choice (cached == cold, whatever the load
@@ -61,6 +62,19 @@ def busy_cpu_seconds() -> float | None:
     return (user + nice + system + irq + softirq) / _CLK_TCK
 
 
+def procs_running() -> int | None:
+    """Threads of the whole machine running or runnable now (``/proc/stat``), this one
+    included; None where ``/proc`` does not say."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"procs_running"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def others_cpu_seconds() -> float:
     """CPU seconds the machine's other processes have used (busy time less this
     process's own); only differences mean anything. 0 where ``/proc`` does not say."""
@@ -77,7 +91,12 @@ class CoreShare:
     tick every 10 ms: over 50 ms a quiet machine reads within +-0.16 of a core, one busy
     process beside a two-thread prefill 0.1-1.2, ~0.7 on average, and one beside a
     one-thread prefill ~1.0), at every slice's start and end, and averaged with the last
-    window's. Above ``cpus - threads + 0.3`` cores the next slice runs at one thread.
+    window's. Above ``cpus - threads + 0.3`` cores the next slice runs at one thread. The
+    way back is quicker: a slice that starts at one thread while ``runnable`` (the
+    machine's runnable threads, ``procs_running``) counts only the thread asking runs at
+    the full count again (a busy neighbour is always runnable, so that count never
+    misses one; it may read more than is there, as this process's threads come and go,
+    which only delays the return to the next window).
 
     Only for ``threads`` <= ``MAX_THREADS``: measured on 2 cores; a wider team dropped to
     one thread would give up more than it saves."""
@@ -87,13 +106,14 @@ class CoreShare:
 
     def __init__(self, threads: int, max_rows: int, cpus: int | None = None,
                  meter: Callable[[], float] = others_cpu_seconds, clock: Callable[[], float] = time.monotonic,
-                 window_s: float = 0.05) -> None:
+                 runnable: Callable[[], int | None] = procs_running, window_s: float = 0.05) -> None:
         self.threads = threads
         self.max_rows = max_rows  # prefills of more rows keep ``threads`` (not checked beyond)
         self.cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
-        self.meter, self.clock, self.window_s = meter, clock, window_s
+        self.meter, self.clock, self.runnable, self.window_s = meter, clock, runnable, window_s
         self.busy = 0.0  # other processes' cores in use, recently
         self._t0, self._m0 = clock(), meter()
+        self._shared = False  # the last slice ran at one thread
         self.shared_slices = 0  # slices run at one thread (for logs and tests)
 
     def observe(self) -> None:
@@ -109,7 +129,10 @@ class CoreShare:
     def threads_now(self) -> int:
         """The thread count for the slice about to run."""
         self.observe()
-        if 1 < self.threads <= self.MAX_THREADS and self.busy > self.cpus - self.threads + self.MARGIN:
+        if self._shared and self.runnable() == 1:
+            self.busy = 0.0  # this thread is all that runs: the neighbour has stopped
+        self._shared = 1 < self.threads <= self.MAX_THREADS and self.busy > self.cpus - self.threads + self.MARGIN
+        if self._shared:
             self.shared_slices += 1
             return 1
         return self.threads
