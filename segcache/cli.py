@@ -295,8 +295,10 @@ def _config(args: argparse.Namespace) -> Config:
 def cmd_generate(args: argparse.Namespace) -> int:
     from segcache.engine.engine import Engine
     from segcache.engine.types import ChatRequest, SamplingParams
+    from segcache.model.threads import leave_openmp_to_other_threads
 
     engine = Engine.load(_config(args))
+    leave_openmp_to_other_threads()  # the engine thread runs the model (see cmd_serve)
     print(f"segcache: execution plan: {engine.execution_plan}", file=sys.stderr)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
@@ -328,6 +330,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from segcache.engine.engine import Engine
+    from segcache.model.threads import leave_openmp_to_other_threads
     from segcache.server.app import serve
 
     cfg = _config(args)
@@ -337,6 +340,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ray_app.run(cfg, cpus_per_replica=args.cpus_per_replica)
         return 0
     engine = Engine.load(cfg)
+    # The engine thread runs the model from here on: the main thread's OpenMP team, started
+    # while loading, would make two, and libgomp then throttles every team's waits.
+    leave_openmp_to_other_threads()
     print(f"segcache: execution plan: {engine.execution_plan}", file=sys.stderr)
     publisher = kv_event_publisher(cfg, engine)
     try:

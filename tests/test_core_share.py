@@ -230,3 +230,38 @@ def test_real_model_prefill_has_the_same_bits_at_one_thread(real_model_dir, kern
         torch.set_num_threads(before)
     assert torch.equal(got[0], want[0])
     assert all(torch.equal(a, b) for a, b in zip(got[1], want[1], strict=True))
+
+
+OPENMP_PROBE = """
+import json, os, threading, torch
+from segcache.model.threads import leave_openmp_to_other_threads
+n0 = torch.get_num_threads()
+x = torch.randn(512, 4096)
+(x * x).sum()  # a parallel region: this thread's team exists now
+before = len(os.listdir("/proc/self/task"))
+ok = leave_openmp_to_other_threads()
+after = len(os.listdir("/proc/self/task"))
+here = torch.get_num_threads()
+(x * x).sum()  # on one thread now: no team again
+again = len(os.listdir("/proc/self/task"))
+other = []
+t = threading.Thread(target=lambda: other.append(torch.get_num_threads()))
+t.start()
+t.join()
+print(json.dumps({"n0": n0, "ok": ok, "before": before, "after": after, "again": again,
+                  "here": here, "other": other[0]}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_main_thread_leaves_openmp_to_the_engine_thread():
+    """``segcache serve`` ends the main thread's OpenMP team once the engine is built: the
+    main thread's parallel regions run on one thread from then on, other threads keep the
+    configured count (the engine thread's team is then the only one)."""
+    import json
+
+    out = subprocess.run([sys.executable, "-c", OPENMP_PROBE], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["ok"] and r["here"] == 1 and r["other"] == r["n0"]
+    if r["n0"] > 1:
+        assert r["after"] == r["before"] - (r["n0"] - 1) == r["again"]

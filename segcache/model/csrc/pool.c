@@ -30,6 +30,7 @@
 #define _GNU_SOURCE
 #include <linux/futex.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdatomic.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -96,6 +97,9 @@ static int run_tasks(int worker) {
 
 static void *worker_main(void *arg) {
     const int id = (int)(intptr_t)arg;
+    char name[16];
+    snprintf(name, sizeof name, "segcache-pool%d", id);
+    pthread_setname_np(pthread_self(), name);  /* what top -H, py-spy and /proc show */
     uint32_t seen = atomic_load(&P.seq);
     for (;;) {
         uint64_t spin_end = now_ns() + SPIN_NS;
