@@ -185,6 +185,9 @@ def unstable_gemm_shapes(products: Iterable[tuple[int, int]], max_rows: int, thr
             return frozenset(tuple(s) for s in json.loads(path.read_text())["unstable"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
+    log.info("checking which of %d x %d products of torch's %s GEMM give other bits at 1 and %d "
+             "threads (once per machine and torch version, a few seconds)", len(products), max_rows,
+             str(dtype).removeprefix("torch."), threads)
     g = torch.Generator().manual_seed(0)
     inputs = {k: torch.randn(max_rows, k, generator=g).to(dtype) for k in {k for k, _ in products}}
     weights = {(k, n): (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype) for k, n in products}
