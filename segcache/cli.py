@@ -295,10 +295,9 @@ def _config(args: argparse.Namespace) -> Config:
 def cmd_generate(args: argparse.Namespace) -> int:
     from segcache.engine.engine import Engine
     from segcache.engine.types import ChatRequest, SamplingParams
-    from segcache.model.threads import leave_openmp_to_other_threads
 
     engine = Engine.load(_config(args))
-    leave_openmp_to_other_threads()  # the engine thread runs the model (see cmd_serve)
+    engine.hand_over_threads()  # the engine thread runs the model (see cmd_serve)
     print(f"segcache: execution plan: {engine.execution_plan}", file=sys.stderr)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
@@ -330,7 +329,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from segcache.engine.engine import Engine
-    from segcache.model.threads import leave_openmp_to_other_threads
     from segcache.server.app import serve
 
     cfg = _config(args)
@@ -342,7 +340,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = Engine.load(cfg)
     # The engine thread runs the model from here on: the main thread's OpenMP team, started
     # while loading, would make two, and libgomp then throttles every team's waits.
-    leave_openmp_to_other_threads()
+    engine.hand_over_threads()
     print(f"segcache: execution plan: {engine.execution_plan}", file=sys.stderr)
     publisher = kv_event_publisher(cfg, engine)
     try:

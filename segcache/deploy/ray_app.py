@@ -124,6 +124,8 @@ class EngineReplica:
         rank = _local_rank()
         self.cores = pin_cores(threads, rank)
         self.engine = make_engine()
+        if hasattr(self.engine, "hand_over_threads"):  # the engine thread runs the model
+            self.engine.hand_over_threads()
         self.kv_events = _replica_publisher(deploy_cfg, rank, server_cfg.model_name or self.engine.model_name,
                                             self.engine)
         self.warm = WarmChains(standalone_predicate(self.engine))

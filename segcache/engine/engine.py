@@ -85,6 +85,7 @@ from segcache.kv.registry import SegmentRegistry
 from segcache.kv.segment_tree import SegmentTree
 from segcache.kv.tiers import fingerprint_with
 from segcache.model.runtime import KV_LAYOUT_VERSION, ModelRuntime
+from segcache.model.threads import leave_openmp_to_other_threads
 from segcache.model.tokenizer import ChatTokenizer, TemplateError
 from segcache.model.weights import load_arch, resolve_model
 
@@ -190,6 +191,14 @@ class Engine:
         engine._kv_pool.prepare(engine.context_window)
         engine.tiers.prepare()  # and read buffers for the first loads from disk or Redis
         return engine
+
+    def hand_over_threads(self) -> bool:
+        """Call on the thread that built this engine when it will not run the model itself
+        (a server's main thread): it ends its team of OpenMP threads and runs its own parallel
+        regions on one thread from then on, so that the engine thread's team is the only one
+        (two teams on few cores make libgomp throttle both:
+        ``model.threads.leave_openmp_to_other_threads``). Returns whether it could."""
+        return leave_openmp_to_other_threads()
 
     def namespace(self, tenant: str) -> str:
         """The root of the tenant's cache: its id, the model fingerprint and how many

@@ -248,8 +248,8 @@ def _openmp_runtime():
 def leave_openmp_to_other_threads() -> bool:
     """The calling thread ends its team of OpenMP threads and runs its own parallel regions
     on one thread from now on (its ``omp_set_num_threads``; other threads keep theirs).
-    Returns whether the OpenMP runtime did. ``segcache serve`` calls it on the main thread
-    once the engine is built.
+    Returns whether the OpenMP runtime did. ``Engine.hand_over_threads`` calls it on the
+    thread that built the engine (``segcache serve`` and ``generate``, Ray replicas).
 
     Why: the main thread starts a team while it loads the model, and the engine thread,
     which runs the model from then on, starts its own. libgomp counts the threads of every
