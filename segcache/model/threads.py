@@ -13,8 +13,8 @@ the cores torch's threads need busy, the slice runs torch at one thread, and at 
 configured count again once they stop. (A count of runnable threads, ``procs_running``
 less this process's own, was tried first: the two reads race with this process's own
 threads going to sleep, and a quiet machine read as busy in 2 of 10 samples. It serves
-only to see at once that a neighbour has stopped.) A reading
-costs ~15 us against a slice of tens of milliseconds.
+only to see at once that a neighbour has stopped.) A reading costs ~15 us against a slice
+of tens of milliseconds.
 
 Bits: a prefill's KV must not depend on that choice (cached == cold, whatever the load
 was when each was computed). torch's elementwise ops, norms and flash attention compute
@@ -24,6 +24,10 @@ down projection of a full 256-token chunk, and many products of more rows).
 ``unstable_gemm_shapes`` finds them, for the model's projections and every row count the
 slices can have, by computing each at both thread counts (once per machine: the result is
 kept in the cache directory), and ``LlamaModel`` computes those as two row halves instead.
+
+One team: ``leave_openmp_to_other_threads`` lets the thread that loaded the model give up
+its OpenMP threads to the engine thread that runs it (two teams on two cores make libgomp
+throttle both).
 """
 
 from __future__ import annotations
