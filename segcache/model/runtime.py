@@ -80,7 +80,6 @@ class ModelRuntime:
         # torch-dense: SDPA throughout. [vocab/hidden/...] shapes as in llama.Weights.
         self._dense_model = LlamaModel(arch, device, split_products=split_products)
         self.core_share = core_share
-        self.split_products = split_products
         dense_w = Weights.from_state_dict(arch, state_dict, plan.prefill_dtype, device)
         self._dense_w: Weights | None = dense_w
         self._block_w: Weights | None = None
@@ -144,6 +143,11 @@ class ModelRuntime:
     @property
     def kv_dtype(self) -> torch.dtype:
         return self.plan.kv_dtype
+
+    @property
+    def split_products(self) -> frozenset[tuple[int, int, int]]:
+        """The (M, K, N) products the torch-dense prefill computes as two row halves."""
+        return self._dense_model.split_products
 
     @property
     def independent_rows(self) -> int:
