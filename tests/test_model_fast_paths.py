@@ -455,3 +455,62 @@ def test_real_model_auto_greedy_equals_float32(tmp_path, real_model_dir, kernels
                 logits = rt.decode(tok, torch.tensor([t]), kv, t)
         outs.append(tokens)
     assert outs[1:] == [outs[0]] * 3
+
+
+@pytest.mark.parametrize("batch", [1, 12])
+def test_fused_decode_step_on_the_pool_gives_the_bits_of_one_thread(sd, kernels, batch):
+    """The C step is a program of stages whose tasks the pool's threads claim, may compute
+    twice, and commit once (csrc/pool.c); run so on two threads it gives the bits of the
+    same program run task by task on the calling thread (``seg_pool_serial``), logits and
+    K/V, over several steps. 12 sequences take the GEMM for every product."""
+    fast = ModelRuntime(ARCH, sd, auto_plan(), source_digest="tiny", kernels=kernels)
+    lengths = [5 + 3 * b for b in range(batch)]
+    ids = prompt(64)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        torch.set_num_threads(2)
+        for serial in (False, True):
+            kernels.lib.seg_pool_serial(int(serial))
+            kvs, pos, tokens, logits = [fast.new_kv(64) for _ in lengths], list(lengths), [], []
+            with torch.inference_mode():
+                for n, kv in zip(lengths, kvs, strict=True):
+                    fast.prefill(ids[:n], torch.arange(n), kv, 0)
+                tokens = [int(ids[n]) for n in lengths]
+                for _ in range(4):
+                    out = (fast.decode(torch.tensor(tokens), torch.tensor(pos), kvs[0], pos[0]) if batch == 1
+                           else fast.decode_batch(tokens, pos, kvs))
+                    logits.append(out)
+                    tokens = [int(t) for t in out.argmax(-1)]
+                    pos = [p + 1 for p in pos]
+            runs.append((logits, kvs))
+    finally:
+        kernels.lib.seg_pool_serial(0)
+        torch.set_num_threads(threads)
+    (pooled, kv_pooled), (serial_logits, kv_serial) = runs
+    assert all(torch.equal(a, b) for a, b in zip(pooled, serial_logits, strict=True))
+    for n, a, b in zip(lengths, kv_pooled, kv_serial, strict=True):
+        assert torch.equal(a[:, :, :, :n + 4], b[:, :, :, :n + 4])  # the slots written
+
+
+def test_a_task_a_stalled_pool_thread_holds_is_redone_and_later_stages_go_on(kernels):
+    """A pool thread the OS parks while it holds a task (here: a task that sleeps 300 ms
+    the first time a pool thread runs it) stalls nothing but the program's return: the
+    calling thread computes that task again, every later stage finishes before the stalled
+    thread wakes, each task is committed exactly once with the right value, and the call
+    returns only once the stalled thread has left the task (``seg_pool_check``)."""
+    threads = torch.get_num_threads()
+    before = kernels.pool_stats()
+    try:
+        torch.set_num_threads(2)
+        for _ in range(5):  # 3: no pool thread took a task in time (nothing was checked)
+            result = kernels.lib.seg_pool_check(300, 2)
+            if result != 3:
+                break
+    finally:
+        torch.set_num_threads(threads)
+    assert result == 0, {1: "a value is wrong", 2: "a task was committed other than once",
+                         3: "no pool thread ever took a task", 4: "a later stage waited for the stalled thread",
+                         5: "the call returned while the stalled thread was inside a task"}[result]
+    after = kernels.pool_stats()
+    assert after["redone"] > before["redone"] and after["final_waits"] > before["final_waits"]

@@ -37,7 +37,7 @@ from segcache.model.quant import BlockLinear
 log = logging.getLogger("segcache.kernels")
 
 CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("pool.c", "matmul.c", "attention.c", "layers.c")
+_SOURCES = ("pool.c", "pool_check.c", "matmul.c", "attention.c", "layers.c")
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-pthread")
 MAX_GROUP = 8  # SEG_MAX_GROUP in segkernels.h: query heads per KV head the attention takes
 
@@ -182,6 +182,15 @@ class BlockKernels:
                         torch.float16: (lib.attend_decode_f16, "uint16_t *")}
         self._attend_prefill = {torch.float32: (lib.attend_prefill_f32, "float *"),
                                 torch.float16: (lib.attend_prefill_f16, "uint16_t *")}
+
+    def pool_stats(self) -> dict[str, int]:
+        """The worker pool's counts since the process started (``seg_pool_stats``):
+        programs, tasks redone by a thread that had not claimed them, programs whose caller
+        waited at the end for a thread still inside a task, and sleeps of a waiting thread."""
+        out = self.ffi.new("uint64_t[6]")
+        self.lib.seg_pool_stats(out)
+        return dict(zip(("programs", "redone", "final_waits", "sleeps", "final_wait_ns", "moves"),
+                        map(int, out), strict=True))
 
     def ptr(self, ctype: str, t: torch.Tensor | None):
         """A C pointer to ``t``'s data (NULL for None); ``t`` must outlive its use."""

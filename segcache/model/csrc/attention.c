@@ -7,18 +7,16 @@ typedef struct { const float *pm; int nchunk, R, D, rows; float *out; } Merge;
 
 #define MERGE_ROWS 32  /* rows per task: one row is too little work to claim on its own */
 
-/* Row hr = (KV head h, row r): the log-sum-exp merge of its chunks' states. */
-static void merge_row(const Merge *a, int hr) {
-    const int R = a->R, D = a->D, W = D + 2, h = hr / R, r = hr % R;
+void merge_row(const float *pm, int nchunk, int R, int D, int hr, float *o) {
+    const int W = D + 2, h = hr / R, r = hr % R;
     float mx = -INFINITY, l = 0.f;
-    for (int c = 0; c < a->nchunk; c++) {
-        const float m = a->pm[((size_t)(h * a->nchunk + c) * R + r) * W];
+    for (int c = 0; c < nchunk; c++) {
+        const float m = pm[((size_t)(h * nchunk + c) * R + r) * W];
         mx = m > mx ? m : mx;
     }
-    float *o = a->out + ((size_t)h * R + r) * D;
     for (int d = 0; d < D; d++) o[d] = 0.f;
-    for (int c = 0; c < a->nchunk; c++) {
-        const float *st = a->pm + ((size_t)(h * a->nchunk + c) * R + r) * W;
+    for (int c = 0; c < nchunk; c++) {
+        const float *st = pm + ((size_t)(h * nchunk + c) * R + r) * W;
         if (st[0] == -INFINITY) continue;
         const float w = expf(st[0] - mx);
         l += w * st[1];
@@ -31,7 +29,7 @@ static void merge_task(void *ctx, int task, int worker) {
     (void)worker;
     const Merge *a = ctx;
     const int end = (task + 1) * MERGE_ROWS < a->rows ? (task + 1) * MERGE_ROWS : a->rows;
-    for (int hr = task * MERGE_ROWS; hr < end; hr++) merge_row(a, hr);
+    for (int hr = task * MERGE_ROWS; hr < end; hr++) merge_row(a->pm, a->nchunk, a->R, a->D, hr, a->out + (size_t)hr * a->D);
 }
 
 void merge_states(const float *pm, int Hkv, int nchunk, int R, int D, float *out, int nthreads) {

@@ -11,23 +11,16 @@ typedef struct {
     float scale; float *pm;
 } KV_NAME(DecodeAttn);
 
-/* Task t = (KV head h, slot chunk c): the partial softmax state of the G query heads of h
-   over slots s0..s1-1, written to pm[t] as [G][D+2] (max, sum, output). */
-static void KV_NAME(decode_attn_task)(void *ctx, int t, int worker) {
-    (void)worker;
-    const KV_NAME(DecodeAttn) *a = ctx;
-    const int G = a->G, D = a->D, nv = D / 8;
-    const int h = t / a->nchunk, c = t % a->nchunk;
-    const int s0 = c * a->chunk, s1 = s0 + a->chunk < a->S ? s0 + a->chunk : a->S;
-    float *part = a->pm + (size_t)t * G * (D + 2);
-    if (s1 <= s0) { for (int g = 0; g < G; g++) part[g * (D + 2)] = -INFINITY; return; }
-    const KV_T *kh = a->k + (size_t)h * a->hstride, *vh = a->v + (size_t)h * a->hstride;
-    float *sc = (float *)malloc(sizeof(float) * (size_t)G * (s1 - s0));
+/* The partial softmax state of G query heads q [G, D] over slots s0..s1-1 (s1 > s0) of one
+   KV head's rows kh, vh [S, D]: part [G][D+2] = (max, sum, output). sc: G * (s1 - s0)
+   floats of scratch. */
+void KV_NAME(decode_part)(const float *q, const KV_T *kh, const KV_T *vh, int G, int s0, int s1, int D,
+                          float scale, float *part, float *sc) {
+    const int nv = D / 8;
     __m256 qv[MAXM][32];
     for (int g = 0; g < G; g++)
         for (int j = 0; j < nv; j++)
-            qv[g][j] = _mm256_mul_ps(_mm256_loadu_ps(a->q + (size_t)(h * G + g) * D + j * 8),
-                                     _mm256_set1_ps(a->scale));
+            qv[g][j] = _mm256_mul_ps(_mm256_loadu_ps(q + (size_t)g * D + j * 8), _mm256_set1_ps(scale));
     for (int s = s0; s < s1; s++) {
         const KV_T *kr = kh + (size_t)s * D;
         __m256 acc[MAXM];
@@ -57,6 +50,21 @@ static void KV_NAME(decode_attn_task)(void *ctx, int t, int worker) {
     }
     for (int g = 0; g < G; g++)
         for (int j = 0; j < nv; j++) _mm256_storeu_ps(part + g * (D + 2) + 2 + j * 8, o[g][j]);
+}
+
+/* Task t = (KV head h, slot chunk c): decode_part of the G query heads of h, written to
+   pm[t] as [G][D+2]. */
+static void KV_NAME(decode_attn_task)(void *ctx, int t, int worker) {
+    (void)worker;
+    const KV_NAME(DecodeAttn) *a = ctx;
+    const int G = a->G, D = a->D;
+    const int h = t / a->nchunk, c = t % a->nchunk;
+    const int s0 = c * a->chunk, s1 = s0 + a->chunk < a->S ? s0 + a->chunk : a->S;
+    float *part = a->pm + (size_t)t * G * (D + 2);
+    if (s1 <= s0) { for (int g = 0; g < G; g++) part[g * (D + 2)] = -INFINITY; return; }
+    float *sc = (float *)malloc(sizeof(float) * (size_t)G * (s1 - s0));
+    KV_NAME(decode_part)(a->q + (size_t)h * G * D, a->k + (size_t)h * a->hstride, a->v + (size_t)h * a->hstride,
+                         G, s0, s1, D, a->scale, part, sc);
     free(sc);
 }
 

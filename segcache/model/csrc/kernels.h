@@ -70,14 +70,55 @@ static inline __m256 exp8(__m256 x) {
    claimed a task. Calls from a second thread while a job runs run inline (worker 0). */
 typedef void (*seg_task_fn)(void *ctx, int task, int worker);
 void seg_parallel_for(int ntasks, int nthreads, seg_task_fn fn, void *ctx);
+
+/* A stage of a program (seg_run_stages): ntasks tasks, either redoable, run(ctx, task, out)
+   computing the task's result into `out` (the running thread's scratch, `scratch` floats)
+   and commit(ctx, task, out) writing it where it belongs, once per task whichever thread
+   computed it; or plain, fn(ctx, task, worker), run exactly once. A redoable task may read
+   what earlier stages committed and may update only its own region, through commit; its run
+   may be cut short or repeated by another thread, so it writes nothing but `out`. */
+typedef void (*seg_run_fn)(const void *ctx, int task, float *out);
+typedef void (*seg_commit_fn)(const void *ctx, int task, const float *out);
+typedef struct {
+    int ntasks;
+    seg_run_fn run;
+    seg_commit_fn commit;
+    seg_task_fn fn;  /* a plain stage (run and commit NULL) */
+    void *ctx;
+} SegStage;
+
+/* Run the stages in order on up to nthreads threads; whichever running thread finishes a
+   stage starts the next, and a redoable task a parked thread holds is computed again by a
+   running one. Returns when every stage is done and no pool thread is inside a task, so
+   the stages, their contexts and buffers may be freed then. */
+void seg_run_stages(const SegStage *stages, int nstages, size_t scratch, int nthreads);
+/* The pool thread's id (1 ..) in a pool thread, 0 in any other thread. */
+int seg_pool_worker_id(void);
 #define SEG_POOL_MAX 64  /* threads a job may use, caller included */
 
 /* matmul.c: c[i][0..15] = sum over k = 0..K-1 in order of a[i][k] * b[k][0..15] for all M
    rows of a, MR at a time: each output is one FMA chain in k order. */
 void rows16(const float *a, int lda, int M, const float *b, int ldb, int K, float *c, int ldc);
 
+/* matmul.c: outputs n0 .. n1-1 of y = x[M, K] @ w^T into out[i*ldo + (n - n0)], bit for bit
+   what q4_1_matmul / q8_0_matmul put in y[i][n] with the same gemm_rows. n0 % 16 == 0; the
+   GEMM (M > gemm_rows, w->n % 16 == 0) also needs n1 % 16 == 0 or n1 == w->n, and `panel`:
+   K * 16 floats, 32-byte aligned. */
+void mat_rows(const Mat *w, const float *x, int M, int n0, int n1, int gemm_rows, float *panel, float *out,
+              int ldo);
+
 /* attention.c: merge partial softmax states pm[((h*nchunk + c)*R + r)*(D+2)] = (max, sum,
    output[D]) of row r of KV head h over slot chunk c into out[(h*R + r)*D]. */
 void merge_states(const float *pm, int Hkv, int nchunk, int R, int D, float *out, int nthreads);
+/* attention.c: one row hr = h*R + r of merge_states into o [D]. */
+void merge_row(const float *pm, int nchunk, int R, int D, int hr, float *o);
+
+/* attention.c: the partial softmax state of G query heads q [G, D] over slots s0..s1-1 (s1 >
+   s0) of one KV head's K/V rows [S, D]: part [G][D+2] = (max, sum, output); sc: G * (s1 - s0)
+   floats of scratch. What attend_decode computes per (head, slot chunk). */
+void decode_part_f32(const float *q, const float *kh, const float *vh, int G, int s0, int s1, int D,
+                     float scale, float *part, float *sc);
+void decode_part_f16(const float *q, const uint16_t *kh, const uint16_t *vh, int G, int s0, int s1, int D,
+                     float scale, float *part, float *sc);
 
 #endif

@@ -9,10 +9,6 @@ static void mat_mul_rows(const Mat *w, const float *x, int M, float *y, int gemm
     else q8_0_matmul(x, M, w->k, (const int8_t *)w->qs, w->d, y, w->n, gemm_rows, nt);
 }
 
-static void mat_mul(const Mat *w, const float *x, int M, float *y, int nt) {
-    mat_mul_rows(w, x, M, y, SEG_DECODE_GEMM_ROWS, nt);
-}
-
 static void rms_norm_row(const float *x, const float *w, int n, float eps, float *y) {
     float ss = 0.f;
     for (int i = 0; i < n; i++) ss += x[i] * x[i];
@@ -95,48 +91,231 @@ static void silu_mul(const float *gu, float *act, int B, int I, int nt) {
     seg_parallel_for((B * (I / 8) + SILU_VECS - 1) / SILU_VECS, nt, silu_task, &a);
 }
 
+/* The decode step is a program of stages (pool.c), nine a layer: attention norm (with the
+   previous layer's residual), QKV product, RoPE and the K/V store, attention per (sequence,
+   KV head, slot chunk), the merge of those chunks, output product, MLP norm with the
+   residual, gate/up product with SiLU, down product; then the final norm and the LM head.
+   Every task computes into its thread's scratch and commits once, so a task held by a
+   parked thread is redone by a running one; a norm or RoPE task updates only its own rows.
+   The arithmetic of every output is what the same kernels compute one call at a time. */
+typedef struct {
+    const Net *net; int B, nt;
+    const int64_t *pos, *slots, *kv_strides; void *const *kv;
+    float *x, *h, *qkv, *pm, *att, *act, *logits;
+    const int *attn_first;  /* [B+1]: sequence b's attention tasks are attn_first[b] .. [b+1]-1 */
+    const int *nchunk, *chunk;  /* [B]: slot chunks per KV head, slots per chunk */
+} Step;
+
+typedef struct {
+    const Step *s; int l;
+    const Mat *w; const float *in; float *y; int rows;  /* a product: outputs per task */
+    const float *norm; int add;                         /* a norm: weights; residual first */
+} StageArgs;
+
+/* Outputs per product task: about 64 tasks at most, a multiple of 16 (the GEMM's panel). */
+static int product_rows(int N) { return 16 * ((N + 16 * 64 - 1) / (16 * 64)); }
+
+/* Row b: out = [x_b (+ h_b) | rms_norm(that) * w]. */
+static void norm_run(const void *ctx, int b, float *out) {
+    const StageArgs *a = ctx;
+    const int H = a->s->net->hidden;
+    const float *xb = a->s->x + (size_t)b * H, *hb = a->s->h + (size_t)b * H;
+    if (a->add) for (int i = 0; i < H; i++) out[i] = xb[i] + hb[i];
+    else memcpy(out, xb, sizeof(float) * H);
+    rms_norm_row(out, a->norm, H, a->s->net->eps, out + H);
+}
+
+static void norm_commit(const void *ctx, int b, const float *out) {
+    const StageArgs *a = ctx;
+    const int H = a->s->net->hidden;
+    if (a->add) memcpy(a->s->x + (size_t)b * H, out, sizeof(float) * H);
+    memcpy(a->s->h + (size_t)b * H, out + H, sizeof(float) * H);
+}
+
+/* Outputs n0 .. n0+rows-1 of y = in @ w^T for every row: out [B, rows], then the panel. */
+static void product_run(const void *ctx, int task, float *out) {
+    const StageArgs *a = ctx;
+    const int B = a->s->B, n0 = task * a->rows, n1 = n0 + a->rows < a->w->n ? n0 + a->rows : a->w->n;
+    mat_rows(a->w, a->in, B, n0, n1, SEG_DECODE_GEMM_ROWS, out + (size_t)B * a->rows, out, a->rows);
+}
+
+static void product_commit(const void *ctx, int task, const float *out) {
+    const StageArgs *a = ctx;
+    const int N = a->w->n, n0 = task * a->rows, n1 = n0 + a->rows < N ? n0 + a->rows : N;
+    for (int i = 0; i < a->s->B; i++)
+        memcpy(a->y + (size_t)i * N + n0, out + (size_t)i * a->rows, sizeof(float) * (n1 - n0));
+}
+
+/* act[:, n0 .. n0+rows-1] = silu(gate) * up, from gate rows n0.. and up rows I+n0.. of the
+   fused product: out [B, rows], gate [B, rows], up [B, rows], then the panel. */
+static void gate_up_run(const void *ctx, int task, float *out) {
+    const StageArgs *a = ctx;
+    const int B = a->s->B, I = a->w->n / 2, R = a->rows;
+    const int n0 = task * R, n1 = n0 + R < I ? n0 + R : I;
+    float *g = out + (size_t)B * R, *u = g + (size_t)B * R, *panel = u + (size_t)B * R;
+    mat_rows(a->w, a->in, B, n0, n1, SEG_DECODE_GEMM_ROWS, panel, g, R);
+    mat_rows(a->w, a->in, B, I + n0, I + n1, SEG_DECODE_GEMM_ROWS, panel, u, R);
+    for (int i = 0; i < B; i++)
+        for (int j = 0; j < n1 - n0; j += 8) {  /* silu_task's arithmetic */
+            const __m256 gv = _mm256_loadu_ps(g + (size_t)i * R + j), uv = _mm256_loadu_ps(u + (size_t)i * R + j);
+            const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
+            _mm256_storeu_ps(out + (size_t)i * R + j, _mm256_mul_ps(_mm256_div_ps(gv, den), uv));
+        }
+}
+
+static void gate_up_commit(const void *ctx, int task, const float *out) {
+    const StageArgs *a = ctx;
+    const int I = a->w->n / 2, n0 = task * a->rows, n1 = n0 + a->rows < I ? n0 + a->rows : I;
+    for (int i = 0; i < a->s->B; i++)
+        memcpy(a->y + (size_t)i * I + n0, out + (size_t)i * a->rows, sizeof(float) * (n1 - n0));
+}
+
+/* Sequence b's qkv row with the bias added and RoPE applied (out [q+2kv]). */
+static void rope_run(const void *ctx, int b, float *out) {
+    const StageArgs *a = ctx;
+    const Net *net = a->s->net;
+    const Layer *L = net->layers + a->l;
+    const int D = net->head_dim, nqkv = (net->n_heads + 2 * net->n_kv) * D;
+    memcpy(out, a->s->qkv + (size_t)b * nqkv, sizeof(float) * nqkv);
+    if (L->qkv_bias) for (int i = 0; i < nqkv; i++) out[i] += L->qkv_bias[i];
+    const int64_t p = a->s->pos[b];
+    rope_row(out, net->n_heads + net->n_kv, D, net->cos + (size_t)p * D, net->sin + (size_t)p * D);
+}
+
+static void rope_commit(const void *ctx, int b, const float *out) {
+    const StageArgs *a = ctx;
+    const Step *s = a->s;
+    const Net *net = s->net;
+    const int nqkv = (net->n_heads + 2 * net->n_kv) * net->head_dim;
+    memcpy(s->qkv + (size_t)b * nqkv, out, sizeof(float) * nqkv);
+    const int64_t *st = s->kv_strides + 3 * b;
+    const size_t kofs = (size_t)(a->l * st[0]), vofs = kofs + (size_t)st[1];
+    store_kv(net, out, s->kv[b], st, kofs, vofs, s->slots[b]);
+}
+
+/* Task t: (sequence b, KV head, slot chunk) -> the G query heads' partial state [G][D+2],
+   then G * chunk floats of scores. */
+static void attn_run(const void *ctx, int t, float *out) {
+    const StageArgs *a = ctx;
+    const Step *s = a->s;
+    const Net *net = s->net;
+    const int D = net->head_dim, Hq = net->n_heads, Hkv = net->n_kv, G = Hq / Hkv;
+    const int nqkv = (Hq + 2 * Hkv) * D;
+    int b = 0;
+    while (t >= s->attn_first[b + 1]) b++;
+    const int local = t - s->attn_first[b], h = local / s->nchunk[b], c = local % s->nchunk[b];
+    const int S = (int)s->slots[b] + 1, s0 = c * s->chunk[b], s1 = s0 + s->chunk[b] < S ? s0 + s->chunk[b] : S;
+    if (s1 <= s0) { for (int g = 0; g < G; g++) out[g * (D + 2)] = -INFINITY; return; }
+    const int64_t *st = s->kv_strides + 3 * b;
+    const size_t kofs = (size_t)(a->l * st[0]) + (size_t)h * st[2], vofs = kofs + (size_t)st[1];
+    const float *q = s->qkv + (size_t)b * nqkv + (size_t)h * G * D;
+    float *sc = out + (size_t)G * (D + 2);
+    if (net->kv_f16)
+        decode_part_f16(q, (const uint16_t *)s->kv[b] + kofs, (const uint16_t *)s->kv[b] + vofs, G, s0, s1, D,
+                        net->scale, out, sc);
+    else
+        decode_part_f32(q, (const float *)s->kv[b] + kofs, (const float *)s->kv[b] + vofs, G, s0, s1, D,
+                        net->scale, out, sc);
+}
+
+static void attn_commit(const void *ctx, int t, const float *out) {
+    const StageArgs *a = ctx;
+    const Net *net = a->s->net;
+    const int G = net->n_heads / net->n_kv, W = G * (net->head_dim + 2);
+    memcpy(a->s->pm + (size_t)t * W, out, sizeof(float) * W);
+}
+
+/* Sequence b's attention output [Hq, D]: its chunks' states merged. */
+static void merge_run(const void *ctx, int b, float *out) {
+    const StageArgs *a = ctx;
+    const Step *s = a->s;
+    const Net *net = s->net;
+    const int D = net->head_dim, G = net->n_heads / net->n_kv;
+    const float *pm = s->pm + (size_t)s->attn_first[b] * G * (D + 2);
+    for (int hr = 0; hr < net->n_heads; hr++) merge_row(pm, s->nchunk[b], G, D, hr, out + (size_t)hr * D);
+}
+
+static void merge_commit(const void *ctx, int b, const float *out) {
+    const StageArgs *a = ctx;
+    const int qd = a->s->net->n_heads * a->s->net->head_dim;
+    memcpy(a->s->att + (size_t)b * qd, out, sizeof(float) * qd);
+}
+
 /* kv[b]: that sequence's buffer; kv_strides[b] its (layer, K/V, head) strides in elements;
    slots[b] where the new token's K/V go (it attends to slots 0..slots[b]); pos[b] its RoPE
    position. logits: [B, vocab]. */
 void decode_step(const Net *net, int B, const int64_t *tokens, const int64_t *pos, const int64_t *slots,
                  void *const *kv, const int64_t *kv_strides, float *logits, int nt) {
-    const int H = net->hidden, D = net->head_dim, Hq = net->n_heads, Hkv = net->n_kv;
-    const int qd = Hq * D, kvd = Hkv * D, nqkv = qd + 2 * kvd, I = net->inter;
-    float *buf = (float *)malloc(sizeof(float) * (size_t)B * (2 * H + nqkv + qd + 3 * I));
-    float *x = buf, *h = x + (size_t)B * H, *qkv = h + (size_t)B * H;   /* [B,H] [B,H] [B,nqkv] */
-    float *att = qkv + (size_t)B * nqkv, *gu = att + (size_t)B * qd;    /* [B,qd] [B,2I] */
-    float *act = gu + (size_t)B * 2 * I;                                /* [B,I] */
+    const int H = net->hidden, D = net->head_dim, Hq = net->n_heads, Hkv = net->n_kv, G = Hq / Hkv;
+    const int qd = Hq * D, nqkv = qd + 2 * Hkv * D, I = net->inter, L = net->n_layers;
+    int *ints = (int *)malloc(sizeof(int) * (size_t)(3 * B + 1));
+    int *first = ints, *nchunk = first + B + 1, *chunk = nchunk + B;
+    size_t attn_scratch = 0;
+    first[0] = 0;
+    for (int b = 0; b < B; b++) {
+        const int S = (int)slots[b] + 1;
+        nchunk[b] = nt * 4 < S ? nt * 4 : S;  /* attend_decode's split */
+        chunk[b] = (S + nchunk[b] - 1) / nchunk[b];
+        first[b + 1] = first[b] + Hkv * nchunk[b];
+        const size_t need = (size_t)G * (D + 2) + (size_t)G * chunk[b];
+        if (need > attn_scratch) attn_scratch = need;
+    }
+    const size_t pm_floats = (size_t)first[B] * G * (D + 2);
+    float *buf = (float *)malloc(sizeof(float) * ((size_t)B * (2 * H + nqkv + qd + I) + pm_floats));
+    float *x = buf, *h = x + (size_t)B * H, *qkv = h + (size_t)B * H;  /* [B,H] [B,H] [B,nqkv] */
+    float *att = qkv + (size_t)B * nqkv, *act = att + (size_t)B * qd;    /* [B,qd] [B,I] */
+    float *pm = act + (size_t)B * I;                                    /* partial states */
     for (int b = 0; b < B; b++)
         memcpy(x + (size_t)b * H, net->embed + (size_t)tokens[b] * H, sizeof(float) * H);
-    for (int l = 0; l < net->n_layers; l++) {
-        const Layer *L = net->layers + l;
-        for (int b = 0; b < B; b++) rms_norm_row(x + (size_t)b * H, L->attn_norm, H, net->eps, h + (size_t)b * H);
-        mat_mul(&L->qkv, h, B, qkv, nt);
-        for (int b = 0; b < B; b++) {
-            float *r = qkv + (size_t)b * nqkv;
-            if (L->qkv_bias) for (int i = 0; i < nqkv; i++) r[i] += L->qkv_bias[i];
-            rope_row(r, Hq + Hkv, D, net->cos + (size_t)pos[b] * D, net->sin + (size_t)pos[b] * D);
-            const int64_t *st = kv_strides + 3 * b;
-            const size_t kofs = (size_t)(l * st[0]), vofs = kofs + (size_t)st[1];
-            store_kv(net, r, kv[b], st, kofs, vofs, slots[b]);
-            if (net->kv_f16)
-                attend_decode_f16(r, (const uint16_t *)kv[b] + kofs, (const uint16_t *)kv[b] + vofs, (long)st[2],
-                                  Hkv, Hq / Hkv, (int)slots[b] + 1, D, net->scale, att + (size_t)b * qd, nt);
-            else
-                attend_decode_f32(r, (const float *)kv[b] + kofs, (const float *)kv[b] + vofs, (long)st[2],
-                                  Hkv, Hq / Hkv, (int)slots[b] + 1, D, net->scale, att + (size_t)b * qd, nt);
-        }
-        mat_mul(&L->o, att, B, h, nt);
-        for (size_t i = 0; i < (size_t)B * H; i++) x[i] += h[i];
-        for (int b = 0; b < B; b++) rms_norm_row(x + (size_t)b * H, L->mlp_norm, H, net->eps, h + (size_t)b * H);
-        mat_mul(&L->gate_up, h, B, gu, nt);
-        silu_mul(gu, act, B, I, nt);
-        mat_mul(&L->down, act, B, h, nt);
-        for (size_t i = 0; i < (size_t)B * H; i++) x[i] += h[i];
+    const Step step = {net, B, nt, pos, slots, kv_strides, kv, x, h, qkv, pm, att, act, logits, first, nchunk, chunk};
+
+    const int nstages = 9 * L + 2;
+    SegStage *stages = (SegStage *)calloc((size_t)nstages, sizeof(SegStage));
+    StageArgs *args = (StageArgs *)calloc((size_t)nstages, sizeof(StageArgs));
+    size_t scratch = attn_scratch;
+    int n = 0;
+#define STAGE(tasks, RUN, COMMIT) \
+    (stages[n] = (SegStage){.ntasks = (tasks), .run = RUN, .commit = COMMIT, .ctx = &args[n]}, &args[n++])
+#define NEED(floats) do { if ((size_t)(floats) > scratch) scratch = (size_t)(floats); } while (0)
+    NEED(2 * H);
+    NEED(nqkv);
+    NEED(qd);
+    StageArgs *a;
+    const Mat *mats[4];
+    for (int l = 0; l < L; l++) {
+        const Layer *Ly = net->layers + l;
+        mats[0] = &Ly->qkv; mats[1] = &Ly->o; mats[2] = &Ly->gate_up; mats[3] = &Ly->down;
+        a = STAGE(B, norm_run, norm_commit); *a = (StageArgs){.s = &step, .l = l, .norm = Ly->attn_norm, .add = l > 0};
+        a = STAGE(0, product_run, product_commit);
+        *a = (StageArgs){.s = &step, .l = l, .w = mats[0], .in = h, .y = qkv, .rows = product_rows(mats[0]->n)};
+        a = STAGE(B, rope_run, rope_commit); *a = (StageArgs){.s = &step, .l = l};
+        a = STAGE(first[B], attn_run, attn_commit); *a = (StageArgs){.s = &step, .l = l};
+        a = STAGE(B, merge_run, merge_commit); *a = (StageArgs){.s = &step, .l = l};
+        a = STAGE(0, product_run, product_commit);
+        *a = (StageArgs){.s = &step, .l = l, .w = mats[1], .in = att, .y = h, .rows = product_rows(mats[1]->n)};
+        a = STAGE(B, norm_run, norm_commit); *a = (StageArgs){.s = &step, .l = l, .norm = Ly->mlp_norm, .add = 1};
+        a = STAGE(0, gate_up_run, gate_up_commit);
+        *a = (StageArgs){.s = &step, .l = l, .w = mats[2], .in = h, .y = act, .rows = product_rows(I)};
+        a = STAGE(0, product_run, product_commit);
+        *a = (StageArgs){.s = &step, .l = l, .w = mats[3], .in = act, .y = h, .rows = product_rows(mats[3]->n)};
     }
-    for (int b = 0; b < B; b++) rms_norm_row(x + (size_t)b * H, net->norm, H, net->eps, h + (size_t)b * H);
-    mat_mul(&net->head, h, B, logits, nt);
+    a = STAGE(B, norm_run, norm_commit); *a = (StageArgs){.s = &step, .l = L, .norm = net->norm, .add = 1};
+    a = STAGE(0, product_run, product_commit);
+    *a = (StageArgs){.s = &step, .l = L, .w = &net->head, .in = h, .y = logits, .rows = product_rows(net->head.n)};
+    for (int k = 0; k < n; k++) {  /* products: task counts and scratch */
+        a = &args[k];
+        if (!a->w) continue;
+        const int outs = stages[k].run == gate_up_run ? a->w->n / 2 : a->w->n;
+        stages[k].ntasks = (outs + a->rows - 1) / a->rows;
+        NEED((size_t)B * a->rows * (stages[k].run == gate_up_run ? 3 : 1) + (size_t)a->w->k * 16);
+    }
+#undef STAGE
+#undef NEED
+    seg_run_stages(stages, n, scratch, nt);
+    free(stages);
+    free(args);
     free(buf);
+    free(ints);
 }
 
 typedef struct {

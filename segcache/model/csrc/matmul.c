@@ -198,6 +198,43 @@ static void block_product(Product *p, int gemm_rows, int nthreads) {
     }
 }
 
+void mat_rows(const Mat *w, const float *x, int M, int n0, int n1, int gemm_rows, float *panel, float *out,
+              int ldo) {
+    const int K = w->k, N = w->n, nb = K / 32;
+    const uint8_t *q4 = w->kind == 0 ? (const uint8_t *)w->qs : NULL;
+    const int8_t *q8 = w->kind == 0 ? NULL : (const int8_t *)w->qs;
+    const float *m = w->kind == 0 ? w->m : NULL;
+    if (M > gemm_rows && N % NP == 0) {  /* block_product's GEMM, panel by panel */
+        for (int n = n0; n < n1; n += NP) {
+            const int p = n / NP;
+            if (q4 && w->pq) dequant_panel_packed(K, w->pq + (size_t)p * K * 8, w->pd + (size_t)p * nb * NP,
+                                                  w->pm + (size_t)p * nb * NP, panel);
+            else dequant_panel(K, nb, q4, q8, w->d, m, n, panel);
+            rows16(x, K, M, panel, NP, K, out + (n - n0), ldo);
+        }
+        return;
+    }
+    for (int n = n0; n < n1; n++) {  /* matvec_task's dot_rows */
+        const uint8_t *qr4 = q4 ? q4 + (size_t)n * nb * 16 : NULL;
+        const int8_t *qr8 = q8 ? q8 + (size_t)n * K : NULL;
+        const float *dr = w->d + (size_t)n * nb, *mr = m ? m + (size_t)n * nb : NULL;
+        for (int i0 = 0; i0 < M; i0 += MAXM) {
+            const float *xi = x + (size_t)i0 * K;
+            float *yi = out + (size_t)i0 * ldo + (n - n0);
+            switch (M - i0 < MAXM ? M - i0 : MAXM) {
+                case 1: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, ldo, 1); break;
+                case 2: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, ldo, 2); break;
+                case 3: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, ldo, 3); break;
+                case 4: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, ldo, 4); break;
+                case 5: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, ldo, 5); break;
+                case 6: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, ldo, 6); break;
+                case 7: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, ldo, 7); break;
+                default: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, ldo, 8); break;
+            }
+        }
+    }
+}
+
 void q4_1_matmul(const float *x, int M, int K, const uint8_t *qs, const float *d, const float *m,
                  const uint8_t *pq, const float *pd, const float *pm, float *y, int N, int gemm_rows,
                  int nthreads) {

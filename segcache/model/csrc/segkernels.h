@@ -63,5 +63,16 @@ void prefill_layers(const Net *net, int T, float *x, const int64_t *pos, int sta
                     const int64_t *kv_strides, int l0, int l1, int nthreads);
 
 /* pool.c: the worker pool every kernel shares (threads started on first use): how many
-   threads it started. */
+   threads it started; and counts since the process started: [0] programs run on the pool,
+   [1] tasks computed again by a thread that had not claimed them (their holder was slow or
+   parked), [2] programs whose caller waited at the end for a thread still inside a task,
+   [3] waits in which a thread found nothing to redo and slept. */
 int seg_pool_workers(void);
+void seg_pool_stats(uint64_t out[6]);
+/* on != 0: every program runs on its calling thread alone, tasks in order, as with one
+   thread but with the same split into tasks (tests compare the bits with the pool's). */
+void seg_pool_serial(int on);
+
+/* pool_check.c: the pool's contract checked on a program whose first task a pool worker
+   takes stalls that worker for park_ms: 0 if it held, else which check failed (see there). */
+int seg_pool_check(int park_ms, int nthreads);
