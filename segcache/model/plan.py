@@ -22,7 +22,9 @@ come from the plan's fields. Tests select a plan by constructing one.
 
 The routes (``Route``):
 - ``c-step``: ``kernels.FusedDecoder``: every layer and the LM head of a decode
-  step in one C call (B rows at once for a batched step).
+  step in one C call (B rows at once for a batched step), run as one program of
+  stages on the kernels' pool (``csrc/pool.c``: any running thread starts the next
+  stage and redoes a task a parked thread holds).
 - ``c-layers``: the embedding and LM head in torch, the layers in one C call
   per slice of layers (``FusedDecoder.prefill_layers``): block weights,
   ``attend_prefill`` arithmetic, each row independent of the others.

@@ -33,7 +33,7 @@
    the other core to itself. A worker that wakes on the core its program's caller started on
    moves itself to another allowed core (leave_callers_core: a nudge, not a pin). On the
    2-core AMD host, decode at 2k context beside one busy process: the process's CPU share
-   went from ~1.1 to ~1.45 cores, its rate from 73% to 82% of the quiet rate (2026-12-02,
+   went from ~1.1 to ~1.45 cores, its rate from 68% to 78-83% of the quiet rate (2026-12-02,
    BENCHMARKS.md).
 
    Stages of plain tasks (`fn`, run once, writing where they like) are waited for instead of
