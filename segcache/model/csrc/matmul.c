@@ -66,31 +66,38 @@ typedef struct {
 
 #define MATVEC_ROWS 16  /* weight rows per block_matmul task */
 
-/* Task: weight rows n0 .. n0+15 against every row of x, MAXM rows of x at a time. */
-static void matvec_task(void *ctx, int task, int worker) {
-    (void)worker;
-    const Product *p = (const Product *)ctx;
-    const int n1 = (task + 1) * MATVEC_ROWS < p->N ? (task + 1) * MATVEC_ROWS : p->N;
-    for (int n = task * MATVEC_ROWS; n < n1; n++) {
-        const uint8_t *qr4 = p->q4 ? p->q4 + (size_t)n * p->nb * 16 : NULL;
-        const int8_t *qr8 = p->q8 ? p->q8 + (size_t)n * p->K : NULL;
-        const float *dr = p->d + (size_t)n * p->nb, *mr = p->m ? p->m + (size_t)n * p->nb : NULL;
-        for (int i0 = 0; i0 < p->M; i0 += MAXM) {
-            const float *xi = p->x + (size_t)i0 * p->K;
-            float *yi = p->y + (size_t)i0 * p->N + n;
-            const int K = p->K, nb = p->nb, N = p->N;
-            switch (p->M - i0 < MAXM ? p->M - i0 : MAXM) {
-                case 1: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, N, 1); break;
-                case 2: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, N, 2); break;
-                case 3: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, N, 3); break;
-                case 4: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, N, 4); break;
-                case 5: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, N, 5); break;
-                case 6: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, N, 6); break;
-                case 7: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, N, 7); break;
-                default: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, N, 8); break;
+/* Weight rows n0 .. n1-1 against every row of x [M, K], MAXM rows of x at a time:
+   y[i*ldy + (n - n0)]. q8 or q4 (with m) is NULL. */
+static void weight_rows(const float *x, int M, int K, const uint8_t *q4, const int8_t *q8, const float *d,
+                        const float *m, int n0, int n1, float *y, int ldy) {
+    const int nb = K / 32;
+    for (int n = n0; n < n1; n++) {
+        const uint8_t *qr4 = q4 ? q4 + (size_t)n * nb * 16 : NULL;
+        const int8_t *qr8 = q8 ? q8 + (size_t)n * K : NULL;
+        const float *dr = d + (size_t)n * nb, *mr = m ? m + (size_t)n * nb : NULL;
+        for (int i0 = 0; i0 < M; i0 += MAXM) {
+            const float *xi = x + (size_t)i0 * K;
+            float *yi = y + (size_t)i0 * ldy + (n - n0);
+            switch (M - i0 < MAXM ? M - i0 : MAXM) {
+                case 1: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, ldy, 1); break;
+                case 2: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, ldy, 2); break;
+                case 3: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, ldy, 3); break;
+                case 4: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, ldy, 4); break;
+                case 5: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, ldy, 5); break;
+                case 6: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, ldy, 6); break;
+                case 7: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, ldy, 7); break;
+                default: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, ldy, 8); break;
             }
         }
     }
+}
+
+/* Task: weight rows n0 .. n0+15 against every row of x. */
+static void matvec_task(void *ctx, int task, int worker) {
+    (void)worker;
+    const Product *p = (const Product *)ctx;
+    const int n0 = task * MATVEC_ROWS, n1 = n0 + MATVEC_ROWS < p->N ? n0 + MATVEC_ROWS : p->N;
+    weight_rows(p->x, p->M, p->K, p->q4, p->q8, p->d, p->m, n0, n1, p->y + n0, p->N);
 }
 
 /* Panel n0 .. n0+15 dequantised and transposed: wt[k*NP + j] = W[n0+j][k]. */
@@ -214,25 +221,7 @@ void mat_rows(const Mat *w, const float *x, int M, int n0, int n1, int gemm_rows
         }
         return;
     }
-    for (int n = n0; n < n1; n++) {  /* matvec_task's dot_rows */
-        const uint8_t *qr4 = q4 ? q4 + (size_t)n * nb * 16 : NULL;
-        const int8_t *qr8 = q8 ? q8 + (size_t)n * K : NULL;
-        const float *dr = w->d + (size_t)n * nb, *mr = m ? m + (size_t)n * nb : NULL;
-        for (int i0 = 0; i0 < M; i0 += MAXM) {
-            const float *xi = x + (size_t)i0 * K;
-            float *yi = out + (size_t)i0 * ldo + (n - n0);
-            switch (M - i0 < MAXM ? M - i0 : MAXM) {
-                case 1: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, ldo, 1); break;
-                case 2: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, ldo, 2); break;
-                case 3: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, ldo, 3); break;
-                case 4: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, ldo, 4); break;
-                case 5: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, ldo, 5); break;
-                case 6: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, ldo, 6); break;
-                case 7: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, ldo, 7); break;
-                default: dot_rows(xi, K, nb, qr4, qr8, dr, mr, yi, ldo, 8); break;
-            }
-        }
-    }
+    weight_rows(x, M, K, q4, q8, w->d, m, n0, n1, out, ldo);  /* matvec_task's */
 }
 
 void q4_1_matmul(const float *x, int M, int K, const uint8_t *qs, const float *d, const float *m,
