@@ -68,6 +68,12 @@ static void store_kv(const Net *net, const float *r, void *kv, const int64_t *st
     }
 }
 
+/* silu(g) * u for 8 lanes: the one SiLU both the prefill and the decode step use. */
+static inline __m256 silu_mul8(__m256 g, __m256 u) {
+    const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)));
+    return _mm256_mul_ps(_mm256_div_ps(g, den), u);
+}
+
 typedef struct { int B, I; const float *gu; float *act; } SiluMul;
 
 #define SILU_VECS 64  /* vectors of 8 per task */
@@ -79,9 +85,7 @@ static void silu_task(void *ctx, int task, int worker) {
     for (int t = task * SILU_VECS; t < end; t++) {
         const int b = t / nv, j = (t % nv) * 8;
         const float *g = a->gu + (size_t)b * 2 * a->I + j;
-        const __m256 gv = _mm256_loadu_ps(g), uv = _mm256_loadu_ps(g + a->I);
-        const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
-        _mm256_storeu_ps(a->act + (size_t)b * a->I + j, _mm256_mul_ps(_mm256_div_ps(gv, den), uv));
+        _mm256_storeu_ps(a->act + (size_t)b * a->I + j, silu_mul8(_mm256_loadu_ps(g), _mm256_loadu_ps(g + a->I)));
     }
 }
 
@@ -108,7 +112,7 @@ typedef struct {
 
 typedef struct {
     const Step *s; int l;
-    const Mat *w; const float *in; float *y; int rows;  /* a product: outputs per task */
+    const Mat *w; const float *in; float *y; int outs, rows;  /* a product: y [B, outs], outputs per task */
     const float *norm; int add;                         /* a norm: weights; residual first */
 } StageArgs;
 
@@ -133,41 +137,34 @@ static void norm_commit(const void *ctx, int b, const float *out) {
 }
 
 /* Outputs n0 .. n0+rows-1 of y = in @ w^T for every row: out [B, rows], then the panel. */
+static int task_end(const StageArgs *a, int n0) { return n0 + a->rows < a->outs ? n0 + a->rows : a->outs; }
+
 static void product_run(const void *ctx, int task, float *out) {
     const StageArgs *a = ctx;
-    const int B = a->s->B, n0 = task * a->rows, n1 = n0 + a->rows < a->w->n ? n0 + a->rows : a->w->n;
-    mat_rows(a->w, a->in, B, n0, n1, SEG_DECODE_GEMM_ROWS, out + (size_t)B * a->rows, out, a->rows);
+    const int B = a->s->B, n0 = task * a->rows;
+    mat_rows(a->w, a->in, B, n0, task_end(a, n0), SEG_DECODE_GEMM_ROWS, out + (size_t)B * a->rows, out, a->rows);
 }
 
-static void product_commit(const void *ctx, int task, const float *out) {
+/* A product task's outputs out [B, rows] into columns n0 .. of y [B, outs]. */
+static void columns_commit(const void *ctx, int task, const float *out) {
     const StageArgs *a = ctx;
-    const int N = a->w->n, n0 = task * a->rows, n1 = n0 + a->rows < N ? n0 + a->rows : N;
+    const int n0 = task * a->rows, n1 = task_end(a, n0);
     for (int i = 0; i < a->s->B; i++)
-        memcpy(a->y + (size_t)i * N + n0, out + (size_t)i * a->rows, sizeof(float) * (n1 - n0));
+        memcpy(a->y + (size_t)i * a->outs + n0, out + (size_t)i * a->rows, sizeof(float) * (n1 - n0));
 }
 
 /* act[:, n0 .. n0+rows-1] = silu(gate) * up, from gate rows n0.. and up rows I+n0.. of the
    fused product: out [B, rows], gate [B, rows], up [B, rows], then the panel. */
 static void gate_up_run(const void *ctx, int task, float *out) {
     const StageArgs *a = ctx;
-    const int B = a->s->B, I = a->w->n / 2, R = a->rows;
-    const int n0 = task * R, n1 = n0 + R < I ? n0 + R : I;
+    const int B = a->s->B, I = a->outs, R = a->rows, n0 = task * R, n1 = task_end(a, n0);
     float *g = out + (size_t)B * R, *u = g + (size_t)B * R, *panel = u + (size_t)B * R;
     mat_rows(a->w, a->in, B, n0, n1, SEG_DECODE_GEMM_ROWS, panel, g, R);
     mat_rows(a->w, a->in, B, I + n0, I + n1, SEG_DECODE_GEMM_ROWS, panel, u, R);
     for (int i = 0; i < B; i++)
-        for (int j = 0; j < n1 - n0; j += 8) {  /* silu_task's arithmetic */
-            const __m256 gv = _mm256_loadu_ps(g + (size_t)i * R + j), uv = _mm256_loadu_ps(u + (size_t)i * R + j);
-            const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
-            _mm256_storeu_ps(out + (size_t)i * R + j, _mm256_mul_ps(_mm256_div_ps(gv, den), uv));
-        }
-}
-
-static void gate_up_commit(const void *ctx, int task, const float *out) {
-    const StageArgs *a = ctx;
-    const int I = a->w->n / 2, n0 = task * a->rows, n1 = n0 + a->rows < I ? n0 + a->rows : I;
-    for (int i = 0; i < a->s->B; i++)
-        memcpy(a->y + (size_t)i * I + n0, out + (size_t)i * a->rows, sizeof(float) * (n1 - n0));
+        for (int j = 0; j < n1 - n0; j += 8)
+            _mm256_storeu_ps(out + (size_t)i * R + j,
+                             silu_mul8(_mm256_loadu_ps(g + (size_t)i * R + j), _mm256_loadu_ps(u + (size_t)i * R + j)));
 }
 
 /* Sequence b's qkv row with the bias added and RoPE applied (out [q+2kv]). */
@@ -277,40 +274,33 @@ void decode_step(const Net *net, int B, const int64_t *tokens, const int64_t *po
 #define STAGE(tasks, RUN, COMMIT) \
     (stages[n] = (SegStage){.ntasks = (tasks), .run = RUN, .commit = COMMIT, .ctx = &args[n]}, &args[n++])
 #define NEED(floats) do { if ((size_t)(floats) > scratch) scratch = (size_t)(floats); } while (0)
+    /* a product stage: y [B, OUTS] from IN; each task's scratch is BUFS x [B, rows] and a panel */
+#define PRODUCT(RUN, W, IN, Y, OUTS, BUFS) do { \
+        const int rows_ = product_rows(OUTS); \
+        *STAGE(((OUTS) + rows_ - 1) / rows_, RUN, columns_commit) = \
+            (StageArgs){.s = &step, .w = (W), .in = (IN), .y = (Y), .outs = (OUTS), .rows = rows_}; \
+        NEED((size_t)(BUFS) * B * rows_ + (size_t)(W)->k * 16); \
+    } while (0)
     NEED(2 * H);
     NEED(nqkv);
     NEED(qd);
-    StageArgs *a;
-    const Mat *mats[4];
     for (int l = 0; l < L; l++) {
         const Layer *Ly = net->layers + l;
-        mats[0] = &Ly->qkv; mats[1] = &Ly->o; mats[2] = &Ly->gate_up; mats[3] = &Ly->down;
-        a = STAGE(B, norm_run, norm_commit); *a = (StageArgs){.s = &step, .l = l, .norm = Ly->attn_norm, .add = l > 0};
-        a = STAGE(0, product_run, product_commit);
-        *a = (StageArgs){.s = &step, .l = l, .w = mats[0], .in = h, .y = qkv, .rows = product_rows(mats[0]->n)};
-        a = STAGE(B, rope_run, rope_commit); *a = (StageArgs){.s = &step, .l = l};
-        a = STAGE(first[B], attn_run, attn_commit); *a = (StageArgs){.s = &step, .l = l};
-        a = STAGE(B, merge_run, merge_commit); *a = (StageArgs){.s = &step, .l = l};
-        a = STAGE(0, product_run, product_commit);
-        *a = (StageArgs){.s = &step, .l = l, .w = mats[1], .in = att, .y = h, .rows = product_rows(mats[1]->n)};
-        a = STAGE(B, norm_run, norm_commit); *a = (StageArgs){.s = &step, .l = l, .norm = Ly->mlp_norm, .add = 1};
-        a = STAGE(0, gate_up_run, gate_up_commit);
-        *a = (StageArgs){.s = &step, .l = l, .w = mats[2], .in = h, .y = act, .rows = product_rows(I)};
-        a = STAGE(0, product_run, product_commit);
-        *a = (StageArgs){.s = &step, .l = l, .w = mats[3], .in = act, .y = h, .rows = product_rows(mats[3]->n)};
+        *STAGE(B, norm_run, norm_commit) = (StageArgs){.s = &step, .l = l, .norm = Ly->attn_norm, .add = l > 0};
+        PRODUCT(product_run, &Ly->qkv, h, qkv, Ly->qkv.n, 1);
+        *STAGE(B, rope_run, rope_commit) = (StageArgs){.s = &step, .l = l};
+        *STAGE(first[B], attn_run, attn_commit) = (StageArgs){.s = &step, .l = l};
+        *STAGE(B, merge_run, merge_commit) = (StageArgs){.s = &step, .l = l};
+        PRODUCT(product_run, &Ly->o, att, h, Ly->o.n, 1);
+        *STAGE(B, norm_run, norm_commit) = (StageArgs){.s = &step, .l = l, .norm = Ly->mlp_norm, .add = 1};
+        PRODUCT(gate_up_run, &Ly->gate_up, h, act, I, 3);
+        PRODUCT(product_run, &Ly->down, act, h, Ly->down.n, 1);
     }
-    a = STAGE(B, norm_run, norm_commit); *a = (StageArgs){.s = &step, .l = L, .norm = net->norm, .add = 1};
-    a = STAGE(0, product_run, product_commit);
-    *a = (StageArgs){.s = &step, .l = L, .w = &net->head, .in = h, .y = logits, .rows = product_rows(net->head.n)};
-    for (int k = 0; k < n; k++) {  /* products: task counts and scratch */
-        a = &args[k];
-        if (!a->w) continue;
-        const int outs = stages[k].run == gate_up_run ? a->w->n / 2 : a->w->n;
-        stages[k].ntasks = (outs + a->rows - 1) / a->rows;
-        NEED((size_t)B * a->rows * (stages[k].run == gate_up_run ? 3 : 1) + (size_t)a->w->k * 16);
-    }
+    *STAGE(B, norm_run, norm_commit) = (StageArgs){.s = &step, .norm = net->norm, .add = 1};
+    PRODUCT(product_run, &net->head, h, logits, net->head.n, 1);
 #undef STAGE
 #undef NEED
+#undef PRODUCT
     seg_run_stages(stages, n, scratch, nt);
     free(stages);
     free(args);
